@@ -1,0 +1,3 @@
+from magne.cli import main
+
+raise SystemExit(main())

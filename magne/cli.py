@@ -1,0 +1,124 @@
+"""The `magne` command: worker, send, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import orjson
+
+from magne import message, topology
+from magne.amqp.connection import AMQPError
+from magne.amqp.url import URLError
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d %(threadName)s] %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="magne", description="RabbitMQ task worker: one connection, one channel, one I/O thread per process."
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    url_help = "broker URL (default: $MAGNE_URL, else amqp://guest:guest@localhost:5672/%%2F)"
+
+    w = sub.add_parser("worker", help="run a worker for the tasks in MODULE")
+    w.add_argument("modules", nargs="+", metavar="MODULE",
+                   help="module(s) defining @task functions, imported with the current directory on sys.path")
+    w.add_argument("--url", help=url_help)
+    w.add_argument("--threads", type=_positive(int), default=8, help="worker threads per process (default 8)")
+    w.add_argument("--prefetch", type=_positive(int), default=None,
+                   help="unacked deliveries per consumed queue (default 2 x threads); the process may hold "
+                        "prefetch x number of queues at once, since RabbitMQ applies it per consumer")
+    w.add_argument("--queues", nargs="+", metavar="QUEUE",
+                   help="consume only these queues (default: every queue of the registered tasks)")
+    w.add_argument("--shutdown-timeout", type=_positive(float), default=30.0,
+                   help="seconds a warm shutdown waits for running tasks (default 30)")
+    w.add_argument("--time-limit", type=_positive(float), default=600.0,
+                   help="default task time limit in seconds (default 600, below RabbitMQ's 30-minute consumer_timeout)")
+    w.add_argument("--lost-after", type=_positive(float), default=10.0,
+                   help="seconds after a time-limit interrupt before a thread that did not stop is replaced (default 10)")
+
+    s = sub.add_parser("send", help="publish one task message (confirmed)")
+    s.add_argument("task", help="task name")
+    s.add_argument("--args", default="[]", help="JSON array of positional arguments")
+    s.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
+    s.add_argument("--queue", help="queue of the task (default: the task name in upper case)")
+    s.add_argument("--count", type=_positive(int), default=1, help="publish this many copies")
+    s.add_argument("--url", help=url_help)
+
+    d = sub.add_parser("demo", help="start a worker, send a demo batch, print what ran, stop the worker")
+    d.add_argument("--count", type=_positive(int), default=2000)
+    d.add_argument("--threads", type=_positive(int), default=8)
+    d.add_argument("--url", help=url_help)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    log = logging.getLogger("magne")
+    try:
+        if args.command == "worker":
+            from magne.worker import ConfigError, Options, Worker, import_tasks
+
+            opts = Options(modules=args.modules, url=args.url, threads=args.threads, prefetch=args.prefetch,
+                           queues=args.queues, shutdown_timeout=args.shutdown_timeout,
+                           time_limit=args.time_limit, lost_after=args.lost_after)
+            try:
+                worker = Worker(opts, import_tasks(opts.modules))
+            except ConfigError as exc:
+                log.error("%s", exc)
+                return 2
+            worker.install_signals()
+            return worker.run()
+        if args.command == "send":
+            return _send(args)
+        if args.command == "demo":
+            from magne.demo import run_demo
+
+            return run_demo(args.count, args.threads, args.url)
+    except (AMQPError, URLError) as exc:
+        log.error("%s", exc)
+        return 1
+    return 2
+
+
+def _send(args: argparse.Namespace) -> int:
+    from magne.publisher import Publisher
+
+    try:
+        call_args = orjson.loads(args.args)
+        call_kwargs = orjson.loads(args.kwargs)
+    except orjson.JSONDecodeError as exc:
+        print(f"magne send: --args/--kwargs must be JSON: {exc}", file=sys.stderr)
+        return 2
+    if type(call_args) is not list or type(call_kwargs) is not dict:
+        print("magne send: --args must be a JSON array and --kwargs a JSON object", file=sys.stderr)
+        return 2
+    queue = args.queue or topology.default_queue(args.task)
+    pub = Publisher(args.url)
+    try:
+        for _ in range(args.count):
+            mid = message.new_id()
+            pub.publish(queue, message.encode(args.task, call_args, call_kwargs, mid), message.properties(mid))
+            print(mid)
+    finally:
+        pub.close()
+    return 0
