@@ -33,8 +33,10 @@ from magne.delivery import ACK, DEAD, Delivery
 
 log = logging.getLogger("magne.io")
 
-CONSUME = 1  # the one channel deliveries arrive on
-PUBLISH = 2  # confirmed dead-letter publishes (a closed consume channel must not lose them)
+# The one channel: deliveries arrive on it, and it is in confirm mode for the
+# dead-letter publishes. Broker-to-client basic.ack/nack on it can only be
+# publisher confirms (consumer acks only travel the other way), so one channel does.
+CHANNEL = 1
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
@@ -188,7 +190,7 @@ class IOThread(threading.Thread):
         self._out: list[bytes] = []
         self._partial = b""
         self._cancelled = False
-        self._closing = 0  # 0 open, 1 channels closing, 2 connection closing, 3 closed
+        self._closing = 0  # 0 open, 1 channel closing, 2 connection closing, 3 closed
         self._close_oks = 0
         self.inflight = 0
 
@@ -196,12 +198,11 @@ class IOThread(threading.Thread):
         conn = Connection(self.params, f"magne worker [{', '.join(self.queues)}]")
         conn.connect()
         try:
-            conn.open_channel(CONSUME)
+            conn.open_channel(CHANNEL)
             for q in self.queues:
-                topology.declare(conn, CONSUME, q, self.queue_type)
-            conn.rpc(CONSUME, commands.Basic.Qos(prefetch_count=self.prefetch), commands.Basic.QosOk)
-            conn.open_channel(PUBLISH)
-            conn.rpc(PUBLISH, commands.Confirm.Select(), commands.Confirm.SelectOk)
+                topology.declare(conn, CHANNEL, q, self.queue_type)
+            conn.rpc(CHANNEL, commands.Basic.Qos(prefetch_count=self.prefetch), commands.Basic.QosOk)
+            conn.rpc(CHANNEL, commands.Confirm.Select(), commands.Confirm.SelectOk)
             self.gen += 1
             self._reset_channel_state()
             self.conn = conn
@@ -210,7 +211,7 @@ class IOThread(threading.Thread):
             for q in self.queues:
                 ctag = f"magne.{q}.{os.getpid()}.{self.gen}"
                 self._ctags[ctag.encode()] = q
-                conn.rpc(CONSUME, commands.Basic.Consume(queue=q, consumer_tag=ctag), commands.Basic.ConsumeOk)
+                conn.rpc(CHANNEL, commands.Basic.Consume(queue=q, consumer_tag=ctag), commands.Basic.ConsumeOk)
             conn.decoder.on_frame = self._on_frame
         except BaseException:
             conn.close_socket()
@@ -254,7 +255,7 @@ class IOThread(threading.Thread):
         if redelivered:
             self.stats.redelivered += 1
         if self._cancelled:  # arrived after our basic.cancel: give it straight back
-            self._out.append(frames.encode_reject(CONSUME, tag, True))
+            self._out.append(frames.encode_reject(CHANNEL, tag, True))
             self.acks.mark_sent(tag)
             self.stats.requeued += 1
             return
@@ -262,9 +263,9 @@ class IOThread(threading.Thread):
         self.work.put(Delivery(tag, self.gen, self._ctags[ctag], body, header, redelivered))
 
     def _on_frame(self, channel: int, frame: Any) -> None:
-        if isinstance(frame, commands.Basic.Ack) and channel == PUBLISH:
+        if isinstance(frame, commands.Basic.Ack):
             self._confirmed(frame.delivery_tag, frame.multiple, True)
-        elif isinstance(frame, commands.Basic.Nack) and channel == PUBLISH:
+        elif isinstance(frame, commands.Basic.Nack):
             self._confirmed(frame.delivery_tag, frame.multiple, False)
         elif isinstance(frame, commands.Channel.Close):
             self._out.append(frames.encode(channel, commands.Channel.CloseOk()))
@@ -313,7 +314,7 @@ class IOThread(threading.Thread):
             elif o == DEAD:
                 self._dead_letter(d)
             else:
-                out.append(frames.encode_reject(CONSUME, d.tag, True))
+                out.append(frames.encode_reject(CHANNEL, d.tag, True))
                 self.acks.mark_sent(d.tag)
                 self.stats.requeued += 1
         if n:
@@ -321,7 +322,7 @@ class IOThread(threading.Thread):
         if finished:
             self.stats.acked += len(finished)
             for tag, multiple in self.acks.settle(finished):
-                out.append(frames.encode_ack(CONSUME, tag, multiple))
+                out.append(frames.encode_ack(CHANNEL, tag, multiple))
 
     def _dead_letter(self, d: Delivery) -> None:
         assert self.conn is not None
@@ -343,10 +344,10 @@ class IOThread(threading.Thread):
             props = frames.decode_properties(d.header)
             props.headers = {**(props.headers or {}), **extra}
             props.delivery_mode = 2
-            data = frames.encode_publish(PUBLISH, "", topology.dead_queue(d.queue), d.body, props, self.conn.frame_max)
+            data = frames.encode_publish(CHANNEL, "", topology.dead_queue(d.queue), d.body, props, self.conn.frame_max)
         except Exception:  # unreadable original properties: keep the body and our reason
             props = commands.Basic.Properties(delivery_mode=2, headers=extra)
-            data = frames.encode_publish(PUBLISH, "", topology.dead_queue(d.queue), d.body, props, self.conn.frame_max)
+            data = frames.encode_publish(CHANNEL, "", topology.dead_queue(d.queue), d.body, props, self.conn.frame_max)
         self._pub_seq += 1
         self._confirms[self._pub_seq] = d
         self._out.append(data)
@@ -370,11 +371,11 @@ class IOThread(threading.Thread):
             else:
                 log.error("broker refused the dead-letter copy of message %s (basic.nack); requeueing the original",
                           d.message_id())
-                self._out.append(frames.encode_reject(CONSUME, d.tag, True))
+                self._out.append(frames.encode_reject(CHANNEL, d.tag, True))
                 self.acks.mark_sent(d.tag)
                 self.stats.requeued += 1
         for tag, multiple_ in self.acks.settle(finished):
-            self._out.append(frames.encode_ack(CONSUME, tag, multiple_))
+            self._out.append(frames.encode_ack(CHANNEL, tag, multiple_))
 
     # -- the loop ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -470,15 +471,15 @@ class IOThread(threading.Thread):
         self._partial = b""
 
     def _shutdown_step(self, now: float, close_deadline: float) -> float:
-        """Warm: cancel, give back the unstarted, wait for the running; then close channels, then connection."""
+        """Warm: cancel, give back the unstarted, wait for the running; then close the channel, then the connection."""
         out = self._out
         if not self._cancelled:
             self._cancelled = True
             for ctag in self._ctags:
-                out.append(frames.encode(CONSUME, commands.Basic.Cancel(consumer_tag=ctag.decode())))
+                out.append(frames.encode(CHANNEL, commands.Basic.Cancel(consumer_tag=ctag.decode())))
             back = self._take_unstarted()
             for d in back:
-                out.append(frames.encode_reject(CONSUME, d.tag, True))
+                out.append(frames.encode_reject(CHANNEL, d.tag, True))
                 self.acks.mark_sent(d.tag)
             self.inflight -= len(back)
             self.stats.requeued += len(back)
@@ -488,11 +489,10 @@ class IOThread(threading.Thread):
             if self.inflight > 0:
                 log.warning("closing with %d tasks unfinished; the broker requeues their messages", self.inflight)
             self.gen += 1  # nothing more may be written on these channels
-            out.append(frames.encode(CONSUME, commands.Channel.Close(200, "worker stopping", 0, 0)))
-            out.append(frames.encode(PUBLISH, commands.Channel.Close(200, "worker stopping", 0, 0)))
+            out.append(frames.encode(CHANNEL, commands.Channel.Close(200, "worker stopping", 0, 0)))
             self._closing = 1
             return now + 5.0
-        if self._closing == 1 and self._close_oks >= 2:
+        if self._closing == 1 and self._close_oks >= 1:
             out.append(frames.encode(0, commands.Connection.Close(200, "worker stopping", 0, 0)))
             self._closing = 2
         if close_deadline and now >= close_deadline and self._closing < 3:

@@ -51,8 +51,10 @@ def decode(body: bytes) -> tuple[str, list[Any], dict[str, Any]]:
     func = msg.get("func")
     if type(func) is not str:
         raise BadMessage("body has no string field 'func' naming the task")
-    args = msg.get("args", ())
-    if type(args) is not list:
+    args = msg.get("args")
+    if args is None:
+        args = []
+    elif type(args) is not list:
         raise BadMessage(f"'args' must be a JSON array, got {type(args).__name__}")
     kwargs = msg.get("kwargs")
     if kwargs is None:

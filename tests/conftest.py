@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+from support import Broker, WorkerProc, unique
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    b = Broker()
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture
+def redis() -> Iterator[redis_lib.Redis]:
+    r = redis_lib.Redis(host="127.0.0.1", port=6379)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def names(broker: Broker, redis: redis_lib.Redis) -> Iterator[dict[str, str]]:
+    """Per-test queue names and Redis key, passed to tests/e2e_tasks.py through the environment."""
+    prefix = unique("magne-test")
+    orig = f"orig_{uuid.uuid4().hex[:8]}"
+    n = {
+        "MAGNE_TEST_PREFIX": prefix,
+        "MAGNE_TEST_KEY": f"{prefix}:runs",
+        "MAGNE_TEST_ORIG": orig,
+        "main": f"{prefix}.main",
+        "slow": f"{prefix}.slow",
+        "orig": orig.upper(),
+    }
+    broker.track(n["main"], n["slow"], n["orig"])
+    yield n
+    redis.delete(n["MAGNE_TEST_KEY"], f"{prefix}:started")
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, names: dict[str, str]) -> Iterator:
+    workers: list[WorkerProc] = []
+
+    def start(*args: str, modules: tuple[str, ...] = ("e2e_tasks",), env: dict[str, str] | None = None,
+              **kw: str) -> WorkerProc:
+        e = {k: v for k, v in names.items() if k.startswith("MAGNE_")}
+        e.update(env or {})
+        w = WorkerProc(tmp_path, list(modules), *args, env=e, **kw)
+        workers.append(w)
+        return w
+
+    yield start
+    for w in workers:
+        w.stop()
+    if os.environ.get("MAGNE_TEST_SHOW_LOGS"):
+        for w in workers:
+            print(w.log())

@@ -1,0 +1,60 @@
+"""Tasks for the end-to-end tests; names come from the environment so tests don't collide."""
+
+import os
+import time
+
+import redis
+
+from magne import task
+
+PREFIX = os.environ["MAGNE_TEST_PREFIX"]
+KEY = os.environ["MAGNE_TEST_KEY"]
+r = redis.Redis(host="127.0.0.1", port=6379)
+
+
+@task(queue=f"{PREFIX}.main")
+def record(n, sleep=0.0):
+    """Count each run of n, so tests can check exactly-once."""
+    if sleep:
+        time.sleep(sleep)
+    r.hincrby(KEY, str(n), 1)
+
+
+@task(queue=f"{PREFIX}.main")
+def fail(n):
+    raise ValueError(f"failing on purpose for {n}")
+
+
+@task(queue=f"{PREFIX}.slow")
+def slow(n, seconds):
+    r.hincrby(f"{PREFIX}:started", str(n), 1)
+    time.sleep(seconds)
+    r.hincrby(KEY, str(n), 1)
+
+
+@task(queue=f"{PREFIX}.slow", time_limit=1)
+def spin(n):
+    r.hincrby(f"{PREFIX}:started", str(n), 1)
+    while True:
+        pass
+
+
+@task(queue=f"{PREFIX}.slow", time_limit=1)
+def stuck(n):
+    r.hincrby(f"{PREFIX}:started", str(n), 1)
+    time.sleep(10**6)
+
+
+@task(queue=f"{PREFIX}.slow", time_limit=1)
+def swallow(n):
+    """Tries to swallow the time limit with `except Exception`: it must not manage."""
+    try:
+        while True:
+            pass
+    except Exception:
+        r.hincrby(KEY, f"swallowed-{n}", 1)
+
+
+if os.environ.get("MAGNE_TEST_ORIG"):
+    # A task with no explicit queue: the original magne's NAME exchange/queue/key.
+    task(name=os.environ["MAGNE_TEST_ORIG"])(record.fn)

@@ -1,0 +1,154 @@
+"""Helpers for tests against the real local RabbitMQ and Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pika
+
+URL = os.environ.get("MAGNE_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll `cond` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def unique(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    out = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {out.stderr.strip()}")
+    return out.stdout
+
+
+def queue_counts(name: str) -> tuple[int, int]:
+    """(ready, unacked) for a queue, from the broker itself."""
+    for line in rabbitmqctl("list_queues", "name", "messages_ready", "messages_unacknowledged").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0] == name:
+            return int(parts[1]), int(parts[2])
+    raise AssertionError(f"queue {name} does not exist")
+
+
+def connections_of(pid: int) -> list[str]:
+    """Names of the broker connections that a process advertised (magne puts its pid in the name)."""
+    names = rabbitmqctl("list_connections", "client_properties").splitlines()
+    return [n for n in names if f"pid={pid}" in n]
+
+
+def channels_of(pid: int) -> int:
+    conns = {line.split("\t")[0] for line in rabbitmqctl("list_connections", "pid", "client_properties").splitlines()
+             if f"pid={pid}" in line}
+    return sum(1 for line in rabbitmqctl("list_channels", "connection").splitlines() if line.strip() in conns)
+
+
+class Broker:
+    """A pika connection for the test's own publishing and inspection."""
+
+    def __init__(self) -> None:
+        self.conn = pika.BlockingConnection(pika.URLParameters(URL))
+        self.ch = self.conn.channel()
+        self.ch.confirm_delivery()
+        self.queues: set[str] = set()
+        self.exchanges: set[str] = set()
+
+    def track(self, *queues: str) -> None:
+        """Remember queues (and their .dead and exchanges) to delete at the end."""
+        for q in queues:
+            self.queues.update({q, f"{q}.dead"})
+            self.exchanges.add(q)
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, **props: Any) -> None:
+        props.setdefault("delivery_mode", 2)
+        self.ch.basic_publish(exchange, routing_key, body, pika.BasicProperties(**props), mandatory=True)
+
+    def ready(self, queue: str) -> int:
+        return self.ch.queue_declare(queue, passive=True).method.message_count
+
+    def get_all(self, queue: str) -> list[tuple[Any, bytes]]:
+        out = []
+        while True:
+            method, props, body = self.ch.basic_get(queue, auto_ack=True)
+            if method is None:
+                return out
+            out.append((props, body))
+
+    def cleanup(self) -> None:
+        try:
+            ch = self.conn.channel() if self.conn.is_open else None
+        except Exception:
+            ch = None
+        if ch is None:
+            self.conn = pika.BlockingConnection(pika.URLParameters(URL))
+            ch = self.conn.channel()
+        for q in self.queues:
+            ch.queue_delete(q)
+        for e in self.exchanges:
+            ch.exchange_delete(e)
+        self.conn.close()
+
+
+class WorkerProc:
+    """A `magne worker` subprocess with its log in a file."""
+
+    def __init__(self, tmp: Path, modules: list[str], *args: str, env: dict[str, str] | None = None,
+                 url: str = URL) -> None:
+        self.log_path = tmp / f"worker-{uuid.uuid4().hex[:6]}.log"
+        full_env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                    **(env or {})}
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "magne", "worker", *modules, "--url", url, *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp,
+        )
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode} before ready:\n{self.log()}")
+            return " ready: " in self.log()
+        wait_for(ready, timeout, what="worker ready")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker did not exit within {timeout}s:\n{self.log()}") from None
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+
+from magne import message
+from magne.amqp.url import URLError, parse_url
+
+
+def test_url_defaults_and_vhost():
+    p = parse_url("amqp://localhost")
+    assert (p.host, p.port, p.username, p.vhost, p.tls) == ("localhost", 5672, "guest", "/", False)
+    p = parse_url("amqps://u%40x:p%3Aw@h.example:1234/my%2Fvhost?heartbeat=5&connection_timeout=2500")
+    assert (p.host, p.port, p.username, p.password, p.vhost, p.tls) == ("h.example", 1234, "u@x", "p:w", "my/vhost", True)
+    assert p.heartbeat == 5 and p.connect_timeout == 2.5
+    assert parse_url("amqps://h").port == 5671
+    assert parse_url("amqp://h/%2F").vhost == "/"
+
+
+def test_url_never_shows_password():
+    p = parse_url("amqp://user:s3cret@h/v")
+    assert "s3cret" not in p.safe_url() and "s3cret" not in repr(p)
+
+
+@pytest.mark.parametrize("url", ["http://h", "amqp://h:notaport", "amqp://h?heartbeat=x"])
+def test_bad_urls(url):
+    with pytest.raises(URLError):
+        parse_url(url)
+
+
+def test_roundtrip_and_original_format():
+    body = message.encode("add", [1, 2], {"z": 3}, "mid")
+    assert message.decode(body) == ("add", [1, 2], {"z": 3})
+    assert message.decode(b'{"func": "add", "args": [1, 2]}') == ("add", [1, 2], {})
+    assert message.decode(b'{"func": "noargs"}') == ("noargs", [], {})
+
+
+@pytest.mark.parametrize("body,why", [
+    (b"not json", "not JSON"),
+    (b"[1, 2]", "not an object"),
+    (b'{"args": []}', "'func'"),
+    (b'{"func": 3}', "'func'"),
+    (b'{"func": "x", "args": {"a": 1}}', "'args'"),
+    (b'{"func": "x", "kwargs": [1]}', "'kwargs'"),
+    (b"\xff\xfe", "not JSON"),
+])
+def test_bad_bodies_say_why(body, why):
+    with pytest.raises(message.BadMessage, match=why):
+        message.decode(body)
+
+
+def test_unserializable_arguments_are_a_clear_error():
+    with pytest.raises(TypeError, match="not JSON-serializable"):
+        message.encode("t", [object()])
