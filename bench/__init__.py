@@ -1,0 +1,1 @@
+"""Benchmark magne against dramatiq and celery (see ../shared/benchmarks.md and README)."""

@@ -1,0 +1,144 @@
+"""python -m bench: magne vs dramatiq vs celery on the local RabbitMQ.
+
+Workloads and peer settings: ../shared/benchmarks.md. Peers alternate (A B C A B C),
+3 runs each by default; medians with min-max. Writes bench/results/results.json and
+bench/results/chart.png, and prints the table the README quotes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import random
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bench import peers
+from bench.measure import Result, run_one
+
+OUT = Path(__file__).parent / "results"
+
+
+def workloads(scale: float) -> dict[str, dict[str, Any]]:
+    rng = random.Random(20261129)
+    n_lat = max(8, int(1000 * scale))
+    sleeps = [rng.choices([0.5, 0.3, 0.1], weights=[30, 20, 50])[0] for _ in range(n_lat)]
+    fibs = [rng.randint(1, 200) for _ in range(max(8, int(20000 * scale)))]
+    return {
+        "throughput": {"task": "incr", "args": [[] for _ in range(max(8, int(20000 * scale)))],
+                       "prefetch": [None, 256], "peers": ["magne", "dramatiq", "celery", "magne-p2"]},
+        "latency": {"task": "sleep_incr", "args": [[s] for s in sleeps], "sleeps": sleeps,
+                    "prefetch": [None], "peers": ["magne", "dramatiq", "celery"]},
+        "cpu": {"task": "fib_incr", "args": [[f] for f in fibs],
+                "prefetch": [None], "peers": ["magne", "dramatiq", "celery", "magne-p2"]},
+        "raw": {"task": "noop", "args": [[] for _ in range(max(8, int(50000 * scale)))], "counter": False,
+                "prefetch": [None, 256], "peers": ["magne", "dramatiq", "celery", "bare-loop"]},
+    }
+
+
+def summarize(results: list[Result]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, str], list[Result]] = {}
+    for res in results:
+        groups.setdefault((res.workload, res.prefetch, res.peer), []).append(res)
+    rows = []
+    for (wl, pf, peer), rs in groups.items():
+        metric = [x.ratio_to_min for x in rs] if wl == "latency" else [x.rate for x in rs]
+        rows.append({
+            "workload": wl, "prefetch": pf, "peer": peer, "runs": len(rs),
+            "median": statistics.median(metric), "min": min(metric), "max": max(metric),
+            "cpu_s": statistics.median(x.cpu_s for x in rs),
+            "cpu_per_1k": statistics.median(1000 * x.cpu_s / x.n for x in rs),
+            "rss_mb": statistics.median(x.peak_rss_mb for x in rs),
+            "connections": max(x.connections for x in rs), "channels": max(x.channels for x in rs),
+            "all_ok": all(x.ok for x in rs),
+        })
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| workload | prefetch | peer | result (median, min-max) | vs dramatiq | CPU s/1k tasks | peak RSS MB "
+             "| conns / chans | no loss, no dup |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["workload"], r["prefetch"], r["peer"]): r for r in rows}
+    for r in rows:
+        d = by.get((r["workload"], r["prefetch"], "dramatiq"))
+        if r["workload"] == "latency":
+            res = f"{r['median']:.3f}x min ({r['min']:.3f}-{r['max']:.3f})"
+            vs = f"{d['median']:.3f}x" if d else ""
+        else:
+            res = f"{r['median']:,.0f}/s ({r['min']:,.0f}-{r['max']:,.0f})"
+            vs = f"{r['median'] / d['median']:.1f}x" if d else ""
+        lines.append(f"| {r['workload']} | {r['prefetch']} | {r['peer']} | {res} | {vs} | {r['cpu_per_1k']:.3f} "
+                     f"| {r['rss_mb']:.0f} | {r['connections']} / {r['channels']} | {'yes' if r['all_ok'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["workload"], r["prefetch"]) for r in rows}, key=lambda x: (x[0], x[1]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4), squeeze=False)
+    colors = {"magne": "#2a7", "magne-p2": "#7c5", "dramatiq": "#c63", "celery": "#46a", "bare-loop": "#999"}
+    for ax, (wl, pf) in zip(axes[0], panels, strict=True):
+        rs = [r for r in rows if r["workload"] == wl and r["prefetch"] == pf]
+        names = [r["peer"] for r in rs]
+        med = [r["median"] for r in rs]
+        err = [[r["median"] - r["min"] for r in rs], [r["max"] - r["median"] for r in rs]]
+        ax.bar(names, med, yerr=err, capsize=4, color=[colors.get(n, "#888") for n in names])
+        ax.set_title(f"{wl} (prefetch {pf})", fontsize=9)
+        ax.set_ylabel("wall / theoretical min (lower is better)" if wl == "latency" else "tasks/s (higher is better)",
+                      fontsize=8)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(f"magne vs dramatiq vs celery, {datetime.date.today()}, {platform.node()} "
+                 f"({subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workloads", nargs="+", default=["throughput", "latency", "cpu", "raw"])
+    ap.add_argument("--peers", nargs="+", default=None, help="limit to these peers")
+    ap.add_argument("--scale", type=float, default=1.0, help="scale every N (0.1 for a quick check)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    wls = workloads(args.scale)
+    results: list[Result] = []
+    for wl in args.workloads:
+        spec = wls[wl]
+        for prefetch in spec["prefetch"]:
+            names = [p for p in spec["peers"] if not args.peers or p in args.peers]
+            if prefetch is None:
+                names = [p for p in names if p != "bare-loop"]  # the reference always runs at 256
+            for run in range(1, args.runs + 1):
+                for name in names:  # alternating: A B C A B C ...
+                    res = run_one(peers.ALL[name](), wl, spec["task"], spec["args"], prefetch, run,
+                                  use_counter=spec.get("counter", True), sleeps=spec.get("sleeps"))
+                    results.append(res)
+                    extra = f" {res.ratio_to_min:.3f}x min" if wl == "latency" else ""
+                    print(f"{wl:10} {name:9} prefetch={res.prefetch:7} run {run}: {res.rate:8,.0f}/s{extra} "
+                          f"cpu {res.cpu_s:5.1f}s rss {res.peak_rss_mb:4.0f}MB conns {res.connections} "
+                          f"chans {res.channels} {'ok' if res.ok else 'NOT OK ' + res.note}", flush=True)
+                    (args.out / "results.json").write_text(json.dumps(
+                        {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                         "machine": f"{platform.node()} {platform.machine()} Python {platform.python_version()}",
+                         "runs": [dataclasses.asdict(x) for x in results]}, indent=1))
+    rows = summarize(results)
+    (args.out / "summary.md").write_text(table(rows) + "\n")
+    chart(rows, args.out / "chart.png")
+    print()
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

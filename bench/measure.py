@@ -1,0 +1,195 @@
+"""One benchmark run: enqueue, launch the worker, time it to N, record what it cost, verify."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import threading
+import time
+from typing import Any
+
+import pika
+import psutil
+import redis
+from tqdm import tqdm
+
+from bench.peers import Peer, clean_env
+
+URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+r = redis.Redis(host="127.0.0.1", port=6379)
+
+
+@dataclasses.dataclass
+class Result:
+    workload: str
+    peer: str
+    prefetch: str
+    run: int
+    n: int
+    elapsed: float = 0.0
+    rate: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    connections: int = -1
+    channels: int = -1
+    counter: int = -1
+    left_ready: int = -1
+    left_unacked: int = -1
+    ok: bool = False
+    theoretical_min: float = 0.0
+    ratio_to_min: float = 0.0
+    note: str = ""
+
+
+def rabbitmqctl(*args: str) -> str:
+    return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60).stdout
+
+
+def queue_state(name: str) -> tuple[int, int]:
+    for line in rabbitmqctl("list_queues", "name", "messages_ready", "messages_unacknowledged").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[0] == name:
+            return int(parts[1]), int(parts[2])
+    return -1, -1
+
+
+class Sampler(threading.Thread):
+    """CPU seconds and peak RSS of the worker's whole process tree, every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.cpu: dict[int, float] = {}
+        self.peak_rss = 0
+        self.stop = threading.Event()
+
+    def procs(self) -> list[psutil.Process]:
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def sample(self) -> None:
+        rss = 0
+        for p in self.procs():
+            try:
+                t = p.cpu_times()
+                self.cpu[p.pid] = t.user + t.system
+                rss += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        self.peak_rss = max(self.peak_rss, rss)
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            self.sample()
+
+    def amqp_ports(self) -> set[int]:
+        ports = set()
+        for p in self.procs():
+            try:
+                for c in p.net_connections(kind="tcp"):
+                    if c.raddr and c.raddr.port == 5672:
+                        ports.add(c.laddr.port)
+            except psutil.NoSuchProcess:
+                pass
+        return ports
+
+
+def count_amqp(ports: set[int]) -> tuple[int, int]:
+    conns = chans = 0
+    for line in rabbitmqctl("list_connections", "peer_port", "channels").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 2 and parts[0].isdigit() and int(parts[0]) in ports:
+            conns += 1
+            chans += int(parts[1])
+    return conns, chans
+
+
+def enqueue(peer: Peer, task: str, arglists: list[list[Any]]) -> None:
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    ch = conn.channel()
+    for q in (peer.queue, *peer.extra_queues):
+        ch.queue_delete(q)
+    conn.close()
+    peer.declare()
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    ch = conn.channel()
+    for body, props in peer.messages(task, arglists):
+        ch.basic_publish("", peer.queue, body, props)
+    n = len(arglists)
+    deadline = time.monotonic() + 120
+    while ch.queue_declare(peer.queue, passive=True).method.message_count < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{peer.queue} did not reach {n} messages")
+        time.sleep(0.05)
+    conn.close()
+
+
+def run_one(peer: Peer, workload: str, task: str, arglists: list[list[Any]], prefetch: int | None, run: int,
+            use_counter: bool = True, sleeps: list[float] | None = None) -> Result:
+    n = len(arglists)
+    res = Result(workload, peer.name, str(prefetch or "default"), run, n)
+    key = f"bench:counter:{workload}:{peer.name}:{run}"
+    r.delete(key)
+    enqueue(peer, task, arglists)
+    env = clean_env()
+    env.update(peer.env(prefetch))
+    env["BENCH_COUNTER"] = key
+    probe = pika.BlockingConnection(pika.URLParameters(URL))
+    pch = probe.channel()
+
+    def done_count() -> int:
+        if use_counter:
+            return int(r.get(key) or 0)
+        return n - pch.queue_declare(peer.queue, passive=True).method.message_count
+
+    bar = tqdm(total=n, desc=f"{workload:10} {peer.name:9} p={res.prefetch:7} run {run}", unit="task", leave=False)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(peer.command(prefetch), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sampler = Sampler(proc.pid)
+    sampler.start()
+    deadline = t0 + 900
+    seen = 0
+    try:
+        while True:
+            c = done_count()
+            if c > seen:
+                bar.update(c - seen)
+                seen = c
+            if c >= n:
+                break
+            if proc.poll() is not None:
+                res.note = f"worker exited early with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}"
+                break
+            if time.monotonic() > deadline:
+                res.note = "timed out"
+                break
+            time.sleep(0.05)
+        res.elapsed = time.monotonic() - t0
+        bar.close()
+        sampler.sample()
+        res.cpu_s = sum(sampler.cpu.values())
+        res.peak_rss_mb = sampler.peak_rss / 2**20
+        res.connections, res.channels = count_amqp(sampler.amqp_ports())
+    finally:
+        sampler.stop.set()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        probe.close()
+    res.rate = n / res.elapsed if res.elapsed else 0.0
+    res.counter = int(r.get(key) or 0) if use_counter else -1
+    r.delete(key)
+    res.left_ready, res.left_unacked = queue_state(peer.queue)
+    res.ok = (not res.note and res.left_ready == 0 and res.left_unacked == 0
+              and (res.counter == n if use_counter else True))
+    if sleeps is not None:
+        res.theoretical_min = sum(sleeps) / 8
+        res.ratio_to_min = res.elapsed / res.theoretical_min
+    return res

@@ -1,0 +1,160 @@
+"""How each peer is started, and how its messages are put on the broker.
+
+Every peer gets the same task bodies (bench/bodies.py) and the same argument lists;
+only the envelope differs (each peer's own message format, published with pika
+into the queue the peer itself declared, persistent, without confirms, so that
+pre-enqueueing is fast and identical in cost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pika
+
+PY = sys.executable
+
+
+@dataclasses.dataclass
+class Peer:
+    name: str
+    queue: str
+    command: Callable[[int | None], list[str]]  # prefetch (None: the peer's default) -> argv
+    env: Callable[[int | None], dict[str, str]]
+    messages: Callable[[str, list[list[Any]]], list[tuple[bytes, pika.BasicProperties]]]  # (task, arglists)
+    declare: Callable[[], None]
+    extra_queues: tuple[str, ...] = ()
+
+
+def _magne_declare() -> None:
+    from magne.amqp.connection import Connection
+    from magne.amqp.url import parse_url
+    from magne.topology import declare
+
+    c = Connection(parse_url("amqp://guest:guest@127.0.0.1:5672/%2F"), "bench declare")
+    c.connect()
+    c.open_channel(1)
+    declare(c, 1, "bench-magne")
+    c.close()
+
+
+def _magne_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, pika.BasicProperties]]:
+    from magne import message
+
+    props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+    return [(message.encode(name, args), props) for args in arglists]
+
+
+def magne(processes: int = 1) -> Peer:
+    def command(prefetch: int | None) -> list[str]:
+        cmd = [PY, "-m", "magne", "--log-level", "warning", "worker", "bench.tasks_magne", "--threads", "8"]
+        if processes > 1:
+            cmd += ["--processes", str(processes)]
+        if prefetch:
+            cmd += ["--prefetch", str(prefetch)]
+        return cmd
+
+    return Peer(
+        name="magne" if processes == 1 else f"magne-p{processes}",
+        queue="bench-magne",
+        command=command,
+        env=lambda prefetch: {},
+        messages=_magne_messages,
+        declare=_magne_declare,
+        extra_queues=("bench-magne.dead",),
+    )
+
+
+def _dramatiq_declare() -> None:
+    from bench import tasks_dramatiq
+
+    # dramatiq declares a queue once per process; the bench deletes it between runs.
+    tasks_dramatiq.broker.queues_pending.add(tasks_dramatiq.Q)
+    tasks_dramatiq.broker.declare_queue(tasks_dramatiq.Q, ensure=True)
+    tasks_dramatiq.broker.close()
+
+
+def _dramatiq_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, pika.BasicProperties]]:
+    from bench import tasks_dramatiq
+
+    actor = getattr(tasks_dramatiq, name)
+    props = pika.BasicProperties(delivery_mode=2)  # what dramatiq's own enqueue sets
+    return [(actor.message(*args).encode(), props) for args in arglists]
+
+
+def dramatiq() -> Peer:
+    return Peer(
+        name="dramatiq",
+        queue="bench-dramatiq",
+        command=lambda prefetch: [PY, "-m", "dramatiq", "bench.tasks_dramatiq", "--processes", "1", "--threads", "8"],
+        env=lambda prefetch: {"dramatiq_queue_prefetch": str(prefetch)} if prefetch else {},
+        messages=_dramatiq_messages,
+        declare=_dramatiq_declare,
+        extra_queues=("bench-dramatiq.DQ", "bench-dramatiq.XQ"),
+    )
+
+
+def _celery_declare() -> None:
+    from bench import tasks_celery
+
+    with tasks_celery.app.connection_for_write() as conn:
+        tasks_celery.app.amqp.queues[tasks_celery.Q].bind(conn.default_channel).declare()
+
+
+def celery() -> Peer:
+    def env(prefetch: int | None) -> dict[str, str]:
+        # Celery's prefetch is multiplier x concurrency (8 threads): 256 = 32 x 8.
+        return {"BENCH_CELERY_MULTIPLIER": str(prefetch // 8)} if prefetch else {}
+
+    return Peer(
+        name="celery",
+        queue="bench-celery",
+        command=lambda prefetch: [PY, "-m", "celery", "-A", "bench.tasks_celery", "worker", "--pool", "threads",
+                                  "-c", "8", "--loglevel", "WARNING"],
+        env=env,
+        messages=_celery_messages,
+        declare=_celery_declare,
+    )
+
+
+def _celery_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, pika.BasicProperties]]:
+    """Celery protocol-2 messages built by celery itself (task name and id travel in headers)."""
+    import uuid
+
+    from kombu.serialization import dumps
+
+    from bench import tasks_celery
+
+    out = []
+    for args in arglists:
+        tid = str(uuid.uuid4())
+        m = tasks_celery.app.amqp.create_task_message(tid, name, args, {})
+        content_type, encoding, body = dumps(m.body, serializer="json")
+        props = pika.BasicProperties(delivery_mode=2, content_type=content_type, content_encoding=encoding,
+                                     headers=m.headers, correlation_id=tid)
+        out.append((body if isinstance(body, bytes) else body.encode(), props))
+    return out
+
+
+def bare() -> Peer:
+    """The ceiling reference (bench/bare.py), on magne's messages."""
+    return dataclasses.replace(magne(), name="bare-loop", command=lambda prefetch: [PY, "-m", "bench.bare", "bench-magne"])
+
+
+ALL: dict[str, Callable[[], Peer]] = {
+    "bare-loop": bare,
+    "magne": magne,
+    "magne-p2": lambda: magne(2),
+    "dramatiq": dramatiq,
+    "celery": celery,
+}
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("dramatiq_", "BENCH_", "MAGNE_"))}
+    env["PYTHONPATH"] = os.getcwd()
+    return env
