@@ -31,9 +31,13 @@ log = logging.getLogger("magne.pool")
 
 IDLE, RUNNING, LOST = 0, 1, 2
 
-_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
-_set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
-_set_async_exc.restype = ctypes.c_int
+# Two prototypes of one C function: raising passes the exception class, clearing
+# must pass NULL (a py_object None would set None as the pending "exception",
+# which then kills the thread with a SystemError).
+_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
 
 
 class Interrupt(BaseException):
@@ -49,7 +53,11 @@ class ColdShutdown(Interrupt):
 
 
 def _raise_in(ident: int, exc: type[BaseException] | None) -> None:
-    _set_async_exc(ident, exc)  # type: ignore[arg-type]
+    """Raise `exc` in thread `ident` at its next bytecode boundary; None clears a pending one."""
+    if exc is None:
+        _clear_async_exc(ident, None)
+    else:
+        _set_async_exc(ident, exc)
 
 
 class Slot:
@@ -203,8 +211,9 @@ class Pool:
                 self._loop(slot)
                 return
             except Interrupt:
-                # Only possible if an interrupt outran the slot protocol; the loop
-                # holds no delivery at that point, so going round again is safe.
+                # The watchdog only raises while a task runs and leave() clears what
+                # lost the race, so this needs a raise from outside the protocol;
+                # keep the thread alive rather than shrink the pool.
                 log.warning("thread %s caught a stray interrupt between tasks; continuing", threading.current_thread().name)
 
     def _loop(self, slot: Slot) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+
 from support import Broker, WorkerProc, unique
 
 

@@ -72,6 +72,16 @@ class Broker:
         self.queues: set[str] = set()
         self.exchanges: set[str] = set()
 
+    def reopen(self) -> None:
+        """A fresh connection (after the broker restarted under the test)."""
+        try:
+            self.conn.close()
+        except Exception:
+            pass
+        self.conn = pika.BlockingConnection(pika.URLParameters(URL))
+        self.ch = self.conn.channel()
+        self.ch.confirm_delivery()
+
     def track(self, *queues: str) -> None:
         """Remember queues (and their .dead and exchanges) to delete at the end."""
         for q in queues:
@@ -94,13 +104,8 @@ class Broker:
             out.append((props, body))
 
     def cleanup(self) -> None:
-        try:
-            ch = self.conn.channel() if self.conn.is_open else None
-        except Exception:
-            ch = None
-        if ch is None:
-            self.conn = pika.BlockingConnection(pika.URLParameters(URL))
-            ch = self.conn.channel()
+        self.reopen()
+        ch = self.ch
         for q in self.queues:
             ch.queue_delete(q)
         for e in self.exchanges:

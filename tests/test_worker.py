@@ -8,9 +8,9 @@ import signal
 
 import orjson
 import pika
-from support import URL, channels_of, connections_of, queue_counts, wait_for
 
 from magne import message
+from support import URL, channels_of, connections_of, queue_counts, wait_for
 
 
 def task_body(func: str, *args, **kwargs) -> bytes:

@@ -1,0 +1,198 @@
+"""Real faults under load: the connection cut, stalled, refused, closed by the broker,
+the broker restarted, the queue deleted, the worker killed. Nothing may be lost.
+
+Each test prints a line `FAULT <name>: ...` with its figures; the README's
+reliability table comes from `pytest tests/test_faults.py -s -q | grep FAULT`.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from magne import message
+from proxy import Proxy
+from support import channels_of, connections_of, queue_counts, rabbitmqctl, wait_for
+
+N = 3000
+THREADS, PREFETCH = 8, 16
+
+
+def body(i: int) -> bytes:
+    return message.encode("record", [i, 0.01], None, message.new_id())  # ~800 tasks/s: faults land mid-stream
+
+
+def runs(redis, names) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in redis.hgetall(names["MAGNE_TEST_KEY"]).items()}
+
+
+@pytest.fixture
+def proxy():
+    p = Proxy()
+    yield p
+    p.close()
+
+
+def load(broker, names, n: int = N) -> None:
+    q = names["main"]
+    for i in range(n):
+        broker.publish(q, q, body(i))
+
+
+def _stamp(line: str) -> float:
+    return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+
+
+def reconnect_seconds(log: str) -> float:
+    """From the worker's own log: first 'connection lost' to 'reconnected'."""
+    lines = log.splitlines()
+    lost = next(ln for ln in lines if "connection lost" in ln)
+    back = next(ln for ln in lines if "reconnected to" in ln)
+    return _stamp(back) - _stamp(lost)
+
+
+def check_after_fault(name, w, redis, names, t_fault, n=N):
+    """Every message ran, the queue is empty with nothing unacked, duplicates only from in-flight, one conn/chan."""
+    wait_for(lambda: len(runs(redis, names)) == n, 180, interval=0.1, what=f"all {n} tasks after {name}")
+    t_done = time.monotonic()
+    wait_for(lambda: queue_counts(names["main"]) == (0, 0), 60, interval=0.5, what="queue empty, nothing unacked")
+    done = runs(redis, names)
+    dups = sum(v - 1 for v in done.values())
+    # At the fault, at most PREFETCH deliveries were on the channel (running or waiting to be acked).
+    assert dups <= PREFETCH, f"{dups} duplicates: more than were in flight at the fault"
+    assert w.proc.poll() is None, "the worker must recover without a restart"
+    wait_for(lambda: "reconnected to" in w.log(), 10, what="the reconnect log line")
+    assert len(connections_of(w.pid)) == 1
+    assert channels_of(w.pid) == 1
+    assert w.stop() == 0
+    log = w.log()
+    redelivered = int(re.findall(r"redelivered=(\d+)", log)[-1])
+    stale = int(re.findall(r"stale=(\d+)", log)[-1])
+    # A task may only run twice if the broker redelivered it.
+    assert dups <= redelivered
+    print(f"\nFAULT {name}: messages={n} duplicates={dups} redelivered={redelivered} stale-outcomes={stale} "
+          f"reconnected-after={reconnect_seconds(log):.1f}s all-done-after={t_done - t_fault:.1f}s")
+    return dups
+
+
+def start(start_worker, url):
+    w = start_worker("--threads", str(THREADS), "--prefetch", str(PREFETCH), url=url)
+    w.wait_ready()
+    return w
+
+
+def wait_progress(redis, names, count=N // 5):
+    wait_for(lambda: len(runs(redis, names)) >= count, 60, what=f"{count} tasks before the fault")
+
+
+def test_connection_cut(broker, redis, names, start_worker, proxy):
+    w = start(start_worker, proxy.url("?heartbeat=2"))
+    load(broker, names)
+    wait_progress(redis, names)
+    t = time.monotonic()
+    proxy.cut()
+    check_after_fault("connection cut (TCP reset mid-stream)", w, redis, names, t)
+
+
+def test_connection_stalled_is_caught_by_heartbeats(broker, redis, names, start_worker, proxy):
+    w = start(start_worker, proxy.url("?heartbeat=1"))
+    load(broker, names)
+    wait_progress(redis, names)
+    t = time.monotonic()
+    proxy.stall()
+    wait_for(lambda: "missed heartbeats" in w.log(), 15, what="the worker to notice missed heartbeats")
+    proxy.resume()
+    check_after_fault("connection stalled (no bytes either way; heartbeat=1s)", w, redis, names, t)
+
+
+def test_broker_refuses_for_a_while_and_sigterm_still_stops(broker, redis, names, start_worker, proxy):
+    w = start(start_worker, proxy.url("?heartbeat=2"))
+    load(broker, names)
+    wait_progress(redis, names)
+    t = time.monotonic()
+    proxy.refuse()
+    wait_for(lambda: w.log().count("reconnect attempt") >= 3, 60, what="three failed reconnect attempts")
+    assert w.proc.poll() is None, "a worker whose broker is away keeps trying"
+    proxy.resume()
+    check_after_fault("connection refused for 3 reconnect attempts", w, redis, names, t)
+
+
+def test_sigterm_while_the_broker_is_away(names, start_worker, proxy):
+    w = start(start_worker, proxy.url("?heartbeat=2"))
+    proxy.refuse()
+    wait_for(lambda: "reconnect attempt" in w.log(), 30, what="a failed reconnect attempt")
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0
+
+
+def test_broker_closes_the_connection(broker, redis, names, start_worker):
+    w = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=5")
+    load(broker, names)
+    wait_progress(redis, names)
+    t = time.monotonic()
+    for line in rabbitmqctl("list_connections", "pid", "client_properties").splitlines():
+        if f"pid={w.pid}" in line:
+            rabbitmqctl("close_connection", line.split("\t")[0], "test: closed by the operator")
+    check_after_fault("connection.close from the broker (rabbitmqctl close_connection)", w, redis, names, t)
+    assert "closed by the operator" in w.log()
+
+
+def test_queue_deleted_under_the_consumer(broker, redis, names, start_worker):
+    """basic.cancel from the broker: the worker declares again and consumes the new queue."""
+    w = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=5")
+    broker.ch.queue_delete(names["main"])
+    wait_for(lambda: "reconnected to" in w.log(), 30, what="the worker to resubscribe")
+    load(broker, names, 200)
+    wait_for(lambda: len(runs(redis, names)) == 200, 60, what="tasks on the re-declared queue")
+    assert "cancelled consumer" in w.log()
+    print("\nFAULT queue deleted (basic.cancel): worker re-declared and consumed the new queue")
+
+
+def test_broker_restart(broker, redis, names, start_worker):
+    w = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=5")
+    load(broker, names)
+    wait_progress(redis, names)
+    t = time.monotonic()
+    try:
+        rabbitmqctl("stop_app", timeout=120)
+        wait_for(lambda: "connection lost" in w.log(), 30, what="the worker to see the broker go")
+    finally:
+        rabbitmqctl("start_app", timeout=180)
+        rabbitmqctl("await_startup", timeout=180)
+    broker.reopen()
+    check_after_fault("broker restart (rabbitmqctl stop_app / start_app)", w, redis, names, t)
+
+
+def test_kill_9_loses_nothing(broker, redis, names, start_worker):
+    w = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F")
+    load(broker, names)
+    wait_progress(redis, names)
+    t = time.monotonic()
+    w.signal(signal.SIGKILL)
+    w.wait(10)
+    w2 = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F")
+    wait_for(lambda: len(runs(redis, names)) == N, 120, what="a fresh worker to finish the rest")
+    wait_for(lambda: queue_counts(names["main"]) == (0, 0), 60, interval=0.5, what="queue empty")
+    dups = sum(v - 1 for v in runs(redis, names).values())
+    assert dups <= PREFETCH
+    print(f"\nFAULT kill -9 of the worker: messages={N} duplicates={dups} "
+          f"all done {time.monotonic() - t:.1f}s after the kill (by a fresh worker)")
+    assert w2.stop() == 0
+
+
+def test_no_fault_no_duplicates(broker, redis, names, start_worker):
+    """The control: the same load with no fault has no duplicates at all."""
+    w = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F")
+    load(broker, names)
+    wait_for(lambda: len(runs(redis, names)) == N, 120, what="all tasks")
+    assert set(runs(redis, names).values()) == {1}
+    assert w.stop() == 0
+    assert "redelivered=0" in w.log()
+
+
+def test_rabbitmqctl_available():
+    assert subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True).returncode == 0

@@ -1,0 +1,124 @@
+"""Time limits that free the thread (design: what hurts users, dramatiq #445)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from queue import SimpleQueue
+
+from magne import message
+from magne.delivery import ACK, DEAD, Delivery
+from magne.pool import Pool
+from magne.registry import Task
+from support import queue_counts, wait_for
+
+
+def body(func: str, *args) -> bytes:
+    return message.encode(func, args, None, message.new_id())
+
+
+def runs(redis, names) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in redis.hgetall(names["MAGNE_TEST_KEY"]).items()}
+
+
+def dead_letters(broker, queue: str, n: int) -> dict[str, dict]:
+    wait_for(lambda: broker.ready(queue + ".dead") >= n, 30, what=f"{n} dead letters")
+    return {orjson_args(b): p.headers for p, b in broker.get_all(queue + ".dead")}
+
+
+def orjson_args(b: bytes) -> str:
+    import orjson
+
+    return str(orjson.loads(b)["args"][0])
+
+
+def test_busy_loop_is_interrupted_and_except_exception_does_not_swallow_it(broker, redis, names, start_worker):
+    q = names["slow"]
+    w = start_worker("--threads", "2")
+    w.wait_ready()
+    t0 = time.monotonic()
+    broker.publish(q, q, body("spin", 1))
+    broker.publish(q, q, body("swallow", 2))
+    dl = dead_letters(broker, q, 2)
+    assert time.monotonic() - t0 < 10
+    assert dl["1"]["x-magne-reason"] == "time limit" and dl["2"]["x-magne-reason"] == "time limit"
+    assert dl["1"]["x-magne-error-type"] == "TimeLimitExceeded"
+    assert runs(redis, names).get("swallowed-2") is None, "except Exception must not catch the time limit"
+    # The interrupted threads are free again: the pool runs new work on both.
+    for i in range(20):
+        broker.publish(q, q, body("slow", i, 0))
+    wait_for(lambda: len(runs(redis, names)) == 20, 20, what="work after the interrupts")
+    assert queue_counts(q) == (0, 0)
+    assert "abandon" not in w.log()
+
+
+def test_thread_stuck_in_sleep_is_abandoned_and_replaced(broker, redis, names, start_worker):
+    q = names["slow"]
+    w = start_worker("--threads", "2", "--prefetch", "4", "--lost-after", "1")
+    w.wait_ready()
+    broker.publish(q, q, body("stuck", 1))
+    wait_for(lambda: "abandoning it" in w.log(), 20, what="the stuck thread to be abandoned")
+    dl = dead_letters(broker, q, 1)
+    assert dl["1"]["x-magne-reason"] == "time limit"
+    assert "abandoned" in dl["1"]["x-magne-error-message"]
+    # Throughput goes on with the replacement thread: both threads' worth of work.
+    t0 = time.monotonic()
+    for i in range(40):
+        broker.publish(q, q, body("slow", i, 0.1))
+    wait_for(lambda: len(runs(redis, names)) == 40, 30, what="work after the abandon")
+    # 40 x 0.1 s on 2 threads is 2 s; on one thread it would be 4 s.
+    assert time.monotonic() - t0 < 3.8
+    assert queue_counts(q) == (0, 0)
+    w.signal(__import__("signal").SIGUSR1)
+    wait_for(lambda: "status: threads live=" in w.log(), 10, what="a status line")
+    assert "lost=1" in w.log().split("status: ")[-1]
+
+
+def test_late_interrupts_kill_nothing_and_lose_nothing(caplog):
+    """Tasks finishing right at their limit, under a watchdog polling flat out: every
+    delivery comes back exactly once, as done or as time limit, and no thread dies."""
+    work: SimpleQueue[Delivery | None] = SimpleQueue()
+    got: list[Delivery] = []
+    lock = threading.Lock()
+
+    def report(d: Delivery) -> None:
+        with lock:
+            got.append(d)
+
+    def edge(delay):
+        end = time.perf_counter() + delay
+        while time.perf_counter() < end:
+            pass
+
+    tasks = {"edge": Task(edge, "edge", "Q", 0.005)}
+    pool = Pool(4, tasks, work, report, lost_after=5)
+    pool.start()
+    rng = random.Random(7)
+    n = 1500
+    for tag in range(1, n + 1):
+        work.put(Delivery(tag, 1, "Q", message.encode("edge", [rng.uniform(0.003, 0.007)]), b"", False))
+    stop = threading.Event()
+
+    def watchdog():
+        while not stop.is_set():
+            pool.check_time_limits()
+
+    wd = threading.Thread(target=watchdog)
+    wd.start()
+    try:
+        wait_for(lambda: len(got) == n, 60, interval=0.01, what="every delivery back")
+    finally:
+        stop.set()
+        wd.join()
+    tags = [d.tag for d in got]
+    assert sorted(tags) == list(range(1, n + 1)), "each delivery exactly once"
+    outcomes = {d.outcome for d in got}
+    assert outcomes <= {ACK, DEAD}
+    assert {d.reason for d in got if d.outcome == DEAD} <= {"time limit"}
+    assert any(d.outcome == DEAD for d in got) and any(d.outcome == ACK for d in got)
+    assert pool.alive() == 4 and pool.lost == 0
+    # The slot protocol never lets an interrupt out into the pool's own code.
+    assert "stray interrupt" not in caplog.text
+    pool.stop()
+    pool.join(5)
