@@ -58,3 +58,12 @@ def swallow(n):
 if os.environ.get("MAGNE_TEST_ORIG"):
     # A task with no explicit queue: the original magne's NAME exchange/queue/key.
     task(name=os.environ["MAGNE_TEST_ORIG"])(record.fn)
+
+
+@task(queue=f"{PREFIX}.slow")
+def long_once(n, seconds):
+    """Long only on its first run, so a redelivery after a consumer_timeout finishes."""
+    first = r.hincrby(f"{PREFIX}:started", str(n), 1) == 1
+    if first:
+        time.sleep(seconds)
+    r.hincrby(KEY, str(n), 1)

@@ -196,3 +196,29 @@ def test_no_fault_no_duplicates(broker, redis, names, start_worker):
 
 def test_rabbitmqctl_available():
     assert subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True).returncode == 0
+
+
+def test_consumer_timeout_406_closes_the_channel_and_the_worker_recovers(broker, redis, names, start_worker):
+    """RabbitMQ's delivery-ack timeout closes the whole channel with 406 (dramatiq #827, celery #6760).
+    The broker checks it about once a minute, so this test takes a minute."""
+    before = rabbitmqctl("eval", "application:get_env(rabbit, consumer_timeout).").strip()
+    rabbitmqctl("eval", "application:set_env(rabbit, consumer_timeout, 1000).")
+    try:
+        w = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=5")
+        q = names["slow"]
+        broker.publish(q, q, message.encode("long_once", ["long", 75], None, message.new_id()))
+        wait_for(lambda: "406" in w.log(), 120, interval=0.5, what="the broker's 406 for the consumer timeout")
+    finally:
+        m = re.match(r"\{ok,(\d+)\}", before)
+        if m:
+            rabbitmqctl("eval", f"application:set_env(rabbit, consumer_timeout, {m.group(1)}).")
+        else:
+            rabbitmqctl("eval", "application:unset_env(rabbit, consumer_timeout).")
+    wait_for(lambda: "reconnected to" in w.log(), 30, what="the reconnect")
+    # The redelivered message runs again on the new channel (the first run is still sleeping).
+    wait_for(lambda: runs(redis, names).get("long") == 1, 30, what="the redelivered message to run")
+    wait_for(lambda: queue_counts(q) == (0, 0), 30, interval=0.5, what="queue empty, nothing unacked")
+    assert w.proc.poll() is None
+    assert len(connections_of(w.pid)) == 1 and channels_of(w.pid) == 1
+    print(f"\nFAULT consumer_timeout (406 PRECONDITION_FAILED closes the channel): "
+          f"reconnected-after={reconnect_seconds(w.log()):.1f}s, the message was redelivered and ran on the new channel")
