@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import orjson
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a warm shutdown waits for running tasks (default 30)")
     w.add_argument("--time-limit", type=_positive(float), default=600.0,
                    help="default task time limit in seconds (default 600, below RabbitMQ's 30-minute consumer_timeout)")
+    w.add_argument("--processes", type=_positive(int), default=1,
+                   help="worker processes under one supervisor (default 1). Threads share one GIL: use about one "
+                        "process per core for CPU-bound tasks; for I/O-bound tasks 1-2 processes per core, each "
+                        "with more threads. Every process holds exactly one broker connection")
+    w.add_argument("--pid-file", help="write the supervisor's (or the single worker's) pid here")
     w.add_argument("--lost-after", type=_positive(float), default=10.0,
                    help="seconds after a time-limit interrupt before a thread that did not stop is replaced (default 10)")
 
@@ -81,13 +87,26 @@ def main(argv: list[str] | None = None) -> int:
             opts = Options(modules=args.modules, url=args.url, threads=args.threads, prefetch=args.prefetch,
                            queues=args.queues, shutdown_timeout=args.shutdown_timeout,
                            time_limit=args.time_limit, lost_after=args.lost_after)
+            if args.processes > 1:
+                from magne.supervisor import Supervisor
+
+                sup = Supervisor(opts, args.processes, args.log_level, args.pid_file)
+                sup.install_signals()
+                return sup.run()
             try:
                 worker = Worker(opts, import_tasks(opts.modules))
             except ConfigError as exc:
                 log.error("%s", exc)
                 return 2
             worker.install_signals()
-            return worker.run()
+            if not args.pid_file:
+                return worker.run()
+            with open(args.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            try:
+                return worker.run()
+            finally:
+                os.unlink(args.pid_file)
         if args.command == "send":
             return _send(args)
         if args.command == "demo":

@@ -130,6 +130,7 @@ class Worker:
                 return EXIT_FAILED
             return EXIT_OK  # stopped by a signal before it connected
         pool.start()
+        _tell_supervisor_ready()
         log.info("ready: connected to %s, consuming %s with %d threads, prefetch %d per queue, time limit %gs; %s",
                  self.params.safe_url(), ", ".join(self.queues), opts.threads, opts.effective_prefetch,
                  opts.time_limit, pool.status())
@@ -164,3 +165,15 @@ class Worker:
         if io.failed:
             return EXIT_FAILED
         return EXIT_OK
+
+
+def _tell_supervisor_ready() -> None:
+    """Under `--processes`, the supervisor waits for this byte before it stops old workers on a reload."""
+    fd = os.environ.pop("MAGNE_READY_FD", None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), b"r")
+        os.close(int(fd))
+    except (OSError, ValueError):
+        pass

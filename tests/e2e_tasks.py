@@ -67,3 +67,26 @@ def long_once(n, seconds):
     if first:
         time.sleep(seconds)
     r.hincrby(KEY, str(n), 1)
+
+
+VERSION_FILE = os.environ.get("MAGNE_TEST_VERSION_FILE")
+VERSION = open(VERSION_FILE).read().strip() if VERSION_FILE else "none"
+
+
+@task(queue=f"{PREFIX}.main")
+def record_version(n, sleep=0.0):
+    """Records which code version ran n (the version is read when the module is imported)."""
+    if sleep:
+        time.sleep(sleep)
+    r.hset(f"{PREFIX}:version", str(n), VERSION)
+    r.hincrby(KEY, str(n), 1)
+
+
+if os.environ.get("MAGNE_TEST_CRASH_AFTER"):
+    import threading
+
+    def _crash():
+        time.sleep(float(os.environ["MAGNE_TEST_CRASH_AFTER"]))
+        os._exit(3)
+
+    threading.Thread(target=_crash, daemon=True).start()

@@ -56,6 +56,11 @@ def connections_of(pid: int) -> list[str]:
     return [n for n in names if f"pid={pid}" in n]
 
 
+def connections_named(part: str) -> list[str]:
+    """Broker connections whose advertised name contains `part` (magne names them by their queues)."""
+    return [n for n in rabbitmqctl("list_connections", "client_properties").splitlines() if part in n]
+
+
 def channels_of(pid: int) -> int:
     conns = {line.split("\t")[0] for line in rabbitmqctl("list_connections", "pid", "client_properties").splitlines()
              if f"pid={pid}" in line}
