@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a warm shutdown waits for running tasks (default 30)")
     w.add_argument("--time-limit", type=_positive(float), default=600.0,
                    help="default task time limit in seconds (default 600, below RabbitMQ's 30-minute consumer_timeout)")
+    w.add_argument("--queue-type", choices=["classic", "quorum"], default="classic",
+                   help="type of the queues this worker declares, for tasks without their own queue_type "
+                        "(quorum: replicated, with a delivery limit that dead-letters poison messages)")
+    w.add_argument("--max-retries", type=int, default=0,
+                   help="default retries of a task that raised or ran past its time limit (default 0: dead-letter "
+                        "at once); @task(max_retries=...) overrides")
+    w.add_argument("--min-backoff", type=_positive(float), default=1.0, help="first retry delay in seconds (default 1)")
+    w.add_argument("--max-backoff", type=_positive(float), default=300.0, help="longest retry delay (default 300)")
     w.add_argument("--processes", type=_positive(int), default=1,
                    help="worker processes under one supervisor (default 1). Threads share one GIL: use about one "
                         "process per core for CPU-bound tasks; for I/O-bound tasks 1-2 processes per core, each "
@@ -68,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue", help="queue of the task (default: the task name in upper case)")
     s.add_argument("--count", type=_positive(int), default=1, help="publish this many copies")
     s.add_argument("--url", help=url_help)
+
+    dead = sub.add_parser("dead", help="inspect, replay or purge a queue's dead letters")
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True)
+    for name, text in (("list", "count and the newest dead letters with their reasons"),
+                       ("replay", "move dead letters back to the task queue (confirmed, then removed)"),
+                       ("purge", "delete every dead letter of the queue")):
+        c = dead_sub.add_parser(name, help=text)
+        c.add_argument("queue", metavar="QUEUE", help="the task queue (or its .dead queue)")
+        c.add_argument("--url", help=url_help)
+        if name == "list":
+            c.add_argument("--newest", type=_positive(int), default=5, help="how many of the newest to show")
+        if name == "replay":
+            c.add_argument("--limit", type=_positive(int), default=None, help="replay at most this many")
 
     d = sub.add_parser("demo", help="start a worker, send a demo batch, print what ran, stop the worker")
     d.add_argument("--count", type=_positive(int), default=2000)
@@ -86,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
             opts = Options(modules=args.modules, url=args.url, threads=args.threads, prefetch=args.prefetch,
                            queues=args.queues, shutdown_timeout=args.shutdown_timeout,
-                           time_limit=args.time_limit, lost_after=args.lost_after)
+                           time_limit=args.time_limit, lost_after=args.lost_after, queue_type=args.queue_type,
+                           max_retries=args.max_retries, min_backoff=args.min_backoff, max_backoff=args.max_backoff)
             if args.processes > 1:
                 from magne.supervisor import Supervisor
 
@@ -109,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.unlink(args.pid_file)
         if args.command == "send":
             return _send(args)
+        if args.command == "dead":
+            return _dead(args)
         if args.command == "demo":
             from magne.demo import run_demo
 
@@ -140,4 +164,16 @@ def _send(args: argparse.Namespace) -> int:
             print(mid)
     finally:
         pub.close()
+    return 0
+
+
+def _dead(args: argparse.Namespace) -> int:
+    from magne import dead
+
+    if args.dead_command == "list":
+        print("\n".join(dead.dead_list(args.url, args.queue, args.newest)))
+    elif args.dead_command == "replay":
+        print(f"replayed {dead.dead_replay(args.url, args.queue, args.limit)} dead letters of {args.queue}")
+    else:
+        print(f"purged {dead.dead_purge(args.url, args.queue)} dead letters of {args.queue}")
     return 0

@@ -8,11 +8,13 @@ from typing import Any
 ACK = 0  # done
 DEAD = 1  # to <queue>.dead with a reason, then ack
 REQUEUE = 2  # give it back (shutdown before it started, or interrupted by a cold stop)
+RETRY = 3  # a copy to its delay queue with the retry count, then ack
 
 
 class Delivery:
     # __slots__ and positional init: one of these is made per message on the hot path.
-    __slots__ = ("tag", "gen", "queue", "body", "header", "redelivered", "outcome", "reason", "error", "task")
+    __slots__ = ("tag", "gen", "queue", "body", "header", "redelivered", "outcome", "reason", "error", "task",
+                 "copy_to", "copy_props", "copy_declare", "delay")
 
     def __init__(self, tag: int, gen: int, queue: str, body: bytes, header: bytes, redelivered: bool) -> None:
         self.tag = tag
@@ -25,6 +27,12 @@ class Delivery:
         self.reason = ""
         self.error: dict[str, Any] | None = None
         self.task = ""
+        # DEAD and RETRY publish a copy (confirmed) before the ack; the pool prepares it
+        # so the I/O thread only writes frames.
+        self.copy_to = ""  # routing key on the default exchange
+        self.copy_props: Any = None
+        self.copy_declare: Any = None  # a queue.declare(nowait) to write first (delay queues)
+        self.delay = 0.0
 
     def copy(self) -> Delivery:
         d = Delivery(self.tag, self.gen, self.queue, self.body, self.header, self.redelivered)

@@ -1,7 +1,9 @@
 """The I/O thread: the only code that touches the worker's AMQP socket.
 
 It connects, declares, consumes, decodes deliveries onto the work queue, and writes
-acks, rejects, dead-letter publishes and heartbeats. Worker threads hand outcomes
+acks, rejects and heartbeats; it also drives the publishing link (publish_link.py)
+that carries retry and dead-letter copies, so the consuming connection never
+publishes and a broker alarm cannot stall its acks. Worker threads hand outcomes
 back with `report()`: append to a deque and, if no wake-up is pending, write the
 eventfd once. The I/O thread clears the flag before draining, so a batch of
 outcomes costs one wake-up (about 4 us/msg here, against 18 us/msg for one
@@ -29,14 +31,12 @@ from magne.acks import AckCoalescer
 from magne.amqp import frames
 from magne.amqp.connection import AMQPError, ChannelClosed, Connection, ConnectionClosed, ConnectionLost
 from magne.amqp.url import Params
-from magne.delivery import ACK, DEAD, Delivery
+from magne.delivery import ACK, RETRY, Delivery
+from magne.publish_link import PublishLink
 
 log = logging.getLogger("magne.io")
 
-# The one channel: deliveries arrive on it, and it is in confirm mode for the
-# dead-letter publishes. Broker-to-client basic.ack/nack on it can only be
-# publisher confirms (consumer acks only travel the other way), so one channel does.
-CHANNEL = 1
+CHANNEL = 1  # the one consuming channel
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
 
@@ -51,13 +51,14 @@ class Stats:
         self.delivered = 0
         self.acked = 0
         self.dead = 0
+        self.retried = 0
         self.requeued = 0
         self.redelivered = 0
         self.stale = 0  # outcomes of deliveries from a channel that is gone
         self.reconnects = 0
 
     def line(self) -> str:
-        return (f"delivered={self.delivered} acked={self.acked} dead-lettered={self.dead} "
+        return (f"delivered={self.delivered} acked={self.acked} retried={self.retried} dead-lettered={self.dead} "
                 f"requeued={self.requeued} redelivered={self.redelivered} "
                 f"stale={self.stale} reconnects={self.reconnects}")
 
@@ -83,14 +84,14 @@ class IOThread(threading.Thread):
         queues: list[str],
         prefetch: int,
         work: SimpleQueue[Delivery | None],
-        queue_type: str = "classic",
+        queue_types: dict[str, str] | None = None,
     ) -> None:
         super().__init__(name="magne-io", daemon=True)
         self.params = params
         self.queues = queues
         self.prefetch = prefetch
         self.work = work
-        self.queue_type = queue_type
+        self.queue_types = queue_types or {}
         self.stats = Stats()
         self.ready = threading.Event()
         self.finished = threading.Event()
@@ -102,6 +103,10 @@ class IOThread(threading.Thread):
         self.gen = 0
         self.conn: Connection | None = None
         self.inflight = 0  # deliveries of this generation handed to the pool and not back yet
+        self.link = PublishLink(params, f"magne worker publisher [{', '.join(queues)}]", self._copy_confirmed)
+        self._unsent: list[Delivery] = []  # copies waiting for the link to come back
+        self._link_backoff = Backoff(1.0, 30.0)
+        self._link_retry_at = 0.0
         self._reset_channel_state()
 
     # -- called from other threads ---------------------------------------------
@@ -127,6 +132,8 @@ class IOThread(threading.Thread):
         finally:
             if self.conn is not None:
                 self.conn.close_socket()
+            if self.link.is_open:
+                self.link.close()
             self.finished.set()
 
     def _run(self) -> None:
@@ -184,9 +191,6 @@ class IOThread(threading.Thread):
     def _reset_channel_state(self) -> None:
         self.acks = AckCoalescer()
         self._ctags: dict[bytes, str] = {}
-        self._confirms: dict[int, Delivery] = {}
-        self._pub_seq = 0
-        self._held: list[Delivery] = []
         self._out: list[bytes] = []
         self._partial = b""
         self._cancelled = False
@@ -200,9 +204,8 @@ class IOThread(threading.Thread):
         try:
             conn.open_channel(CHANNEL)
             for q in self.queues:
-                topology.declare(conn, CHANNEL, q, self.queue_type)
+                topology.declare(conn, CHANNEL, q, self.queue_types.get(q, "classic"))
             conn.rpc(CHANNEL, commands.Basic.Qos(prefetch_count=self.prefetch), commands.Basic.QosOk)
-            conn.rpc(CHANNEL, commands.Confirm.Select(), commands.Confirm.SelectOk)
             self.gen += 1
             self._reset_channel_state()
             self.conn = conn
@@ -247,8 +250,8 @@ class IOThread(threading.Thread):
 
     # -- frames from the broker ----------------------------------------------------
     def _on_content(self, channel: int, method: Any, header: bytes, body: bytes) -> None:
-        if type(method) is not tuple:  # basic.return of a dead-letter publish
-            log.error("broker returned a dead-letter publish as unroutable: %s %s", method.reply_code, method.reply_text)
+        if type(method) is not tuple:  # nothing else carries content on a consuming channel
+            log.warning("ignoring unexpected %s on the consuming channel", method.name)
             return
         ctag, tag, redelivered, _exchange, _rk = method
         self.stats.delivered += 1
@@ -263,11 +266,7 @@ class IOThread(threading.Thread):
         self.work.put(Delivery(tag, self.gen, self._ctags[ctag], body, header, redelivered))
 
     def _on_frame(self, channel: int, frame: Any) -> None:
-        if isinstance(frame, commands.Basic.Ack):
-            self._confirmed(frame.delivery_tag, frame.multiple, True)
-        elif isinstance(frame, commands.Basic.Nack):
-            self._confirmed(frame.delivery_tag, frame.multiple, False)
-        elif isinstance(frame, commands.Channel.Close):
+        if isinstance(frame, commands.Channel.Close):
             self._out.append(frames.encode(channel, commands.Channel.CloseOk()))
             self._flush_quiet()
             raise ChannelClosed(channel, frame.reply_code, frame.reply_text)
@@ -281,18 +280,7 @@ class IOThread(threading.Thread):
             self._close_oks += 1
         elif isinstance(frame, commands.Connection.CloseOk):
             self._closing = 3
-        elif isinstance(frame, commands.Connection.Blocked):
-            assert self.conn is not None
-            self.conn.blocked = True
-            log.warning("broker blocked publishing (%s); dead-letter publishes wait, acks go on", frame.reason)
-        elif isinstance(frame, commands.Connection.Unblocked):
-            assert self.conn is not None
-            self.conn.blocked = False
-            log.info("broker unblocked publishing; sending %d held dead-letter publishes", len(self._held))
-            held, self._held = self._held, []
-            for d in held:
-                self._publish_dead(d)
-        elif not isinstance(frame, commands.Basic.CancelOk):
+        elif not isinstance(frame, commands.Basic.CancelOk | commands.Connection.Blocked | commands.Connection.Unblocked):
             log.debug("ignoring %s on channel %d", frame.name, channel)
 
     # -- outcomes from the pool ----------------------------------------------------
@@ -311,8 +299,8 @@ class IOThread(threading.Thread):
             o = d.outcome
             if o == ACK:
                 finished.append(d.tag)
-            elif o == DEAD:
-                self._dead_letter(d)
+            elif d.copy_to:  # DEAD or RETRY
+                self._copy_then_ack(d)
             else:
                 out.append(frames.encode_reject(CHANNEL, d.tag, True))
                 self.acks.mark_sent(d.tag)
@@ -324,58 +312,66 @@ class IOThread(threading.Thread):
             for tag, multiple in self.acks.settle(finished):
                 out.append(frames.encode_ack(CHANNEL, tag, multiple))
 
-    def _dead_letter(self, d: Delivery) -> None:
-        assert self.conn is not None
+    def _copy_then_ack(self, d: Delivery) -> None:
+        """DEAD / RETRY: publish the copy the pool prepared; the ack waits for the broker's confirm."""
         err = d.error or {}
-        log.warning("message %s (task %s) from queue %s failed: %s%s; dead-lettering it to %s",
-                    d.message_id(), d.task or "?", d.queue, d.reason,
-                    f" ({err.get('type')}: {err.get('message')})" if err else "", topology.dead_queue(d.queue))
-        if self.conn.blocked:
-            self._held.append(d)
+        what = f"{d.reason} ({err.get('type')}: {err.get('message')})" if err else d.reason
+        if d.outcome == RETRY:
+            log.warning("message %s (task %s) from queue %s failed: %s; retry %s in %.1fs",
+                        d.message_id(), d.task or "?", d.queue, what,
+                        d.copy_props.headers.get("x-magne-retries"), d.delay)
         else:
-            self._publish_dead(d)
-
-    def _publish_dead(self, d: Delivery) -> None:
-        assert self.conn is not None
-        extra: dict[str, Any] = {"x-magne-reason": d.reason, "x-magne-queue": d.queue, "x-magne-task": d.task}
-        for key, value in (d.error or {}).items():
-            extra[f"x-magne-error-{key}"] = value
+            log.warning("message %s (task %s) from queue %s failed: %s; dead-lettering it to %s",
+                        d.message_id(), d.task or "?", d.queue, what, d.copy_to)
+        if self._unsent:  # the link is down: keep the order, wait for it
+            self._unsent.append(d)
+            return
         try:
-            props = frames.decode_properties(d.header)
-            props.headers = {**(props.headers or {}), **extra}
-            props.delivery_mode = 2
-            data = frames.encode_publish(CHANNEL, "", topology.dead_queue(d.queue), d.body, props, self.conn.frame_max)
-        except Exception:  # unreadable original properties: keep the body and our reason
-            props = commands.Basic.Properties(delivery_mode=2, headers=extra)
-            data = frames.encode_publish(CHANNEL, "", topology.dead_queue(d.queue), d.body, props, self.conn.frame_max)
-        self._pub_seq += 1
-        self._confirms[self._pub_seq] = d
-        self._out.append(data)
+            self.link.publish(d)
+        except AMQPError as exc:
+            self._link_failed(exc, [d])
 
-    def _confirmed(self, seq: int, multiple: bool, ok: bool) -> None:
-        confirms = self._confirms
-        done: list[Delivery] = []
-        if multiple:
-            while confirms:
-                first = next(iter(confirms))
-                if first > seq:
-                    break
-                done.append(confirms.pop(first))
-        elif seq in confirms:
-            done.append(confirms.pop(seq))
-        finished = []
-        for d in done:
-            if ok:
-                finished.append(d.tag)
-                self.stats.dead += 1
+    def _copy_confirmed(self, d: Delivery, ok: bool) -> None:
+        """From the link: the broker has (or refused) the copy; now the original can be settled."""
+        if d.gen != self.gen or self._closing:
+            self.stats.stale += 1  # its channel is gone: the original comes back redelivered
+            return
+        if ok:
+            if d.outcome == RETRY:
+                self.stats.retried += 1
             else:
-                log.error("broker refused the dead-letter copy of message %s (basic.nack); requeueing the original",
-                          d.message_id())
-                self._out.append(frames.encode_reject(CHANNEL, d.tag, True))
-                self.acks.mark_sent(d.tag)
-                self.stats.requeued += 1
-        for tag, multiple_ in self.acks.settle(finished):
-            self._out.append(frames.encode_ack(CHANNEL, tag, multiple_))
+                self.stats.dead += 1
+            for tag, multiple in self.acks.settle([d.tag]):
+                self._out.append(frames.encode_ack(CHANNEL, tag, multiple))
+        else:
+            log.error("broker refused the copy of message %s (basic.nack); requeueing the original", d.message_id())
+            self._out.append(frames.encode_reject(CHANNEL, d.tag, True))
+            self.acks.mark_sent(d.tag)
+            self.stats.requeued += 1
+
+    def _link_failed(self, exc: BaseException, extra: list[Delivery]) -> None:
+        pending = [d for d in self.link.fail() + extra if d.gen == self.gen]
+        self._unsent = pending + self._unsent
+        delay = self._link_backoff.next()
+        self._link_retry_at = time.monotonic() + delay
+        log.warning("publishing connection failed: %s; %d copies will be published again in %.1fs "
+                    "(their originals stay unacked until then)", exc, len(self._unsent), delay)
+
+    def _service_link(self, now: float) -> None:
+        try:
+            if self._unsent and now >= self._link_retry_at:
+                unsent, self._unsent = self._unsent, []
+                for i, d in enumerate(unsent):
+                    try:
+                        self.link.publish(d)
+                    except AMQPError:
+                        self._unsent = unsent[i:]
+                        raise
+                self._link_backoff.reset()
+            self.link.check(now)
+            self.link.flush()
+        except AMQPError as exc:
+            self._link_failed(exc, [])
 
     # -- the loop ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -387,6 +383,7 @@ class IOThread(threading.Thread):
         sel = selectors.DefaultSelector()
         sel.register(sock, READ, None)
         sel.register(self._wake_fd, READ, self)
+        self.link.attach(sel)
         self._writing = False
         hb = conn.heartbeat
         now = time.monotonic()
@@ -399,11 +396,19 @@ class IOThread(threading.Thread):
                     timeout = max(0.0, min(self.last_write + hb / 2, self.last_read + 2 * hb) - now)
                 if close_deadline:
                     timeout = max(0.0, min(timeout if timeout is not None else 1.0, close_deadline - now))
+                if self.link.is_open or self._unsent:  # its timers: retry, overdue confirms, idle close
+                    timeout = max(0.0, min(timeout if timeout is not None else 1.0, 1.0))
                 events = sel.select(timeout)
                 now = time.monotonic()
                 for key, mask in events:
                     if key.data is self:
                         self._clear_wake()
+                        continue
+                    if key.data is self.link:
+                        try:
+                            self.link.on_event(mask)
+                        except AMQPError as exc:
+                            self._link_failed(exc, [])
                         continue
                     if mask & READ:
                         self._read(sock, tls, now)
@@ -412,6 +417,8 @@ class IOThread(threading.Thread):
                 self._wake_pending = False  # before draining: see report()
                 if self.outcomes:
                     self._drain()
+                if self.link.is_open or self._unsent:
+                    self._service_link(now)
                 if self._stop:
                     close_deadline = self._shutdown_step(now, close_deadline)
                     if self._closing == 3:
@@ -485,7 +492,8 @@ class IOThread(threading.Thread):
             self.stats.requeued += len(back)
             log.info("stopping: consumers cancelled, %d prefetched messages given back, waiting for %d running tasks",
                      len(back), self.inflight)
-        if self._closing == 0 and (self._stop == 2 or (self.inflight <= 0 and not self._confirms and not self._held)):
+        copies_pending = bool(self.link.confirms or self._unsent)
+        if self._closing == 0 and (self._stop == 2 or (self.inflight <= 0 and not copies_pending)):
             if self.inflight > 0:
                 log.warning("closing with %d tasks unfinished; the broker requeues their messages", self.inflight)
             self.gen += 1  # nothing more may be written on these channels

@@ -13,6 +13,7 @@ takes its place; whatever the old thread returns later is discarded.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -23,9 +24,13 @@ from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any
 
-from magne import message
-from magne.delivery import DEAD, REQUEUE, Delivery
+from pamqp import commands
+
+from magne import message, topology
+from magne.amqp.frames import decode_properties
+from magne.delivery import DEAD, REQUEUE, RETRY, Delivery
 from magne.registry import Task
+from magne.retries import RetryPolicy
 
 log = logging.getLogger("magne.pool")
 
@@ -108,9 +113,13 @@ class Pool:
         report: Callable[[Delivery], None],
         time_limit: float = 600.0,
         lost_after: float = 10.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.size = size
         self.tasks = tasks
+        default = retry or RetryPolicy()
+        # Each task's policy: its own settings over the worker's defaults, merged once here.
+        self.policies = {name: dataclasses.replace(default, **t.retry_options) for name, t in tasks.items()}
         self.work = work
         self.report = report
         self.time_limit = time_limit
@@ -192,14 +201,13 @@ class Pool:
         if s.interrupted is ColdShutdown:
             out.outcome = REQUEUE
         else:
-            out.outcome = DEAD
-            out.reason = "time limit"
-            out.error = {"type": "TimeLimitExceeded",
-                         "message": f"thread did not stop within {self.lost_after:g}s of the interrupt; abandoned"}
+            self._fail(out, "time limit", TimeLimitExceeded(
+                f"thread did not stop within {self.lost_after:g}s of the time-limit interrupt; abandoned"))
         name = s.thread.name if s.thread else "?"
+        fate = {REQUEUE: "requeued", RETRY: "retried", DEAD: "dead-lettered"}[out.outcome]
         log.error("thread %s did not stop for task %s (message %s) %.0fs after the interrupt: "
                   "abandoning it, its message is %s, starting a replacement thread",
-                  name, out.task, out.message_id(), self.lost_after, "requeued" if out.outcome == REQUEUE else "dead-lettered")
+                  name, out.task, out.message_id(), self.lost_after, fate)
         self.report(out)
         return self._spawn(s.index)
 
@@ -248,18 +256,60 @@ class Pool:
             finally:
                 slot.leave()  # if this thread was abandoned meanwhile, _loop discards the result
         except message.BadMessage as exc:
-            _dead(d, "bad message", exc, with_tb=False)
-        except TimeLimitExceeded:
-            _dead(d, "time limit", TimeLimitExceeded(f"task ran past its time limit of {limit:g}s"), with_tb=True)
+            self._fail(d, "bad message", exc, retryable=False)
+        except TimeLimitExceeded as exc:
+            exc.args = (f"task ran past its time limit of {limit:g}s",)
+            self._fail(d, "time limit", exc)
         except ColdShutdown:
             d.outcome = REQUEUE
         except TypeError as exc:
             if _binds(t.fn, args, kwargs):
-                _dead(d, "task raised", exc, with_tb=True)
+                self._fail(d, "task raised", exc)
             else:
-                _dead(d, "wrong arguments", exc, with_tb=False)
+                self._fail(d, "wrong arguments", exc, retryable=False)
         except Exception as exc:
-            _dead(d, "task raised", exc, with_tb=True)
+            self._fail(d, "task raised", exc)
+
+    def _fail(self, d: Delivery, reason: str, exc: BaseException, retryable: bool = True) -> None:
+        """Decide retry or dead letter, and prepare the copy to publish (cold path)."""
+        d.reason = reason
+        d.error = {"type": type(exc).__name__, "message": str(exc)[:4096]}
+        if retryable:
+            d.error["traceback"] = "".join(traceback.format_exception(exc))[-8192:]
+        try:
+            props = decode_properties(d.header)
+            headers = dict(props.headers or {})
+        except Exception:  # unreadable properties: keep the body, start fresh properties
+            props, headers = commands.Basic.Properties(), {}
+        try:
+            retries = int(headers.get("x-magne-retries") or 0)
+        except (TypeError, ValueError):
+            retries = 0
+        history = headers.get("x-magne-history")
+        history = list(history)[-19:] if isinstance(history, list) else []
+        history.append({"attempt": retries + 1, "reason": reason, "error-type": d.error["type"],
+                        "error-message": d.error["message"][:512], "at": int(time.time())})
+        headers["x-magne-history"] = history
+        policy = self.policies.get(d.task)
+        if retryable and policy is not None and policy.should_retry(exc, retries):
+            d.outcome = RETRY
+            d.delay = policy.backoff(retries)
+            ms = topology.delay_ms(d.delay)
+            headers["x-magne-retries"] = retries + 1
+            d.copy_to = topology.delay_queue(d.queue, ms)
+            d.copy_declare = topology.declare_delay(d.queue, ms, nowait=True)
+        else:
+            d.outcome = DEAD
+            headers["x-magne-reason"] = reason
+            headers["x-magne-queue"] = d.queue
+            headers["x-magne-task"] = d.task
+            headers["x-magne-retries"] = retries
+            for key, value in d.error.items():
+                headers[f"x-magne-error-{key}"] = value
+            d.copy_to = topology.dead_queue(d.queue)
+        props.headers = headers
+        props.delivery_mode = 2
+        d.copy_props = props
 
 
 def _binds(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> bool:
@@ -270,12 +320,3 @@ def _binds(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> b
     except ValueError:  # no signature available (some builtins): assume it bound
         return True
     return True
-
-
-def _dead(d: Delivery, reason: str, exc: BaseException, with_tb: bool) -> None:
-    d.outcome = DEAD
-    d.reason = reason
-    d.error = {"type": type(exc).__name__, "message": str(exc)[:4096]}
-    if with_tb:
-        d.error["traceback"] = "".join(traceback.format_exception(exc))[-8192:]
-

@@ -44,26 +44,41 @@ class Publisher:
             self._declared.clear()
         return self._conn
 
-    def publish(self, queue: str, body: bytes, properties: commands.Basic.Properties, exchange: str | None = None) -> None:
-        """Publish to `queue` (through its exchange) and wait for the broker's confirm."""
+    def publish(
+        self,
+        queue: str,
+        body: bytes,
+        properties: commands.Basic.Properties,
+        exchange: str | None = None,
+        delay: float | None = None,
+        queue_type: str | None = None,
+    ) -> None:
+        """Publish to `queue` (through its exchange, or after `delay` seconds on the broker) and wait for the confirm."""
         with self._lock:
             try:
-                self._publish(queue, body, properties, exchange)
+                self._publish(queue, body, properties, exchange, delay, queue_type)
             except ConnectionLost:
                 self._drop()
-                self._publish(queue, body, properties, exchange)
+                self._publish(queue, body, properties, exchange, delay, queue_type)
             except AMQPError:
                 self._drop()
                 raise
 
-    def _publish(self, queue: str, body: bytes, properties: commands.Basic.Properties, exchange: str | None) -> None:
+    def _publish(self, queue: str, body: bytes, properties: commands.Basic.Properties, exchange: str | None,
+                 delay: float | None, queue_type: str | None) -> None:
         conn = self._connection()
+        routing_key = queue
         if exchange is None:
             if queue not in self._declared:
-                topology.declare(conn, CHANNEL, queue, self.queue_type)
+                topology.declare(conn, CHANNEL, queue, queue_type or self.queue_type)
                 self._declared.add(queue)
             exchange = queue
-        conn.publish(CHANNEL, exchange, queue, body, properties, mandatory=True)
+        if delay is not None and delay > 0:
+            # Wait on the broker: a TTL queue that dead-letters into the task queue.
+            ms = topology.delay_ms(delay)
+            conn.rpc(CHANNEL, topology.declare_delay(queue, ms), commands.Queue.DeclareOk)
+            exchange, routing_key = "", topology.delay_queue(queue, ms)
+        conn.publish(CHANNEL, exchange, routing_key, body, properties, mandatory=True)
         reply = conn.wait(CHANNEL, commands.Basic.Ack, commands.Basic.Nack)
         if isinstance(reply, commands.Basic.Nack):
             raise PublishError(f"broker refused the message for queue {queue!r} (basic.nack)")

@@ -6,16 +6,27 @@ from collections.abc import Callable
 from typing import Any, overload
 
 from magne import message, topology
+from magne.retries import RetryPolicy
 
 
 class Task:
-    __slots__ = ("name", "fn", "queue", "time_limit", "__wrapped__", "__doc__")
+    __slots__ = ("name", "fn", "queue", "time_limit", "retry_options", "queue_type", "__wrapped__", "__doc__")
 
-    def __init__(self, fn: Callable[..., Any], name: str, queue: str, time_limit: float | None) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        name: str,
+        queue: str,
+        time_limit: float | None = None,
+        retry_options: dict[str, Any] | None = None,
+        queue_type: str | None = None,
+    ) -> None:
         self.fn = fn
         self.name = name
         self.queue = queue
         self.time_limit = time_limit
+        self.retry_options = retry_options or {}  # RetryPolicy fields; the rest come from the worker
+        self.queue_type = queue_type  # None: the worker's (or publisher's) default
         self.__wrapped__ = fn
         self.__doc__ = fn.__doc__
 
@@ -29,12 +40,19 @@ class Task:
         """Publish one run of this task; returns its message id once the broker confirmed it."""
         return self.send_with_options(args=args, kwargs=kwargs)
 
-    def send_with_options(self, args: Any = (), kwargs: dict[str, Any] | None = None, message_id: str | None = None) -> str:
+    def send_with_options(
+        self,
+        args: Any = (),
+        kwargs: dict[str, Any] | None = None,
+        delay: float | None = None,
+        message_id: str | None = None,
+    ) -> str:
+        """Publish one run; `delay` (seconds) makes it wait on the broker first. Returns the message id."""
         from magne.publisher import default_publisher
 
         mid = message_id or message.new_id()
         body = message.encode(self.name, args, kwargs, mid)
-        default_publisher().publish(self.queue, body, message.properties(mid))
+        default_publisher().publish(self.queue, body, message.properties(mid), delay=delay, queue_type=self.queue_type)
         return mid
 
 
@@ -49,7 +67,15 @@ class RegistryError(ValueError):
 def task(fn: Callable[..., Any], /) -> Task: ...
 @overload
 def task(
-    *, name: str | None = None, queue: str | None = None, time_limit: float | None = None
+    *,
+    name: str | None = None,
+    queue: str | None = None,
+    time_limit: float | None = None,
+    max_retries: int | None = None,
+    min_backoff: float | None = None,
+    max_backoff: float | None = None,
+    retry_on: tuple[type[BaseException], ...] | None = None,
+    queue_type: str | None = None,
 ) -> Callable[[Callable[..., Any]], Task]: ...
 
 
@@ -60,14 +86,32 @@ def task(
     name: str | None = None,
     queue: str | None = None,
     time_limit: float | None = None,
+    max_retries: int | None = None,
+    min_backoff: float | None = None,
+    max_backoff: float | None = None,
+    retry_on: tuple[type[BaseException], ...] | None = None,
+    queue_type: str | None = None,
 ) -> Any:
-    """Register a function as a task. `@task` or `@task(queue=..., time_limit=...)`."""
+    """Register a function as a task: `@task`, or `@task(queue=..., time_limit=..., max_retries=...)`.
+
+    Retry settings left out fall back to the worker's defaults (`magne worker --max-retries ...`).
+    """
 
     def register(f: Callable[..., Any]) -> Task:
         tname = name or f.__name__
         if time_limit is not None and time_limit <= 0:
             raise RegistryError(f"task {tname}: time_limit must be positive, got {time_limit}")
-        t = Task(f, tname, queue or topology.default_queue(tname), time_limit)
+        if queue_type is not None and queue_type not in topology.QUEUE_TYPES:
+            raise RegistryError(f"task {tname}: queue_type must be one of {topology.QUEUE_TYPES}")
+        retry_options = {k: v for k, v in (("max_retries", max_retries), ("min_backoff", min_backoff),
+                                           ("max_backoff", max_backoff), ("retry_on", retry_on)) if v is not None}
+        if "retry_on" in retry_options:
+            retry_options["retry_on"] = tuple(retry_options["retry_on"])
+        try:  # catch bad values now, at import, not at the first failure
+            RetryPolicy(**{**dict(max_backoff=max(RetryPolicy.max_backoff, min_backoff or 0)), **retry_options})
+        except ValueError as exc:
+            raise RegistryError(f"task {tname}: {exc}") from None
+        t = Task(f, tname, queue or topology.default_queue(tname), time_limit, retry_options, queue_type)
         old = REGISTRY.get(tname)
         if old is not None and (old.fn.__module__, old.fn.__qualname__) != (f.__module__, f.__qualname__):
             raise RegistryError(

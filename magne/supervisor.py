@@ -92,7 +92,9 @@ class Supervisor:
         o = self.opts
         argv = [sys.executable, "-m", "magne", "--log-level", self.log_level, "worker", *o.modules,
                 "--threads", str(o.threads), "--shutdown-timeout", str(o.shutdown_timeout),
-                "--time-limit", str(o.time_limit), "--lost-after", str(o.lost_after)]
+                "--time-limit", str(o.time_limit), "--lost-after", str(o.lost_after),
+                "--queue-type", o.queue_type, "--max-retries", str(o.max_retries),
+                "--min-backoff", str(o.min_backoff), "--max-backoff", str(o.max_backoff)]
         if o.prefetch is not None:
             argv += ["--prefetch", str(o.prefetch)]
         if o.queues:

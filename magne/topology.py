@@ -3,16 +3,23 @@
 Compatible with the original magne: a task `name` with no explicit queue lives in a
 durable queue `NAME`, bound to a durable direct exchange `NAME` with routing key
 `NAME`. Failed messages go to the durable queue `<queue>.dead`, published there
-through the default exchange.
+through the default exchange. Delayed messages (delays, retry backoff) wait on the
+broker, never unacked in a worker: in `<queue>.delay.<ms>`, a queue whose message
+TTL is that delay and whose dead-letter target is the task queue. One queue per
+delay value, so a short delay never waits behind a longer one.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pamqp import commands
 
 from magne.amqp.connection import Connection
+
+QUEUE_TYPES = ("classic", "quorum")
+DEFAULT_DELIVERY_LIMIT = 20
 
 
 def default_queue(task_name: str) -> str:
@@ -23,12 +30,21 @@ def dead_queue(queue: str) -> str:
     return f"{queue}.dead"
 
 
-def queue_arguments(queue_type: str = "classic") -> dict[str, Any]:
-    # Classic queues are declared without arguments so that queues made by the
-    # original magne (or by hand) redeclare without a 406 PRECONDITION_FAILED.
+def queue_arguments(queue: str, queue_type: str = "classic", dead: bool = False) -> dict[str, Any]:
     if queue_type == "classic":
+        # No arguments, so that queues made by the original magne (or by hand)
+        # redeclare without a 406 PRECONDITION_FAILED.
         return {}
-    raise ValueError(f"unknown queue type {queue_type!r}")
+    if queue_type == "quorum":
+        args: dict[str, Any] = {"x-queue-type": "quorum"}
+        if not dead:
+            # A message that keeps killing workers is dead-lettered by the broker
+            # after this many deliveries (x-death says "delivery_limit").
+            args["x-delivery-limit"] = DEFAULT_DELIVERY_LIMIT
+            args["x-dead-letter-exchange"] = ""
+            args["x-dead-letter-routing-key"] = dead_queue(queue)
+        return args
+    raise ValueError(f"unknown queue type {queue_type!r}; use one of {', '.join(QUEUE_TYPES)}")
 
 
 def declare(conn: Connection, channel: int, queue: str, queue_type: str = "classic") -> None:
@@ -40,7 +56,7 @@ def declare(conn: Connection, channel: int, queue: str, queue_type: str = "class
     )
     conn.rpc(
         channel,
-        commands.Queue.Declare(queue=queue, durable=True, arguments=queue_arguments(queue_type)),
+        commands.Queue.Declare(queue=queue, durable=True, arguments=queue_arguments(queue, queue_type)),
         commands.Queue.DeclareOk,
     )
     conn.rpc(
@@ -50,6 +66,41 @@ def declare(conn: Connection, channel: int, queue: str, queue_type: str = "class
     )
     conn.rpc(
         channel,
-        commands.Queue.Declare(queue=dead_queue(queue), durable=True, arguments=queue_arguments(queue_type)),
+        commands.Queue.Declare(queue=dead_queue(queue), durable=True,
+                               arguments=queue_arguments(queue, queue_type, dead=True)),
         commands.Queue.DeclareOk,
+    )
+
+
+def delay_ms(seconds: float) -> int:
+    """The delay rounded up to two significant digits (1234 ms → 1300 ms), so that a
+    jittered backoff makes tens of delay queues per decade, not thousands."""
+    ms = max(1, math.ceil(seconds * 1000))
+    if ms < 100:
+        return ms
+    step = 10 ** (len(str(ms)) - 2)
+    return -(-ms // step) * step
+
+
+def delay_queue(queue: str, ms: int) -> str:
+    return f"{queue}.delay.{ms}"
+
+
+def declare_delay(queue: str, ms: int, nowait: bool = False) -> commands.Queue.Declare:
+    """The declaration of the wait queue for `queue` and delay `ms`.
+
+    Redeclared before every publish into it: x-expires (which removes the queue once
+    unused) counts from the last declare, and exceeds the TTL, so a waiting message
+    always expires into the task queue before its wait queue can go away.
+    """
+    return commands.Queue.Declare(
+        queue=delay_queue(queue, ms),
+        durable=True,
+        nowait=nowait,
+        arguments={
+            "x-message-ttl": ms,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": queue,
+            "x-expires": ms + max(60_000, ms // 10),
+        },
     )

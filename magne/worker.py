@@ -12,9 +12,9 @@ import dataclasses
 import importlib
 import logging
 import os
+import select
 import signal
 import sys
-import threading
 import time
 from queue import SimpleQueue
 from types import FrameType
@@ -24,6 +24,7 @@ from magne.delivery import Delivery
 from magne.io_thread import IOThread
 from magne.pool import Pool
 from magne.registry import REGISTRY, Task, queues_of
+from magne.retries import RetryPolicy
 
 log = logging.getLogger("magne.worker")
 
@@ -45,6 +46,9 @@ class Options:
     time_limit: float = 600.0
     lost_after: float = 10.0
     queue_type: str = "classic"
+    max_retries: int = 0
+    min_backoff: float = 1.0
+    max_backoff: float = 300.0
 
     @property
     def effective_prefetch(self) -> int:
@@ -76,6 +80,20 @@ def select_queues(tasks: dict[str, Task], wanted: list[str] | None) -> list[str]
     return list(dict.fromkeys(wanted))
 
 
+def queue_types(tasks: dict[str, Task], queues: list[str], default: str) -> dict[str, str]:
+    """Each consumed queue's type: its tasks' queue_type, else the worker's --queue-type."""
+    types: dict[str, str] = {}
+    for t in tasks.values():
+        if t.queue not in queues:
+            continue
+        qt = t.queue_type or default
+        if types.setdefault(t.queue, qt) != qt:
+            raise ConfigError(f"tasks on queue {t.queue} disagree on its queue_type ({types[t.queue]} vs {qt})")
+    for q in queues:
+        types.setdefault(q, default)
+    return types
+
+
 class Worker:
     def __init__(self, opts: Options, tasks: dict[str, Task]) -> None:
         if opts.threads < 1:
@@ -89,13 +107,22 @@ class Worker:
         self.opts = opts
         self.tasks = tasks
         self.queues = select_queues(tasks, opts.queues)
+        try:
+            retry = RetryPolicy(opts.max_retries, opts.min_backoff, opts.max_backoff)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.work: SimpleQueue[Delivery | None] = SimpleQueue()
-        self.io = IOThread(self.params, self.queues, opts.effective_prefetch, self.work, opts.queue_type)
-        self.pool = Pool(opts.threads, tasks, self.work, self.io.report, opts.time_limit, opts.lost_after)
+        self.io = IOThread(self.params, self.queues, opts.effective_prefetch, self.work,
+                           queue_types(tasks, self.queues, opts.queue_type))
+        self.pool = Pool(opts.threads, tasks, self.work, self.io.report, opts.time_limit, opts.lost_after, retry)
         self._signals = 0  # warm-stop requests seen (SIGTERM/SIGINT); 2+ means cold
         self._cold = False
         self._status = False
-        self._wakeup = threading.Event()
+        # Signal handlers only set flags and write this pipe: an Event.set() from a handler
+        # deadlocks when the signal lands while the main thread holds the Event's own lock.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     # -- signals (they only set flags; the main loop acts) ---------------------------
     def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -105,11 +132,25 @@ class Worker:
             self._signals += 1
             if self._signals >= 2 and signum == signal.SIGINT:
                 self._cold = True
-        self._wakeup.set()
+        self._wake()
 
     def _on_status_signal(self, _signum: int, _frame: FrameType | None) -> None:
         self._status = True
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # already plenty of wake-ups pending
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait up to `seconds`, or less if a signal arrived."""
+        if select.select([self._wake_r], [], [], seconds)[0]:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
 
     def install_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
@@ -137,8 +178,7 @@ class Worker:
         tick = min(0.25, max(0.02, min([t.time_limit or opts.time_limit for t in self.tasks.values()]) / 20))
         warm_deadline = cold_deadline = 0.0
         while not io.finished.is_set():
-            self._wakeup.wait(tick)
-            self._wakeup.clear()
+            self._sleep(tick)
             now = time.monotonic()
             pool.check_time_limits()
             if self._status:

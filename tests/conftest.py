@@ -39,8 +39,9 @@ def names(broker: Broker, redis: redis_lib.Redis) -> Iterator[dict[str, str]]:
         "orig": orig.upper(),
     }
     broker.track(n["main"], n["slow"], n["orig"])
+    broker.track_prefix(prefix)
     yield n
-    redis.delete(n["MAGNE_TEST_KEY"], f"{prefix}:started")
+    redis.delete(*[f"{prefix}:{k}" for k in ("runs", "started", "attempts", "fixed", "at", "version", "alarm")])
 
 
 @pytest.fixture

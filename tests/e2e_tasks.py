@@ -90,3 +90,43 @@ if os.environ.get("MAGNE_TEST_CRASH_AFTER"):
         os._exit(3)
 
     threading.Thread(target=_crash, daemon=True).start()
+
+
+@task(queue=f"{PREFIX}.main", max_retries=3, min_backoff=0.1, max_backoff=0.2)
+def flaky(n, failures=2):
+    attempt = r.hincrby(f"{PREFIX}:attempts", str(n), 1)
+    if attempt <= failures:
+        raise RuntimeError(f"attempt {attempt} of {n} fails on purpose")
+    r.hincrby(KEY, str(n), 1)
+
+
+@task(queue=f"{PREFIX}.main", max_retries=2, min_backoff=0.1, max_backoff=0.2)
+def always_fail(n):
+    r.hincrby(f"{PREFIX}:attempts", str(n), 1)
+    if not r.get(f"{PREFIX}:fixed"):
+        raise ValueError(f"{n} is broken")
+    r.hincrby(KEY, str(n), 1)
+
+
+@task(queue=f"{PREFIX}.main", max_retries=5, retry_on=(KeyError,), min_backoff=0.1)
+def picky(n):
+    r.hincrby(f"{PREFIX}:attempts", str(n), 1)
+    raise ValueError("not a KeyError: no retry")
+
+
+@task(queue=f"{PREFIX}.main")
+def stamp(n):
+    """Records when it ran, for the delay tests."""
+    r.hset(f"{PREFIX}:at", str(n), repr(time.time()))
+    r.hincrby(KEY, str(n), 1)
+
+
+@task(queue=f"{PREFIX}.slow", max_retries=1, min_backoff=0.1)
+def fail_in_alarm(n):
+    """First attempt: waits for the test's memory alarm, then fails, so its retry must be published during it."""
+    attempt = r.hincrby(f"{PREFIX}:attempts", str(n), 1)
+    if attempt == 1:
+        while not r.get(f"{PREFIX}:alarm"):
+            time.sleep(0.05)
+        raise RuntimeError("failing while the broker is blocked")
+    r.hincrby(KEY, str(n), 1)

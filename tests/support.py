@@ -76,6 +76,7 @@ class Broker:
         self.ch.confirm_delivery()
         self.queues: set[str] = set()
         self.exchanges: set[str] = set()
+        self.prefixes: list[str] = []
 
     def reopen(self) -> None:
         """A fresh connection (after the broker restarted under the test)."""
@@ -108,9 +109,17 @@ class Broker:
                 return out
             out.append((props, body))
 
+    def track_prefix(self, prefix: str) -> None:
+        """Also delete, at the end, every queue whose name starts with `prefix` (delay queues, say)."""
+        self.prefixes.append(prefix)
+
     def cleanup(self) -> None:
         self.reopen()
         ch = self.ch
+        if self.prefixes:
+            for name in rabbitmqctl("list_queues", "name").split():
+                if name.startswith(tuple(self.prefixes)):
+                    self.queues.add(name)
         for q in self.queues:
             ch.queue_delete(q)
         for e in self.exchanges:

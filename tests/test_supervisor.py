@@ -91,8 +91,8 @@ def test_sigterm_to_the_supervisor_under_load_stops_every_child_cleanly(broker, 
     assert "worker exit codes [0, 0]" in w.log()
     done = runs(redis, names)
     assert set(done.values()) == {1}
-    ready, unacked = queue_counts(names["main"])
-    assert unacked == 0 and ready + len(done) == N
+    wait_for(lambda: queue_counts(names["main"])[1] == 0, 10, interval=0.2, what="nothing unacked")
+    assert queue_counts(names["main"])[0] + len(done) == N
 
 
 def test_import_error_is_one_clear_error_not_a_restart_loop(names, start_worker):

@@ -115,8 +115,8 @@ def test_sigterm_under_load_acks_finished_and_gives_back_the_rest(broker, redis,
     assert set(done.values()) == {1}, "no task may run twice"
     started = {k.decode() for k in redis.hgetall(f"{names['MAGNE_TEST_PREFIX']}:started")}
     assert started == set(done), "every task that started also finished (warm shutdown)"
-    ready, unacked = queue_counts(q)
-    assert unacked == 0
+    wait_for(lambda: queue_counts(q)[1] == 0, 10, interval=0.2, what="nothing unacked")
+    ready, _ = queue_counts(q)
     assert ready + len(done) == n, f"{ready} back in the queue + {len(done)} done != {n}"
     assert "stopping: consumers cancelled" in w.log()
 
@@ -135,7 +135,8 @@ def test_second_sigint_stops_cold_and_requeues_running_tasks(broker, redis, name
     # time.sleep(30) cannot be interrupted; the cold stop closes anyway and the broker requeues.
     assert w.wait(30) == 0
     assert runs(redis, names) == {}
-    assert queue_counts(q) == (2, 0)
+    # The broker requeues a closed channel's unacked messages asynchronously.
+    wait_for(lambda: queue_counts(q) == (2, 0), 10, interval=0.2, what="both messages back in the queue")
 
 
 def test_unreachable_broker_is_a_clear_error(tmp_path, names, start_worker):
