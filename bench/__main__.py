@@ -41,6 +41,24 @@ def workloads(scale: float) -> dict[str, dict[str, Any]]:
     }
 
 
+def redis_ceiling(n: int, run: int) -> Result:
+    """bench/redis_ceiling.py in a subprocess: the throughput body alone, 8 threads, no broker."""
+    key = f"bench:counter:ceiling:{run}"
+    env = peers.clean_env()
+    env["BENCH_COUNTER"] = key
+    out = subprocess.run([peers.PY, "-m", "bench.redis_ceiling", str(n)], env=env, capture_output=True, text=True,
+                         check=True)
+    data = json.loads(out.stdout)
+    from bench.measure import r
+
+    counter = int(r.get(key) or 0)
+    r.delete(key)
+    res = Result("throughput", "redis-only", "n/a", run, data["n"], elapsed=data["elapsed"],
+                 rate=data["n"] / data["elapsed"], cpu_s=data["cpu_s"], connections=0, channels=0,
+                 counter=counter, left_ready=0, left_unacked=0, ok=counter == data["n"] + 1)
+    return res
+
+
 def summarize(results: list[Result]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, str], list[Result]] = {}
     for res in results:
@@ -61,20 +79,21 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| workload | prefetch | peer | result (median, min-max) | vs dramatiq | CPU s/1k tasks | peak RSS MB "
-             "| conns / chans | no loss, no dup |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | prefetch | peer | result (median, min-max) | result / dramatiq's | CPU s per 1k tasks "
+             "| CPU / dramatiq's | peak RSS MB | conns / chans | no loss, no dup |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["workload"], r["prefetch"], r["peer"]): r for r in rows}
     for r in rows:
-        d = by.get((r["workload"], r["prefetch"], "dramatiq"))
+        d = by.get((r["workload"], r["prefetch"], "dramatiq")) or by.get((r["workload"], "default", "dramatiq"))
         if r["workload"] == "latency":
-            res = f"{r['median']:.3f}x min ({r['min']:.3f}-{r['max']:.3f})"
-            vs = f"{d['median']:.3f}x" if d else ""
+            res = f"{r['median']:.3f}x the minimum ({r['min']:.3f}-{r['max']:.3f})"
         else:
             res = f"{r['median']:,.0f}/s ({r['min']:,.0f}-{r['max']:,.0f})"
-            vs = f"{r['median'] / d['median']:.1f}x" if d else ""
+        vs = f"{r['median'] / d['median']:.3f}x" if d else ""
+        cpu_vs = f"{r['cpu_per_1k'] / d['cpu_per_1k']:.2f}x" if d else ""
+        conns = "-" if r["connections"] == 0 and r["peer"] == "redis-only" else f"{r['connections']} / {r['channels']}"
         lines.append(f"| {r['workload']} | {r['prefetch']} | {r['peer']} | {res} | {vs} | {r['cpu_per_1k']:.3f} "
-                     f"| {r['rss_mb']:.0f} | {r['connections']} / {r['channels']} | {'yes' if r['all_ok'] else 'NO'} |")
+                     f"| {cpu_vs} | {r['rss_mb']:.0f} | {conns} | {'yes' if r['all_ok'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -84,11 +103,12 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["workload"], r["prefetch"]) for r in rows}, key=lambda x: (x[0], x[1]))
+    panels = sorted({(r["workload"], r["prefetch"]) for r in rows if r["prefetch"] != "n/a"}, key=lambda x: (x[0], x[1]))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4), squeeze=False)
-    colors = {"magne": "#2a7", "magne-p2": "#7c5", "dramatiq": "#c63", "celery": "#46a", "bare-loop": "#999"}
+    colors = {"magne": "#2a7", "magne-p2": "#7c5", "dramatiq": "#c63", "celery": "#46a", "bare-loop": "#999",
+              "redis-only": "#bbb"}
     for ax, (wl, pf) in zip(axes[0], panels, strict=True):
-        rs = [r for r in rows if r["workload"] == wl and r["prefetch"] == pf]
+        rs = [r for r in rows if r["workload"] == wl and r["prefetch"] in (pf, "n/a")]
         names = [r["peer"] for r in rs]
         med = [r["median"] for r in rs]
         err = [[r["median"] - r["min"] for r in rs], [r["max"] - r["median"] for r in rs]]
@@ -121,6 +141,10 @@ def main() -> None:
             if prefetch is None:
                 names = [p for p in names if p != "bare-loop"]  # the reference always runs at 256
             for run in range(1, args.runs + 1):
+                if wl == "throughput" and prefetch is None and (not args.peers or "redis-only" in args.peers):
+                    res = redis_ceiling(len(spec["args"]), run)
+                    results.append(res)
+                    print(f"{wl:10} redis-only (8 threads, no broker) run {run}: {res.rate:8,.0f}/s", flush=True)
                 for name in names:  # alternating: A B C A B C ...
                     res = run_one(peers.ALL[name](), wl, spec["task"], spec["args"], prefetch, run,
                                   use_counter=spec.get("counter", True), sleeps=spec.get("sleeps"))

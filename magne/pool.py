@@ -237,7 +237,7 @@ class Pool:
             # landed between the task's return and that step.
             if slot.state != IDLE and not slot.leave():
                 log.warning("abandoned thread %s came back from task %s (message %s); its result is discarded",
-                            threading.current_thread().name, d.task, (d.message_id() if d else '?'))
+                            threading.current_thread().name, d.task, d.message_id())
                 return
             report(d)
 
