@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import signal
+import time
 
 import orjson
 import pika
@@ -99,6 +100,18 @@ def test_heartbeats_flow_while_every_thread_is_busy(broker, redis, names, start_
     assert "connection lost" not in w.log() and "reconnect" not in w.log()
     assert w.stop() == 0
     assert "acked=2" in w.log()
+
+
+def test_heartbeats_keep_an_idle_worker_connected(broker, redis, names, start_worker):
+    # heartbeat=1: six idle seconds are three times what the broker tolerates without traffic.
+    w = start_worker("--threads", "2", url=URL.split("?")[0] + "?heartbeat=1")
+    w.wait_ready()
+    conn_before = connections_of(w.pid)
+    time.sleep(6)  # the idle time is what is tested here, not a wait for something to happen
+    assert connections_of(w.pid) == conn_before
+    broker.publish(names["main"], names["main"], task_body("record", "after-idle"))
+    wait_for(lambda: runs(redis, names).get("after-idle") == 1, 10, what="a task after the idle time")
+    assert "connection lost" not in w.log() and "reconnect" not in w.log()
 
 
 def test_sigterm_under_load_acks_finished_and_gives_back_the_rest(broker, redis, names, start_worker):
