@@ -31,12 +31,11 @@ def encode(task_name: str, args: Any = (), kwargs: dict[str, Any] | None = None,
         raise TypeError(f"arguments of task {task_name!r} are not JSON-serializable: {exc}") from None
 
 
-def properties(message_id: str, headers: dict[str, Any] | None = None) -> commands.Basic.Properties:
+def properties(message_id: str) -> commands.Basic.Properties:
     return commands.Basic.Properties(
         content_type=CONTENT_TYPE,
         delivery_mode=2,  # persistent: survives a broker restart in a durable queue
         message_id=message_id,
-        headers=headers,
     )
 
 

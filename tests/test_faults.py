@@ -109,7 +109,7 @@ def test_connection_stalled_is_caught_by_heartbeats(broker, redis, names, start_
     check_after_fault("connection stalled (no bytes either way; heartbeat=1s)", w, redis, names, t)
 
 
-def test_broker_refuses_for_a_while_and_sigterm_still_stops(broker, redis, names, start_worker, proxy):
+def test_broker_refuses_for_a_while(broker, redis, names, start_worker, proxy):
     w = start(start_worker, proxy.url("?heartbeat=2"))
     load(broker, names)
     wait_progress(redis, names)

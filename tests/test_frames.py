@@ -70,10 +70,9 @@ def test_deliveries_decode_like_pamqp(ctag, tag, redelivered, exchange, rk, body
 
 
 @given(tag=st.integers(1, 2**63 - 1), multiple=st.booleans(), requeue=st.booleans(), ch=st.integers(1, 65535))
-def test_ack_reject_nack_encode_like_pamqp(tag, multiple, requeue, ch):
+def test_ack_reject_encode_like_pamqp(tag, multiple, requeue, ch):
     assert frames.encode_ack(ch, tag, multiple) == pframe.marshal(commands.Basic.Ack(tag, multiple), ch)
     assert frames.encode_reject(ch, tag, requeue) == pframe.marshal(commands.Basic.Reject(tag, requeue), ch)
-    assert frames.encode_nack(ch, tag, multiple, requeue) == pframe.marshal(commands.Basic.Nack(tag, multiple, requeue), ch)
 
 
 def test_heartbeat_matches_pamqp():

@@ -82,7 +82,6 @@ class Connection:
         self.inbox: deque[tuple[int, Any]] = deque()
         self.contents: deque[tuple[int, Any, bytes, bytes]] = deque()
         self.decoder = frames.Decoder(self._keep_content, self._keep_frame)
-        self.blocked = False
 
     # -- the blocking side -------------------------------------------------
     def connect(self) -> None:
@@ -191,11 +190,9 @@ class Connection:
         if isinstance(frame, commands.Channel.Close):
             self._send_quiet(channel, commands.Channel.CloseOk())
             raise ChannelClosed(channel, frame.reply_code, frame.reply_text)
-        if isinstance(frame, commands.Connection.Blocked):
-            self.blocked = True
-        elif isinstance(frame, commands.Connection.Unblocked):
-            self.blocked = False
-        else:
+        if not isinstance(frame, commands.Connection.Blocked | commands.Connection.Unblocked):
+            # Blocked notices only concern connections that publish without waiting;
+            # a blocking caller sees the wait for its confirm instead.
             self.inbox.append((channel, frame))
 
     def _send_quiet(self, channel: int, method: Any) -> None:

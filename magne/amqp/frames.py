@@ -32,7 +32,7 @@ _content_head = struct.Struct(">HHQ").unpack_from
 DELIVER_INDEX = commands.Basic.Deliver.index  # class 60, method 60
 _CONTENT_METHODS = (commands.Basic.GetOk, commands.Basic.Return)
 
-# basic.ack / basic.reject / basic.nack: frame head, class, method, tag, bits, end.
+# basic.ack / basic.reject: frame head, class, method, tag, bits, end.
 _ack = struct.Struct(">BHIHHQBB").pack
 _reject = _ack  # same layout, other method id
 
