@@ -30,6 +30,17 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0
         time.sleep(interval)
 
 
+def runs(redis: Any, names: dict[str, str]) -> dict[str, int]:
+    """How many times each task argument ran, as the e2e tasks record it in Redis."""
+    return {k.decode(): int(v) for k, v in redis.hgetall(names["MAGNE_TEST_KEY"]).items()}
+
+
+def task_body(func: str, *args: Any, **kwargs: Any) -> bytes:
+    from magne import message
+
+    return message.encode(func, args, kwargs, message.new_id())
+
+
 def unique(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 

@@ -16,7 +16,7 @@ import pytest
 
 from magne import message
 from proxy import Proxy
-from support import channels_of, connections_of, queue_counts, rabbitmqctl, wait_for
+from support import channels_of, connections_of, queue_counts, rabbitmqctl, runs, wait_for
 
 N = 3000
 THREADS, PREFETCH = 8, 16
@@ -25,9 +25,6 @@ THREADS, PREFETCH = 8, 16
 def body(i: int) -> bytes:
     return message.encode("record", [i, 0.01], None, message.new_id())  # ~800 tasks/s: faults land mid-stream
 
-
-def runs(redis, names) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in redis.hgetall(names["MAGNE_TEST_KEY"]).items()}
 
 
 @pytest.fixture

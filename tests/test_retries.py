@@ -13,16 +13,13 @@ import pytest
 
 from magne import message
 from magne.publisher import Publisher
-from support import URL, queue_counts, rabbitmqctl, wait_for
+from support import URL, queue_counts, rabbitmqctl, runs, wait_for
 
 
 @pytest.fixture(params=["classic", "quorum"])
 def queue_type(request):
     return request.param
 
-
-def runs(redis, names) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in redis.hgetall(names["MAGNE_TEST_KEY"]).items()}
 
 
 def attempts(redis, names) -> dict[str, int]:

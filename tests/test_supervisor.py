@@ -8,13 +8,10 @@ import signal
 import time
 
 from magne import message
-from support import connections_named, queue_counts, wait_for
+from support import connections_named, queue_counts, runs, wait_for
 
 N = 2000
 
-
-def runs(redis, names) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in redis.hgetall(names["MAGNE_TEST_KEY"]).items()}
 
 
 def load(broker, names, start: int, n: int, sleep: float = 0.005) -> None:

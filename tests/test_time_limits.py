@@ -11,15 +11,7 @@ from magne import message
 from magne.delivery import ACK, DEAD, Delivery
 from magne.pool import Pool
 from magne.registry import Task
-from support import queue_counts, wait_for
-
-
-def body(func: str, *args) -> bytes:
-    return message.encode(func, args, None, message.new_id())
-
-
-def runs(redis, names) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in redis.hgetall(names["MAGNE_TEST_KEY"]).items()}
+from support import queue_counts, runs, task_body, wait_for
 
 
 def dead_letters(broker, queue: str, n: int) -> dict[str, dict]:
@@ -38,8 +30,8 @@ def test_busy_loop_is_interrupted_and_except_exception_does_not_swallow_it(broke
     w = start_worker("--threads", "2")
     w.wait_ready()
     t0 = time.monotonic()
-    broker.publish(q, q, body("spin", 1))
-    broker.publish(q, q, body("swallow", 2))
+    broker.publish(q, q, task_body("spin", 1))
+    broker.publish(q, q, task_body("swallow", 2))
     dl = dead_letters(broker, q, 2)
     assert time.monotonic() - t0 < 10
     assert dl["1"]["x-magne-reason"] == "time limit" and dl["2"]["x-magne-reason"] == "time limit"
@@ -47,7 +39,7 @@ def test_busy_loop_is_interrupted_and_except_exception_does_not_swallow_it(broke
     assert runs(redis, names).get("swallowed-2") is None, "except Exception must not catch the time limit"
     # The interrupted threads are free again: the pool runs new work on both.
     for i in range(20):
-        broker.publish(q, q, body("slow", i, 0))
+        broker.publish(q, q, task_body("slow", i, 0))
     wait_for(lambda: len(runs(redis, names)) == 20, 20, what="work after the interrupts")
     assert queue_counts(q) == (0, 0)
     assert "abandon" not in w.log()
@@ -57,7 +49,7 @@ def test_thread_stuck_in_sleep_is_abandoned_and_replaced(broker, redis, names, s
     q = names["slow"]
     w = start_worker("--threads", "2", "--prefetch", "4", "--lost-after", "1")
     w.wait_ready()
-    broker.publish(q, q, body("stuck", 1))
+    broker.publish(q, q, task_body("stuck", 1))
     wait_for(lambda: "abandoning it" in w.log(), 20, what="the stuck thread to be abandoned")
     dl = dead_letters(broker, q, 1)
     assert dl["1"]["x-magne-reason"] == "time limit"
@@ -65,7 +57,7 @@ def test_thread_stuck_in_sleep_is_abandoned_and_replaced(broker, redis, names, s
     # Throughput goes on with the replacement thread: both threads' worth of work.
     t0 = time.monotonic()
     for i in range(40):
-        broker.publish(q, q, body("slow", i, 0.1))
+        broker.publish(q, q, task_body("slow", i, 0.1))
     wait_for(lambda: len(runs(redis, names)) == 40, 30, what="work after the abandon")
     # 40 x 0.1 s on 2 threads is 2 s; on one thread it would be 4 s.
     assert time.monotonic() - t0 < 3.8

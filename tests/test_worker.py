@@ -11,15 +11,7 @@ import orjson
 import pika
 
 from magne import message
-from support import URL, channels_of, connections_of, queue_counts, wait_for
-
-
-def task_body(func: str, *args, **kwargs) -> bytes:
-    return message.encode(func, args, kwargs, message.new_id())
-
-
-def runs(redis, names) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in redis.hgetall(names["MAGNE_TEST_KEY"]).items()}
+from support import URL, channels_of, connections_of, queue_counts, runs, task_body, wait_for
 
 
 def test_every_task_runs_exactly_once_on_one_connection_and_one_channel(broker, redis, names, start_worker):
