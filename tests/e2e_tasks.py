@@ -130,3 +130,10 @@ def fail_in_alarm(n):
             time.sleep(0.05)
         raise RuntimeError("failing while the broker is blocked")
     r.hincrby(KEY, str(n), 1)
+
+
+@task(queue=f"{PREFIX}.slow")
+def die(n):
+    """A poison message: it kills the worker process every time it runs."""
+    r.hincrby(f"{PREFIX}:started", str(n), 1)
+    os._exit(1)

@@ -159,3 +159,25 @@ def test_memory_alarm_blocks_the_retry_publish_but_not_the_acks(broker, redis, n
     wait_for(lambda: runs(redis, names).get("held") == 1, 30, what="the held retry to run")
     wait_for(lambda: queue_counts(slow) == (0, 0), 30, interval=0.3, what="queue empty")
     assert w.stop() == 0
+
+
+def test_quorum_delivery_limit_dead_letters_a_message_that_keeps_killing_workers(broker, redis, names,
+                                                                                 start_worker):
+    from magne.topology import DEFAULT_DELIVERY_LIMIT
+
+    q, dq = names["slow"], names["slow"] + ".dead"
+    w = start_worker("--queue-type", "quorum", "--threads", "1")
+    w.wait_ready()
+    broker.publish(q, q, message.encode("die", ["poison"], None, "poison"))
+    starts = 1
+    while broker.ready(dq) == 0:
+        assert w.wait(30) == 1  # the task killed it
+        assert starts <= DEFAULT_DELIVERY_LIMIT + 2, "the broker never dead-lettered the poison message"
+        w = start_worker("--queue-type", "quorum", "--threads", "1")
+        starts += 1
+        wait_for(lambda w=w: broker.ready(dq) == 1 or w.proc.poll() is not None, 30, interval=0.05,
+                 what="the next crash or the dead letter")
+    runs_of_poison = int(redis.hget(f"{names['MAGNE_TEST_PREFIX']}:started", "poison"))
+    assert runs_of_poison == DEFAULT_DELIVERY_LIMIT + 1
+    out = magne_cli("dead", "list", q, "--url", URL)
+    assert "reason='broker: delivery_limit'" in out.stdout, out.stdout + out.stderr

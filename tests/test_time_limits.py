@@ -114,3 +114,16 @@ def test_late_interrupts_kill_nothing_and_lose_nothing(caplog):
     assert "stray interrupt" not in caplog.text
     pool.stop()
     pool.join(5)
+
+
+def test_time_limit_is_retried_like_any_failure(broker, redis, names, start_worker):
+    q = names["slow"]
+    w = start_worker("--threads", "2", "--max-retries", "1", "--min-backoff", "0.1", "--max-backoff", "0.2")
+    w.wait_ready()
+    broker.publish(q, q, task_body("spin", "r"))
+    wait_for(lambda: broker.ready(q + ".dead") == 1, 30, what="the dead letter after one retry")
+    (props, _), = broker.get_all(q + ".dead")
+    assert props.headers["x-magne-retries"] == 1
+    assert [e["reason"] for e in props.headers["x-magne-history"]] == ["time limit", "time limit"]
+    started = redis.hget(f"{names['MAGNE_TEST_PREFIX']}:started", "r")
+    assert started == b"2"
