@@ -211,3 +211,29 @@ def test_pika_sees_persistent_messages_from_send(broker, names):
     assert isinstance(method, pika.spec.Basic.GetOk)
     assert props.delivery_mode == 2 and props.message_id == mid and props.content_type == "application/json"
     assert orjson.loads(body) == {"func": "record", "args": ["x"], "id": mid}
+
+
+def test_heartbeats_flow_during_a_warm_shutdown(broker, redis, names, start_worker):
+    q = names["slow"]
+    w = start_worker("--threads", "1", "--prefetch", "1", url=URL.split("?")[0] + "?heartbeat=1")
+    w.wait_ready()
+    broker.publish(q, q, task_body("slow", "long", 4))
+    wait_for(lambda: redis.hget(f"{names['MAGNE_TEST_PREFIX']}:started", "long"), 10, what="the task to start")
+    w.signal(signal.SIGTERM)
+    # The warm shutdown waits 4 s for the task: twice what the broker allows a silent peer.
+    assert w.wait(30) == 0
+    assert runs(redis, names) == {"long": 1}
+    assert "acked=1" in w.log() and "connection lost" not in w.log()
+    wait_for(lambda: queue_counts(q) == (0, 0), 10, interval=0.2, what="queue empty")
+
+
+def test_shutdown_timeout_turns_warm_into_cold(broker, redis, names, start_worker):
+    q = names["slow"]
+    w = start_worker("--threads", "1", "--prefetch", "1", "--shutdown-timeout", "1")
+    w.wait_ready()
+    broker.publish(q, q, task_body("slow", "stuck", 30))
+    wait_for(lambda: redis.hget(f"{names['MAGNE_TEST_PREFIX']}:started", "stuck"), 10, what="the task to start")
+    w.signal(signal.SIGTERM)
+    assert w.wait(20) == 0
+    assert "shutdown timeout of 1s passed; stopping cold" in w.log()
+    wait_for(lambda: queue_counts(q) == (1, 0), 10, interval=0.2, what="the message back in the queue")
