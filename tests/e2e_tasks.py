@@ -21,7 +21,9 @@ def record(n, sleep=0.0):
 
 
 @task(queue=f"{PREFIX}.main")
-def fail(n):
+def fail(n, sleep=0.0):
+    if sleep:
+        time.sleep(sleep)
     raise ValueError(f"failing on purpose for {n}")
 
 

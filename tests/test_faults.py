@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 
+import orjson
 import pytest
 
 from magne import message
@@ -219,3 +220,31 @@ def test_consumer_timeout_406_closes_the_channel_and_the_worker_recovers(broker,
     assert len(connections_of(w.pid)) == 1 and channels_of(w.pid) == 1
     print(f"\nFAULT consumer_timeout (406 PRECONDITION_FAILED closes the channel): "
           f"reconnected-after={reconnect_seconds(w.log()):.1f}s, the message was redelivered and ran on the new channel")
+
+
+def test_publishing_connection_closed_while_copies_are_in_flight(broker, redis, names, start_worker):
+    """The link that carries dead-letter copies is closed by the broker mid-stream: the copies
+    not yet confirmed are published again on a new link, and every original is acked once its
+    copy is confirmed."""
+    n = 600
+    w = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F")
+    q, dq = names["main"], names["main"] + ".dead"
+    broker.publish(q, q, message.encode("fail", ["first"], None, message.new_id()))
+    wait_for(lambda: broker.ready(dq) == 1, 30, what="the first dead letter (the link is open)")
+    link = [ln.split("\t")[0] for ln in rabbitmqctl("list_connections", "pid", "client_properties").splitlines()
+            if "magne worker publisher" in ln and f"pid={w.pid}" in ln]
+    assert len(link) == 1
+    for i in range(n):  # 8 threads x 50 ms: about 4 s of dead-letter copies
+        broker.publish(q, q, message.encode("fail", [i, 0.05], None, message.new_id()))
+    wait_for(lambda: broker.ready(dq) >= 100, 60, interval=0.02, what="copies flowing")
+    rabbitmqctl("close_connection", link[0], "test: publishing link closed")
+    wait_for(lambda: queue_counts(q) == (0, 0), 60, interval=0.3, what="every original acked")
+    got = {orjson.loads(b)["args"][0] for _, b in broker.get_all(dq)}
+    assert got == {"first", *range(n)}, f"missing dead letters: {sorted(set(range(n)) - got)[:10]}"
+    log = w.log()
+    assert "publishing connection failed" in log
+    assert log.count("opened the publishing connection") == 2
+    assert w.proc.poll() is None
+    republished = re.findall(r"publishing connection failed: .*?; (\d+) copies will be published again", log)
+    print(f"\nFAULT publishing connection closed mid-stream: {n} dead letters, none missing; "
+          f"unconfirmed copies published again: {republished[0]}")

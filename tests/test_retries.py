@@ -181,3 +181,33 @@ def test_quorum_delivery_limit_dead_letters_a_message_that_keeps_killing_workers
     assert runs_of_poison == DEFAULT_DELIVERY_LIMIT + 1
     out = magne_cli("dead", "list", q, "--url", URL)
     assert "reason='broker: delivery_limit'" in out.stdout, out.stdout + out.stderr
+
+
+def test_unconfirmed_copies_are_published_again_when_the_publishing_connection_dies(broker, redis, names,
+                                                                                   start_worker):
+    """Under a memory alarm the copies wait unconfirmed on the publishing link; the broker then
+    closes that link. The copies must go out again on a new link, and no original be acked early."""
+    before = rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().").strip()
+    assert re.fullmatch(r"[0-9.]+", before), f"restore needs a relative watermark, broker has {before}"
+    w = start_worker("--threads", "8", "--prefetch", "50")
+    w.wait_ready()
+    q, dq = names["main"], names["main"] + ".dead"
+    for i in range(20):
+        broker.publish(q, q, message.encode("fail", [i, 1.0], None, message.new_id()))
+    try:
+        rabbitmqctl("set_vm_memory_high_watermark", "0.0000001")
+        wait_for(lambda: "broker blocked publishing" in w.log(), 30, what="the link to be blocked")
+        wait_for(lambda: w.log().count("dead-lettering it to") == 20, 30, what="all 20 failures")
+        link = [ln.split("\t")[0] for ln in rabbitmqctl("list_connections", "pid", "client_properties").splitlines()
+                if "magne worker publisher" in ln and f"pid={w.pid}" in ln]
+        rabbitmqctl("close_connection", link[0], "test: blocked publishing link closed")
+        wait_for(lambda: "publishing connection failed" in w.log(), 20, what="the link failure")
+        assert queue_counts(q) == (0, 20), "no original may be acked before its copy is confirmed"
+    finally:
+        rabbitmqctl("set_vm_memory_high_watermark", before)
+    wait_for(lambda: queue_counts(q) == (0, 0), 60, interval=0.3, what="every original acked")
+    got = [orjson.loads(b)["args"][0] for _, b in broker.get_all(dq)]
+    assert set(got) == set(range(20))
+    again = int(re.findall(r"publishing connection failed: .*?; (\d+) copies will be published again", w.log())[0])
+    assert again >= 1
+    assert w.stop() == 0
