@@ -10,10 +10,16 @@ tasks do not fail holds exactly one connection. It is owned and driven by the I/
 thread like the consuming socket; its heartbeats are off (it may sit blocked for
 as long as an alarm lasts) and a dead link is found by its socket or by a
 confirm overdue for longer than `confirm_timeout` while not blocked.
+
+Opening the link is a blocking handshake in the I/O thread, so it gets
+OPEN_TIMEOUT seconds at most (a local broker answers in milliseconds); a link that
+cannot open is retried later rather than stall the loop that keeps the consuming
+connection's heartbeats and acks going.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import selectors
 import time
@@ -31,6 +37,7 @@ log = logging.getLogger("magne.io")
 
 CH = 1
 IDLE_CLOSE = 60.0
+OPEN_TIMEOUT = 2.0
 
 
 class PublishLink:
@@ -62,7 +69,8 @@ class PublishLink:
             self.writing = False
 
     def open(self) -> None:
-        conn = Connection(self.params, self.name, heartbeat=0)
+        params = dataclasses.replace(self.params, connect_timeout=min(self.params.connect_timeout, OPEN_TIMEOUT))
+        conn = Connection(params, self.name, heartbeat=0, rpc_timeout=OPEN_TIMEOUT)
         conn.connect()
         try:
             conn.open_channel(CH)

@@ -70,8 +70,9 @@ def client_properties(name: str) -> dict[str, Any]:
 
 
 class Connection:
-    def __init__(self, params: Params, name: str, heartbeat: int | None = None) -> None:
+    def __init__(self, params: Params, name: str, heartbeat: int | None = None, rpc_timeout: float = 30.0) -> None:
         self.params = params
+        self.rpc_timeout = rpc_timeout  # how long a blocking call waits for the broker's answer
         self.name = f"{name} pid={os.getpid()}"
         self.want_heartbeat = params.heartbeat if heartbeat is None else heartbeat
         self.sock: socket.socket | ssl.SSLSocket | None = None
@@ -141,12 +142,13 @@ class Connection:
     def send(self, channel: int, *methods: Any) -> None:
         self.sendall(frames.encode(channel, *methods))
 
-    def rpc(self, channel: int, method: Any, *reply: type, timeout: float = 30.0) -> Any:
+    def rpc(self, channel: int, method: Any, *reply: type, timeout: float | None = None) -> Any:
         self.send(channel, method)
         return self.wait(channel, *reply, timeout=timeout)
 
-    def wait(self, channel: int, *types: type, timeout: float = 30.0) -> Any:
+    def wait(self, channel: int, *types: type, timeout: float | None = None) -> Any:
         """Read until a frame of one of `types` arrives on `channel`."""
+        timeout = self.rpc_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while True:
             for i, (ch, frame) in enumerate(self.inbox):
