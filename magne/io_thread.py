@@ -17,7 +17,6 @@ import logging
 import os
 import random
 import selectors
-import ssl
 import threading
 import time
 from collections import deque
@@ -379,7 +378,6 @@ class IOThread(threading.Thread):
         assert conn is not None and conn.sock is not None
         sock = conn.sock
         sock.setblocking(False)
-        tls = isinstance(sock, ssl.SSLSocket)
         sel = selectors.DefaultSelector()
         sel.register(sock, READ, None)
         sel.register(self._wake_fd, READ, self)
@@ -410,8 +408,8 @@ class IOThread(threading.Thread):
                         except AMQPError as exc:
                             self._link_failed(exc, [])
                         continue
-                    if mask & READ:
-                        self._read(sock, tls, now)
+                    if mask & READ and conn.recv_some():
+                        self.last_read = now
                     if mask & WRITE:
                         self._flush(sock, sel, now)
                 self._wake_pending = False  # before draining: see report()
@@ -433,30 +431,11 @@ class IOThread(threading.Thread):
         finally:
             sel.close()
 
-    def _read(self, sock: Any, tls: bool, now: float) -> None:
-        try:
-            data = sock.recv(262144)
-            while tls and sock.pending():
-                data += sock.recv(262144)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return
-        except OSError as exc:
-            raise ConnectionLost(f"receive failed: {exc}") from None
-        if not data:
-            raise ConnectionLost("the broker closed the socket")
-        self.last_read = now
-        assert self.conn is not None
-        self.conn.feed(data)
-
     def _flush(self, sock: Any, sel: selectors.BaseSelector, now: float) -> None:
+        assert self.conn is not None
         data = self._partial + b"".join(self._out) if self._out else self._partial
         self._out.clear()
-        try:
-            sent = sock.send(data)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            sent = 0
-        except OSError as exc:
-            raise ConnectionLost(f"send failed: {exc}") from None
+        sent = self.conn.send_some(data)
         if sent:
             self.last_write = now
         self._partial = data[sent:]

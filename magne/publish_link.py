@@ -110,18 +110,9 @@ class PublishLink:
         self.out.append(data)
 
     def on_event(self, mask: int) -> None:
-        assert self.conn is not None and self.conn.sock is not None
+        assert self.conn is not None
         if mask & selectors.EVENT_READ:
-            try:
-                data = self.conn.sock.recv(65536)
-            except BlockingIOError:
-                data = None
-            except OSError as exc:
-                raise ConnectionLost(f"publishing connection: receive failed: {exc}") from None
-            if data == b"":
-                raise ConnectionLost("publishing connection: the broker closed the socket")
-            if data:
-                self.conn.feed(data)
+            self.conn.recv_some()
         if mask & selectors.EVENT_WRITE:
             self.flush()
 
@@ -130,13 +121,7 @@ class PublishLink:
             return
         data = self.partial + b"".join(self.out)
         self.out.clear()
-        try:
-            sent = self.conn.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise ConnectionLost(f"publishing connection: send failed: {exc}") from None
-        self.partial = data[sent:]
+        self.partial = data[self.conn.send_some(data):]
         if bool(self.partial) != self.writing and self.sel is not None:
             self.writing = bool(self.partial)
             self.sel.modify(self.conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE if self.writing

@@ -23,6 +23,7 @@ from magne.amqp import frames
 from magne.amqp.url import Params
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class AMQPError(Exception):
@@ -173,6 +174,34 @@ class Connection:
         if not data:
             raise ConnectionLost("the broker closed the socket")
         self.feed(data)
+
+    # -- the non-blocking side (the I/O thread's selector loop) ------------------
+    def send_some(self, data: bytes) -> int:
+        """Write what the socket takes now; returns the bytes sent (0 when it is full)."""
+        assert self.sock is not None
+        try:
+            return self.sock.send(data)
+        except _WOULD_BLOCK:
+            return 0
+        except OSError as exc:
+            raise ConnectionLost(f"send failed: {exc}") from None
+
+    def recv_some(self) -> bool:
+        """Read and decode what has arrived; False when nothing had (a spurious wake-up)."""
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(262144)
+            # TLS may hold decrypted bytes the selector cannot see.
+            while isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+                data += self.sock.recv(262144)
+        except _WOULD_BLOCK:
+            return False
+        except OSError as exc:
+            raise ConnectionLost(f"receive failed: {exc}") from None
+        if not data:
+            raise ConnectionLost("the broker closed the socket")
+        self.feed(data)
+        return True
 
     def feed(self, data: bytes) -> None:
         try:
