@@ -10,6 +10,19 @@ import redis as redis_lib
 
 from support import Broker, WorkerProc, unique
 
+# Tests are grouped by what they need: tests/unit runs in seconds with no broker;
+# tests/e2e and tests/faults talk to the real RabbitMQ (and Redis) on this machine.
+_MARK_BY_DIR = {"e2e": "broker", "faults": "broker"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/e2e and tests/faults `broker`, so `-m "not broker"` runs the unit tests alone."""
+    for item in items:
+        part = Path(str(item.fspath)).parent.name
+        mark = _MARK_BY_DIR.get(part)
+        if mark:
+            item.add_marker(getattr(pytest.mark, mark))
+
 
 @pytest.fixture
 def broker() -> Iterator[Broker]:
@@ -27,7 +40,7 @@ def redis() -> Iterator[redis_lib.Redis]:
 
 @pytest.fixture
 def names(broker: Broker, redis: redis_lib.Redis) -> Iterator[dict[str, str]]:
-    """Per-test queue names and Redis key, passed to tests/e2e_tasks.py through the environment."""
+    """Per-test queue names and Redis key, passed to tests/support/e2e_tasks.py through the environment."""
     prefix = unique("magne-test")
     orig = f"orig_{uuid.uuid4().hex[:8]}"
     n = {

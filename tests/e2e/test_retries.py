@@ -132,6 +132,7 @@ def test_kill_9_between_retry_publish_and_ack_loses_nothing(broker, redis, names
     assert w2.stop() == 0
 
 
+@pytest.mark.reconfigures
 def test_memory_alarm_blocks_the_retry_publish_but_not_the_acks(broker, redis, names, start_worker):
     before = rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().").strip()
     assert re.fullmatch(r"[0-9.]+", before), f"restore needs a relative watermark, broker has {before}"
@@ -183,6 +184,7 @@ def test_quorum_delivery_limit_dead_letters_a_message_that_keeps_killing_workers
     assert "reason='broker: delivery_limit'" in out.stdout, out.stdout + out.stderr
 
 
+@pytest.mark.reconfigures
 def test_unconfirmed_copies_are_published_again_when_the_publishing_connection_dies(broker, redis, names,
                                                                                    start_worker):
     """Under a memory alarm the copies wait unconfirmed on the publishing link; the broker then

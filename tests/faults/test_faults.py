@@ -16,8 +16,8 @@ import orjson
 import pytest
 
 from magne import message
-from proxy import Proxy
 from support import channels_of, connections_of, queue_counts, rabbitmqctl, runs, wait_for
+from support.proxy import Proxy
 
 N = 3000
 THREADS, PREFETCH = 8, 16
@@ -150,6 +150,7 @@ def test_queue_deleted_under_the_consumer(broker, redis, names, start_worker):
     print("\nFAULT queue deleted (basic.cancel): worker re-declared and consumed the new queue")
 
 
+@pytest.mark.reconfigures
 def test_broker_restart(broker, redis, names, start_worker):
     w = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=5")
     load(broker, names)
@@ -196,6 +197,8 @@ def test_rabbitmqctl_available():
     assert subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
+@pytest.mark.reconfigures
 def test_consumer_timeout_406_closes_the_channel_and_the_worker_recovers(broker, redis, names, start_worker):
     """RabbitMQ's delivery-ack timeout closes the whole channel with 406 (dramatiq #827, celery #6760).
     The broker checks it about once a minute, so this test takes a minute."""

@@ -15,7 +15,7 @@ from typing import Any
 import pika
 
 URL = os.environ.get("MAGNE_TEST_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> Any:
@@ -144,7 +144,7 @@ class WorkerProc:
     def __init__(self, tmp: Path, modules: list[str], *args: str, env: dict[str, str] | None = None,
                  url: str = URL) -> None:
         self.log_path = tmp / f"worker-{uuid.uuid4().hex[:6]}.log"
-        full_env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        full_env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'support'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                     **(env or {})}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
