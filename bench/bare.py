@@ -21,16 +21,15 @@ from queue import SimpleQueue
 from pamqp import commands
 
 from magne.acks import AckCoalescer
-from magne.amqp import frames
-from magne.amqp.connection import Connection
+from magne.amqp import codec
+from magne.amqp.client import Client
 from magne.amqp.url import parse_url
 
 
 def main(queue: str, threads: int = 8, prefetch: int = 256) -> None:
-    conn = Connection(parse_url("amqp://guest:guest@127.0.0.1:5672/%2F"), "bench bare loop", heartbeat=0)
-    conn.connect()
-    conn.open_channel(1)
-    conn.rpc(1, commands.Basic.Qos(prefetch_count=prefetch), commands.Basic.QosOk)
+    client = Client(parse_url("amqp://guest:guest@127.0.0.1:5672/%2F"), "bench bare loop").open()
+    conn = client.conn
+    client.rpc(commands.Basic.Qos(prefetch_count=prefetch), commands.Basic.QosOk)
     work: SimpleQueue[tuple[int, bytes]] = SimpleQueue()
     done: deque[int] = deque()
     wake = os.eventfd(0, os.EFD_NONBLOCK)
@@ -48,8 +47,8 @@ def main(queue: str, threads: int = 8, prefetch: int = 256) -> None:
                 pending[0] = True
                 os.eventfd_write(wake, 1)
 
-    conn.decoder.on_content = on_content
-    conn.rpc(1, commands.Basic.Consume(queue=queue, consumer_tag="bare"), commands.Basic.ConsumeOk)
+    conn.on_content = on_content
+    client.rpc(commands.Basic.Consume(queue=queue, consumer_tag="bare"), commands.Basic.ConsumeOk)
     for _ in range(threads):
         threading.Thread(target=worker, daemon=True).start()
     stop = [False]
@@ -72,14 +71,14 @@ def main(queue: str, threads: int = 8, prefetch: int = 256) -> None:
                 data = sock.recv(262144)
                 if not data:
                     return
-                conn.feed(data)
+                conn.decoder.feed(data)
         pending[0] = False
         tags = []
         while done:
             tags.append(done.popleft())
         if tags:
             sock.setblocking(True)
-            sock.sendall(b"".join(frames.encode_ack(1, t, m) for t, m in acks.settle(tags)))
+            sock.sendall(b"".join(codec.encode_ack(1, t, m) for t, m in acks.settle(tags)))
             sock.setblocking(False)
 
 

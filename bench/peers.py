@@ -31,22 +31,20 @@ class Peer:
 
 
 def _magne_declare() -> None:
-    from magne.amqp.connection import Connection
+    from magne.amqp.client import Client
     from magne.amqp.url import parse_url
-    from magne.topology import declare
+    from magne.topology import declarations
 
-    c = Connection(parse_url("amqp://guest:guest@127.0.0.1:5672/%2F"), "bench declare")
-    c.connect()
-    c.open_channel(1)
-    declare(c, 1, "bench-magne")
-    c.close()
+    with Client(parse_url("amqp://guest:guest@127.0.0.1:5672/%2F"), "bench declare") as c:
+        for method, reply in declarations("bench-magne"):
+            c.rpc(method, reply)
 
 
 def _magne_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, pika.BasicProperties]]:
-    from magne import message
+    from magne import wire
 
     props = pika.BasicProperties(delivery_mode=2, content_type="application/json")
-    return [(message.encode(name, args), props) for args in arglists]
+    return [(wire.encode(name, args), props) for args in arglists]
 
 
 def magne(processes: int = 1) -> Peer:

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 import orjson
 
-from magne import message, topology
-from magne.amqp.connection import AMQPError
-from magne.amqp.url import URLError
+from magne import logs, topology, wire
+from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, MagneError
+from magne.pidfile import pid_file
 
-LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d %(threadName)s] %(name)s: %(message)s"
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+log = logs.Log("magne")
 
 
 def _positive(kind: type) -> object:
@@ -35,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="magne", description="RabbitMQ task worker: one connection, one channel, one I/O thread per process."
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text (default) or json: one object per line with stable field names")
     sub = p.add_subparsers(dest="command", required=True)
 
     url_help = "broker URL (default: $MAGNE_URL, else amqp://guest:guest@localhost:5672/%%2F)"
@@ -68,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--pid-file", help="write the supervisor's (or the single worker's) pid here")
     w.add_argument("--lost-after", type=_positive(float), default=10.0,
                    help="seconds after a time-limit interrupt before a thread that did not stop is replaced (default 10)")
+    w.add_argument("--max-body-size", type=_positive(int), default=None, metavar="BYTES",
+                   help="dead-letter bodies larger than this (reason 'body too large') instead of running them "
+                        "(default: no limit). A worker holds up to prefetch x queues bodies at once")
 
     s = sub.add_parser("send", help="publish one task message (confirmed)")
     s.add_argument("task", help="task name")
@@ -99,36 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
-    log = logging.getLogger("magne")
+    logs.setup(args.log_level, args.log_format)
     try:
         if args.command == "worker":
-            from magne.worker import ConfigError, Options, Worker, import_tasks
-
-            opts = Options(modules=args.modules, url=args.url, threads=args.threads, prefetch=args.prefetch,
-                           queues=args.queues, shutdown_timeout=args.shutdown_timeout,
-                           time_limit=args.time_limit, lost_after=args.lost_after, queue_type=args.queue_type,
-                           max_retries=args.max_retries, min_backoff=args.min_backoff, max_backoff=args.max_backoff)
-            if args.processes > 1:
-                from magne.supervisor import Supervisor
-
-                sup = Supervisor(opts, args.processes, args.log_level, args.pid_file)
-                sup.install_signals()
-                return sup.run()
-            try:
-                worker = Worker(opts, import_tasks(opts.modules))
-            except ConfigError as exc:
-                log.error("%s", exc)
-                return 2
-            worker.install_signals()
-            if not args.pid_file:
-                return worker.run()
-            with open(args.pid_file, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            try:
-                return worker.run()
-            finally:
-                os.unlink(args.pid_file)
+            return _worker(args)
         if args.command == "send":
             return _send(args)
         if args.command == "dead":
@@ -137,10 +110,32 @@ def main(argv: list[str] | None = None) -> int:
             from magne.demo import run_demo
 
             return run_demo(args.count, args.threads, args.url)
-    except (AMQPError, URLError) as exc:
-        log.error("%s", exc)
-        return 1
-    return 2
+    except MagneError as exc:
+        log.error("%s", exc, event="failed")
+        return EXIT_CONFIG if exc.permanent else EXIT_FAILED
+    finally:
+        logs.flush()
+    return EXIT_CONFIG
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from magne.worker import Options, Worker, import_tasks
+
+    opts = Options(modules=args.modules, url=args.url, threads=args.threads, prefetch=args.prefetch,
+                   queues=args.queues, shutdown_timeout=args.shutdown_timeout,
+                   time_limit=args.time_limit, lost_after=args.lost_after, queue_type=args.queue_type,
+                   max_retries=args.max_retries, min_backoff=args.min_backoff, max_backoff=args.max_backoff,
+                   max_body_size=args.max_body_size or 0)
+    with pid_file(args.pid_file):
+        if args.processes > 1:
+            from magne.supervisor import Supervisor
+
+            sup = Supervisor(opts, args.processes, args.log_level, args.log_format)
+            sup.install_signals()
+            return sup.run()
+        worker = Worker(opts, import_tasks(opts.modules))
+        worker.install_signals()
+        return worker.run()
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -151,20 +146,20 @@ def _send(args: argparse.Namespace) -> int:
         call_kwargs = orjson.loads(args.kwargs)
     except orjson.JSONDecodeError as exc:
         print(f"magne send: --args/--kwargs must be JSON: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if type(call_args) is not list or type(call_kwargs) is not dict:
         print("magne send: --args must be a JSON array and --kwargs a JSON object", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     queue = args.queue or topology.default_queue(args.task)
     pub = Publisher(args.url)
     try:
         for _ in range(args.count):
-            mid = message.new_id()
-            pub.publish(queue, message.encode(args.task, call_args, call_kwargs, mid), message.properties(mid))
+            mid = wire.new_id()
+            pub.publish(queue, wire.encode(args.task, call_args, call_kwargs, mid), wire.properties_for(mid))
             print(mid)
     finally:
         pub.close()
-    return 0
+    return EXIT_OK
 
 
 def _dead(args: argparse.Namespace) -> int:
@@ -176,4 +171,4 @@ def _dead(args: argparse.Namespace) -> int:
         print(f"replayed {dead.dead_replay(args.url, args.queue, args.limit)} dead letters of {args.queue}")
     else:
         print(f"purged {dead.dead_purge(args.url, args.queue)} dead letters of {args.queue}")
-    return 0
+    return EXIT_OK

@@ -1,4 +1,9 @@
-"""`magne dead list|replay|purge QUEUE`: dead letters you can act on."""
+"""`magne dead list|replay|purge QUEUE`: dead letters you can act on.
+
+Everything shown comes from a publisher or a failed task, so it is shown safely:
+values escaped and cut (magne.logs.clean), bodies as a preview with their size,
+and headers of unexpected shapes shown as far as they can be.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,15 @@ from typing import Any
 
 from pamqp import commands
 
-from magne import topology
-from magne.amqp.connection import Connection
-from magne.amqp.frames import decode_properties
+from magne import topology, wire
+from magne.amqp import properties
+from magne.amqp.client import Client
+from magne.amqp.codec import decode_properties
+from magne.amqp.errors import PublishError
 from magne.amqp.url import parse_url, resolve_url
+from magne.logs import clean
 
-CH = 1
+BODY_PREVIEW = 200
 
 
 def _names(queue: str) -> tuple[str, str]:
@@ -23,64 +31,60 @@ def _names(queue: str) -> tuple[str, str]:
     return queue, topology.dead_queue(queue)
 
 
-def _connect(url: str | None) -> Connection:
-    conn = Connection(parse_url(resolve_url(url)), "magne dead", heartbeat=0)
-    conn.connect()
-    conn.open_channel(CH)
-    return conn
+def _client(url: str | None, confirms: bool = False) -> Client:
+    return Client(parse_url(resolve_url(url)), "magne dead", confirms=confirms).open()
 
 
-def _count(conn: Connection, queue: str) -> int:
-    return conn.rpc(CH, commands.Queue.Declare(queue=queue, passive=True), commands.Queue.DeclareOk).message_count
-
-
-def _get(conn: Connection, queue: str) -> tuple[int, commands.Basic.Properties, bytes] | None:
-    """basic.get without ack: (delivery tag, properties, body), or None when the queue is empty."""
-    conn.send(CH, commands.Basic.Get(queue=queue, no_ack=False))
-    # get-ok carries content, so the decoder hands it over complete in `contents`;
-    # get-empty is a plain method frame.
-    while not conn.contents:
-        for i, (_, frame) in enumerate(conn.inbox):
-            if isinstance(frame, commands.Basic.GetEmpty):
-                del conn.inbox[i]
-                return None
-        conn.pump(30)
-    _, method, header, body = conn.contents.popleft()
-    return method.delivery_tag, decode_properties(header), body
+def preview(body: bytes, limit: int = BODY_PREVIEW) -> str:
+    """A body as it is safe to print: decoded where it is text, escaped, cut, with its size."""
+    text = body[:limit].decode("utf-8", "backslashreplace")
+    more = "..." if len(body) > limit else ""
+    return f"{clean(text, limit + 20)}{more} ({len(body)} bytes)"
 
 
 def describe(props: commands.Basic.Properties, body: bytes) -> dict[str, Any]:
-    h = props.headers or {}
-    reason = h.get("x-magne-reason")
-    if reason is None and h.get("x-death"):
+    h = props.headers if isinstance(props.headers, dict) else {}
+    reason = h.get(wire.REASON)
+    death = h.get("x-death")
+    if reason is None and isinstance(death, list) and death and isinstance(death[0], dict):
         # Dead-lettered by the broker itself (a quorum queue's delivery limit, say).
-        reason = f"broker: {h['x-death'][0].get('reason')}"
-    history = h.get("x-magne-history") or []
-    last_at = history[-1].get("at") if history and isinstance(history[-1], dict) else None
+        reason = f"broker: {death[0].get('reason')}"
+    history = h.get(wire.HISTORY)
+    history = history if isinstance(history, list) else []
+    last = history[-1] if history and isinstance(history[-1], dict) else {}
+    at = last.get("at")
+    failed_at = None
+    if type(at) is int and 0 <= at < 2**40:
+        failed_at = datetime.datetime.fromtimestamp(at).isoformat(timespec="seconds")
+    etype = h.get(wire.ERROR_TYPE)
     return {
-        "message_id": props.message_id,
-        "task": h.get("x-magne-task"),
-        "reason": reason,
-        "error": f"{h.get('x-magne-error-type')}: {h.get('x-magne-error-message')}" if h.get("x-magne-error-type") else None,
+        "message_id": clean(props.message_id, 80) if props.message_id else None,
+        "task": clean(h.get(wire.TASK), 100) if h.get(wire.TASK) is not None else None,
+        "reason": clean(reason, 100) if reason is not None else None,
+        "error": f"{clean(etype, 100)}: {clean(h.get(wire.ERROR_MESSAGE), 300)}" if etype else None,
         "attempts": len(history) or None,
-        "failed_at": datetime.datetime.fromtimestamp(last_at).isoformat(timespec="seconds") if last_at else None,
-        "body": body[:200].decode("utf-8", "replace"),
+        "failed_at": failed_at,
+        "body": preview(body),
     }
 
 
 def dead_list(url: str | None, queue: str, newest: int = 5, scan: int = 100_000) -> list[str]:
     """Count, then the newest few dead letters. Reads without acking; closing the channel puts them all back."""
     _, dq = _names(queue)
-    conn = _connect(url)
+    client = _client(url)
     try:
-        n = _count(conn, dq)
+        n = client.queue_counts(dq)[0]
         lines = [f"{dq}: {n} dead letters"]
         last: deque[dict[str, Any]] = deque(maxlen=newest)
         for _ in range(min(n, scan)):
-            got = _get(conn, dq)
+            got = client.get(dq)
             if got is None:
                 break
-            last.append(describe(got[1], got[2]))
+            try:
+                props = decode_properties(got[1])
+            except Exception:
+                props = commands.Basic.Properties()
+            last.append(describe(props, got[2]))
         if last:
             lines.append(f"newest {len(last)}:")
         for d in reversed(last):
@@ -91,44 +95,44 @@ def dead_list(url: str | None, queue: str, newest: int = 5, scan: int = 100_000)
             lines.append(f"    body: {d['body']}")
         return lines
     finally:
-        conn.close()  # unacked gets go back to the queue in order
+        client.close()  # unacked gets go back to the queue in order
 
 
 def dead_replay(url: str | None, queue: str, limit: int | None = None) -> int:
-    """Move dead letters back to their task queue: each one confirmed there before it leaves the dead queue."""
+    """Move dead letters back to their task queue: each one confirmed there before it leaves the dead queue.
+
+    The target is always the queue this dead-letter queue belongs to, never a header's
+    say-so: a publisher could otherwise route a replay anywhere.
+    """
     task_queue, dq = _names(queue)
-    conn = _connect(url)
+    client = _client(url, confirms=True)
     try:
-        conn.rpc(CH, commands.Confirm.Select(), commands.Confirm.SelectOk)
-        n = _count(conn, dq) if limit is None else limit
+        n = client.queue_counts(dq)[0] if limit is None else limit
         moved = 0
         for _ in range(n):
-            got = _get(conn, dq)
+            got = client.get(dq)
             if got is None:
                 break
-            tag, props, body = got
-            headers = dict(props.headers or {})
-            target = headers.get("x-magne-queue") or task_queue
-            # A fresh start: no retry count, no failure; the history stays for the record.
-            for key in [k for k in headers if k.startswith("x-magne-") and k != "x-magne-history"]:
-                del headers[key]
-            headers.pop("x-death", None)
-            props.headers = headers or None
-            conn.publish(CH, "", target, body, props, mandatory=True)
-            reply = conn.wait(CH, commands.Basic.Ack, commands.Basic.Nack)
-            if isinstance(reply, commands.Basic.Nack) or conn.contents:
-                raise RuntimeError(f"broker did not take the replayed message for {target}; it stays in {dq}")
-            conn.send(CH, commands.Basic.Ack(tag, False))
+            tag, header, body = got
+            # A fresh start: no retry count, no failure, no broker death record; the history stays for the record.
+            fresh = properties.splice(header, {}, lambda k: (wire.is_magne_header(k) and k != wire.HISTORY)
+                                      or k == "x-death", delivery_mode=None)
+            try:
+                client.publish_confirmed("", task_queue, body, fresh)
+            except PublishError as exc:
+                raise PublishError(f"broker did not take the replayed message for {task_queue} ({exc}); "
+                                   f"it stays in {dq}") from None
+            client.ack(tag)
             moved += 1
         return moved
     finally:
-        conn.close()
+        client.close()
 
 
 def dead_purge(url: str | None, queue: str) -> int:
     _, dq = _names(queue)
-    conn = _connect(url)
+    client = _client(url)
     try:
-        return conn.rpc(CH, commands.Queue.Purge(queue=dq), commands.Queue.PurgeOk).message_count
+        return client.rpc(commands.Queue.Purge(queue=dq), commands.Queue.PurgeOk).message_count
     finally:
-        conn.close()
+        client.close()

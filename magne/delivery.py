@@ -2,37 +2,47 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
-# Outcomes a worker thread can give a delivery.
-ACK = 0  # done
-DEAD = 1  # to <queue>.dead with a reason, then ack
-REQUEUE = 2  # give it back (shutdown before it started, or interrupted by a cold stop)
-RETRY = 3  # a copy to its delay queue with the retry count, then ack
+
+class Outcome(enum.IntEnum):
+    """What the I/O thread does with a delivery once the pool is done with it."""
+
+    ACK = 0  # done
+    DEAD = 1  # a copy to <queue>.dead with the reason (confirmed), then ack
+    RETRY = 2  # a copy to its delay queue with the retry count (confirmed), then ack
+    REQUEUE = 3  # basic.reject(requeue): it ran and was cut short (cold stop); counts as a delivery
+    GIVE_BACK = 4  # basic.nack(requeue): it never started; does not count towards a delivery limit
 
 
 class Delivery:
-    # __slots__ and positional init: one of these is made per message on the hot path.
-    __slots__ = ("tag", "gen", "queue", "body", "header", "redelivered", "outcome", "reason", "error", "task",
-                 "copy_to", "copy_props", "copy_declare", "delay")
+    """One message of the consuming channel. Made by the I/O thread, filled in by one pool thread.
+
+    __slots__ and positional init: one of these is made per message on the hot path.
+    """
+
+    __slots__ = ("tag", "gen", "queue", "body", "header", "redelivered", "outcome", "task", "reason", "error",
+                 "copy_to", "copy_header", "copy_declare", "delay", "blame")
 
     def __init__(self, tag: int, gen: int, queue: str, body: bytes, header: bytes, redelivered: bool) -> None:
         self.tag = tag
         self.gen = gen  # connection generation: tags are only valid on the channel that made them
         self.queue = queue
         self.body = body
-        self.header = header
+        self.header = header  # the content header payload, undecoded (decoded only on cold paths)
         self.redelivered = redelivered
-        self.outcome = ACK
-        self.reason = ""
-        self.error: dict[str, Any] | None = None
+        self.outcome = Outcome.ACK
         self.task = ""
+        self.reason = ""
+        self.error: dict[str, str] | None = None
         # DEAD and RETRY publish a copy (confirmed) before the ack; the pool prepares it
-        # so the I/O thread only writes frames.
+        # (magne.policy) so the I/O thread only writes frames.
         self.copy_to = ""  # routing key on the default exchange
-        self.copy_props: Any = None
-        self.copy_declare: Any = None  # a queue.declare(nowait) to write first (delay queues)
+        self.copy_header = b""  # the copy's content header payload
+        self.copy_declare: Any = None  # a queue.declare to write first (delay queues)
         self.delay = 0.0
+        self.blame = 0  # times the publishing link failed while this copy was the oldest unconfirmed
 
     def copy(self) -> Delivery:
         d = Delivery(self.tag, self.gen, self.queue, self.body, self.header, self.redelivered)
@@ -40,13 +50,15 @@ class Delivery:
         return d
 
     def message_id(self) -> str:
-        """For log lines: the message id, decoded from the properties only on this cold path."""
-        from magne.amqp.frames import decode_properties
+        """For log lines: the message id, decoded from the properties only on this cold path, escaped."""
+        from magne.amqp.codec import decode_properties
+        from magne.logs import clean
 
         try:
-            return decode_properties(self.header).message_id or f"tag {self.tag}"
+            mid = decode_properties(self.header).message_id
         except Exception:
-            return f"tag {self.tag}"
+            mid = None
+        return clean(mid, 80) if isinstance(mid, str) and mid else f"tag {self.tag}"
 
     def __repr__(self) -> str:
         return f"<delivery {self.queue}#{self.tag} gen={self.gen} task={self.task or '?'}>"

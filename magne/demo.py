@@ -15,10 +15,11 @@ import time
 
 from pamqp import commands
 
-from magne import message, task
-from magne.amqp.connection import Connection
+from magne import wire
+from magne.amqp.client import Client
 from magne.amqp.url import parse_url, resolve_url
 from magne.publisher import Publisher
+from magne.registry import task
 
 QUEUE = "magne.demo"
 
@@ -33,43 +34,42 @@ def demo_fail(n: int) -> None:
     raise RuntimeError(f"demo task {n} fails on purpose")
 
 
-def _ready(conn: Connection, queue: str) -> int:
-    return conn.rpc(1, commands.Queue.Declare(queue=queue, passive=True), commands.Queue.DeclareOk).message_count
+def _ready(client: Client, queue: str) -> int:
+    return client.queue_counts(queue)[0]
 
 
 def run_demo(count: int, threads: int, url: str | None) -> int:
     url = resolve_url(url)
     params = parse_url(url)
     pub = Publisher(url)
-    admin = Connection(params, "magne demo")
-    admin.connect()
-    admin.open_channel(1)
+    admin = Client(params, "magne demo").open()
     dead = QUEUE + ".dead"
     for q in (QUEUE, dead):
-        admin.rpc(1, commands.Queue.Delete(queue=q), commands.Queue.DeleteOk)
+        admin.rpc(commands.Queue.Delete(queue=q), commands.Queue.DeleteOk)
 
-    bad = [b"{not json", message.encode("no_such_task", [1]), message.encode("demo_work", [1, 2, 3])]
+    bad = [b"{not json", wire.encode("no_such_task", [1]), wire.encode("demo_work", [1, 2, 3])]
     failing = 5
     good = max(0, count - len(bad) - failing)
     print(f"magne demo: sending {good} good tasks, {failing} that raise and {len(bad)} malformed messages "
           f"to queue {QUEUE} on {params.safe_url()}")
     t0 = time.monotonic()
     for i in range(good):
-        mid = message.new_id()
-        pub.publish(QUEUE, message.encode("demo_work", [i], None, mid), message.properties(mid))
+        mid = wire.new_id()
+        pub.publish(QUEUE, wire.encode("demo_work", [i], None, mid), wire.properties_for(mid))
     for i in range(failing):
-        mid = message.new_id()
-        pub.publish(QUEUE, message.encode("demo_fail", [i], None, mid), message.properties(mid))
+        mid = wire.new_id()
+        pub.publish(QUEUE, wire.encode("demo_fail", [i], None, mid), wire.properties_for(mid))
     for i, body in enumerate(bad):
-        pub.publish(QUEUE, body, message.properties(f"bad-{i}"))
+        pub.publish(QUEUE, body, wire.properties_for(f"bad-{i}"))
     pub.close()
     sent = good + failing + len(bad)
     print(f"  published {sent} messages with publisher confirms in {time.monotonic() - t0:.2f}s")
 
     with tempfile.TemporaryFile("w+") as logf:
         t1 = time.monotonic()
-        worker = subprocess.Popen([sys.executable, "-m", "magne", "worker", "magne.demo", "--threads", str(threads),
-                                   "--url", url], stdout=logf, stderr=subprocess.STDOUT, env=os.environ.copy())
+        # The URL goes to the child in the environment: argv (with its password) is visible to every user in `ps`.
+        worker = subprocess.Popen([sys.executable, "-m", "magne", "worker", "magne.demo", "--threads", str(threads)],
+                                  stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "MAGNE_URL": url})
         try:
             deadline = time.monotonic() + 120
             while _ready(admin, QUEUE) > 0 or _ready(admin, dead) < failing + len(bad):
@@ -97,8 +97,8 @@ def run_demo(count: int, threads: int, url: str | None) -> int:
     left, dead_n = _ready(admin, QUEUE), _ready(admin, dead)
     print(f"  queue {QUEUE}: {left} left; {dead} holds {dead_n} dead letters with their reasons")
     for q in (QUEUE, dead):
-        admin.rpc(1, commands.Queue.Delete(queue=q), commands.Queue.DeleteOk)
-    admin.rpc(1, commands.Exchange.Delete(exchange=QUEUE), commands.Exchange.DeleteOk)
+        admin.rpc(commands.Queue.Delete(queue=q), commands.Queue.DeleteOk)
+    admin.rpc(commands.Exchange.Delete(exchange=QUEUE), commands.Exchange.DeleteOk)
     admin.close()
     ok = code == 0 and left == 0 and dead_n == failing + len(bad) and stats is not None and f"acked={good} " in log
     print("magne demo: OK" if ok else "magne demo: FAILED")

@@ -1,107 +1,37 @@
 """The worker pool: N threads that run tasks and hand outcomes back to the I/O thread.
 
-Also the time limits (design: "What hurts users"): a task past its limit gets
-TimeLimitExceeded raised in its thread with PyThreadState_SetAsyncExc. The raise
-happens only under the slot's lock while the slot is RUNNING, and the worker
-leaves RUNNING under the same lock, clearing a pending exception that lost the
-race, so the exception never surfaces in the worker's own code or in the next
-task. A thread that does not come back within `lost_after` seconds (blocked in C
-or a system call) is abandoned: its message is decided for it and a fresh thread
-takes its place; whatever the old thread returns later is discarded.
+Each thread takes a delivery from the work queue, decodes it (magne.wire), finds
+the registered task, runs it under its time limit (magne.timelimits), and on a
+failure asks the policy (magne.policy.decide) what to do; the delivery then goes
+back to the I/O thread through `report`. Whatever the task raises, including
+SystemExit and KeyboardInterrupt, is that task's failure: it never ends the thread.
+The watchdog (`check`, called by the worker's main thread) fires time limits,
+abandons threads that do not come back within `lost_after` (blocked in C or a
+system call: their message is decided for them), and replaces a thread that died.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import inspect
 import itertools
-import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any
 
 from pamqp import commands
 
-from magne import message, topology
-from magne.amqp.frames import decode_properties
-from magne.delivery import DEAD, REQUEUE, RETRY, Delivery
+from magne import logs, wire
+from magne.amqp import codec
+from magne.delivery import Delivery, Outcome
+from magne.errors import BadMessage, ColdShutdown, Interrupt, TimeLimitExceeded
+from magne.policy import Failure, RetryPolicy, decide
 from magne.registry import Task
-from magne.retries import RetryPolicy
+from magne.timelimits import Slot, SlotState
 
-log = logging.getLogger("magne.pool")
-
-IDLE, RUNNING, LOST = 0, 1, 2
-
-# Two prototypes of one C function: raising passes the exception class, clearing
-# must pass NULL (a py_object None would set None as the pending "exception",
-# which then kills the thread with a SystemError).
-_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
-_clear_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi))
-
-
-class Interrupt(BaseException):
-    """Raised inside a task's thread. A BaseException so `except Exception` in user code lets it through."""
-
-
-class TimeLimitExceeded(Interrupt):
-    pass
-
-
-class ColdShutdown(Interrupt):
-    pass
-
-
-def _raise_in(ident: int, exc: type[BaseException] | None) -> None:
-    """Raise `exc` in thread `ident` at its next bytecode boundary; None clears a pending one."""
-    if exc is None:
-        _clear_async_exc(ident, None)
-    else:
-        _set_async_exc(ident, exc)
-
-
-class Slot:
-    """One worker thread's state, shared with the watchdog under `lock`."""
-
-    __slots__ = ("index", "thread", "ident", "lock", "state", "delivery", "deadline", "interrupted", "interrupted_at")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.thread: threading.Thread | None = None
-        self.ident = 0
-        self.lock = threading.Lock()
-        self.state = IDLE
-        self.delivery: Delivery | None = None
-        self.deadline = 0.0
-        self.interrupted: type[Interrupt] | None = None
-        self.interrupted_at = 0.0
-
-    def enter(self, d: Delivery, limit: float) -> None:
-        with self.lock:
-            self.delivery = d
-            self.deadline = time.monotonic() + limit
-            self.state = RUNNING
-
-    def leave(self) -> bool:
-        """Back to IDLE; False if the watchdog abandoned this thread meanwhile."""
-        while True:
-            try:
-                with self.lock:
-                    if self.interrupted is not None:
-                        _raise_in(self.ident, None)  # clear an exception that lost the race
-                        self.interrupted = None
-                    if self.state == LOST:
-                        return False
-                    self.state = IDLE
-                    self.delivery = None
-                    return True
-            except Interrupt:
-                continue  # landed before we took the lock: it is cleared now, go round again
+log = logs.Log("magne.pool")
 
 
 class Pool:
@@ -114,6 +44,8 @@ class Pool:
         time_limit: float = 600.0,
         lost_after: float = 10.0,
         retry: RetryPolicy | None = None,
+        queue_types: dict[str, str] | None = None,
+        frame_max: int = 131072,
     ) -> None:
         self.size = size
         self.tasks = tasks
@@ -124,8 +56,11 @@ class Pool:
         self.report = report
         self.time_limit = time_limit
         self.lost_after = lost_after
+        self.queue_types = queue_types or {}
+        self.frame_max = frame_max
         self.slots: list[Slot] = []
         self.lost = 0
+        self.replaced = 0
         self._names = itertools.count(1)
 
     # -- lifecycle (main thread) ---------------------------------------------
@@ -148,67 +83,76 @@ class Pool:
     def join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for s in self.slots:
-            if s.thread is not None and s.state != LOST:
+            if s.thread is not None and s.state is not SlotState.LOST:
                 s.thread.join(max(0.0, deadline - time.monotonic()))
 
     def busy(self) -> int:
-        return sum(1 for s in self.slots if s.state == RUNNING)
+        return sum(1 for s in self.slots if s.state is SlotState.RUNNING)
 
     def alive(self) -> int:
         return sum(1 for s in self.slots if s.thread is not None and s.thread.is_alive())
 
     def status(self) -> str:
-        return f"threads live={self.alive()} busy={self.busy()} lost={self.lost}"
+        return f"threads live={self.alive()} busy={self.busy()} lost={self.lost} replaced={self.replaced}"
 
-    # -- the watchdog (called periodically from the main thread) -----------------
-    def check_time_limits(self) -> None:
-        now = time.monotonic()
+    # -- the watchdog (main thread, every tick) -------------------------------------
+    def check(self, now: float) -> None:
+        """Fire due time limits, abandon threads that did not come back, replace dead threads."""
         for i, s in enumerate(self.slots):
-            if s.state != RUNNING:
+            if s.thread is not None and not s.thread.is_alive() and s.state is not SlotState.LOST:
+                self.slots[i] = self._replace_dead(s)
+                continue
+            if s.state is not SlotState.RUNNING:
                 continue
             with s.lock:
-                if s.state != RUNNING:
+                if s.state is not SlotState.RUNNING:
                     continue
                 if s.interrupted is None:
                     if now >= s.deadline:
                         d = s.delivery
                         log.warning("task %s (message %s) passed its time limit; interrupting its thread %s",
-                                    d.task if d else "?", (d.message_id() if d else '?'), s.thread.name if s.thread else "?")
-                        self._interrupt(s, TimeLimitExceeded, now)
+                                    d.task if d else "?", d.message_id() if d else "?", s.thread.name if s.thread else "?",
+                                    event="time_limit", task=d.task if d else None)
+                        s.interrupt(TimeLimitExceeded, now)
                 elif now - s.interrupted_at >= self.lost_after:
                     self.slots[i] = self._abandon(s)
 
     def interrupt_all(self) -> None:
-        """Cold shutdown: interrupt every running task; its message is requeued."""
+        """Cold shutdown (main thread): interrupt every running task; its message is requeued."""
         now = time.monotonic()
         for s in self.slots:
             with s.lock:
-                if s.state == RUNNING and s.interrupted is None:
-                    self._interrupt(s, ColdShutdown, now)
-
-    def _interrupt(self, s: Slot, exc: type[Interrupt], now: float) -> None:
-        s.interrupted = exc
-        s.interrupted_at = now
-        _raise_in(s.ident, exc)
+                s.interrupt(ColdShutdown, now)
 
     def _abandon(self, s: Slot) -> Slot:
         """Under s.lock: give up on a thread that did not come back; return its replacement."""
-        s.state = LOST
+        s.state = SlotState.LOST
         self.lost += 1
         d = s.delivery
         assert d is not None
         out = d.copy()  # the old thread may still write to `d`; the I/O thread gets its own copy
         if s.interrupted is ColdShutdown:
-            out.outcome = REQUEUE
+            out.outcome = Outcome.REQUEUE
         else:
-            self._fail(out, "time limit", TimeLimitExceeded(
-                f"thread did not stop within {self.lost_after:g}s of the time-limit interrupt; abandoned"))
-        name = s.thread.name if s.thread else "?"
-        fate = {REQUEUE: "requeued", RETRY: "retried", DEAD: "dead-lettered"}[out.outcome]
+            self._fail(out, Failure("time limit", TimeLimitExceeded(
+                f"thread did not stop within {self.lost_after:g}s of the time-limit interrupt; abandoned")))
         log.error("thread %s did not stop for task %s (message %s) %.0fs after the interrupt: "
                   "abandoning it, its message is %s, starting a replacement thread",
-                  name, out.task, out.message_id(), self.lost_after, fate)
+                  s.thread.name if s.thread else "?", out.task, out.message_id(), self.lost_after, out.outcome.name.lower(),
+                  event="thread_lost", task=out.task)
         self.report(out)
+        return self._spawn(s.index)
+
+    def _replace_dead(self, s: Slot) -> Slot:
+        """A pool thread ended without being told to (it should never happen): decide its message, replace it."""
+        self.replaced += 1
+        d = s.delivery if s.state is SlotState.RUNNING else None
+        if d is not None:
+            out = d.copy()
+            self._fail(out, Failure("task raised", RuntimeError("the worker thread running this task died")))
+            self.report(out)
+        log.error("worker thread %s died%s; starting a replacement", s.thread.name if s.thread else "?",
+                  f" running task {d.task}" if d else "", event="thread_died")
         return self._spawn(s.index)
 
     # -- the worker threads ----------------------------------------------------
@@ -218,11 +162,12 @@ class Pool:
             try:
                 self._loop(slot)
                 return
-            except Interrupt:
-                # The watchdog only raises while a task runs and leave() clears what
-                # lost the race, so this needs a raise from outside the protocol;
-                # keep the thread alive rather than shrink the pool.
-                log.warning("thread %s caught a stray interrupt between tasks; continuing", threading.current_thread().name)
+            except BaseException as exc:  # noqa: B036 - nothing may end a pool thread
+                # _run contains every task failure and leave() clears late interrupts, so this
+                # is a raise from outside the protocol; keep the thread rather than shrink the pool.
+                log.warning("thread %s caught a stray interrupt (%s) between tasks; continuing",
+                            threading.current_thread().name, type(exc).__name__)
+                logs.release_leaked_locks()
 
     def _loop(self, slot: Slot) -> None:
         get = self.work.get
@@ -235,81 +180,70 @@ class Pool:
             run(slot, d)
             # _run leaves RUNNING itself; this catches the one path where an interrupt
             # landed between the task's return and that step.
-            if slot.state != IDLE and not slot.leave():
+            if slot.state is not SlotState.IDLE and not slot.leave():
                 log.warning("abandoned thread %s came back from task %s (message %s); its result is discarded",
                             threading.current_thread().name, d.task, d.message_id())
                 return
+            slot.delivery = None
             report(d)
 
     def _run(self, slot: Slot, d: Delivery) -> None:
+        t: Task | None = None
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
         try:
-            name, args, kwargs = message.decode(d.body)
+            wire.check_encoding(d.header)
+            name, args, kwargs = wire.decode(d.body)
+            d.task = name
             t = self.tasks.get(name)
             if t is None:
-                d.task = name
-                raise message.BadMessage(f"unknown task {name!r}: no task of that name is registered in this worker")
-            d.task = name
-            limit = t.time_limit or self.time_limit
+                raise BadMessage(f"unknown task {logs.clean(name, 100)!r}: no task of that name is registered in this worker")
+            slot.enter(d, t.time_limit or self.time_limit)
             try:
-                slot.enter(d, limit)
                 t.fn(*args, **kwargs)  # success keeps the delivery's default outcome, ACK
             finally:
                 slot.leave()  # if this thread was abandoned meanwhile, _loop discards the result
-        except message.BadMessage as exc:
-            self._fail(d, "bad message", exc, retryable=False)
+        except BadMessage as exc:
+            self._fail(d, Failure("bad message", exc, retryable=False))
         except TimeLimitExceeded as exc:
+            logs.release_leaked_locks()
+            limit = (t.time_limit if t else None) or self.time_limit
             exc.args = (f"task ran past its time limit of {limit:g}s",)
-            self._fail(d, "time limit", exc)
+            self._fail(d, Failure("time limit", exc))
         except ColdShutdown:
-            d.outcome = REQUEUE
+            logs.release_leaked_locks()
+            d.outcome = Outcome.REQUEUE
         except TypeError as exc:
-            if _binds(t.fn, args, kwargs):
-                self._fail(d, "task raised", exc)
+            if t is not None and not _binds(t.fn, args, kwargs):
+                self._fail(d, Failure("wrong arguments", exc, retryable=False))
             else:
-                self._fail(d, "wrong arguments", exc, retryable=False)
-        except Exception as exc:
-            self._fail(d, "task raised", exc)
+                self._fail(d, Failure("task raised", exc))
+        except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt, ...: the task's failure
+            if isinstance(exc, Interrupt):
+                logs.release_leaked_locks()
+            self._fail(d, Failure("task raised", exc))
 
-    def _fail(self, d: Delivery, reason: str, exc: BaseException, retryable: bool = True) -> None:
-        """Decide retry or dead letter, and prepare the copy to publish (cold path)."""
-        d.reason = reason
-        d.error = {"type": type(exc).__name__, "message": str(exc)[:4096]}
-        if retryable:
-            d.error["traceback"] = "".join(traceback.format_exception(exc))[-8192:]
+    def _fail(self, d: Delivery, failure: Failure) -> None:
+        """Decide retry or dead letter and prepare the copy; never raises (cold path, pool thread)."""
         try:
-            props = decode_properties(d.header)
-            headers = dict(props.headers or {})
-        except Exception:  # unreadable properties: keep the body, start fresh properties
-            props, headers = commands.Basic.Properties(), {}
-        try:
-            retries = int(headers.get("x-magne-retries") or 0)
-        except (TypeError, ValueError):
-            retries = 0
-        history = headers.get("x-magne-history")
-        history = list(history)[-19:] if isinstance(history, list) else []
-        history.append({"attempt": retries + 1, "reason": reason, "error-type": d.error["type"],
-                        "error-message": d.error["message"][:512], "at": int(time.time())})
-        headers["x-magne-history"] = history
-        policy = self.policies.get(d.task)
-        if retryable and policy is not None and policy.should_retry(exc, retries):
-            d.outcome = RETRY
-            d.delay = policy.backoff(retries)
-            ms = topology.delay_ms(d.delay)
-            headers["x-magne-retries"] = retries + 1
-            d.copy_to = topology.delay_queue(d.queue, ms)
-            d.copy_declare = topology.declare_delay(d.queue, ms, nowait=True)
-        else:
-            d.outcome = DEAD
-            headers["x-magne-reason"] = reason
-            headers["x-magne-queue"] = d.queue
-            headers["x-magne-task"] = d.task
-            headers["x-magne-retries"] = retries
-            for key, value in d.error.items():
-                headers[f"x-magne-error-{key}"] = value
-            d.copy_to = topology.dead_queue(d.queue)
-        props.headers = headers
-        props.delivery_mode = 2
-        d.copy_props = props
+            warnings = decide(d, failure, self.policies.get(d.task), self.frame_max,
+                              self.queue_types.get(d.queue, "classic"))
+        except Exception as exc:  # a bug in deciding must not lose the message: dead-letter it plainly
+            warnings = [f"deciding its outcome failed ({type(exc).__name__}: {exc}); dead-lettering it as it is"]
+            d.outcome = Outcome.DEAD
+            d.reason = failure.reason
+            d.copy_to = f"{d.queue}.dead"
+            d.copy_declare = None
+            d.copy_header = codec.header_payload(_plain_dead_properties(failure, d), len(d.body))
+        for w in warnings:
+            log.warning("message %s (task %s) from queue %s: %s", d.message_id(), logs.clean(d.task, 100), d.queue, w,
+                        event="bad_header", task=d.task, queue=d.queue)
+
+
+def _plain_dead_properties(failure: Failure, d: Delivery) -> commands.Basic.Properties:
+    return commands.Basic.Properties(delivery_mode=2, headers={
+        wire.REASON: failure.reason, wire.QUEUE: d.queue, wire.TASK: d.task[:200],
+        wire.ERROR_TYPE: type(failure.exc).__name__, wire.ERROR_MESSAGE: str(failure.exc)[:512]})
 
 
 def _binds(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> bool:

@@ -1,9 +1,18 @@
 """Confirmed publishing for applications (`task.send`) and the CLI.
 
 Blocking and thread-safe: one connection per process, opened on first use, with
-publisher confirms; `publish` returns only after the broker confirmed the message.
-Heartbeats are off on this connection (it has no I/O thread to send them); a
-connection found dead on the next publish is reopened and the publish retried once.
+publisher confirms; `publish` returns only after the broker confirmed that very
+message (or raises). Heartbeats are off on this connection (no thread of its own
+sends them); a connection found dead on the next publish is reopened and the
+publish made once more.
+
+Interruptions: a thread interrupted while it waits (a time limit or a cold stop
+raised into a task that was sending) leaves the connection in an unknown state
+(a confirm may still come for its message), so any exception drops the connection
+and the next publish opens a fresh one; it can never take an older message's
+confirm for its own. Waiting for the lock and for the confirm both happen in
+slices of at most 0.2 s, so a sending thread stays interruptible even while the
+broker blocks publishing during an alarm.
 """
 
 from __future__ import annotations
@@ -14,35 +23,31 @@ import threading
 from pamqp import commands
 
 from magne import topology
-from magne.amqp.connection import AMQPError, Connection, ConnectionLost
+from magne.amqp.client import Client
+from magne.amqp.errors import BrokerTimeout, ConnectionLost
 from magne.amqp.url import parse_url, resolve_url
 
-CHANNEL = 1
-
-
-class PublishError(AMQPError):
-    pass
+LOCK_SLICE = 0.2
 
 
 class Publisher:
-    def __init__(self, url: str | None = None, queue_type: str = "classic") -> None:
+    def __init__(self, url: str | None = None, queue_type: str = "classic", confirm_timeout: float = 30.0) -> None:
         self.params = parse_url(resolve_url(url))
         self.queue_type = queue_type
+        self.confirm_timeout = confirm_timeout
         self._lock = threading.Lock()
-        self._conn: Connection | None = None
+        self._client: Client | None = None
         self._pid = 0
         self._declared: set[str] = set()
 
-    def _connection(self) -> Connection:
-        if self._conn is None or self._pid != os.getpid():
-            # After fork the parent's socket is not ours to use.
-            conn = Connection(self.params, "magne publisher", heartbeat=0)
-            conn.connect()
-            conn.open_channel(CHANNEL)
-            conn.rpc(CHANNEL, commands.Confirm.Select(), commands.Confirm.SelectOk)
-            self._conn, self._pid = conn, os.getpid()
+    def _connection(self) -> Client:
+        if self._client is None or self._pid != os.getpid():
+            # After fork the parent's socket is not ours to use: never touch it, open our own.
+            client = Client(self.params, "magne publisher", confirms=True, timeout=self.confirm_timeout)
+            client.open()
+            self._client, self._pid = client, os.getpid()
             self._declared.clear()
-        return self._conn
+        return self._client
 
     def publish(
         self,
@@ -53,49 +58,57 @@ class Publisher:
         delay: float | None = None,
         queue_type: str | None = None,
     ) -> None:
-        """Publish to `queue` (through its exchange, or after `delay` seconds on the broker) and wait for the confirm."""
-        with self._lock:
+        """Publish to `queue` (through its exchange, or after `delay` seconds on the broker) and wait for the confirm.
+
+        Called from any application thread; serialised by the publisher's lock.
+        """
+        while not self._lock.acquire(timeout=LOCK_SLICE):
+            pass  # a bounded wait per slice keeps the thread interruptible
+        try:
             try:
                 self._publish(queue, body, properties, exchange, delay, queue_type)
+            except BrokerTimeout:
+                raise  # it may still be confirmed later: publishing again here would only duplicate it
             except ConnectionLost:
-                self._drop()
+                self._drop()  # found dead (idle too long, broker restarted): once more on a fresh connection
                 self._publish(queue, body, properties, exchange, delay, queue_type)
-            except AMQPError:
-                self._drop()
-                raise
+        except BaseException:
+            self._drop()
+            raise
+        finally:
+            self._lock.release()
 
     def _publish(self, queue: str, body: bytes, properties: commands.Basic.Properties, exchange: str | None,
                  delay: float | None, queue_type: str | None) -> None:
-        conn = self._connection()
+        client = self._connection()
         routing_key = queue
         if exchange is None:
             if queue not in self._declared:
-                topology.declare(conn, CHANNEL, queue, queue_type or self.queue_type)
+                for method, reply in topology.declarations(queue, queue_type or self.queue_type):
+                    client.rpc(method, reply)
                 self._declared.add(queue)
             exchange = queue
         if delay is not None and delay > 0:
             # Wait on the broker: a TTL queue that dead-letters into the task queue.
             ms = topology.delay_ms(delay)
-            conn.rpc(CHANNEL, topology.declare_delay(queue, ms), commands.Queue.DeclareOk)
+            client.rpc(topology.declare_delay(queue, ms), commands.Queue.DeclareOk)
             exchange, routing_key = "", topology.delay_queue(queue, ms)
-        conn.publish(CHANNEL, exchange, routing_key, body, properties, mandatory=True)
-        reply = conn.wait(CHANNEL, commands.Basic.Ack, commands.Basic.Nack)
-        if isinstance(reply, commands.Basic.Nack):
-            raise PublishError(f"broker refused the message for queue {queue!r} (basic.nack)")
-        if conn.contents:
-            _, ret, _, _ = conn.contents.popleft()
-            raise PublishError(f"message for queue {queue!r} was unroutable: {ret.reply_code} {ret.reply_text}")
+        client.publish_confirmed(exchange, routing_key, body, properties)
 
     def _drop(self) -> None:
-        if self._conn is not None:
-            self._conn.close_socket()
-        self._conn = None
+        if self._client is not None and self._pid == os.getpid():
+            self._client.conn.abort()
+        self._client = None
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
+        while not self._lock.acquire(timeout=LOCK_SLICE):
+            pass
+        try:
+            if self._client is not None and self._pid == os.getpid():
+                self._client.close()
+            self._client = None
+        finally:
+            self._lock.release()
 
 
 _default: Publisher | None = None

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, overload
 
-from magne import message, topology
-from magne.retries import RetryPolicy
+from magne import topology, wire
+from magne.errors import RegistryError
+from magne.policy import RetryPolicy
+from magne.publisher import default_publisher
 
 
 class Task:
@@ -48,19 +50,13 @@ class Task:
         message_id: str | None = None,
     ) -> str:
         """Publish one run; `delay` (seconds) makes it wait on the broker first. Returns the message id."""
-        from magne.publisher import default_publisher
-
-        mid = message_id or message.new_id()
-        body = message.encode(self.name, args, kwargs, mid)
-        default_publisher().publish(self.queue, body, message.properties(mid), delay=delay, queue_type=self.queue_type)
+        mid = message_id or wire.new_id()
+        body = wire.encode(self.name, args, kwargs, mid)
+        default_publisher().publish(self.queue, body, wire.properties_for(mid), delay=delay, queue_type=self.queue_type)
         return mid
 
 
 REGISTRY: dict[str, Task] = {}
-
-
-class RegistryError(ValueError):
-    pass
 
 
 @overload

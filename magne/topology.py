@@ -7,6 +7,9 @@ through the default exchange. Delayed messages (delays, retry backoff) wait on t
 broker, never unacked in a worker: in `<queue>.delay.<ms>`, a queue whose message
 TTL is that delay and whose dead-letter target is the task queue. One queue per
 delay value, so a short delay never waits behind a longer one.
+
+Declarations are returned as (method, reply type) pairs, so the blocking client
+can call them one by one and the I/O thread can pipeline them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from typing import Any
 
 from pamqp import commands
 
-from magne.amqp.connection import Connection
-
 QUEUE_TYPES = ("classic", "quorum")
 DEFAULT_DELIVERY_LIMIT = 20
+Declaration = tuple[Any, type]
 
 
 def default_queue(task_name: str) -> str:
@@ -47,29 +49,20 @@ def queue_arguments(queue: str, queue_type: str = "classic", dead: bool = False)
     raise ValueError(f"unknown queue type {queue_type!r}; use one of {', '.join(QUEUE_TYPES)}")
 
 
-def declare(conn: Connection, channel: int, queue: str, queue_type: str = "classic") -> None:
-    """Declare a task queue, its exchange and binding, and its dead-letter queue."""
-    conn.rpc(
-        channel,
-        commands.Exchange.Declare(exchange=queue, exchange_type="direct", durable=True),
-        commands.Exchange.DeclareOk,
-    )
-    conn.rpc(
-        channel,
-        commands.Queue.Declare(queue=queue, durable=True, arguments=queue_arguments(queue, queue_type)),
-        commands.Queue.DeclareOk,
-    )
-    conn.rpc(
-        channel,
-        commands.Queue.Bind(queue=queue, exchange=queue, routing_key=queue),
-        commands.Queue.BindOk,
-    )
-    conn.rpc(
-        channel,
-        commands.Queue.Declare(queue=dead_queue(queue), durable=True,
-                               arguments=queue_arguments(queue, queue_type, dead=True)),
-        commands.Queue.DeclareOk,
-    )
+def declarations(queue: str, queue_type: str = "classic") -> list[Declaration]:
+    """A task queue, its exchange and binding, and its dead-letter queue."""
+    return [
+        (commands.Exchange.Declare(exchange=queue, exchange_type="direct", durable=True), commands.Exchange.DeclareOk),
+        (commands.Queue.Declare(queue=queue, durable=True, arguments=queue_arguments(queue, queue_type)),
+         commands.Queue.DeclareOk),
+        (commands.Queue.Bind(queue=queue, exchange=queue, routing_key=queue), commands.Queue.BindOk),
+        dead_declaration(queue, queue_type),
+    ]
+
+
+def dead_declaration(queue: str, queue_type: str = "classic") -> Declaration:
+    return (commands.Queue.Declare(queue=dead_queue(queue), durable=True,
+                                   arguments=queue_arguments(queue, queue_type, dead=True)), commands.Queue.DeclareOk)
 
 
 def delay_ms(seconds: float) -> int:
@@ -86,7 +79,7 @@ def delay_queue(queue: str, ms: int) -> str:
     return f"{queue}.delay.{ms}"
 
 
-def declare_delay(queue: str, ms: int, nowait: bool = False) -> commands.Queue.Declare:
+def declare_delay(queue: str, ms: int) -> commands.Queue.Declare:
     """The declaration of the wait queue for `queue` and delay `ms`.
 
     Redeclared before every publish into it: x-expires (which removes the queue once
@@ -96,7 +89,6 @@ def declare_delay(queue: str, ms: int, nowait: bool = False) -> commands.Queue.D
     return commands.Queue.Declare(
         queue=delay_queue(queue, ms),
         durable=True,
-        nowait=nowait,
         arguments={
             "x-message-ttl": ms,
             "x-dead-letter-exchange": "",

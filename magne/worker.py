@@ -1,38 +1,39 @@
 """One worker process: the I/O thread, the pool, and the main thread that ties them.
 
-The main thread owns the signals and the time-limit watchdog; it never touches the
-socket. Lifecycle (design.md): connect and consume first, then start the pool and
-report ready; SIGTERM or a first SIGINT stops warmly, a second SIGINT, SIGQUIT or
-the shutdown timeout stops cold.
+Threads of a worker process (docs/design-notes.md has the map):
+- main thread (this module): signals, the time-limit watchdog (Pool.check), status and shutdown;
+- `magne-io` (magne/io/loop.py): the only thread on the sockets;
+- `worker-N` (magne/pool.py): run tasks;
+- `magne-log` (magne/logs.py): hands log records to the handlers.
+
+Lifecycle (design.md): connect and consume first, then start the pool and report
+ready; SIGTERM or a first SIGINT stops warmly, a second SIGINT, SIGQUIT or the
+shutdown timeout stops cold.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import logging
 import os
-import select
 import signal
 import sys
 import time
-from queue import SimpleQueue
-from types import FrameType
+from queue import Empty, SimpleQueue
 
-from magne.amqp.url import URLError, parse_url, resolve_url
+from magne import logs
+from magne.amqp.url import parse_url, resolve_url
 from magne.delivery import Delivery
-from magne.io_thread import IOThread
+from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, URLError
+from magne.io.loop import IOThread
+from magne.policy import RetryPolicy
 from magne.pool import Pool
 from magne.registry import REGISTRY, Task, queues_of
-from magne.retries import RetryPolicy
+from magne.signals import Signals
 
-log = logging.getLogger("magne.worker")
+log = logs.Log("magne.worker")
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
-
-
-class ConfigError(Exception):
-    """Something the user must fix before a worker can start (exit code 2)."""
+COLD_GRACE = 3.0  # how long a cold stop waits for interrupted tasks before closing anyway
 
 
 @dataclasses.dataclass
@@ -49,6 +50,7 @@ class Options:
     max_retries: int = 0
     min_backoff: float = 1.0
     max_backoff: float = 300.0
+    max_body_size: int = 0  # 0: no limit
 
     @property
     def effective_prefetch(self) -> int:
@@ -111,100 +113,94 @@ class Worker:
             retry = RetryPolicy(opts.max_retries, opts.min_backoff, opts.max_backoff)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        types = queue_types(tasks, self.queues, opts.queue_type)
         self.work: SimpleQueue[Delivery | None] = SimpleQueue()
-        self.io = IOThread(self.params, self.queues, opts.effective_prefetch, self.work,
-                           queue_types(tasks, self.queues, opts.queue_type))
-        self.pool = Pool(opts.threads, tasks, self.work, self.io.report, opts.time_limit, opts.lost_after, retry)
-        self._signals = 0  # warm-stop requests seen (SIGTERM/SIGINT); 2+ means cold
-        self._cold = False
-        self._status = False
-        # Signal handlers only set flags and write this pipe: an Event.set() from a handler
-        # deadlocks when the signal lands while the main thread holds the Event's own lock.
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-
-    # -- signals (they only set flags; the main loop acts) ---------------------------
-    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if signum == signal.SIGQUIT:
-            self._cold = True
-        else:
-            self._signals += 1
-            if self._signals >= 2 and signum == signal.SIGINT:
-                self._cold = True
-        self._wake()
-
-    def _on_status_signal(self, _signum: int, _frame: FrameType | None) -> None:
-        self._status = True
-        self._wake()
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # already plenty of wake-ups pending
-
-    def _sleep(self, seconds: float) -> None:
-        """Wait up to `seconds`, or less if a signal arrived."""
-        if select.select([self._wake_r], [], [], seconds)[0]:
-            try:
-                os.read(self._wake_r, 4096)
-            except BlockingIOError:
-                pass
+        self.io = IOThread(self.params, self.queues, opts.effective_prefetch, self.work, types,
+                           max_body=opts.max_body_size, copy_frame_max=self.params.frame_max)
+        self.pool = Pool(opts.threads, tasks, self.work, self.io.report, opts.time_limit, opts.lost_after, retry,
+                         types, self.params.frame_max)
+        self.signals: Signals | None = None
 
     def install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            signal.signal(sig, self._on_stop_signal)
-        signal.signal(signal.SIGUSR1, self._on_status_signal)
+        """Main thread, before run()."""
+        self.signals = Signals(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
 
-    # -- lifecycle -----------------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        return {**self.io.stats.as_dict(), "threads_live": self.pool.alive(), "threads_busy": self.pool.busy(),
+                "threads_lost": self.pool.lost, "threads_replaced": self.pool.replaced}
+
+    # -- lifecycle (main thread) --------------------------------------------------------------
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            logs.flush()
+
+    def _run(self) -> int:
         io, pool, opts = self.io, self.pool, self.opts
+        sig = self.signals or Signals()
         io.start()
         while not (io.ready.is_set() or io.finished.is_set()):
-            if self._signals or self._cold:
+            if sig.stops() or sig.cold():
                 io.request_stop(force=True)
-            io.ready.wait(0.1)
+            sig.wait(0.1)
         if not io.ready.is_set():
             if io.failed:
-                log.error("cannot start: %s", io.failed)
-                return EXIT_FAILED
+                log.error("cannot start: %s", io.failed, event="start_failed")
+                return EXIT_CONFIG if io.permanent else EXIT_FAILED
             return EXIT_OK  # stopped by a signal before it connected
         pool.start()
         _tell_supervisor_ready()
         log.info("ready: connected to %s, consuming %s with %d threads, prefetch %d per queue, time limit %gs; %s",
                  self.params.safe_url(), ", ".join(self.queues), opts.threads, opts.effective_prefetch,
-                 opts.time_limit, pool.status())
+                 opts.time_limit, pool.status(), event="ready", url=self.params.safe_url())
         tick = min(0.25, max(0.02, min([t.time_limit or opts.time_limit for t in self.tasks.values()]) / 20))
         warm_deadline = cold_deadline = 0.0
         while not io.finished.is_set():
-            self._sleep(tick)
+            sig.wait(tick)
             now = time.monotonic()
-            pool.check_time_limits()
-            if self._status:
-                self._status = False
-                log.info("status: %s; %s", pool.status(), io.stats.line())
-            if self._signals and not warm_deadline:
+            pool.check(now)
+            if sig.take(signal.SIGUSR1):
+                log.info("status: %s; %s", pool.status(), io.stats.line(), event="status", counters=self.status())
+            if sig.stops() and not warm_deadline:
                 warm_deadline = now + opts.shutdown_timeout
                 log.info("warm shutdown: no new tasks, waiting up to %gs for %d running ones (signal again to stop cold)",
-                         opts.shutdown_timeout, pool.busy())
+                         opts.shutdown_timeout, pool.busy(), event="warm_shutdown")
                 io.request_stop()
-            if warm_deadline and now >= warm_deadline and not self._cold:
-                log.warning("shutdown timeout of %gs passed; stopping cold", opts.shutdown_timeout)
-                self._cold = True
-            if self._cold and not cold_deadline:
-                log.warning("cold shutdown: interrupting %d running tasks; their messages are requeued", pool.busy())
-                cold_deadline = now + 3.0
+            cold = sig.cold() or (warm_deadline and now >= warm_deadline)
+            if cold and not cold_deadline:
+                if not sig.cold():
+                    log.warning("shutdown timeout of %gs passed; stopping cold", opts.shutdown_timeout)
+                log.warning("cold shutdown: interrupting %d running tasks; their messages are requeued", pool.busy(),
+                            event="cold_shutdown")
+                cold_deadline = now + COLD_GRACE
                 pool.interrupt_all()
                 io.request_stop()
             if cold_deadline and (pool.busy() == 0 or now >= cold_deadline):
                 io.request_stop(force=True)
+        if io.failed and not warm_deadline:
+            self._after_io_death(sig)
         pool.stop()
         pool.join(1.0)
-        log.info("stopped: %s; %s", io.stats.line(), pool.status())
-        if io.failed:
-            return EXIT_FAILED
-        return EXIT_OK
+        log.info("stopped: %s; %s", io.stats.line(), pool.status(), event="stopped", counters=self.status())
+        return EXIT_FAILED if io.failed else EXIT_OK
+
+    def _after_io_death(self, sig: Signals) -> None:
+        """The I/O thread died: start nothing new, let running tasks finish (their messages come back anyway)."""
+        dropped = 0
+        while True:
+            try:
+                d = self.work.get_nowait()
+            except Empty:
+                break
+            dropped += d is not None
+        deadline = time.monotonic() + self.opts.shutdown_timeout
+        log.error("the I/O thread is gone: %d prefetched messages dropped unstarted; waiting up to %gs for %d running "
+                  "tasks, then exiting (every unacked message returns to its queue)", dropped,
+                  self.opts.shutdown_timeout, self.pool.busy(), event="io_gone")
+        while self.pool.busy() and time.monotonic() < deadline and not sig.cold():
+            sig.wait(0.1)
+            self.pool.check(time.monotonic())
 
 
 def _tell_supervisor_ready() -> None:

@@ -1,62 +1,71 @@
-"""One AMQP connection: socket, handshake and blocking RPCs.
+"""One AMQP connection, driven without ever blocking.
 
-The handshake and the rare setup calls (declare, qos, consume, confirm.select) are
-done in blocking mode; the I/O thread then switches the socket to non-blocking and
-drives it from its selector, reusing the same decoder. The publisher and the
-`magne dead` commands use this class in blocking mode only.
+The same object serves the I/O thread (whose selector calls `on_readable`,
+`on_writable` and `tick`) and the blocking client (client.py, which calls them from
+its own select loop), so the handshake, heartbeats, the close handshake and the
+frame dispatch exist once. Nothing here waits: name resolution runs in a helper
+thread when the host is not an IP literal, the TCP connect and the TLS handshake
+are non-blocking, and every step of the AMQP handshake is a frame handler. A
+connection that does not open within `connect_timeout` fails in `tick`.
+
+Frame dispatch: connection-level frames (start, tune, open-ok, close, close-ok,
+blocked) are handled here; `call()` keeps a FIFO of expected replies per channel
+(AMQP answers synchronous methods in order, so several can be pipelined); a
+`channel.close` from the broker is answered with close-ok here and handed to
+`on_channel_close` (which raises by default); everything else goes to `on_frame`
+and `on_content`.
 """
 
 from __future__ import annotations
 
+import enum
+import ipaddress
 import os
 import platform
+import selectors
 import socket
 import ssl
-import time
+import threading
 from collections import deque
+from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 from pamqp import commands
 
-from magne import __version__
-from magne.amqp import frames
-from magne.amqp.url import Params
+from magne.amqp import codec
+from magne.amqp.errors import AMQPError, ChannelClosed, ConnectionClosed, ConnectionLost
+from magne.amqp.outbox import Outbox
+from magne.amqp.url import Params, tls_context
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
-_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+DEFAULT_FRAME_MAX = 131072
+MIN_FRAME_MAX = 8192  # we never ask for less (RabbitMQ 4.x refuses smaller; 3.x allows 4096)
+CLOSE_TIMEOUT = 5.0
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+try:
+    _VERSION = metadata.version("magne")
+except metadata.PackageNotFoundError:  # running from a source tree
+    _VERSION = "unknown"
 
 
-class AMQPError(Exception):
-    """Base of every broker-side failure."""
-
-
-class ConnectionLost(AMQPError):
-    """The socket is gone (reset, EOF, missed heartbeats, unreachable broker)."""
-
-
-class ConnectionClosed(AMQPError):
-    """The broker closed the connection with connection.close."""
-
-    def __init__(self, code: int, text: str) -> None:
-        super().__init__(f"broker closed the connection: {code} {text}")
-        self.code = code
-        self.text = text
-
-
-class ChannelClosed(AMQPError):
-    """The broker closed a channel with channel.close (e.g. 406, 404)."""
-
-    def __init__(self, channel: int, code: int, text: str) -> None:
-        super().__init__(f"broker closed channel {channel}: {code} {text}")
-        self.channel = channel
-        self.code = code
-        self.text = text
+class State(enum.Enum):
+    NEW = "new"
+    RESOLVING = "resolving"
+    CONNECTING = "connecting"
+    TLS = "tls handshake"
+    HANDSHAKE = "amqp handshake"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
 
 
 def client_properties(name: str) -> dict[str, Any]:
     return {
         "product": "magne",
-        "version": __version__,
+        "version": _VERSION,
         "platform": f"Python {platform.python_version()}",
         "connection_name": name,
         "capabilities": {
@@ -70,184 +79,248 @@ def client_properties(name: str) -> dict[str, Any]:
     }
 
 
+def negotiate(ours: int, theirs: int, default: int) -> int:
+    """AMQP tune: 0 means "no limit"; the smaller of two limits wins; both 0 takes `default`."""
+    limits = [x for x in (ours, theirs) if x]
+    return min(limits) if limits else default
+
+
+def _ignore(*_args: Any) -> None:
+    pass
+
+
+def _raise_channel_closed(_channel: int, exc: ChannelClosed) -> None:
+    raise exc
+
+
 class Connection:
-    def __init__(self, params: Params, name: str, heartbeat: int | None = None, rpc_timeout: float = 30.0) -> None:
+    """Owned by one thread at a time (the I/O thread, or the thread using a Client)."""
+
+    def __init__(self, params: Params, name: str, heartbeat: int | None = None) -> None:
         self.params = params
-        self.rpc_timeout = rpc_timeout  # how long a blocking call waits for the broker's answer
         self.name = f"{name} pid={os.getpid()}"
         self.want_heartbeat = params.heartbeat if heartbeat is None else heartbeat
+        self.state = State.NEW
         self.sock: socket.socket | ssl.SSLSocket | None = None
+        self.outbox = Outbox()
+        self.decoder = codec.Decoder(self._dispatch_content, self._dispatch_frame)
         self.heartbeat = 0
-        self.frame_max = params.frame_max
+        self.frame_max = DEFAULT_FRAME_MAX
         self.channel_max = params.channel_max
         self.server_properties: dict[str, Any] = {}
-        self.inbox: deque[tuple[int, Any]] = deque()
-        self.contents: deque[tuple[int, Any, bytes, bytes]] = deque()
-        self.decoder = frames.Decoder(self._keep_content, self._keep_frame)
+        self.blocked = False
+        self.last_read = self.last_write = self.deadline = 0.0
+        self._calls: dict[int, deque[tuple[tuple[type, ...], Callable[[Any], None]]]] = {}
+        self._addrs: list[tuple[Any, ...]] = []
+        self._resolved: list[tuple[Any, ...]] | BaseException | None = None
+        self._tls_wants = WRITE
+        self._login_sent = False
+        # Set by the owner:
+        self.on_open: Callable[[], None] = _ignore
+        self.on_frame: Callable[[int, Any], None] = _ignore
+        self.on_content: Callable[[int, Any, bytes, bytes], None] = _ignore
+        self.on_channel_close: Callable[[int, ChannelClosed], None] = _raise_channel_closed
+        self.on_blocked: Callable[[bool, str], None] = _ignore
 
-    # -- the blocking side -------------------------------------------------
-    def connect(self) -> None:
+    # -- starting ------------------------------------------------------------
+    def start(self, now: float) -> None:
+        """Begin connecting; returns at once. Progress comes from on_readable/on_writable/tick."""
         p = self.params
+        self.deadline = now + p.connect_timeout
         try:
-            raw = socket.create_connection((p.host, p.port), timeout=p.connect_timeout)
-        except OSError as exc:
-            raise ConnectionLost(f"cannot reach the broker at {p.host}:{p.port}: {exc}") from None
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if p.tls:
-            ctx = ssl.create_default_context()
-            try:
-                raw = ctx.wrap_socket(raw, server_hostname=p.host)
-            except (OSError, ssl.SSLError) as exc:
-                raw.close()
-                raise ConnectionLost(f"TLS handshake with {p.host}:{p.port} failed: {exc}") from None
-        self.sock = raw
-        try:
-            self._handshake()
-        except BaseException:
-            self.close_socket()
-            raise
-
-    def _handshake(self) -> None:
-        p = self.params
-        self.sendall(PROTOCOL_HEADER)
-        try:
-            start = self.wait(0, commands.Connection.Start)
-        except ConnectionLost as exc:
-            raise ConnectionLost(f"{p.host}:{p.port} did not answer as an AMQP 0-9-1 broker ({exc})") from None
-        self.server_properties = dict(start.server_properties or {})
-        if b"PLAIN" not in (start.mechanisms or "").encode().split():
-            raise ConnectionClosed(504, f"broker does not offer PLAIN auth (offers {start.mechanisms})")
-        response = f"\0{p.username}\0{p.password}"
-        self.send(0, commands.Connection.StartOk(client_properties(self.name), "PLAIN", response, "en_US"))
-        try:
-            tune = self.wait(0, commands.Connection.Tune)
-        except ConnectionLost:
-            # Brokers without authentication_failure_close just drop the socket.
-            raise ConnectionClosed(403, f"login refused for user {p.username!r}") from None
-        self.channel_max = min(x for x in (tune.channel_max, p.channel_max, 65535) if x)
-        self.frame_max = min(x for x in (tune.frame_max, p.frame_max) if x)
-        server_hb, ours = tune.heartbeat, self.want_heartbeat
-        # What the client says in tune-ok is what the broker uses; 0 means off.
-        self.heartbeat = 0 if ours == 0 else (min(server_hb, ours) if server_hb else ours)
-        self.send(0, commands.Connection.TuneOk(self.channel_max, self.frame_max, self.heartbeat))
-        self.send(0, commands.Connection.Open(p.vhost))
-        self.wait(0, commands.Connection.OpenOk)
-
-    def sendall(self, data: bytes) -> None:
-        assert self.sock is not None
-        try:
-            self.sock.sendall(data)
-        except OSError as exc:
-            raise ConnectionLost(f"send failed: {exc}") from None
-
-    def send(self, channel: int, *methods: Any) -> None:
-        self.sendall(frames.encode(channel, *methods))
-
-    def rpc(self, channel: int, method: Any, *reply: type, timeout: float | None = None) -> Any:
-        self.send(channel, method)
-        return self.wait(channel, *reply, timeout=timeout)
-
-    def wait(self, channel: int, *types: type, timeout: float | None = None) -> Any:
-        """Read until a frame of one of `types` arrives on `channel`."""
-        timeout = self.rpc_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, (ch, frame) in enumerate(self.inbox):
-                if ch == channel and isinstance(frame, types):
-                    del self.inbox[i]
-                    return frame
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ConnectionLost(f"no {'/'.join(t.__name__ for t in types)} from the broker within {timeout:.0f}s")
-            self.pump(left)
-
-    def pump(self, timeout: float) -> None:
-        """One blocking read (at most `timeout` seconds), decoded into inbox/contents."""
-        assert self.sock is not None
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(262144)
-        except TimeoutError:
+            ipaddress.ip_address(p.host)
+        except ValueError:
+            self.state = State.RESOLVING
+            threading.Thread(target=self._resolve, name="magne-resolve", daemon=True).start()
             return
-        except OSError as exc:
-            raise ConnectionLost(f"receive failed: {exc}") from None
-        if not data:
-            raise ConnectionLost("the broker closed the socket")
-        self.feed(data)
+        family = socket.AF_INET6 if ":" in p.host else socket.AF_INET
+        self._addrs = [(family, (p.host, p.port))]
+        self._connect_next()
 
-    # -- the non-blocking side (the I/O thread's selector loop) ------------------
-    def send_some(self, data: bytes) -> int:
-        """Write what the socket takes now; returns the bytes sent (0 when it is full)."""
+    def _resolve(self) -> None:
+        """Runs in a short-lived helper thread: getaddrinfo blocks and cannot be bounded."""
+        try:
+            infos = socket.getaddrinfo(self.params.host, self.params.port, type=socket.SOCK_STREAM)
+            self._resolved = [(fam, addr) for fam, _t, _p, _c, addr in infos]
+        except OSError as exc:
+            self._resolved = exc
+
+    def _connect_next(self, error: str = "") -> None:
+        if not self._addrs:
+            raise ConnectionLost(f"cannot reach the broker at {self.params.host}:{self.params.port}: {error or 'no address'}")
+        family, addr = self._addrs.pop(0)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._close_socket()
+        self.sock = sock
+        err = sock.connect_ex(addr)
+        if err not in (0, 115, 36, 10035):  # EINPROGRESS (Linux, macOS), WSAEWOULDBLOCK
+            self._connect_next(os.strerror(err))
+            return
+        self.state = State.CONNECTING
+
+    def _connected(self) -> None:
+        assert self.sock is not None
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._connect_next(os.strerror(err))
+            return
+        if self.params.tls:
+            self.sock = tls_context(self.params).wrap_socket(
+                self.sock, server_hostname=self.params.server_name, do_handshake_on_connect=False)
+            self.state = State.TLS
+            self._tls_step()
+        else:
+            self._begin_amqp()
+
+    def _tls_step(self) -> None:
+        assert isinstance(self.sock, ssl.SSLSocket)
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._tls_wants = READ
+        except ssl.SSLWantWriteError:
+            self._tls_wants = WRITE
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectionLost(f"TLS handshake with {self.params.host}:{self.params.port} failed: {exc}") from None
+        else:
+            self._begin_amqp()
+
+    def _begin_amqp(self) -> None:
+        self.state = State.HANDSHAKE
+        self.outbox.write(PROTOCOL_HEADER)
+
+    # -- driving (called by the owning thread's loop) --------------------------
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def events(self) -> int:
+        """What to wait for on the socket now (0: nothing, e.g. while resolving)."""
+        if self.sock is None or self.state in (State.RESOLVING, State.CLOSED):
+            return 0
+        if self.state is State.CONNECTING:
+            return WRITE
+        if self.state is State.TLS:
+            return self._tls_wants
+        return READ | WRITE if self.outbox else READ
+
+    def on_writable(self, now: float) -> None:
+        if self.state is State.CONNECTING:
+            self._connected()
+        elif self.state is State.TLS:
+            self._tls_step()
+        if self.state not in (State.CONNECTING, State.TLS):
+            self.flush(now)
+
+    def on_readable(self, now: float) -> bool:
+        """Read and dispatch what arrived; False if nothing had (a spurious wake-up)."""
+        if self.state is State.TLS:
+            self._tls_step()
+            return False
+        sock = self.sock
+        if sock is None or self.state is State.CONNECTING:
+            return False
+        try:
+            data = sock.recv(262144)
+            while isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted bytes the selector cannot see
+                data += sock.recv(262144)
+        except _WOULD_BLOCK:
+            return False
+        except OSError as exc:
+            raise self._lost(f"receive failed: {exc}") from None
+        if not data:
+            raise self._lost("the broker closed the socket")
+        self.last_read = now
+        self.decoder.feed(data)
+        return True
+
+    def _lost(self, why: str) -> AMQPError:
+        if self.state is State.HANDSHAKE and self._login_sent:
+            # Brokers without authentication_failure_close just drop the socket after a bad login.
+            return ConnectionClosed(403, f"login refused for user {self.params.username!r}")
+        if self.state is State.HANDSHAKE and not self._login_sent:
+            p = self.params
+            return ConnectionLost(f"{p.host}:{p.port} did not answer as an AMQP 0-9-1 broker ({why})")
+        return ConnectionLost(why)
+
+    def flush(self, now: float) -> None:
+        if self.outbox and self.sock is not None:
+            if self.outbox.flush(self._send_some):
+                self.last_write = now
+
+    def _send_some(self, data: memoryview) -> int:
         assert self.sock is not None
         try:
             return self.sock.send(data)
         except _WOULD_BLOCK:
             return 0
         except OSError as exc:
-            raise ConnectionLost(f"send failed: {exc}") from None
+            raise self._lost(f"send failed: {exc}") from None
 
-    def recv_some(self) -> bool:
-        """Read and decode what has arrived; False when nothing had (a spurious wake-up)."""
-        assert self.sock is not None
-        try:
-            data = self.sock.recv(262144)
-            # TLS may hold decrypted bytes the selector cannot see.
-            while isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-                data += self.sock.recv(262144)
-        except _WOULD_BLOCK:
-            return False
-        except OSError as exc:
-            raise ConnectionLost(f"receive failed: {exc}") from None
-        if not data:
-            raise ConnectionLost("the broker closed the socket")
-        self.feed(data)
-        return True
+    def tick(self, now: float) -> float | None:
+        """Timers: handshake and close deadlines, heartbeats. Returns when it next needs a call (None: no timer)."""
+        st = self.state
+        if st is State.RESOLVING:
+            got = self._resolved
+            if isinstance(got, BaseException):
+                raise ConnectionLost(f"cannot resolve broker host {self.params.host!r}: {got}")
+            if got is not None:
+                self._addrs = list(got)
+                self._connect_next()
+            elif now >= self.deadline:
+                raise ConnectionLost(f"resolving broker host {self.params.host!r} took over {self.params.connect_timeout:g}s")
+            return now + 0.02
+        if st in (State.CONNECTING, State.TLS, State.HANDSHAKE, State.CLOSING):
+            if now >= self.deadline:
+                if st is State.CLOSING:
+                    self.abort()
+                    return None
+                raise ConnectionLost(f"no answer from {self.params.host}:{self.params.port} within "
+                                     f"{self.params.connect_timeout:g}s ({st.value})")
+            return self.deadline
+        hb = self.heartbeat
+        if st is not State.OPEN or not hb:
+            return None
+        if now - self.last_read > 2 * hb:
+            raise ConnectionLost(f"missed heartbeats: nothing from the broker for {now - self.last_read:.0f}s")
+        if self.outbox:  # the socket is not taking bytes: a heartbeat would only queue behind them
+            return self.last_read + 2 * hb
+        if now - self.last_write >= hb / 2:
+            self.outbox.write(codec.HEARTBEAT)
+            return self.last_read + 2 * hb
+        return min(self.last_write + hb / 2, self.last_read + 2 * hb)
 
-    def feed(self, data: bytes) -> None:
-        try:
-            self.decoder.feed(data)
-        except frames.FrameError as exc:
-            raise ConnectionLost(f"bad frame from the broker: {exc}") from None
+    # -- writing ------------------------------------------------------------------
+    def send(self, channel: int, *methods: Any) -> None:
+        self.outbox.write(codec.encode(channel, *methods))
 
-    def _keep_content(self, channel: int, method: Any, header: bytes, body: bytes) -> None:
-        self.contents.append((channel, method, header, body))
+    def call(self, channel: int, method: Any, replies: tuple[type, ...], on_reply: Callable[[Any], None] = _ignore) -> None:
+        """Write a synchronous method; `on_reply` gets its reply. Pipelined: replies come in order per channel."""
+        self.send(channel, method)
+        self._calls.setdefault(channel, deque()).append((replies, on_reply))
 
-    def _keep_frame(self, channel: int, frame: Any) -> None:
-        """Blocking-mode frame handler: closes become exceptions, the rest waits in inbox."""
-        if isinstance(frame, commands.Connection.Close):
-            self._send_quiet(0, commands.Connection.CloseOk())
-            self.close_socket()
-            raise ConnectionClosed(frame.reply_code, frame.reply_text)
-        if isinstance(frame, commands.Channel.Close):
-            self._send_quiet(channel, commands.Channel.CloseOk())
-            raise ChannelClosed(channel, frame.reply_code, frame.reply_text)
-        if not isinstance(frame, commands.Connection.Blocked | commands.Connection.Unblocked):
-            # Blocked notices only concern connections that publish without waiting;
-            # a blocking caller sees the wait for its confirm instead.
-            self.inbox.append((channel, frame))
+    def waiting(self, channel: int) -> int:
+        """How many replies on `channel` have not arrived yet."""
+        return len(self._calls.get(channel, ()))
 
-    def _send_quiet(self, channel: int, method: Any) -> None:
-        try:
-            self.send(channel, method)
-        except ConnectionLost:
-            pass
+    def close(self, now: float, text: str = "normal shutdown") -> None:
+        """Polite close: connection.close now, the socket goes at close-ok (or CLOSE_TIMEOUT later)."""
+        if self.state is State.OPEN:
+            self.send(0, commands.Connection.Close(200, text, 0, 0))
+            self.state = State.CLOSING
+            self.deadline = now + CLOSE_TIMEOUT
+        elif self.state is not State.CLOSING:
+            self.abort()
 
-    # -- channels and setup ------------------------------------------------
-    def open_channel(self, channel: int) -> None:
-        self.rpc(channel, commands.Channel.Open(), commands.Channel.OpenOk)
+    def abort(self) -> None:
+        """Drop the socket at once (the broker requeues what was unacked)."""
+        self._close_socket()
+        self.state = State.CLOSED
+        self.outbox.clear()
+        self._calls.clear()
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Polite close: connection.close, wait for close-ok, drop the socket."""
-        if self.sock is None:
-            return
-        try:
-            self.rpc(0, commands.Connection.Close(200, "normal shutdown", 0, 0), commands.Connection.CloseOk, timeout=timeout)
-        except AMQPError:
-            pass
-        finally:
-            self.close_socket()
-
-    def close_socket(self) -> None:
+    def _close_socket(self) -> None:
         if self.sock is not None:
             try:
                 self.sock.close()
@@ -255,14 +328,61 @@ class Connection:
                 pass
             self.sock = None
 
-    def publish(
-        self,
-        channel: int,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        properties: commands.Basic.Properties,
-        mandatory: bool = False,
-    ) -> None:
-        self.sendall(frames.encode_publish(channel, exchange, routing_key, body, properties, self.frame_max, mandatory))
+    # -- frames from the broker -------------------------------------------------
+    def _dispatch_content(self, channel: int, method: Any, header: bytes, body: bytes) -> None:
+        self.on_content(channel, method, header, body)
 
+    def _dispatch_frame(self, channel: int, frame: Any) -> None:
+        if channel == 0:
+            self._on_connection_frame(frame)
+            return
+        if isinstance(frame, commands.Channel.Close):
+            self.send(channel, commands.Channel.CloseOk())
+            self._calls.pop(channel, None)
+            self.on_channel_close(channel, ChannelClosed(channel, frame.reply_code, frame.reply_text))
+            return
+        calls = self._calls.get(channel)
+        if calls and isinstance(frame, calls[0][0]):
+            calls.popleft()[1](frame)
+            return
+        self.on_frame(channel, frame)
+
+    def _on_connection_frame(self, frame: Any) -> None:
+        p = self.params
+        if isinstance(frame, commands.Connection.Start):
+            self.server_properties = dict(frame.server_properties or {})
+            offered = (frame.mechanisms or "").split()
+            if "PLAIN" not in offered:
+                raise ConnectionClosed(504, f"broker does not offer PLAIN auth (offers {frame.mechanisms})")
+            self.send(0, commands.Connection.StartOk(client_properties(self.name), "PLAIN",
+                                                     f"\0{p.username}\0{p.password}", "en_US"))
+            self._login_sent = True
+        elif isinstance(frame, commands.Connection.Tune):
+            self.channel_max = negotiate(p.channel_max, frame.channel_max, 65535)
+            self.frame_max = negotiate(max(MIN_FRAME_MAX, p.frame_max), frame.frame_max, DEFAULT_FRAME_MAX)
+            self.decoder.max_frame = self.frame_max
+            # What the client says in tune-ok is what the broker uses; 0 means off.
+            ours, theirs = self.want_heartbeat, frame.heartbeat
+            self.heartbeat = 0 if ours == 0 else (min(theirs, ours) if theirs else ours)
+            self.send(0, commands.Connection.TuneOk(self.channel_max, self.frame_max, self.heartbeat),
+                      commands.Connection.Open(p.vhost))
+        elif isinstance(frame, commands.Connection.OpenOk):
+            self.state = State.OPEN
+            self.on_open()
+        elif isinstance(frame, commands.Connection.Close):
+            # Answer, try to get the answer out now, then give up the connection.
+            self.send(0, commands.Connection.CloseOk())
+            try:
+                self.flush(self.last_write)
+            except AMQPError:
+                pass
+            self.abort()
+            raise ConnectionClosed(frame.reply_code, frame.reply_text)
+        elif isinstance(frame, commands.Connection.CloseOk):
+            self.abort()
+        elif isinstance(frame, commands.Connection.Blocked):
+            self.blocked = True
+            self.on_blocked(True, frame.reason or "")
+        elif isinstance(frame, commands.Connection.Unblocked):
+            self.blocked = False
+            self.on_blocked(False, "")

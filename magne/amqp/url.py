@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from magne.amqp.errors import URLError
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 
-
-class URLError(ValueError):
-    pass
+__all__ = ["DEFAULT_URL", "Params", "URLError", "parse_url", "resolve_url", "tls_context"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,11 @@ class Params:
     connect_timeout: float = 10.0
     frame_max: int = 131072
     channel_max: int = 2047
+
+    @property
+    def server_name(self) -> str:
+        """The name TLS checks the certificate against."""
+        return self.host
 
     def safe_url(self) -> str:
         """The URL as it is safe to log: never with the password."""
@@ -44,8 +50,10 @@ def parse_url(url: str) -> Params:
     tls = parts.scheme == "amqps"
     try:
         port = parts.port or (5671 if tls else 5672)
-    except ValueError as exc:
-        raise URLError(f"bad port in broker URL: {exc}") from None
+    except ValueError:
+        # Not the exception's text: for a password with an unescaped '#', '/' or '?'
+        # urllib puts the password in it.
+        raise URLError("bad port in broker URL (a password with '#', '/', '?' or '@' must be percent-encoded)") from None
     # The spec: no path means the default vhost "/"; "/x" means vhost "x" (percent-decoded).
     path = parts.path
     vhost = unquote(path[1:]) if len(path) > 1 else "/"
@@ -73,3 +81,8 @@ def parse_url(url: str) -> Params:
         tls=tls,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def tls_context(params: Params) -> ssl.SSLContext:
+    """The TLS context for an amqps:// connection: the system's trusted CAs, host name checked."""
+    return ssl.create_default_context()

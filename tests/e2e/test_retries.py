@@ -11,7 +11,7 @@ import time
 import orjson
 import pytest
 
-from magne import message
+from magne import wire
 from magne.publisher import Publisher
 from support import URL, queue_counts, rabbitmqctl, runs, wait_for
 
@@ -28,7 +28,7 @@ def attempts(redis, names) -> dict[str, int]:
 
 def publish(broker, names, func, *args):
     q = names["main"]
-    broker.publish(q, q, message.encode(func, args, None, message.new_id()))
+    broker.publish(q, q, wire.encode(func, args, None, wire.new_id()))
 
 
 def magne_cli(*args: str) -> subprocess.CompletedProcess:
@@ -76,7 +76,7 @@ def test_delays_wait_on_the_broker_and_a_short_one_overtakes_a_long_one(broker, 
         sent = {}
         for name, delay in (("long", 60), ("short", 1), ("three", 3), ("now", 0)):
             sent[name] = time.time()
-            pub.publish(names["main"], message.encode("stamp", [name]), message.properties(message.new_id()),
+            pub.publish(names["main"], wire.encode("stamp", [name]), wire.properties_for(wire.new_id()),
                         delay=delay, queue_type=queue_type)
     finally:
         pub.close()
@@ -139,9 +139,9 @@ def test_memory_alarm_blocks_the_retry_publish_but_not_the_acks(broker, redis, n
     w = start_worker("--threads", "2", "--prefetch", "50")
     w.wait_ready()
     main, slow = names["main"], names["slow"]
-    broker.publish(slow, slow, message.encode("fail_in_alarm", ["held"], None, "held"))
+    broker.publish(slow, slow, wire.encode("fail_in_alarm", ["held"], None, "held"))
     for i in range(40):
-        broker.publish(main, main, message.encode("record", [i, 0.1], None, message.new_id()))
+        broker.publish(main, main, wire.encode("record", [i, 0.1], None, wire.new_id()))
     wait_for(lambda: attempts(redis, names).get("held") == 1 and len(runs(redis, names)) >= 1, 30,
              what="the alarm task and other work to start")
     try:
@@ -169,7 +169,7 @@ def test_quorum_delivery_limit_dead_letters_a_message_that_keeps_killing_workers
     q, dq = names["slow"], names["slow"] + ".dead"
     w = start_worker("--queue-type", "quorum", "--threads", "1")
     w.wait_ready()
-    broker.publish(q, q, message.encode("die", ["poison"], None, "poison"))
+    broker.publish(q, q, wire.encode("die", ["poison"], None, "poison"))
     starts = 1
     while broker.ready(dq) == 0:
         assert w.wait(30) == 1  # the task killed it
@@ -195,7 +195,7 @@ def test_unconfirmed_copies_are_published_again_when_the_publishing_connection_d
     w.wait_ready()
     q, dq = names["main"], names["main"] + ".dead"
     for i in range(20):
-        broker.publish(q, q, message.encode("fail", [i, 1.0], None, message.new_id()))
+        broker.publish(q, q, wire.encode("fail", [i, 1.0], None, wire.new_id()))
     try:
         rabbitmqctl("set_vm_memory_high_watermark", "0.0000001")
         wait_for(lambda: "broker blocked publishing" in w.log(), 30, what="the link to be blocked")

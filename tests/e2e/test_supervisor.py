@@ -7,7 +7,7 @@ import re
 import signal
 import time
 
-from magne import message
+from magne import wire
 from support import connections_named, queue_counts, runs, wait_for
 
 N = 2000
@@ -17,7 +17,7 @@ N = 2000
 def load(broker, names, start: int, n: int, sleep: float = 0.005) -> None:
     q = names["main"]
     for i in range(start, start + n):
-        broker.publish(q, q, message.encode("record_version", [i, sleep], None, message.new_id()))
+        broker.publish(q, q, wire.encode("record_version", [i, sleep], None, wire.new_id()))
 
 
 def child_pids(log: str) -> list[int]:

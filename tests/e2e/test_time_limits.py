@@ -7,8 +7,8 @@ import threading
 import time
 from queue import SimpleQueue
 
-from magne import message
-from magne.delivery import ACK, DEAD, Delivery
+from magne import wire
+from magne.delivery import Delivery, Outcome
 from magne.pool import Pool
 from magne.registry import Task
 from support import queue_counts, runs, task_body, wait_for
@@ -89,12 +89,12 @@ def test_late_interrupts_kill_nothing_and_lose_nothing(caplog):
     rng = random.Random(7)
     n = 1500
     for tag in range(1, n + 1):
-        work.put(Delivery(tag, 1, "Q", message.encode("edge", [rng.uniform(0.003, 0.007)]), b"", False))
+        work.put(Delivery(tag, 1, "Q", wire.encode("edge", [rng.uniform(0.003, 0.007)]), b"", False))
     stop = threading.Event()
 
     def watchdog():
         while not stop.is_set():
-            pool.check_time_limits()
+            pool.check(time.monotonic())
 
     wd = threading.Thread(target=watchdog)
     wd.start()
@@ -106,9 +106,9 @@ def test_late_interrupts_kill_nothing_and_lose_nothing(caplog):
     tags = [d.tag for d in got]
     assert sorted(tags) == list(range(1, n + 1)), "each delivery exactly once"
     outcomes = {d.outcome for d in got}
-    assert outcomes <= {ACK, DEAD}
-    assert {d.reason for d in got if d.outcome == DEAD} <= {"time limit"}
-    assert any(d.outcome == DEAD for d in got) and any(d.outcome == ACK for d in got)
+    assert outcomes <= {Outcome.ACK, Outcome.DEAD}
+    assert {d.reason for d in got if d.outcome is Outcome.DEAD} <= {"time limit"}
+    assert any(d.outcome is Outcome.DEAD for d in got) and any(d.outcome is Outcome.ACK for d in got)
     assert pool.alive() == 4 and pool.lost == 0
     # The slot protocol never lets an interrupt out into the pool's own code.
     assert "stray interrupt" not in caplog.text

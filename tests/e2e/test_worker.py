@@ -10,7 +10,7 @@ import time
 import orjson
 import pika
 
-from magne import message
+from magne import wire
 from support import URL, channels_of, connections_of, queue_counts, runs, task_body, wait_for
 
 
@@ -154,7 +154,7 @@ def test_unreachable_broker_is_a_clear_error(tmp_path, names, start_worker):
 
 def test_wrong_password_is_a_clear_error_and_never_logged(names, start_worker):
     w = start_worker(url="amqp://guest:hunter2-wrong@127.0.0.1:5672/%2F")
-    assert w.wait(30) == 1
+    assert w.wait(30) == 2  # permanent: the same exit code as any other configuration error
     log = w.log()
     assert "403" in log or "refused" in log
     assert "hunter2" not in log and "Traceback" not in log
@@ -203,8 +203,8 @@ def test_pika_sees_persistent_messages_from_send(broker, names):
     q = names["main"]
     pub = Publisher(URL)
     try:
-        mid = message.new_id()
-        pub.publish(q, message.encode("record", ["x"], None, mid), message.properties(mid))
+        mid = wire.new_id()
+        pub.publish(q, wire.encode("record", ["x"], None, mid), wire.properties_for(mid))
     finally:
         pub.close()
     method, props, body = broker.ch.basic_get(q, auto_ack=True)

@@ -15,7 +15,7 @@ import time
 import orjson
 import pytest
 
-from magne import message
+from magne import wire
 from support import channels_of, connections_of, queue_counts, rabbitmqctl, runs, wait_for
 from support.proxy import Proxy
 
@@ -24,7 +24,7 @@ THREADS, PREFETCH = 8, 16
 
 
 def body(i: int) -> bytes:
-    return message.encode("record", [i, 0.01], None, message.new_id())  # ~800 tasks/s: faults land mid-stream
+    return wire.encode("record", [i, 0.01], None, wire.new_id())  # ~800 tasks/s: faults land mid-stream
 
 
 
@@ -140,14 +140,18 @@ def test_broker_closes_the_connection(broker, redis, names, start_worker):
 
 
 def test_queue_deleted_under_the_consumer(broker, redis, names, start_worker):
-    """basic.cancel from the broker: the worker declares again and consumes the new queue."""
+    """basic.cancel from the broker: the worker declares that queue again and consumes it, on the same
+    connection and channel (the other queues' deliveries keep their tags)."""
     w = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=5")
     broker.ch.queue_delete(names["main"])
-    wait_for(lambda: "reconnected to" in w.log(), 30, what="the worker to resubscribe")
+    wait_for(lambda: f"consuming queue {names['main']} again" in w.log(), 30, what="the worker to consume it again")
     load(broker, names, 200)
     wait_for(lambda: len(runs(redis, names)) == 200, 60, what="tasks on the re-declared queue")
-    assert "cancelled consumer" in w.log()
-    print("\nFAULT queue deleted (basic.cancel): worker re-declared and consumed the new queue")
+    log = w.log()
+    assert "broker cancelled our consumer of queue" in log
+    assert "connection lost" not in log and "reconnected" not in log
+    assert len(connections_of(w.pid)) == 1 and channels_of(w.pid) == 1
+    print("\nFAULT queue deleted (basic.cancel): worker re-declared and consumed that queue, no reconnect")
 
 
 @pytest.mark.reconfigures
@@ -207,7 +211,7 @@ def test_consumer_timeout_406_closes_the_channel_and_the_worker_recovers(broker,
     try:
         w = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=5")
         q = names["slow"]
-        broker.publish(q, q, message.encode("long_once", ["long", 75], None, message.new_id()))
+        broker.publish(q, q, wire.encode("long_once", ["long", 75], None, wire.new_id()))
         wait_for(lambda: "406" in w.log(), 120, interval=0.5, what="the broker's 406 for the consumer timeout")
     finally:
         m = re.match(r"\{ok,(\d+)\}", before)
@@ -232,13 +236,13 @@ def test_publishing_connection_closed_while_copies_are_in_flight(broker, redis, 
     n = 600
     w = start(start_worker, "amqp://guest:guest@127.0.0.1:5672/%2F")
     q, dq = names["main"], names["main"] + ".dead"
-    broker.publish(q, q, message.encode("fail", ["first"], None, message.new_id()))
+    broker.publish(q, q, wire.encode("fail", ["first"], None, wire.new_id()))
     wait_for(lambda: broker.ready(dq) == 1, 30, what="the first dead letter (the link is open)")
     link = [ln.split("\t")[0] for ln in rabbitmqctl("list_connections", "pid", "client_properties").splitlines()
             if "magne worker publisher" in ln and f"pid={w.pid}" in ln]
     assert len(link) == 1
     for i in range(n):  # 8 threads x 50 ms: about 4 s of dead-letter copies
-        broker.publish(q, q, message.encode("fail", [i, 0.05], None, message.new_id()))
+        broker.publish(q, q, wire.encode("fail", [i, 0.05], None, wire.new_id()))
     wait_for(lambda: broker.ready(dq) >= 100, 60, interval=0.02, what="copies flowing")
     rabbitmqctl("close_connection", link[0], "test: publishing link closed")
     wait_for(lambda: queue_counts(q) == (0, 0), 60, interval=0.3, what="every original acked")

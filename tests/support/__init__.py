@@ -36,9 +36,9 @@ def runs(redis: Any, names: dict[str, str]) -> dict[str, int]:
 
 
 def task_body(func: str, *args: Any, **kwargs: Any) -> bytes:
-    from magne import message
+    from magne import wire
 
-    return message.encode(func, args, kwargs, message.new_id())
+    return wire.encode(func, args, kwargs, wire.new_id())
 
 
 def unique(prefix: str = "t") -> str:

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from magne import message
+from magne import wire
 from magne.amqp.url import URLError, parse_url
+from magne.errors import BadMessage
 
 
 def test_url_defaults_and_vhost():
@@ -28,10 +29,10 @@ def test_bad_urls(url):
 
 
 def test_roundtrip_and_original_format():
-    body = message.encode("add", [1, 2], {"z": 3}, "mid")
-    assert message.decode(body) == ("add", [1, 2], {"z": 3})
-    assert message.decode(b'{"func": "add", "args": [1, 2]}') == ("add", [1, 2], {})
-    assert message.decode(b'{"func": "noargs"}') == ("noargs", [], {})
+    body = wire.encode("add", [1, 2], {"z": 3}, "mid")
+    assert wire.decode(body) == ("add", [1, 2], {"z": 3})
+    assert wire.decode(b'{"func": "add", "args": [1, 2]}') == ("add", [1, 2], {})
+    assert wire.decode(b'{"func": "noargs"}') == ("noargs", [], {})
 
 
 @pytest.mark.parametrize("body,why", [
@@ -44,10 +45,10 @@ def test_roundtrip_and_original_format():
     (b"\xff\xfe", "not JSON"),
 ])
 def test_bad_bodies_say_why(body, why):
-    with pytest.raises(message.BadMessage, match=why):
-        message.decode(body)
+    with pytest.raises(BadMessage, match=why):
+        wire.decode(body)
 
 
 def test_unserializable_arguments_are_a_clear_error():
     with pytest.raises(TypeError, match="not JSON-serializable"):
-        message.encode("t", [object()])
+        wire.encode("t", [object()])

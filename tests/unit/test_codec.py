@@ -12,7 +12,7 @@ from pamqp import commands
 from pamqp import frame as pframe
 from pamqp import header as pheader
 
-from magne.amqp import frames
+from magne.amqp import codec as frames
 
 shortstr = st.text(alphabet=st.characters(codec="ascii", exclude_characters="\x00"), max_size=40)
 exchange_name = st.text(alphabet="abcXYZ019-_.:", max_size=40)  # what pamqp accepts

@@ -1,0 +1,60 @@
+"""magne's public exceptions, in one place: `from magne.errors import ...` or `from magne import ...`.
+
+Every error shares the root `MagneError` (defined in the AMQP layer, the lowest
+one, so that layer's errors are MagneErrors without importing upwards).
+
+The interrupts are not errors: `TimeLimitExceeded` and `ColdShutdown` are raised
+*into* a task's thread by the worker and derive from `BaseException`, like
+KeyboardInterrupt, so that a task's `except Exception:` cannot swallow them.
+"""
+
+from __future__ import annotations
+
+from magne.amqp.errors import (
+    AMQPError,
+    BrokerTimeout,
+    ChannelClosed,
+    ConnectionClosed,
+    ConnectionLost,
+    FrameError,
+    MagneError,
+    PublishError,
+    URLError,
+)
+
+__all__ = [
+    "AMQPError", "BadMessage", "BrokerTimeout", "ChannelClosed", "ColdShutdown", "ConfigError", "ConnectionClosed",
+    "ConnectionLost", "FrameError", "Interrupt", "MagneError", "PublishError", "RegistryError", "TimeLimitExceeded", "URLError",
+]
+
+
+# Exit codes, the same for every command (README "Exit codes"): 2 for what the user must
+# fix (options, task modules, a URL, credentials, an unknown vhost), 1 for failures
+# that may pass (broker unreachable, the worker crashed).
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+class ConfigError(MagneError):
+    """Something the user must fix before a worker can start (bad option, task module that does not import)."""
+
+    permanent = True
+
+
+class RegistryError(ConfigError, ValueError):
+    """A bad @task declaration (two tasks with one name, a non-positive time limit, ...)."""
+
+
+class BadMessage(MagneError):
+    """A message the worker cannot run; it is dead-lettered with this reason, never retried."""
+
+
+class Interrupt(BaseException):
+    """Raised inside a task's thread by the worker. A BaseException so `except Exception` lets it through."""
+
+
+class TimeLimitExceeded(Interrupt):
+    """The task ran past its time limit; its message is retried if it has retries left, else dead-lettered."""
+
+
+class ColdShutdown(Interrupt):
+    """The worker is stopping cold; the task's message is requeued."""

@@ -1,0 +1,276 @@
+"""The consuming connection and its one channel: declare, consume, deliveries in.
+
+Runs on the I/O thread only. After the connection opens, the channel setup (open,
+qos, every declaration, every consume) is written at once and the replies are
+matched in order (AMQP answers a channel's synchronous methods in order). Each
+new channel is a new generation: delivery tags belong to it, and outcomes of an
+older generation are never written on a newer channel (design invariant 4).
+
+Broker frames are dispatched through a table of `_on_<frame>` handlers. A
+basic.cancel from the broker (queue deleted, its node down) concerns one queue:
+that queue is consumed again after a backoff, its declarations checked first on
+a short-lived second channel, so a 404 there ("home node down") closes only that
+channel and the other queues' running tasks keep their delivery tags.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import time
+from collections.abc import Callable
+from queue import Empty, SimpleQueue
+from typing import Any
+
+from pamqp import commands
+
+from magne import logs, topology
+from magne.amqp.connection import Connection, State
+from magne.amqp.errors import ChannelClosed
+from magne.amqp.url import Params
+from magne.backoff import Backoff
+from magne.delivery import Delivery
+from magne.errors import BadMessage
+from magne.io.settle import Settlement
+from magne.io.stats import Stats
+from magne.policy import Failure, decide
+
+log = logs.Log("magne.io")
+
+CH = 1  # the one consuming channel
+PROBE_CH = 2  # a short-lived channel for checking a cancelled queue before consuming it again
+
+
+class Phase(enum.Enum):
+    CONNECTING = "connecting"  # socket, handshake, channel setup
+    CONSUMING = "consuming"
+    CANCELLING = "cancelling"  # warm stop: consumers cancelled, running tasks finishing
+    CLOSING = "closing"  # channel.close sent; connection.close follows its close-ok
+    CLOSED = "closed"
+
+
+_TAKING = (Phase.CONNECTING, Phase.CONSUMING)  # phases in which a delivery goes to the pool
+
+
+class Consumer:
+    def __init__(self, params: Params, name: str, queues: list[str], prefetch: int, queue_types: dict[str, str],
+                 work: SimpleQueue[Delivery | None], settlement: Settlement, stats: Stats, max_body: int,
+                 copy_frame_max: int, on_ready: Callable[[], None]) -> None:
+        self.params = params
+        self.name = name
+        self.queues = queues
+        self.prefetch = prefetch
+        self.queue_types = queue_types
+        self.work = work
+        self.settlement = settlement
+        self.stats = stats
+        self.max_body = max_body
+        self.copy_frame_max = copy_frame_max
+        self.on_ready = on_ready
+        self.conn: Connection | None = None
+        self.phase = Phase.CLOSED
+        self.gen = 0
+        self.inflight = 0  # deliveries of this generation handed to the pool and not back yet
+        self.ctags: dict[bytes, str] = {}  # consumer tag -> queue
+        self.consuming: set[str] = set()
+        self.reconsume: dict[str, tuple[float, Backoff]] = {}  # cancelled queue -> (when to try, its backoff)
+        self._probe: tuple[str, Backoff] | None = None  # the cancelled queue being checked on PROBE_CH
+        self._ctag_seq = itertools.count(1)
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            commands.Basic.Cancel: self._on_basic_cancel,
+            commands.Basic.CancelOk: self._on_basic_cancel_ok,
+        }
+
+    # -- connecting ---------------------------------------------------------------------
+    def connect(self, now: float) -> None:
+        conn = Connection(self.params, self.name)
+        conn.on_open = self._on_open
+        conn.on_content = self._on_content
+        conn.on_frame = self._on_frame
+        conn.on_channel_close = self._on_channel_close
+        self.conn, self.phase = conn, Phase.CONNECTING
+        conn.start(now)
+
+    def _on_open(self) -> None:
+        """Connection open: write the whole channel setup at once; replies come back in order."""
+        conn = self.conn
+        assert conn is not None
+        self.gen += 1
+        self.settlement.reset(self.gen, conn.outbox)
+        self.ctags.clear()
+        self.consuming.clear()
+        self.reconsume.clear()
+        self._probe = None
+        conn.call(CH, commands.Channel.Open(), (commands.Channel.OpenOk,))
+        conn.call(CH, commands.Basic.Qos(prefetch_count=self.prefetch), (commands.Basic.QosOk,))
+        for q in self.queues:
+            for method, reply in topology.declarations(q, self.queue_types.get(q, "classic")):
+                conn.call(CH, method, (reply,))
+        for q in self.queues:
+            self._consume(q)
+
+    def _consume(self, queue: str) -> None:
+        assert self.conn is not None
+        ctag = f"magne.{queue}.{os.getpid()}.{self.gen}.{next(self._ctag_seq)}"
+        self.ctags[ctag.encode()] = queue  # deliveries may arrive before the consume-ok
+        self.conn.call(CH, commands.Basic.Consume(queue=queue, consumer_tag=ctag), (commands.Basic.ConsumeOk,),
+                       lambda _ok: self._on_consume_ok(queue))
+
+    def _on_consume_ok(self, queue: str) -> None:
+        self.consuming.add(queue)
+        if self.phase is Phase.CONNECTING and len(self.consuming) == len(self.queues):
+            self.phase = Phase.CONSUMING
+            self.on_ready()
+        elif self.phase is Phase.CONSUMING:
+            self.reconsume.pop(queue, None)
+            log.info("consuming queue %s again", queue, event="reconsumed", queue=queue)
+
+    # -- deliveries ----------------------------------------------------------------------
+    def _on_content(self, _channel: int, method: Any, header: bytes, body: bytes) -> None:
+        if type(method) is not tuple:  # nothing else carries content on a consuming channel
+            log.warning("ignoring an unexpected %s on the consuming channel", getattr(method, "name", "frame"))
+            return
+        ctag, tag, redelivered, _exchange, _rk = method
+        stats = self.stats
+        stats.delivered += 1
+        if redelivered:
+            stats.redelivered += 1
+        queue = self.ctags.get(ctag)
+        if queue is None or self.phase not in _TAKING:
+            self.settlement.give_back([tag])  # after our basic.cancel, or for a consumer we no longer have
+            return
+        d = Delivery(tag, self.gen, queue, body, header, redelivered)
+        if self.max_body and len(body) > self.max_body:
+            self._too_large(d)
+            return
+        self.inflight += 1
+        self.work.put(d)
+
+    def _too_large(self, d: Delivery) -> None:
+        """Dead-letter a body over --max-body-size here, without handing it to the pool."""
+        exc = BadMessage(f"body of {len(d.body)} bytes is larger than --max-body-size {self.max_body}")
+        decide(d, Failure("body too large", exc, retryable=False), None, self.copy_frame_max,
+               self.queue_types.get(d.queue, "classic"))
+        self.settlement.copy(d)
+
+    def take_unstarted(self) -> list[Delivery]:
+        """Empty the work queue of this generation's deliveries (older ones are dropped: their tags are gone)."""
+        taken: list[Delivery] = []
+        sentinels = 0
+        while True:
+            try:
+                d = self.work.get_nowait()
+            except Empty:
+                break
+            if d is None:
+                sentinels += 1  # the pool's stop sentinels: not ours, put back below
+            elif d.gen == self.gen:
+                taken.append(d)
+        for _ in range(sentinels):
+            self.work.put(None)
+        return taken
+
+    # -- frames from the broker ----------------------------------------------------------------
+    def _on_frame(self, _channel: int, frame: Any) -> None:
+        handler = self._handlers.get(type(frame))
+        if handler is not None:
+            handler(frame)
+        else:
+            log.debug("ignoring %s on the consuming connection", frame.name)
+
+    def _on_basic_cancel(self, frame: commands.Basic.Cancel) -> None:
+        queue = self.ctags.pop(frame.consumer_tag.encode(), None)
+        if queue is None:
+            return
+        self.consuming.discard(queue)
+        self.stats.cancels += 1
+        backoff = Backoff(0.5, 30.0)
+        delay = backoff.next()
+        self.reconsume[queue] = (time.monotonic() + delay, backoff)
+        log.warning("broker cancelled our consumer of queue %s (queue deleted, or its node is down); consuming it "
+                    "again in %.1fs; the other queues go on", queue, delay, event="cancelled", queue=queue)
+
+    def _on_basic_cancel_ok(self, _frame: Any) -> None:
+        pass  # the answer to a cancel we did not wait for
+
+    def _on_channel_close(self, channel: int, exc: ChannelClosed) -> None:
+        if channel != PROBE_CH or self._probe is None:
+            raise exc  # the consuming channel is gone: its tags too; reconnect
+        (queue, backoff), self._probe = self._probe, None
+        delay = backoff.next()
+        self.reconsume[queue] = (time.monotonic() + delay, backoff)
+        log.warning("queue %s cannot be consumed yet (%s); trying again in %.1fs", queue, exc.text, delay,
+                    event="reconsume_failed", queue=queue)
+
+    # -- timers --------------------------------------------------------------------------------
+    def tick(self, now: float) -> float | None:
+        conn = self.conn
+        if conn is None:
+            return None
+        wake = conn.tick(now)
+        if self.phase is Phase.CONSUMING and self.reconsume and self._probe is None:
+            queue, (due, _b) = min(self.reconsume.items(), key=lambda kv: kv[1][0])
+            if now >= due:
+                self._start_probe(queue)
+            else:
+                wake = min(wake or due, due)
+        return wake
+
+    def _start_probe(self, queue: str) -> None:
+        """Declare a cancelled queue on the probe channel; consume it on the real one if that worked."""
+        conn = self.conn
+        assert conn is not None
+        _due, backoff = self.reconsume.pop(queue)
+        self._probe = (queue, backoff)
+        decls = topology.declarations(queue, self.queue_types.get(queue, "classic"))
+        conn.call(PROBE_CH, commands.Channel.Open(), (commands.Channel.OpenOk,))
+        for method, reply in decls[:-1]:
+            conn.call(PROBE_CH, method, (reply,))
+        method, reply = decls[-1]
+        conn.call(PROBE_CH, method, (reply,), lambda _ok: self._probe_passed(queue))
+
+    def _probe_passed(self, queue: str) -> None:
+        assert self.conn is not None
+        self.conn.call(PROBE_CH, commands.Channel.Close(200, "checked", 0, 0), (commands.Channel.CloseOk,))
+        self._probe = None
+        self._consume(queue)
+
+    # -- stopping ---------------------------------------------------------------------------------
+    def cancel_all(self) -> int:
+        """Warm stop: cancel every consumer, give back what never started. Returns how many were given back."""
+        assert self.conn is not None
+        self.phase = Phase.CANCELLING
+        for ctag in self.ctags:
+            self.conn.send(CH, commands.Basic.Cancel(consumer_tag=ctag.decode()))
+        self.reconsume.clear()
+        back = self.take_unstarted()
+        self.settlement.give_back([d.tag for d in back])
+        self.inflight -= len(back)
+        return len(back)
+
+    def close_channel(self) -> None:
+        """Close the channel (the broker requeues whatever is unacked), then the connection."""
+        conn = self.conn
+        if conn is None or conn.state is not State.OPEN or self.phase in (Phase.CLOSING, Phase.CLOSED):
+            return
+        self.phase = Phase.CLOSING
+        self.settlement.accepting = False  # nothing more may be written on this channel
+        conn.call(CH, commands.Channel.Close(200, "worker stopping", 0, 0), (commands.Channel.CloseOk,),
+                  lambda _ok: conn.close(time.monotonic(), "worker stopping"))
+
+    def lost(self) -> tuple[int, int]:
+        """The connection is gone: drop it and the unstarted deliveries. Returns (dropped, still running)."""
+        dropped = len(self.take_unstarted())
+        running = self.inflight - dropped
+        if self.conn is not None:
+            self.conn.abort()
+        self.conn, self.phase = None, Phase.CLOSED
+        self.gen += 1  # outcomes still to come from the old channel are now stale
+        self.settlement.reset(self.gen, None)
+        self.inflight = 0
+        self.ctags.clear()
+        self.consuming.clear()
+        self.reconsume.clear()
+        self._probe = None
+        return dropped, running

@@ -1,0 +1,213 @@
+"""Settlement: outcomes back from the pool become frames on the consuming channel.
+
+Runs on the I/O thread only. Acks go through the eager coalescer (magne.acks);
+requeues are written here and only here (`_requeue`: the frame, the coalescer's
+note that the tag is settled, the count). A retry or dead letter is a copy to
+publish on the link first; its original is acked only once the broker confirmed
+the copy, so a crash in between can duplicate but never lose.
+
+Copies the link cannot take yet wait in `unsent`. When the link fails, the copies it
+had not confirmed go back to the front of `unsent`, and the oldest one is blamed
+(the broker processes frames in order, so a copy it refuses by closing the link is
+the oldest unconfirmed one). A blamed copy is then published alone, so it cannot
+hold up the others; twice blamed, it goes without its declare and with its headers
+cut to magne's own; after MAX_BLAME its original is requeued and the failure logged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from pamqp import commands
+
+from magne import logs, wire
+from magne.acks import AckCoalescer
+from magne.amqp import codec
+from magne.amqp.errors import ChannelClosed, ConnectionClosed
+from magne.amqp.outbox import Outbox
+from magne.backoff import Backoff
+from magne.delivery import Delivery, Outcome
+from magne.io.link import PublishLink
+from magne.io.stats import Stats
+
+log = logs.Log("magne.io")
+
+CH = 1
+MAX_BLAME = 4
+
+
+class Settlement:
+    def __init__(self, link: PublishLink, stats: Stats) -> None:
+        self.link = link
+        self.stats = stats
+        self.gen = 0
+        self.out: Outbox | None = None  # the consuming connection's outbox, for this generation
+        self.acks = AckCoalescer()
+        self.unsent: deque[Delivery] = deque()
+        self.backoff = Backoff(1.0, 30.0)
+        self.retry_at = 0.0
+        self.accepting = True  # False once the channel is closing: nothing more is written on it
+        link.on_confirm = self._on_confirm
+
+    def reset(self, gen: int, out: Outbox | None) -> None:
+        """A new channel generation: fresh tags. Copies of the old one are dropped (their originals come back)."""
+        self.gen, self.out, self.acks, self.accepting = gen, out, AckCoalescer(), out is not None
+        stale = [d for d in self.unsent if d.gen != gen]
+        if stale:
+            self.stats.stale += len(stale)
+            self.unsent = deque(d for d in self.unsent if d.gen == gen)
+
+    def pending_copies(self) -> int:
+        return len(self.unsent) + len(self.link.confirms)
+
+    # -- outcomes from the pool ----------------------------------------------------------
+    def drain(self, outcomes: deque[Delivery], now: float) -> int:
+        """Settle every outcome handed back since the last call; returns how many were of this generation."""
+        gen = self.gen
+        finished: list[int] = []
+        n = 0
+        while outcomes:
+            d = outcomes.popleft()
+            if d.gen != gen or not self.accepting:
+                self.stats.stale += 1
+                continue
+            n += 1
+            try:
+                o = d.outcome
+                if o is Outcome.ACK:
+                    finished.append(d.tag)
+                elif o is Outcome.RETRY or o is Outcome.DEAD:
+                    self.copy(d)
+                else:
+                    self._requeue(d.tag, counts=o is Outcome.REQUEUE)
+            except Exception as exc:  # contain it to this message: it goes back to the queue
+                log.error("settling message %s failed (%s: %s); requeueing it", d.message_id(), type(exc).__name__, exc)
+                self._requeue(d.tag, counts=True)
+        if finished:
+            self.ack(finished)
+        return n
+
+    def ack(self, tags: list[int]) -> None:
+        assert self.out is not None
+        self.stats.acked += len(tags)
+        for tag, multiple in self.acks.settle(tags):
+            self.out.write(codec.encode_ack(CH, tag, multiple))
+
+    def give_back(self, tags: list[int]) -> None:
+        """Deliveries that never started: basic.nack(requeue), which no delivery limit counts."""
+        for tag in tags:
+            self._requeue(tag, counts=False)
+
+    def _requeue(self, tag: int, counts: bool) -> None:
+        """The one place a delivery goes back to its queue. `counts`: reject (it ran); else nack (it never started)."""
+        if self.out is None or not self.accepting:
+            return
+        self.out.write(codec.encode_reject(CH, tag, True) if counts else codec.encode_nack(CH, tag, False, True))
+        self.acks.mark_sent(tag)
+        self.stats.requeued += 1
+
+    # -- copies ----------------------------------------------------------------------------
+    def copy(self, d: Delivery) -> None:
+        """A retry or dead letter: queue its copy for the link; the original is acked when the copy is confirmed."""
+        err = d.error or {}
+        what = f"{d.reason} ({err.get('type')}: {logs.clean(err.get('message', ''))})" if err else d.reason
+        task = logs.clean(d.task or "?", 100)
+        if d.outcome is Outcome.RETRY:
+            log.warning("message %s (task %s) from queue %s failed: %s; retrying it in %.1fs",
+                        d.message_id(), task, d.queue, what, d.delay,
+                        event="retry", task=task, queue=d.queue, reason=d.reason, outcome="retry")
+        else:
+            log.warning("message %s (task %s) from queue %s failed: %s; dead-lettering it to %s",
+                        d.message_id(), task, d.queue, what, d.copy_to,
+                        event="dead_letter", task=task, queue=d.queue, reason=d.reason, outcome="dead")
+        self.unsent.append(d)
+
+    def service(self, now: float) -> float | None:
+        """Publish waiting copies when the link can take them; open it when needed. Returns the next wake-up."""
+        if not self.unsent or now < self.retry_at:
+            return self.retry_at if self.unsent else None
+        link = self.link
+        if not link.is_open:
+            link.open(now)
+            return now + 0.05
+        if not link.ready:
+            return None  # the selector wakes us as it opens
+        while self.unsent:
+            d = self.unsent[0]
+            if d.blame and link.confirms:
+                return None  # a suspect copy goes alone, once everything before it is confirmed
+            self.unsent.popleft()
+            if d.blame >= 2:
+                d.copy_declare = None
+            try:
+                link.publish(d, now)
+            except Exception as exc:  # contain it to this copy (a header that cannot be framed, say)
+                log.error("copy of message %s cannot be written (%s: %s); requeueing the original",
+                          d.message_id(), type(exc).__name__, exc)
+                self._copy_failed(d)
+                continue
+            if d.blame:
+                return None
+        self.backoff.reset()
+        return None
+
+    def link_failed(self, exc: BaseException, now: float) -> None:
+        pending = [d for d in self.link.fail() if d.gen == self.gen]
+        if pending and isinstance(exc, ConnectionClosed | ChannelClosed):
+            suspect = pending[0]
+            suspect.blame += 1
+            if suspect.blame >= 2:
+                _strip_user_headers(suspect)
+            if suspect.blame >= MAX_BLAME:
+                pending.pop(0)
+                log.error("the broker keeps refusing the copy of message %s (%s); requeueing the original",
+                          suspect.message_id(), exc, event="copy_refused")
+                self._copy_failed(suspect)
+        self.unsent.extendleft(reversed(pending))
+        delay = self.backoff.next()
+        self.retry_at = now + delay
+        log.warning("publishing connection failed: %s; %d copies will be published again in %.1fs "
+                    "(their originals stay unacked until then)", exc, len(self.unsent), delay, event="link_failed")
+
+    def _on_confirm(self, d: Delivery, ok: bool, why: str) -> None:
+        """From the link: the broker has (or refused) the copy; now the original can be settled."""
+        if d.gen != self.gen or not self.accepting:
+            self.stats.stale += 1  # its channel is gone: the original comes back redelivered
+            return
+        if ok:
+            if d.outcome is Outcome.RETRY:
+                self.stats.retried += 1
+            else:
+                self.stats.dead += 1
+            self.stats.acked -= 1  # ack() counts it; the copy already counted it as retried/dead
+            self.ack([d.tag])
+            return
+        self.stats.copy_failures += 1
+        d.blame += 1
+        if d.blame >= MAX_BLAME:
+            log.error("copy of message %s to %s was %s %d times; requeueing the original",
+                      d.message_id(), d.copy_to, why, d.blame, event="copy_refused")
+            self._copy_failed(d)
+            return
+        delay = self.backoff.next()
+        self.retry_at = max(self.retry_at, time.monotonic() + delay)
+        log.warning("copy of message %s to %s was %s; publishing it again in %.1fs (the original stays unacked)",
+                    d.message_id(), d.copy_to, why, delay, event="copy_failed")
+        self.unsent.append(d)
+
+    def _copy_failed(self, d: Delivery) -> None:
+        self.stats.copy_failures += 1
+        self._requeue(d.tag, counts=True)
+
+
+def _strip_user_headers(d: Delivery) -> None:
+    """Keep only magne's headers on a copy the broker keeps refusing."""
+    try:
+        headers: dict[str, Any] = {k: v for k, v in (codec.decode_properties(d.copy_header).headers or {}).items()
+                                   if wire.is_magne_header(k) and k != wire.HISTORY}
+    except Exception:
+        headers = {}
+    headers[wire.DROPPED] = "publisher headers left out: the broker refused the copy with them"
+    d.copy_header = codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers=headers), len(d.body))

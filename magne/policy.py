@@ -1,0 +1,94 @@
+"""What happens to a message whose task did not succeed: the retry and dead-letter policy.
+
+`decide()` is pure: given the delivery, what went wrong and the task's policy, it
+says retry-with-delay (and prepares the copy for the delay queue) or dead-letter
+(and prepares the copy for `<queue>.dead`). The pool runs tasks and calls it on a
+failure; the I/O thread only writes what it prepared. Nothing here touches a
+socket or a lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+import traceback
+from typing import Any
+
+from magne import topology, wire
+from magne.delivery import Delivery, Outcome
+from magne.errors import TimeLimitExceeded
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = 0
+    min_backoff: float = 1.0
+    max_backoff: float = 300.0
+    # None: any Exception the task raises, and time limits. Otherwise only these types
+    # (list TimeLimitExceeded here to retry time limits too).
+    retry_on: tuple[type[BaseException], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if not 0 < self.min_backoff <= self.max_backoff:
+            raise ValueError("backoff needs 0 < min_backoff <= max_backoff")
+
+    def should_retry(self, exc: BaseException, retries_done: int) -> bool:
+        if retries_done >= self.max_retries:
+            return False
+        if self.retry_on is None:
+            return isinstance(exc, Exception | TimeLimitExceeded)
+        return isinstance(exc, self.retry_on)
+
+    def backoff(self, retries_done: int) -> float:
+        """Exponential with equal jitter: between half and all of min * 2^n, capped."""
+        ceiling = min(self.max_backoff, self.min_backoff * 2 ** min(retries_done, 64))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """What went wrong with one run. `retryable=False` for messages that can never run (bad body, arguments)."""
+
+    reason: str  # "bad message", "wrong arguments", "task raised", "time limit", "body too large"
+    exc: BaseException
+    retryable: bool = True
+
+    def error(self, with_traceback: bool) -> dict[str, str]:
+        err = {"type": type(self.exc).__name__, "message": str(self.exc)[: wire.MESSAGE_CHARS]}
+        if with_traceback:
+            err["traceback"] = "".join(traceback.format_exception(self.exc))[-wire.TRACEBACK_CHARS :]
+        return err
+
+
+def decide(d: Delivery, failure: Failure, policy: RetryPolicy | None, frame_max: int,
+           queue_type: str = "classic", now: float | None = None) -> list[str]:
+    """Fill in `d`'s outcome and its copy; returns warnings about its headers (for the log)."""
+    state = wire.read_state(d.header)
+    error = failure.error(with_traceback=failure.retryable)
+    d.reason = failure.reason
+    d.error = error
+    entry = {"attempt": state.retries + 1, "reason": failure.reason, "error-type": error["type"],
+             "error-message": error["message"][: wire.HISTORY_MESSAGE_CHARS], "at": int(now or time.time())}
+    history = [*state.history[-(wire.HISTORY_KEEP - 1):], entry]
+    add: dict[str, Any]
+    if failure.retryable and policy is not None and policy.should_retry(failure.exc, state.retries):
+        d.outcome = Outcome.RETRY
+        d.delay = policy.backoff(state.retries)
+        ms = topology.delay_ms(d.delay)
+        d.copy_to = topology.delay_queue(d.queue, ms)
+        d.copy_declare = topology.declare_delay(d.queue, ms)
+        add = {wire.RETRIES: state.retries + 1, wire.HISTORY: history}
+    else:
+        d.outcome = Outcome.DEAD
+        d.copy_to = topology.dead_queue(d.queue)
+        d.copy_declare = topology.dead_declaration(d.queue, queue_type)[0]
+        add = {wire.REASON: failure.reason, wire.QUEUE: d.queue, wire.TASK: d.task, wire.RETRIES: state.retries,
+               wire.ERROR_TYPE: error["type"], wire.ERROR_MESSAGE: error["message"]}
+        if "traceback" in error:
+            add[wire.ERROR_TRACEBACK] = error["traceback"]
+        add[wire.HISTORY] = history
+    d.copy_header = wire.copy_header(d.header, add, frame_max)
+    return state.warnings

@@ -1,0 +1,66 @@
+"""Signals for the worker and the supervisor, one way: handlers set flags and write a pipe.
+
+Why a pipe: a handler runs on the main thread between two bytecodes, possibly
+while that thread holds a lock; `Event.set()` from a handler deadlocked one
+cold-shutdown test run in three when the signal landed inside the Event's own
+lock. A handler here only counts the signal and writes one byte; the main loop
+waits on the pipe with `wait()` and acts on the counts.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+from collections import Counter
+from types import FrameType
+
+
+class Signals:
+    """Counts of received signals, and a wait that wakes when one arrives. Main thread only."""
+
+    def __init__(self, *signums: int) -> None:
+        self.counts: Counter[int] = Counter()
+        self.order: list[int] = []  # arrival order, for "second SIGINT means cold"
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        for s in signums:
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum: int, _frame: FrameType | None) -> None:
+        self.counts[signum] += 1
+        self.order.append(signum)
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._w, b"x")
+        except BlockingIOError:
+            pass  # plenty of wake-ups pending
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`, less if a signal arrives."""
+        if select.select([self._r], [], [], max(0.0, seconds))[0]:
+            try:
+                os.read(self._r, 4096)
+            except BlockingIOError:
+                pass
+
+    def take(self, signum: int) -> bool:
+        """True (once per arrival) if `signum` arrived since the last take."""
+        if self.counts[signum]:
+            self.counts[signum] -= 1
+            return True
+        return False
+
+    def stops(self) -> int:
+        """How many stop requests (SIGTERM, SIGINT) arrived in all."""
+        return sum(1 for s in self.order if s in (signal.SIGTERM, signal.SIGINT))
+
+    def cold(self) -> bool:
+        """SIGQUIT, or a SIGINT after an earlier stop request: stop cold."""
+        if signal.SIGQUIT in self.order:
+            return True
+        stops = [s for s in self.order if s in (signal.SIGTERM, signal.SIGINT)]
+        return len(stops) >= 2 and signal.SIGINT in stops[1:]

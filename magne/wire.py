@@ -1,0 +1,238 @@
+"""The wire format in code: the JSON body, and every `x-magne-*` header (docs/wire-format.md is its twin).
+
+Everything a publisher controls arrives here first. The body is decoded with
+orjson (the hot path); a body holding an integer orjson would turn into a float
+(outside 64 bits) is decoded again with the standard library, so integers stay
+exact both ways. magne's own headers are read through `read_state`, one
+validating parser: a value of the wrong type, negative or absurdly large is
+treated as absent and reported as a warning, and the history is rebuilt from
+fields of the types magne writes, so nothing a publisher puts in a header can
+reach the worker's arithmetic or make a copy unencodable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import uuid
+from typing import Any
+
+import orjson
+from pamqp import commands
+
+from magne.amqp import codec, properties
+from magne.amqp.errors import FrameError
+from magne.errors import BadMessage
+
+CONTENT_TYPE = "application/json"
+# content-encoding values that mean "no transformation" (kombu and others send utf-8).
+PLAIN_ENCODINGS = frozenset({"", "utf-8", "utf8", "identity"})
+
+# -- header names ---------------------------------------------------------------------
+PREFIX = "x-magne-"
+RETRIES = "x-magne-retries"  # retries already made (int)
+HISTORY = "x-magne-history"  # one table per failed attempt
+REASON = "x-magne-reason"  # why it was dead-lettered
+QUEUE = "x-magne-queue"  # the task queue it came from
+TASK = "x-magne-task"
+ERROR_TYPE = "x-magne-error-type"
+ERROR_MESSAGE = "x-magne-error-message"
+ERROR_TRACEBACK = "x-magne-error-traceback"
+DROPPED = "x-magne-dropped-headers"  # what was left out so that the copy fits a frame
+
+MAX_RETRIES_VALUE = 1_000_000  # a retry count above this is not one magne wrote
+HISTORY_KEEP = 20
+MESSAGE_CHARS = 4096
+TRACEBACK_CHARS = 8192
+HISTORY_MESSAGE_CHARS = 512
+
+
+def is_magne_header(key: str) -> bool:
+    return key.startswith(PREFIX)
+
+
+# -- the body --------------------------------------------------------------------------
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode(task_name: str, args: Any = (), kwargs: dict[str, Any] | None = None, message_id: str | None = None) -> bytes:
+    """A task message body. Integers beyond 64 bits are written exactly (the standard library does it)."""
+    msg: dict[str, Any] = {"func": task_name, "args": list(args)}
+    if kwargs:
+        msg["kwargs"] = kwargs
+    if message_id:
+        msg["id"] = message_id
+    try:
+        return orjson.dumps(msg)
+    except orjson.JSONEncodeError as exc:
+        if "64-bit" in str(exc):
+            try:
+                return json.dumps(msg, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+            except (TypeError, ValueError) as exc2:
+                exc = exc2  # type: ignore[assignment]
+        raise TypeError(f"arguments of task {task_name!r} are not JSON-serializable: {exc}") from None
+
+
+def properties_for(message_id: str) -> commands.Basic.Properties:
+    return commands.Basic.Properties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=2,  # persistent: survives a broker restart in a durable queue
+        message_id=message_id,
+    )
+
+
+# orjson reads an integer literal of 20+ digits that does not fit 64 bits as a float;
+# such bodies (rare) are read by the standard library instead. A 20-digit run inside
+# a string also matches: that only costs the slower parser, never a wrong value.
+_LONG_DIGITS = re.compile(rb"\d{20}").search
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode(body: bytes) -> tuple[str, list[Any], dict[str, Any]]:
+    """Body → (task name, args, kwargs), or BadMessage saying what is wrong. Called on pool threads."""
+    try:
+        if _LONG_DIGITS(body):
+            msg = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        else:
+            msg = orjson.loads(body)
+    except (orjson.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise BadMessage(f"body is not JSON: {exc}") from None
+    if type(msg) is not dict:
+        raise BadMessage(f"body is JSON {type(msg).__name__}, not an object")
+    func = msg.get("func")
+    if type(func) is not str:
+        raise BadMessage("body has no string field 'func' naming the task")
+    args = msg.get("args")
+    if args is None:
+        args = []
+    elif type(args) is not list:
+        raise BadMessage(f"'args' must be a JSON array, got {type(args).__name__}")
+    kwargs = msg.get("kwargs")
+    if kwargs is None:
+        kwargs = {}
+    elif type(kwargs) is not dict:
+        raise BadMessage(f"'kwargs' must be a JSON object, got {type(kwargs).__name__}")
+    return func, args, kwargs
+
+
+def check_encoding(header_payload: bytes) -> None:
+    """BadMessage if the properties name a content-encoding (gzip, ...) that magne does not undo.
+
+    The flag test is one byte (content-encoding is bit 14 of the first flag word); only
+    a message that has the property pays for decoding it.
+    """
+    if len(header_payload) > 12 and header_payload[12] & 0x40:
+        try:
+            enc = (codec.decode_properties(header_payload).content_encoding or "").strip().lower()
+        except Exception:
+            raise BadMessage("unreadable message properties") from None
+        if enc not in PLAIN_ENCODINGS:
+            raise BadMessage(f"content-encoding {enc[:40]!r} is not supported: magne reads plain UTF-8 JSON bodies")
+
+
+# -- magne's headers -----------------------------------------------------------------------
+@dataclasses.dataclass
+class State:
+    """What a message's headers say about its earlier attempts, validated."""
+
+    retries: int = 0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    message_id: str | None = None
+
+
+def _history_entry(e: Any) -> dict[str, Any] | None:
+    """One history table as magne writes it, or None."""
+    if not isinstance(e, dict):
+        return None
+    attempt, reason, etype, emsg, at = (e.get(k) for k in ("attempt", "reason", "error-type", "error-message", "at"))
+    if not (type(attempt) is int and 0 < attempt <= MAX_RETRIES_VALUE + 1 and type(at) is int and 0 <= at < 2**40):
+        return None
+    if not (isinstance(reason, str) and isinstance(etype, str) and isinstance(emsg, str)):
+        return None
+    return {"attempt": attempt, "reason": reason[:64], "error-type": etype[:200],
+            "error-message": emsg[:HISTORY_MESSAGE_CHARS], "at": at}
+
+
+def read_state(header_payload: bytes) -> State:
+    """Validated retry count and history from a message's properties. Never raises."""
+    st = State()
+    try:
+        props = codec.decode_properties(header_payload)
+    except Exception:
+        st.warnings.append("its properties cannot be decoded; treating it as a first attempt")
+        return st
+    st.message_id = props.message_id if isinstance(props.message_id, str) else None
+    headers = props.headers if isinstance(props.headers, dict) else {}
+    retries = headers.get(RETRIES)
+    if retries is not None:
+        if type(retries) is int and 0 <= retries <= MAX_RETRIES_VALUE:
+            st.retries = retries
+        else:
+            st.warnings.append(f"header {RETRIES} holds {safe_repr(retries)}, not a retry count magne wrote; "
+                               "treating it as absent")
+    history = headers.get(HISTORY)
+    if history is not None:
+        entries = history if isinstance(history, list) else []
+        kept = [h for h in (_history_entry(e) for e in entries[-HISTORY_KEEP:]) if h is not None]
+        if len(kept) != len(entries):
+            st.warnings.append(f"header {HISTORY} had {len(entries) - len(kept) if entries else 'a'} "
+                               "malformed entries; they were dropped")
+        st.history = kept
+    return st
+
+
+def safe_repr(value: Any, limit: int = 60) -> str:
+    """A short, escaped rendering of a publisher's value for a log line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- copies -----------------------------------------------------------------------------------
+def copy_header(original: bytes, add: dict[str, Any], frame_max: int) -> bytes:
+    """The content header of a retry or dead-letter copy, guaranteed to fit `frame_max`.
+
+    The original's properties and headers are kept bit-exact (minus its old x-magne-*
+    entries), magne's `add` appended. If that does not fit: the traceback and history
+    are trimmed; if it still does not: the publisher's headers are left out and
+    DROPPED says how many. If the original cannot even be walked, only magne's
+    headers and delivery mode 2 are written.
+    """
+    budget = frame_max - codec.FRAME_OVERHEAD
+    try:
+        payload = properties.splice(original, add, is_magne_header)
+        if len(payload) <= budget:
+            return payload
+        add = _trimmed(add)
+        payload = properties.splice(original, add, is_magne_header)
+        if len(payload) <= budget:
+            return payload
+        _size, raw = properties.split(original)
+        n = len(properties.table_entries(raw["headers"])) if "headers" in raw else 0
+        note = f"{n} publisher headers ({len(raw.get('headers', b''))} bytes) left out: the copy must fit frame_max {frame_max}"
+        payload = properties.splice(original, {**add, DROPPED: note}, is_magne_header, keep_user_headers=False)
+        if len(payload) <= budget:
+            return payload
+        body_size = properties.split(original)[0]
+    except FrameError:
+        body_size = int.from_bytes(original[4:12], "big") if len(original) >= 12 else 0
+        add = {**_trimmed(add), DROPPED: "the original properties could not be read"}
+    # Last resort: nothing of the original's properties, magne's headers trimmed hard.
+    minimal = {k: (v[:200] if isinstance(v, str) else v) for k, v in add.items() if k != HISTORY}
+    return codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers=minimal), body_size)
+
+
+def _trimmed(add: dict[str, Any]) -> dict[str, Any]:
+    out = dict(add)
+    if isinstance(out.get(ERROR_TRACEBACK), str):
+        out[ERROR_TRACEBACK] = out[ERROR_TRACEBACK][-1024:]
+    if isinstance(out.get(ERROR_MESSAGE), str):
+        out[ERROR_MESSAGE] = out[ERROR_MESSAGE][:512]
+    if isinstance(out.get(HISTORY), list):
+        out[HISTORY] = out[HISTORY][-3:]
+    return out
