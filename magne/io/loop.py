@@ -75,7 +75,7 @@ class IOThread(threading.Thread):
         self._reconnect_at = 0.0
         self._ready_at = 0.0
         self._close_deadline = 0.0
-        self._watched: dict[str, tuple[int, int]] = {}  # "consumer"/"link" -> (fd, events) registered
+        self._watched: dict[str, tuple[object, int]] = {}  # "consumer"/"link" -> (socket, events) registered
 
     # -- called from other threads -----------------------------------------------------------
     def report(self, d: Delivery) -> None:
@@ -148,30 +148,32 @@ class IOThread(threading.Thread):
         return self.consumer.conn if who == "consumer" else self.link.conn
 
     def _watch(self, sel: selectors.BaseSelector) -> None:
-        """Keep the selector's registrations in step with each connection's socket and what it waits for."""
+        """Keep the selector's registrations in step with each connection's socket and what it waits for.
+
+        Keyed by the socket object, not its fd: a reconnect closes one socket and the next
+        one often gets the same fd number, which the kernel has already dropped from epoll.
+        """
         for who in ("consumer", "link"):
             conn = self._conn_of(who)
-            want = (conn.fileno(), conn.events()) if conn is not None else (-1, 0)
-            have = self._watched.get(who, (-1, 0))
-            if want == have:
+            sock = conn.sock if conn is not None else None
+            events = conn.events() if conn is not None and sock is not None else 0
+            old_sock, old_events = self._watched.get(who, (None, 0))
+            if sock is old_sock and events == old_events:
                 continue
-            if have[1] and have[0] != want[0]:
+            if old_sock is not None and (sock is not old_sock or not events):
                 try:
-                    sel.unregister(have[0])
-                except (KeyError, ValueError):
+                    sel.unregister(old_sock)
+                except (KeyError, ValueError, OSError):
                     pass
-                have = (-1, 0)
-            if want[1] == 0:
-                if have[1]:
-                    try:
-                        sel.unregister(have[0])
-                    except (KeyError, ValueError):
-                        pass
-            elif have[1]:
-                sel.modify(want[0], want[1], who)
+                old_sock, old_events = None, 0
+            if events:
+                if old_sock is None:
+                    sel.register(sock, events, who)
+                else:
+                    sel.modify(sock, events, who)
+                self._watched[who] = (sock, events)
             else:
-                sel.register(want[0], want[1], who)
-            self._watched[who] = want if want[1] else (-1, 0)
+                self._watched[who] = (None, 0)
 
     def _on_io(self, who: str, mask: int, now: float) -> None:
         conn = self._conn_of(who)
