@@ -61,3 +61,24 @@ def test_in_order_batch_is_one_multiple_ack():
     assert c.settle([5]) == [(5, False)]
     assert c.settle([4]) == [(4, True)]  # 5 was acked singly: the multiple ack must stop at 4
     assert c.base == 5 and not c.sent
+
+
+def test_state_stays_bounded_behind_one_long_running_delivery():
+    """Invariant 9: 200,000 tags finished behind one unfinished tag are held as one run, not 200,000 entries."""
+    c = AckCoalescer()
+    n = 200_000
+    for start in range(2, n + 2, 1000):
+        c.settle(list(range(start, start + 1000)))
+        assert len(c.sent) == 1
+    assert c.settle([1]) == [(1, True)]  # the long task finishes: the prefix closes in one step
+    assert c.base == n + 1 and not c.sent
+
+
+def test_runs_merge_from_both_sides_and_rejects_count():
+    c = AckCoalescer()
+    assert c.settle([5, 3]) == [(3, False), (5, False)]
+    c.mark_sent(4)  # a reject between them joins the runs
+    assert c.sent == [[3, 5]]
+    assert c.settle([2]) == [(2, False)]
+    assert c.settle([1]) == [(1, True)]
+    assert c.base == 5 and not c.sent
