@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import random
 import statistics
@@ -29,15 +30,16 @@ def workloads(scale: float) -> dict[str, dict[str, Any]]:
     n_lat = max(8, int(1000 * scale))
     sleeps = [rng.choices([0.5, 0.3, 0.1], weights=[30, 20, 50])[0] for _ in range(n_lat)]
     fibs = [rng.randint(1, 200) for _ in range(max(8, int(20000 * scale)))]
+    base = ["magne-base"] if os.environ.get("BENCH_MAGNE_BASE") else []  # before/after in one run (bench/peers.py)
     return {
         "throughput": {"task": "incr", "args": [[] for _ in range(max(8, int(20000 * scale)))],
-                       "prefetch": [None, 256], "peers": ["magne", "dramatiq", "celery", "magne-p2"]},
+                       "prefetch": [None, 256], "peers": ["magne", *base, "dramatiq", "celery", "magne-p2"]},
         "latency": {"task": "sleep_incr", "args": [[s] for s in sleeps], "sleeps": sleeps,
                     "prefetch": [None], "peers": ["magne", "dramatiq", "celery"]},
         "cpu": {"task": "fib_incr", "args": [[f] for f in fibs],
                 "prefetch": [None], "peers": ["magne", "dramatiq", "celery", "magne-p2"]},
         "raw": {"task": "noop", "args": [[] for _ in range(max(8, int(50000 * scale)))], "counter": False,
-                "prefetch": [None, 256], "peers": ["magne", "dramatiq", "celery", "bare-loop"]},
+                "prefetch": [None, 256], "peers": ["magne", *base, "dramatiq", "celery", "bare-loop"]},
     }
 
 

@@ -143,9 +143,24 @@ def bare() -> Peer:
     return dataclasses.replace(magne(), name="bare-loop", command=lambda prefetch: [PY, "-m", "bench.bare", "bench-magne"])
 
 
+def magne_base() -> Peer:
+    """magne as it was at another commit, for before/after figures in one run.
+
+    BENCH_MAGNE_BASE names a checkout of that commit (`git worktree add /tmp/magne-base REV`);
+    its package is put first on PYTHONPATH, so `python -m magne` runs that code on the same
+    messages, queue and settings as the current `magne`.
+    """
+    base = os.environ.get("BENCH_MAGNE_BASE", "")
+    if not base:
+        raise SystemExit("magne-base needs BENCH_MAGNE_BASE=<a checkout of the commit to compare with>")
+    cur = magne()
+    return dataclasses.replace(cur, name="magne-base", env=lambda prefetch: {"PYTHONPATH": f"{base}{os.pathsep}{os.getcwd()}"})
+
+
 ALL: dict[str, Callable[[], Peer]] = {
     "bare-loop": bare,
     "magne": magne,
+    "magne-base": magne_base,
     "magne-p2": lambda: magne(2),
     "dramatiq": dramatiq,
     "celery": celery,

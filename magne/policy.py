@@ -15,7 +15,10 @@ import time
 import traceback
 from typing import Any
 
+from pamqp import commands
+
 from magne import topology, wire
+from magne.amqp import codec
 from magne.delivery import Delivery, Outcome
 from magne.errors import TimeLimitExceeded
 
@@ -92,3 +95,15 @@ def decide(d: Delivery, failure: Failure, policy: RetryPolicy | None, frame_max:
         add[wire.HISTORY] = history
     d.copy_header = wire.copy_header(d.header, add, frame_max)
     return state.warnings
+
+
+def dead_letter_plainly(d: Delivery, failure: Failure, why: str) -> None:
+    """The fallback when decide() itself failed: dead-letter with magne's headers only, so nothing is lost."""
+    d.outcome = Outcome.DEAD
+    d.reason = failure.reason
+    d.copy_to = topology.dead_queue(d.queue)
+    d.copy_declare = None
+    d.copy_header = codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers={
+        wire.REASON: failure.reason, wire.QUEUE: d.queue, wire.TASK: d.task[:200],
+        wire.ERROR_TYPE: type(failure.exc).__name__[:200], wire.ERROR_MESSAGE: str(failure.exc)[:512],
+        wire.DROPPED: why[:512]}), len(d.body))

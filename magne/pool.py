@@ -21,13 +21,10 @@ from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any
 
-from pamqp import commands
-
 from magne import logs, wire
-from magne.amqp import codec
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, ColdShutdown, Interrupt, TimeLimitExceeded
-from magne.policy import Failure, RetryPolicy, decide
+from magne.policy import Failure, RetryPolicy, dead_letter_plainly, decide
 from magne.registry import Task
 from magne.timelimits import Slot, SlotState
 
@@ -229,21 +226,12 @@ class Pool:
             warnings = decide(d, failure, self.policies.get(d.task), self.frame_max,
                               self.queue_types.get(d.queue, "classic"))
         except Exception as exc:  # a bug in deciding must not lose the message: dead-letter it plainly
-            warnings = [f"deciding its outcome failed ({type(exc).__name__}: {exc}); dead-lettering it as it is"]
-            d.outcome = Outcome.DEAD
-            d.reason = failure.reason
-            d.copy_to = f"{d.queue}.dead"
-            d.copy_declare = None
-            d.copy_header = codec.header_payload(_plain_dead_properties(failure, d), len(d.body))
+            why = f"deciding its outcome failed ({type(exc).__name__}: {exc})"
+            warnings = [f"{why}; dead-lettering it with magne's headers only"]
+            dead_letter_plainly(d, failure, why)
         for w in warnings:
             log.warning("message %s (task %s) from queue %s: %s", d.message_id(), logs.clean(d.task, 100), d.queue, w,
                         event="bad_header", task=d.task, queue=d.queue)
-
-
-def _plain_dead_properties(failure: Failure, d: Delivery) -> commands.Basic.Properties:
-    return commands.Basic.Properties(delivery_mode=2, headers={
-        wire.REASON: failure.reason, wire.QUEUE: d.queue, wire.TASK: d.task[:200],
-        wire.ERROR_TYPE: type(failure.exc).__name__, wire.ERROR_MESSAGE: str(failure.exc)[:512]})
 
 
 def _binds(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> bool:

@@ -314,7 +314,13 @@ class Connection:
             self.abort()
 
     def abort(self) -> None:
-        """Drop the socket at once (the broker requeues what was unacked)."""
+        """Drop the socket (the broker requeues what was unacked). Whatever the socket takes at once is
+        written first, so an answer already queued (a close-ok) still goes out; nothing waits."""
+        if self.sock is not None and self.outbox and self.state not in (State.CONNECTING, State.TLS, State.RESOLVING):
+            try:
+                self.outbox.flush(self._send_some)
+            except AMQPError:
+                pass
         self._close_socket()
         self.state = State.CLOSED
         self.outbox.clear()
@@ -370,12 +376,8 @@ class Connection:
             self.state = State.OPEN
             self.on_open()
         elif isinstance(frame, commands.Connection.Close):
-            # Answer, try to get the answer out now, then give up the connection.
+            # Answer (abort writes what the socket takes), then give up the connection.
             self.send(0, commands.Connection.CloseOk())
-            try:
-                self.flush(self.last_write)
-            except AMQPError:
-                pass
             self.abort()
             raise ConnectionClosed(frame.reply_code, frame.reply_text)
         elif isinstance(frame, commands.Connection.CloseOk):

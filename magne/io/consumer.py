@@ -34,7 +34,7 @@ from magne.delivery import Delivery
 from magne.errors import BadMessage
 from magne.io.settle import Settlement
 from magne.io.stats import Stats
-from magne.policy import Failure, decide
+from magne.policy import Failure, dead_letter_plainly, decide
 
 log = logs.Log("magne.io")
 
@@ -149,9 +149,12 @@ class Consumer:
 
     def _too_large(self, d: Delivery) -> None:
         """Dead-letter a body over --max-body-size here, without handing it to the pool."""
-        exc = BadMessage(f"body of {len(d.body)} bytes is larger than --max-body-size {self.max_body}")
-        decide(d, Failure("body too large", exc, retryable=False), None, self.copy_frame_max,
-               self.queue_types.get(d.queue, "classic"))
+        failure = Failure("body too large", BadMessage(
+            f"body of {len(d.body)} bytes is larger than --max-body-size {self.max_body}"), retryable=False)
+        try:
+            decide(d, failure, None, self.copy_frame_max, self.queue_types.get(d.queue, "classic"))
+        except Exception as exc:  # contained to this message, like the pool's failures
+            dead_letter_plainly(d, failure, f"deciding its outcome failed ({type(exc).__name__}: {exc})")
         self.settlement.copy(d)
 
     def take_unstarted(self) -> list[Delivery]:
