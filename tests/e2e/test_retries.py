@@ -46,7 +46,7 @@ def test_task_failing_twice_then_succeeding_runs_three_times_acked_once(broker, 
     wait_for(lambda: queue_counts(names["main"]) == (0, 0), 20, interval=0.3, what="queue empty")
     assert broker.ready(names["main"] + ".dead") == 0
     assert w.stop() == 0
-    assert "retried=40" in w.log() and "acked=20" in w.log()
+    assert w.counters()["retried"] == 40 and w.counters()["acked"] == 20
 
 
 def test_task_always_failing_ends_dead_with_its_history(broker, redis, names, start_worker, queue_type):

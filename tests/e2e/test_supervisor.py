@@ -26,7 +26,7 @@ def child_pids(log: str) -> list[int]:
 
 def test_two_processes_hold_exactly_two_connections(broker, redis, names, start_worker):
     w = start_worker("--processes", "2", "--threads", "4")
-    wait_for(lambda: w.log().count(" ready: ") == 2, 30, what="two ready workers")
+    wait_for(lambda: len(w.events("ready")) == 2, 30, what="two ready workers")
     wait_for(lambda: len(connections_named(names["main"])) == 2, 15, what="two connections")
     time.sleep(0.5)  # and no third one shows up
     assert len(connections_named(names["main"])) == 2
@@ -38,7 +38,7 @@ def test_two_processes_hold_exactly_two_connections(broker, redis, names, start_
 
 def test_kill_9_of_a_child_under_load_restarts_it_and_loses_nothing(broker, redis, names, start_worker):
     w = start_worker("--processes", "2", "--threads", "4", "--prefetch", "8")
-    wait_for(lambda: w.log().count(" ready: ") == 2, 30, what="two ready workers")
+    wait_for(lambda: len(w.events("ready")) == 2, 30, what="two ready workers")
     load(broker, names, 0, N)
     wait_for(lambda: len(runs(redis, names)) >= N // 5, 60, what="some progress")
     victim = child_pids(w.log())[0]
@@ -58,7 +58,7 @@ def test_sighup_reloads_new_code_under_load_without_loss(broker, redis, names, s
     vfile.write_text("v1")
     w = start_worker("--processes", "2", "--threads", "4", "--prefetch", "8",
                      env={"MAGNE_TEST_VERSION_FILE": str(vfile)})
-    wait_for(lambda: w.log().count(" ready: ") == 2, 30, what="two ready workers")
+    wait_for(lambda: len(w.events("ready")) == 2, 30, what="two ready workers")
     load(broker, names, 0, N)
     wait_for(lambda: len(runs(redis, names)) >= N // 5, 60, what="some progress")
     vfile.write_text("v2")
@@ -79,12 +79,12 @@ def test_sighup_reloads_new_code_under_load_without_loss(broker, redis, names, s
 
 def test_sigterm_to_the_supervisor_under_load_stops_every_child_cleanly(broker, redis, names, start_worker):
     w = start_worker("--processes", "2", "--threads", "4", "--prefetch", "8")
-    wait_for(lambda: w.log().count(" ready: ") == 2, 30, what="two ready workers")
+    wait_for(lambda: len(w.events("ready")) == 2, 30, what="two ready workers")
     load(broker, names, 0, N, 0.02)
     wait_for(lambda: len(runs(redis, names)) >= 100, 60, what="some progress")
     w.signal(signal.SIGTERM)
     assert w.wait(60) == 0
-    assert w.log().count(" stopped: ") == 2
+    assert len(w.events("stopped")) == 2
     assert "worker exit codes [0, 0]" in w.log()
     done = runs(redis, names)
     assert set(done.values()) == {1}
@@ -98,7 +98,7 @@ def test_import_error_is_one_clear_error_not_a_restart_loop(names, start_worker)
     log = w.log()
     assert "cannot import task module 'no_such_module_abc'" in log
     assert "configuration error" in log
-    assert log.count("started worker process") == 2  # no restarts
+    assert len(w.events("child_started")) == 2  # no restarts
 
 
 def test_crash_loop_backs_off(names, start_worker):

@@ -7,6 +7,7 @@ reliability table comes from `pytest tests/test_faults.py -s -q | grep FAULT`.
 
 from __future__ import annotations
 
+import datetime
 import re
 import signal
 import subprocess
@@ -41,16 +42,11 @@ def load(broker, names, n: int = N) -> None:
         broker.publish(q, q, body(i))
 
 
-def _stamp(line: str) -> float:
-    return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
-
-
-def reconnect_seconds(log: str) -> float:
-    """From the worker's own log: first 'connection lost' to 'reconnected'."""
-    lines = log.splitlines()
-    lost = next(ln for ln in lines if "connection lost" in ln)
-    back = next(ln for ln in lines if "reconnected to" in ln)
-    return _stamp(back) - _stamp(lost)
+def reconnect_seconds(w) -> float:
+    """From the worker's own records: the first connection_lost to the first reconnected."""
+    lost = datetime.datetime.fromisoformat(w.events("connection_lost")[0]["time"])
+    back = datetime.datetime.fromisoformat(w.events("reconnected")[0]["time"])
+    return (back - lost).total_seconds()
 
 
 def check_after_fault(name, w, redis, names, t_fault, n=N):
@@ -63,17 +59,16 @@ def check_after_fault(name, w, redis, names, t_fault, n=N):
     # At the fault, at most PREFETCH deliveries were on the channel (running or waiting to be acked).
     assert dups <= PREFETCH, f"{dups} duplicates: more than were in flight at the fault"
     assert w.proc.poll() is None, "the worker must recover without a restart"
-    wait_for(lambda: "reconnected to" in w.log(), 10, what="the reconnect log line")
+    wait_for(lambda: w.events("reconnected"), 10, what="the worker's reconnected record")
     assert len(connections_of(w.pid)) == 1
     assert channels_of(w.pid) == 1
     assert w.stop() == 0
-    log = w.log()
-    redelivered = int(re.findall(r"redelivered=(\d+)", log)[-1])
-    stale = int(re.findall(r"stale=(\d+)", log)[-1])
+    counters = w.counters()
+    redelivered, stale = counters["redelivered"], counters["stale"]
     # A task may only run twice if the broker redelivered it.
     assert dups <= redelivered
     print(f"\nFAULT {name}: messages={n} duplicates={dups} redelivered={redelivered} stale-outcomes={stale} "
-          f"reconnected-after={reconnect_seconds(log):.1f}s all-done-after={t_done - t_fault:.1f}s")
+          f"reconnected-after={reconnect_seconds(w):.1f}s all-done-after={t_done - t_fault:.1f}s")
     return dups
 
 
@@ -194,7 +189,7 @@ def test_no_fault_no_duplicates(broker, redis, names, start_worker):
     wait_for(lambda: len(runs(redis, names)) == N, 120, what="all tasks")
     assert set(runs(redis, names).values()) == {1}
     assert w.stop() == 0
-    assert "redelivered=0" in w.log()
+    assert w.counters()["redelivered"] == 0
 
 
 def test_rabbitmqctl_available():

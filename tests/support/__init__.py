@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -139,28 +140,63 @@ class Broker:
 
 
 class WorkerProc:
-    """A `magne worker` subprocess with its log in a file."""
+    """A `magne worker` subprocess logging `--log-format json` to a file.
+
+    Tests read the worker through its structured records (`events`, `counters`,
+    `wait_ready`), not by matching log text; `log()` renders the records as text
+    for the assertions about what an operator reads, and for failure messages.
+    The URL goes in MAGNE_URL, as the README recommends, never in argv.
+    """
 
     def __init__(self, tmp: Path, modules: list[str], *args: str, env: dict[str, str] | None = None,
                  url: str = URL) -> None:
         self.log_path = tmp / f"worker-{uuid.uuid4().hex[:6]}.log"
         full_env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'support'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                    **(env or {})}
+                    "MAGNE_URL": url, **(env or {})}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "magne", "worker", *modules, "--url", url, *args],
+            [sys.executable, "-m", "magne", "--log-format", "json", "worker", *modules, *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp,
         )
         self.pid = self.proc.pid
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every line the worker (and its children) wrote; a line that is not JSON becomes {"raw": line}."""
+        out: list[dict[str, Any]] = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            out.append(rec if isinstance(rec, dict) else {"raw": line})
+        return out
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r.get("event") == name]
+
+    def counters(self) -> dict[str, int]:
+        """The I/O thread's counters from the last `stopped` (or `status`) record."""
+        recs = [r for r in self.records() if r.get("event") in ("stopped", "status") and "counters" in r]
+        assert recs, f"no counters reported yet:\n{self.log()}"
+        return recs[-1]["counters"]
+
     def log(self) -> str:
-        return self.log_path.read_text()
+        lines = []
+        for r in self.records():
+            if "raw" in r:
+                lines.append(r["raw"])
+                continue
+            lines.append(f"{r.get('time')} {str(r.get('level')).upper()} [{r.get('pid')} {r.get('thread')}] "
+                         f"{r.get('logger')}: {r.get('message')}")
+            if r.get("traceback"):
+                lines.append(r["traceback"])
+        return "\n".join(lines) + "\n"
 
     def wait_ready(self, timeout: float = 30) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited with {self.proc.returncode} before ready:\n{self.log()}")
-            return " ready: " in self.log()
+            return bool(self.events("ready"))
         wait_for(ready, timeout, what="worker ready")
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
