@@ -47,15 +47,18 @@ _writer: threading.Thread | None = None
 _idle = threading.Event()
 _idle.set()
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Control characters, line and paragraph separators, and the bidirectional overrides that
+# can make a line display as something else.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def clean(value: Any, limit: int = 200) -> str:
-    """A publisher-controlled value made safe for one log line: control characters escaped, length capped."""
+    """A publisher-controlled value made safe for one log line: control characters escaped, then cut to `limit`."""
     text = value if isinstance(value, str) else repr(value)
+    text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text[: limit * 2])
     if len(text) > limit:
         text = text[: limit - 3] + "..."
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return text
 
 
 class Log:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import uuid
 from typing import Any
@@ -65,7 +66,10 @@ def encode(task_name: str, args: Any = (), kwargs: dict[str, Any] | None = None,
     if message_id:
         msg["id"] = message_id
     try:
-        return orjson.dumps(msg)
+        out = orjson.dumps(msg)
+        if b"null" in out:  # cheap test first: only then can a NaN have become null
+            _check_finite(msg, task_name)
+        return out
     except orjson.JSONEncodeError as exc:
         if "64-bit" in str(exc):
             try:
@@ -83,21 +87,42 @@ def properties_for(message_id: str) -> commands.Basic.Properties:
     )
 
 
-# orjson reads an integer literal of 20+ digits that does not fit 64 bits as a float;
-# such bodies (rare) are read by the standard library instead. A 20-digit run inside
-# a string also matches: that only costs the slower parser, never a wrong value.
-_LONG_DIGITS = re.compile(rb"\d{20}").search
+# orjson reads an integer literal that does not fit 64 bits as a float: 20+ digits, or a
+# negative of 19 (below -2**63). Such bodies (rare) are read by the standard library
+# instead. A digit run inside a string also matches: that only costs the slower parser,
+# never a wrong value.
+_LONG_DIGITS = re.compile(rb"\d{20}|-\d{19}").search
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")  # as orjson says for the same body
+    return value
+
+
+def _check_finite(obj: Any, task_name: str) -> None:
+    """orjson writes NaN and infinities as null; a task must not get None for them. Raise instead."""
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise TypeError(f"arguments of task {task_name!r} are not JSON-serializable: {obj!r} is not a JSON number")
+    elif isinstance(obj, list | tuple):
+        for x in obj:
+            _check_finite(x, task_name)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _check_finite(x, task_name)
+
+
 def decode(body: bytes) -> tuple[str, list[Any], dict[str, Any]]:
     """Body → (task name, args, kwargs), or BadMessage saying what is wrong. Called on pool threads."""
     try:
         if _LONG_DIGITS(body):
-            msg = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+            msg = json.loads(body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
         else:
             msg = orjson.loads(body)
     except (orjson.JSONDecodeError, ValueError, RecursionError) as exc:
@@ -155,8 +180,9 @@ def _history_entry(e: Any) -> dict[str, Any] | None:
         return None
     if not (isinstance(reason, str) and isinstance(etype, str) and isinstance(emsg, str)):
         return None
-    return {"attempt": attempt, "reason": reason[:64], "error-type": etype[:200],
-            "error-message": emsg[:HISTORY_MESSAGE_CHARS], "at": at}
+    if len(reason) > 64 or len(etype) > 200 or len(emsg) > HISTORY_MESSAGE_CHARS:
+        return None  # longer than anything magne writes
+    return {"attempt": attempt, "reason": reason, "error-type": etype, "error-message": emsg, "at": at}
 
 
 def read_state(header_payload: bytes) -> State:
@@ -178,12 +204,14 @@ def read_state(header_payload: bytes) -> State:
                                "treating it as absent")
     history = headers.get(HISTORY)
     if history is not None:
-        entries = history if isinstance(history, list) else []
-        kept = [h for h in (_history_entry(e) for e in entries[-HISTORY_KEEP:]) if h is not None]
-        if len(kept) != len(entries):
-            st.warnings.append(f"header {HISTORY} had {len(entries) - len(kept) if entries else 'a'} "
-                               "malformed entries; they were dropped")
-        st.history = kept
+        if not isinstance(history, list):
+            st.warnings.append(f"header {HISTORY} holds {safe_repr(history)}, not a list of attempts; ignoring it")
+        else:
+            considered = history[-HISTORY_KEEP:]
+            st.history = [h for h in (_history_entry(e) for e in considered) if h is not None]
+            if len(st.history) != len(considered):
+                st.warnings.append(f"header {HISTORY} had {len(considered) - len(st.history)} malformed entries; "
+                                   "they were dropped")
     return st
 
 
@@ -213,8 +241,10 @@ def copy_header(original: bytes, add: dict[str, Any], frame_max: int) -> bytes:
         if len(payload) <= budget:
             return payload
         _size, raw = properties.split(original)
-        n = len(properties.table_entries(raw["headers"])) if "headers" in raw else 0
-        note = f"{n} publisher headers ({len(raw.get('headers', b''))} bytes) left out: the copy must fit frame_max {frame_max}"
+        entries = properties.table_entries(raw["headers"]) if "headers" in raw else []
+        names = ", ".join(clean_name(k) for k, _e in entries if not is_magne_header(k))
+        note = (f"{len(entries)} publisher headers ({len(raw.get('headers', b''))} bytes) left out so that the copy "
+                f"fits frame_max {frame_max}: {names}")[:1000]
         payload = properties.splice(original, {**add, DROPPED: note}, is_magne_header, keep_user_headers=False)
         if len(payload) <= budget:
             return payload
@@ -225,6 +255,11 @@ def copy_header(original: bytes, add: dict[str, Any], frame_max: int) -> bytes:
     # Last resort: nothing of the original's properties, magne's headers trimmed hard.
     minimal = {k: (v[:200] if isinstance(v, str) else v) for k, v in add.items() if k != HISTORY}
     return codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers=minimal), body_size)
+
+
+def clean_name(key: str) -> str:
+    """A header name from a publisher, shown in a header of ours: printable and short."""
+    return "".join(c if c.isprintable() else "?" for c in key[:60])
 
 
 def _trimmed(add: dict[str, Any]) -> dict[str, Any]:

@@ -141,20 +141,21 @@ class Decoder:
         pos = 0
         if self._pending:
             # Complete the cut frame with just the bytes it lacks, then parse the rest of `data` in place.
-            head = b"".join(self._pending) if len(self._pending) > 1 or self._pending_len < 7 else self._pending[0]
-            if len(head) < 7:
-                head += data[: 7 - len(head)]
-                pos = 7 - self._pending_len
-                if len(head) < 7:
-                    self._pending, self._pending_len = [head], len(head)
+            # Invariant: once 7 bytes are pending, the first piece holds them (the frame head).
+            if self._pending_len < 7:
+                pos = min(7 - self._pending_len, len(data))
+                self._pending.append(data[:pos])
+                self._pending_len += pos
+                if self._pending_len < 7:
                     return
-                self._pending, self._pending_len = [head], 7
-            total = 8 + self._check_size(_u32(head, 3)[0])
+                self._pending = [b"".join(self._pending)]
+            total = 8 + self._check_size(_u32(self._pending[0], 3)[0])
             missing = total - self._pending_len
             if len(data) - pos < missing:
-                self._pending.append(data[pos:])
-                self._pending_len += len(data) - pos
-                return
+                if pos < len(data):
+                    self._pending.append(data[pos:])
+                    self._pending_len += len(data) - pos
+                return  # still incomplete: the pieces are joined once, when the frame is whole
             frame = b"".join(self._pending) + data[pos : pos + missing]
             self._pending, self._pending_len = [], 0
             self._parse(frame, len(frame))
@@ -173,9 +174,10 @@ class Decoder:
         """Handle every whole frame in buf[pos:n]; return where the first incomplete one starts."""
         while n - pos >= 8:
             ftype, channel, size = _frame_head(buf, pos)
+            if size + FRAME_OVERHEAD > self.max_frame:
+                self._check_size(size)
             end = pos + 7 + size
             if end >= n:
-                self._check_size(size)
                 break
             if buf[end] != FRAME_END:
                 raise FrameError(f"frame does not end with 0xCE (type {ftype}, channel {channel}, size {size})")

@@ -115,6 +115,7 @@ class Connection:
         self._resolved: list[tuple[Any, ...]] | BaseException | None = None
         self._tls_wants = WRITE
         self._login_sent = False
+        self._tuned = False  # the broker accepted the login (tune comes after it)
         # Set by the owner:
         self.on_open: Callable[[], None] = _ignore
         self.on_frame: Callable[[int, Any], None] = _ignore
@@ -236,7 +237,7 @@ class Connection:
         return True
 
     def _lost(self, why: str) -> AMQPError:
-        if self.state is State.HANDSHAKE and self._login_sent:
+        if self.state is State.HANDSHAKE and self._login_sent and not self._tuned:
             # Brokers without authentication_failure_close just drop the socket after a bad login.
             return ConnectionClosed(403, f"login refused for user {self.params.username!r}")
         if self.state is State.HANDSHAKE and not self._login_sent:
@@ -359,19 +360,27 @@ class Connection:
             self.server_properties = dict(frame.server_properties or {})
             offered = (frame.mechanisms or "").split()
             if "PLAIN" not in offered:
-                raise ConnectionClosed(504, f"broker does not offer PLAIN auth (offers {frame.mechanisms})")
+                exc = ConnectionClosed(504, f"broker does not offer PLAIN auth (offers {frame.mechanisms})")
+                exc.permanent = True
+                raise exc
             self.send(0, commands.Connection.StartOk(client_properties(self.name), "PLAIN",
                                                      f"\0{p.username}\0{p.password}", "en_US"))
             self._login_sent = True
         elif isinstance(frame, commands.Connection.Tune):
             self.channel_max = negotiate(p.channel_max, frame.channel_max, 65535)
-            self.frame_max = negotiate(max(MIN_FRAME_MAX, p.frame_max), frame.frame_max, DEFAULT_FRAME_MAX)
+            ours = max(MIN_FRAME_MAX, p.frame_max) if p.frame_max else 0  # 0: no limit of ours
+            self.frame_max = negotiate(ours, frame.frame_max, DEFAULT_FRAME_MAX)
+            self._tuned = True
             self.decoder.max_frame = self.frame_max
             # What the client says in tune-ok is what the broker uses; 0 means off.
             ours, theirs = self.want_heartbeat, frame.heartbeat
             self.heartbeat = 0 if ours == 0 else (min(theirs, ours) if theirs else ours)
             self.send(0, commands.Connection.TuneOk(self.channel_max, self.frame_max, self.heartbeat),
                       commands.Connection.Open(p.vhost))
+        elif isinstance(frame, commands.Connection.Secure):
+            exc = ConnectionClosed(504, "broker sent connection.secure (a SASL challenge); magne logs in with PLAIN only")
+            exc.permanent = True
+            raise exc
         elif isinstance(frame, commands.Connection.OpenOk):
             self.state = State.OPEN
             self.on_open()

@@ -89,6 +89,8 @@ def table_entries(raw_table: bytes) -> list[tuple[str, bytes]]:
     """A raw field table (with its 4-byte length) → [(key, raw entry bytes incl. key)], values untouched."""
     try:
         end = 4 + _u32.unpack_from(raw_table, 0)[0]
+        if end > len(raw_table):
+            raise IndexError
         pos = 4
         out = []
         while pos < end:

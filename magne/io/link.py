@@ -158,10 +158,17 @@ class PublishLink:
         return pending
 
     def close(self, now: float) -> None:
-        """Polite close without waiting (warm shutdown). The socket goes at close-ok or after a timeout (tick)."""
+        """Polite close without waiting (warm shutdown). The socket goes at close-ok or after a timeout (tick).
+
+        A blocked link is dropped instead: during an alarm the broker does not read it, so
+        its close-ok would never come.
+        """
         if self.conn is not None:
             self.ready = False
-            self.conn.close(now)
+            if self.conn.blocked:
+                self.abort()
+            else:
+                self.conn.close(now)
 
     def abort(self) -> None:
         if self.conn is not None:

@@ -80,8 +80,12 @@ class Settlement:
                     finished.append(d.tag)
                 elif o is Outcome.RETRY or o is Outcome.DEAD:
                     self.copy(d)
+                elif o is Outcome.GIVE_BACK:
+                    self._requeue(d.tag, counts=False)
+                elif o is Outcome.REQUEUE:
+                    self._requeue(d.tag, counts=True)
                 else:
-                    self._requeue(d.tag, counts=o is Outcome.REQUEUE)
+                    raise ValueError(f"unknown outcome {o!r}")
             except Exception as exc:  # contain it to this message: it goes back to the queue
                 log.error("settling message %s failed (%s: %s); requeueing it", d.message_id(), type(exc).__name__, exc)
                 self._requeue(d.tag, counts=True)
@@ -146,6 +150,7 @@ class Settlement:
             except Exception as exc:  # contain it to this copy (a header that cannot be framed, say)
                 log.error("copy of message %s cannot be written (%s: %s); requeueing the original",
                           d.message_id(), type(exc).__name__, exc)
+                self.stats.copy_failures += 1
                 self._copy_failed(d)
                 continue
             if d.blame:
@@ -154,7 +159,9 @@ class Settlement:
         return None
 
     def link_failed(self, exc: BaseException, now: float) -> None:
-        pending = [d for d in self.link.fail() if d.gen == self.gen]
+        unconfirmed = self.link.fail()
+        pending = [d for d in unconfirmed if d.gen == self.gen]
+        self.stats.stale += len(unconfirmed) - len(pending)  # their originals come back redelivered
         if pending and isinstance(exc, ConnectionClosed | ChannelClosed):
             suspect = pending[0]
             suspect.blame += 1
@@ -164,6 +171,7 @@ class Settlement:
                 pending.pop(0)
                 log.error("the broker keeps refusing the copy of message %s (%s); requeueing the original",
                           suspect.message_id(), exc, event="copy_refused")
+                self.stats.copy_failures += 1
                 self._copy_failed(suspect)
         self.unsent.extendleft(reversed(pending))
         delay = self.backoff.next()
@@ -198,7 +206,7 @@ class Settlement:
         self.unsent.append(d)
 
     def _copy_failed(self, d: Delivery) -> None:
-        self.stats.copy_failures += 1
+        """Give up on a copy: the original goes back to its queue (counted as a delivery: it ran)."""
         self._requeue(d.tag, counts=True)
 
 
