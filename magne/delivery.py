@@ -16,6 +16,9 @@ class Outcome(enum.IntEnum):
     GIVE_BACK = 4  # basic.nack(requeue): it never started; does not count towards a delivery limit
 
 
+_ACK = Outcome.ACK  # looked up once: an enum member lookup costs ~70 ns, paid per message otherwise
+
+
 class Delivery:
     """One message of the consuming channel. Made by the I/O thread, filled in by one pool thread.
 
@@ -32,7 +35,7 @@ class Delivery:
         self.body = body
         self.header = header  # the content header payload, undecoded (decoded only on cold paths)
         self.redelivered = redelivered
-        self.outcome = Outcome.ACK
+        self.outcome = _ACK
         self.task = ""
         self.reason = ""
         self.error: dict[str, str] | None = None

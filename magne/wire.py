@@ -88,10 +88,11 @@ def properties_for(message_id: str) -> commands.Basic.Properties:
 
 
 # orjson reads an integer literal that does not fit 64 bits as a float: 20+ digits, or a
-# negative of 19 (below -2**63). Such bodies (rare) are read by the standard library
-# instead. A digit run inside a string also matches: that only costs the slower parser,
-# never a wrong value.
-_LONG_DIGITS = re.compile(rb"\d{20}|-\d{19}").search
+# negative of 19 (below -2**63). Bodies with a run of 19 digits (rare) are read by the
+# standard library instead. A digit run inside a string, or a 19-digit int that would
+# have fit, also matches: that only costs the slower parser, never a wrong value. The
+# one-class pattern is the cheapest test found (about 150 ns on a small body).
+_LONG_DIGITS = re.compile(rb"\d{19}").search
 
 
 def _reject_constant(name: str) -> Any:

@@ -103,7 +103,7 @@ class Connection:
         self.state = State.NEW
         self.sock: socket.socket | ssl.SSLSocket | None = None
         self.outbox = Outbox()
-        self.decoder = codec.Decoder(self._dispatch_content, self._dispatch_frame)
+        self.decoder = codec.Decoder(_ignore, self._dispatch_frame)
         self.heartbeat = 0
         self.frame_max = DEFAULT_FRAME_MAX
         self.channel_max = params.channel_max
@@ -119,7 +119,6 @@ class Connection:
         # Set by the owner:
         self.on_open: Callable[[], None] = _ignore
         self.on_frame: Callable[[int, Any], None] = _ignore
-        self.on_content: Callable[[int, Any, bytes, bytes], None] = _ignore
         self.on_channel_close: Callable[[int, ChannelClosed], None] = _raise_channel_closed
         self.on_blocked: Callable[[bool, str], None] = _ignore
 
@@ -336,8 +335,14 @@ class Connection:
             self.sock = None
 
     # -- frames from the broker -------------------------------------------------
-    def _dispatch_content(self, channel: int, method: Any, header: bytes, body: bytes) -> None:
-        self.on_content(channel, method, header, body)
+    @property
+    def on_content(self) -> Callable[[int, Any, bytes, bytes], None]:
+        """Where complete messages go: set by the owner, handed straight to the decoder (hot path, no hop)."""
+        return self.decoder.on_content
+
+    @on_content.setter
+    def on_content(self, handler: Callable[[int, Any, bytes, bytes], None]) -> None:
+        self.decoder.on_content = handler
 
     def _dispatch_frame(self, channel: int, frame: Any) -> None:
         if channel == 0:

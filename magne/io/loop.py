@@ -44,6 +44,7 @@ log = logs.Log("magne.io")
 
 STABLE_AFTER = 10.0  # a connection that lived this long resets the reconnect backoff
 CLOSE_GRACE = 5.0  # how long a stop waits for the broker's close-oks
+TIMER_SLACK = 0.1  # the longest the timers go unchecked while the loop is busy with I/O
 
 
 class Stop(enum.IntEnum):
@@ -116,13 +117,17 @@ class IOThread(threading.Thread):
         sel.register(self._wake_fd, READ, None)
         try:
             self.consumer.connect(time.monotonic())
+            timers_at = 0.0
             while True:
                 now = time.monotonic()
-                wake = self._timers(now)
-                if wake is not None and wake <= now:
-                    wake = now  # due now: poll without waiting
+                if now >= timers_at or self._busy_timers():
+                    # Timers are not run on every turn: at 50k msg/s the loop turns thousands of
+                    # times a second, and running them each time cost ~10 % of the raw figure.
+                    wake = self._timers(now)
+                    timers_at = min(wake, now + TIMER_SLACK) if wake is not None else now + TIMER_SLACK
+                wake = max(timers_at, now)
                 self._watch(sel)
-                events = sel.select(None if wake is None else wake - now)
+                events = sel.select(wake - now)
                 now = time.monotonic()
                 for key, mask in events:
                     if key.data is None:
@@ -236,6 +241,12 @@ class IOThread(threading.Thread):
                         self.params.safe_url(), exc, delay, event="reconnect_failed")
 
     # -- timers ----------------------------------------------------------------------------------------
+    def _busy_timers(self) -> bool:
+        """Whether the timers must run on this turn: something is in motion that they drive."""
+        c = self.consumer
+        return bool(self._stop or self.settlement.unsent or c.conn is None or c.phase is not Phase.CONSUMING
+                    or (self.link.conn is not None and not self.link.ready))
+
     def _timers(self, now: float) -> float | None:
         """Run what is due; return when the loop must next wake up (None: only for I/O)."""
         wakes: list[float] = []

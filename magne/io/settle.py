@@ -68,6 +68,7 @@ class Settlement:
         gen = self.gen
         finished: list[int] = []
         n = 0
+        ack, retry, dead = Outcome.ACK, Outcome.RETRY, Outcome.DEAD  # locals: this loop runs per message
         while outcomes:
             d = outcomes.popleft()
             if d.gen != gen or not self.accepting:
@@ -76,9 +77,9 @@ class Settlement:
             n += 1
             try:
                 o = d.outcome
-                if o is Outcome.ACK:
+                if o is ack:
                     finished.append(d.tag)
-                elif o is Outcome.RETRY or o is Outcome.DEAD:
+                elif o is retry or o is dead:
                     self.copy(d)
                 elif o is Outcome.GIVE_BACK:
                     self._requeue(d.tag, counts=False)
