@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
+    if getattr(args, "url", None) and _has_password(args.url):
+        log.warning("--url carries a password, which every user of this machine can read in `ps`; "
+                    "put the URL in MAGNE_URL instead", event="password_in_argv")
     try:
         if args.command == "worker":
             return _worker(args)
@@ -116,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         logs.flush()
     return EXIT_CONFIG
+
+
+def _has_password(url: str) -> bool:
+    try:
+        return bool(urlsplit(url).password)
+    except ValueError:
+        return False
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -19,12 +19,14 @@ from magne.amqp.errors import (
     FrameError,
     MagneError,
     PublishError,
+    TLSError,
     URLError,
 )
 
 __all__ = [
     "AMQPError", "BadMessage", "BrokerTimeout", "ChannelClosed", "ColdShutdown", "ConfigError", "ConnectionClosed",
-    "ConnectionLost", "FrameError", "Interrupt", "MagneError", "PublishError", "RegistryError", "TimeLimitExceeded", "URLError",
+    "ConnectionLost", "FrameError", "Interrupt", "MagneError", "PublishError", "RegistryError", "TLSError",
+    "TimeLimitExceeded", "URLError",
 ]
 
 

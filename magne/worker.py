@@ -120,6 +120,9 @@ class Worker:
         self.pool = Pool(opts.threads, tasks, self.work, self.io.report, opts.time_limit, opts.lost_after, retry,
                          types, self.params.frame_max)
         self.signals: Signals | None = None
+        if self.params.tls and not self.params.verify:
+            log.warning("TLS certificate checks are off (verify=verify_none): the connection is encrypted but the "
+                        "broker is not authenticated", event="tls_unverified")
 
     def install_signals(self) -> None:
         """Main thread, before run()."""

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,3 +77,28 @@ def start_worker(tmp_path: Path, names: dict[str, str]) -> Iterator:
     if os.environ.get("MAGNE_TEST_SHOW_LOGS"):
         for w in workers:
             print(w.log())
+
+
+@pytest.fixture(scope="session")
+def tls_nodes() -> Iterator[dict[str, object]]:
+    """Two RabbitMQ nodes with TLS listeners, next to the broker on 5672 (never touching it):
+    "open" (client certificate optional) and "strict" (client certificate required). Certificates
+    are made for the run by tests/support/nodes.py."""
+    from support.nodes import TLSNode, kill_leftovers, make_certs
+
+    kill_leftovers()
+    base = Path(tempfile.mkdtemp(prefix="magnetest-tls-"))
+    certs = make_certs(base / "certs")
+    nodes = {"open": TLSNode("magnetest-tls1@localhost", 5690, 25690, tls_port=5691, certs=certs),
+             "strict": TLSNode("magnetest-tls2@localhost", 5692, 25692, tls_port=5693, certs=certs,
+                               require_client_cert=True)}
+    try:
+        for n in nodes.values():
+            n.spawn()
+        for n in nodes.values():
+            n.wait_started(90)
+        yield {"certs": certs, **nodes}
+    finally:
+        for n in nodes.values():
+            n.close()
+        shutil.rmtree(base, ignore_errors=True)

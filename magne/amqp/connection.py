@@ -34,7 +34,7 @@ from typing import Any
 from pamqp import commands
 
 from magne.amqp import codec
-from magne.amqp.errors import AMQPError, ChannelClosed, ConnectionClosed, ConnectionLost
+from magne.amqp.errors import AMQPError, ChannelClosed, ConnectionClosed, ConnectionLost, TLSError, URLError
 from magne.amqp.outbox import Outbox
 from magne.amqp.url import Params, tls_context
 
@@ -83,6 +83,50 @@ def negotiate(ours: int, theirs: int, default: int) -> int:
     """AMQP tune: 0 means "no limit"; the smaller of two limits wins; both 0 takes `default`."""
     limits = [x for x in (ours, theirs) if x]
     return min(limits) if limits else default
+
+
+def choose_mechanism(p: Params, offered: list[str]) -> str:
+    """EXTERNAL (the client certificate is the login) when asked for, or when a certificate is given
+    and the broker offers it; PLAIN otherwise."""
+    wanted = p.auth_mechanism or ("EXTERNAL" if p.tls and p.certfile and "EXTERNAL" in offered else "PLAIN")
+    if wanted not in offered:
+        exc = ConnectionClosed(504, f"broker does not offer {wanted} authentication (it offers {' '.join(offered)})")
+        exc.permanent = True
+        raise exc
+    return wanted
+
+
+def tls_error(p: Params, exc: BaseException, early: bool = False) -> TLSError:
+    """One clear line for a TLS failure, saying which setting to look at.
+
+    `early`: the failure came right after the TLS handshake, before the broker said
+    anything in AMQP; with TLS 1.3 that is how a broker refuses a client certificate.
+    """
+    where = f"TLS with {p.host}:{p.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        if code == 62:
+            return TLSError(f"{where}: the broker's certificate does not match the host name {p.server_name!r} "
+                            "(connect by the name in its certificate, or set server_name_indication=)")
+        if code == 10:
+            return TLSError(f"{where}: the broker's certificate has expired")
+        if code in (18, 19, 20, 21, 2):
+            return TLSError(f"{where}: the broker's certificate is not signed by a CA this client trusts "
+                            "(set cacertfile= in the URL or MAGNE_TLS_CACERTFILE)")
+        return TLSError(f"{where}: the broker's certificate was refused: {exc.verify_message}")
+    reason = (getattr(exc, "reason", None) or str(exc)).upper()
+    if "CERTIFICATE_REQUIRED" in reason or ("HANDSHAKE_FAILURE" in reason and not p.certfile):
+        return TLSError(f"{where}: the broker requires a client certificate (set certfile= and keyfile=)")
+    if "UNKNOWN_CA" in reason or "BAD_CERTIFICATE" in reason or "CERTIFICATE_UNKNOWN" in reason:
+        return TLSError(f"{where}: the broker refused our client certificate ({reason.lower()})")
+    if "CERTIFICATE_EXPIRED" in reason:
+        return TLSError(f"{where}: the broker says our client certificate has expired")
+    if "WRONG_VERSION_NUMBER" in reason:
+        return TLSError(f"{where}: the port does not speak TLS (is it the plain AMQP port?)")
+    if early and not p.certfile and ("EOF" in reason or isinstance(exc, ssl.SSLEOFError)):
+        return TLSError(f"{where}: the broker closed the connection right after the TLS handshake: it most likely "
+                        "requires a client certificate (set certfile= and keyfile=)")
+    return TLSError(f"{where} failed: {exc}", permanent=False)
 
 
 def _ignore(*_args: Any) -> None:
@@ -167,8 +211,11 @@ class Connection:
             self._connect_next(os.strerror(err))
             return
         if self.params.tls:
-            self.sock = tls_context(self.params).wrap_socket(
-                self.sock, server_hostname=self.params.server_name, do_handshake_on_connect=False)
+            try:
+                ctx = tls_context(self.params)
+            except URLError as exc:
+                raise TLSError(str(exc)) from None
+            self.sock = ctx.wrap_socket(self.sock, server_hostname=self.params.server_name, do_handshake_on_connect=False)
             self.state = State.TLS
             self._tls_step()
         else:
@@ -183,7 +230,7 @@ class Connection:
         except ssl.SSLWantWriteError:
             self._tls_wants = WRITE
         except (OSError, ssl.SSLError) as exc:
-            raise ConnectionLost(f"TLS handshake with {self.params.host}:{self.params.port} failed: {exc}") from None
+            raise tls_error(self.params, exc) from None
         else:
             self._begin_amqp()
 
@@ -227,6 +274,8 @@ class Connection:
                 data += sock.recv(262144)
         except _WOULD_BLOCK:
             return False
+        except ssl.SSLError as exc:  # TLS 1.3: a refused client certificate shows on the first read
+            raise tls_error(self.params, exc, early=self._early()) from None
         except OSError as exc:
             raise self._lost(f"receive failed: {exc}") from None
         if not data:
@@ -234,6 +283,10 @@ class Connection:
         self.last_read = now
         self.decoder.feed(data)
         return True
+
+    def _early(self) -> bool:
+        """TLS is up but AMQP has not answered yet: where a broker drops a client it does not accept."""
+        return self.state is State.HANDSHAKE and not self._login_sent
 
     def _lost(self, why: str) -> AMQPError:
         if self.state is State.HANDSHAKE and self._login_sent and not self._tuned:
@@ -255,6 +308,8 @@ class Connection:
             return self.sock.send(data)
         except _WOULD_BLOCK:
             return 0
+        except ssl.SSLError as exc:
+            raise tls_error(self.params, exc, early=self._early()) from None
         except OSError as exc:
             raise self._lost(f"send failed: {exc}") from None
 
@@ -363,13 +418,9 @@ class Connection:
         p = self.params
         if isinstance(frame, commands.Connection.Start):
             self.server_properties = dict(frame.server_properties or {})
-            offered = (frame.mechanisms or "").split()
-            if "PLAIN" not in offered:
-                exc = ConnectionClosed(504, f"broker does not offer PLAIN auth (offers {frame.mechanisms})")
-                exc.permanent = True
-                raise exc
-            self.send(0, commands.Connection.StartOk(client_properties(self.name), "PLAIN",
-                                                     f"\0{p.username}\0{p.password}", "en_US"))
+            mechanism = choose_mechanism(p, (frame.mechanisms or "").split())
+            response = "" if mechanism == "EXTERNAL" else f"\0{p.username}\0{p.password}"
+            self.send(0, commands.Connection.StartOk(client_properties(self.name), mechanism, response, "en_US"))
             self._login_sent = True
         elif isinstance(frame, commands.Connection.Tune):
             self.channel_max = negotiate(p.channel_max, frame.channel_max, 65535)

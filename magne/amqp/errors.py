@@ -34,6 +34,15 @@ class BrokerTimeout(ConnectionLost):
     """The broker did not answer within the time allowed (the connection is then abandoned)."""
 
 
+class TLSError(ConnectionLost):
+    """TLS could not be set up; `permanent` when a setting must change (untrusted CA, name mismatch, expired,
+    a client certificate required or refused, unreadable certificate files)."""
+
+    def __init__(self, text: str, permanent: bool = True) -> None:
+        super().__init__(text)
+        self.permanent = permanent
+
+
 class FrameError(ConnectionLost):
     """The byte stream is not AMQP 0-9-1: the connection cannot continue."""
 

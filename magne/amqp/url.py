@@ -1,4 +1,12 @@
-"""Broker URL parsing, following the RabbitMQ URI spec (amqp:// and amqps://)."""
+"""Broker URL parsing, following the RabbitMQ URI spec (amqp:// and amqps://), and the TLS context.
+
+TLS settings use the names of RabbitMQ's URI query parameters (the ones other
+clients read too): `cacertfile`, `certfile`, `keyfile`, `verify` (`verify_peer`,
+the default, or `verify_none`), `server_name_indication` (a host name, or
+`disable`), and `auth_mechanism` (`plain` or `external`). Where the URL does not
+set them, MAGNE_TLS_CACERTFILE, MAGNE_TLS_CERTFILE and MAGNE_TLS_KEYFILE do. No
+error raised here ever contains the URL's user-info.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +18,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from magne.amqp.errors import URLError
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
+ENV_TLS = {"cacertfile": "MAGNE_TLS_CACERTFILE", "certfile": "MAGNE_TLS_CERTFILE", "keyfile": "MAGNE_TLS_KEYFILE"}
 
-__all__ = ["DEFAULT_URL", "Params", "URLError", "parse_url", "resolve_url", "tls_context"]
+__all__ = ["DEFAULT_URL", "Params", "URLError", "parse_url", "resolve_url", "split_urls", "tls_context"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +35,19 @@ class Params:
     connect_timeout: float = 10.0
     frame_max: int = 131072
     channel_max: int = 2047
+    cacertfile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+    verify: bool = True
+    sni: str | None = None  # server_name_indication; "" means disabled
+    auth_mechanism: str | None = None  # None: EXTERNAL when a client certificate is given and offered, else PLAIN
 
     @property
-    def server_name(self) -> str:
-        """The name TLS checks the certificate against."""
-        return self.host
+    def server_name(self) -> str | None:
+        """The name TLS sends (SNI) and checks the certificate against; None when disabled."""
+        if self.sni == "":
+            return None
+        return self.sni or self.host
 
     def safe_url(self) -> str:
         """The URL as it is safe to log: never with the password."""
@@ -43,10 +60,25 @@ def resolve_url(url: str | None) -> str:
     return url or os.environ.get("MAGNE_URL") or DEFAULT_URL
 
 
+def split_urls(text: str) -> list[str]:
+    """Several broker URLs in one string, separated by ',' or ';' (as celery and dramatiq users write them)."""
+    return [u.strip() for u in text.replace(";", ",").split(",") if u.strip()]
+
+
+def _int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise URLError(f"broker URL query {key}={value[:40]!r} is not a number") from None
+
+
 def parse_url(url: str) -> Params:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise URLError("broker URL cannot be parsed (a password with '#', '/', '?' or '@' must be percent-encoded)") from None
     if parts.scheme not in ("amqp", "amqps"):
-        raise URLError(f"broker URL must start with amqp:// or amqps://, got {parts.scheme or 'no'} scheme")
+        raise URLError(f"broker URL must start with amqp:// or amqps://, got {parts.scheme[:20] or 'no'} scheme")
     tls = parts.scheme == "amqps"
     try:
         port = parts.port or (5671 if tls else 5672)
@@ -60,18 +92,29 @@ def parse_url(url: str) -> Params:
     kwargs: dict[str, object] = {}
     for key, values in parse_qs(parts.query).items():
         value = values[-1]
-        try:
-            if key == "heartbeat":
-                kwargs["heartbeat"] = int(value)
-            elif key in ("connection_timeout", "connect_timeout"):
-                # RabbitMQ's URI query uses milliseconds for connection_timeout.
-                kwargs["connect_timeout"] = int(value) / 1000.0
-            elif key == "frame_max":
-                kwargs["frame_max"] = int(value)
-            elif key == "channel_max":
-                kwargs["channel_max"] = int(value)
-        except ValueError:
-            raise URLError(f"broker URL query {key}={value!r} is not a number") from None
+        if key == "heartbeat":
+            kwargs["heartbeat"] = _int(key, value)
+        elif key in ("connection_timeout", "connect_timeout"):
+            kwargs["connect_timeout"] = _int(key, value) / 1000.0  # RabbitMQ's URI query uses milliseconds
+        elif key in ("frame_max", "channel_max"):
+            kwargs[key] = _int(key, value)
+        elif key in ("cacertfile", "certfile", "keyfile"):
+            kwargs[key] = value
+        elif key == "verify":
+            if value not in ("verify_peer", "verify_none"):
+                raise URLError(f"broker URL query verify={value[:40]!r}: use verify_peer or verify_none")
+            kwargs["verify"] = value == "verify_peer"
+        elif key == "server_name_indication":
+            kwargs["sni"] = "" if value == "disable" else value
+        elif key == "auth_mechanism":
+            if value.lower() not in ("plain", "external"):
+                raise URLError(f"broker URL query auth_mechanism={value[:40]!r}: use plain or external")
+            kwargs["auth_mechanism"] = value.upper()
+    for key, env in ENV_TLS.items():
+        if key not in kwargs and os.environ.get(env):
+            kwargs[key] = os.environ[env]
+    if kwargs.get("keyfile") and not kwargs.get("certfile"):
+        raise URLError("broker URL has keyfile= without certfile=")
     return Params(
         host=parts.hostname or "localhost",
         port=port,
@@ -84,5 +127,23 @@ def parse_url(url: str) -> Params:
 
 
 def tls_context(params: Params) -> ssl.SSLContext:
-    """The TLS context for an amqps:// connection: the system's trusted CAs, host name checked."""
-    return ssl.create_default_context()
+    """The TLS context for an amqps:// connection.
+
+    Trusted CAs: `cacertfile`, else the system's. The host name (or
+    `server_name_indication`) is checked unless `verify=verify_none`. A client
+    certificate (`certfile`, `keyfile`) is presented when given.
+    """
+    try:
+        ctx = ssl.create_default_context(cafile=params.cacertfile)
+        if params.certfile:
+            ctx.load_cert_chain(params.certfile, params.keyfile)
+    except FileNotFoundError as exc:
+        raise URLError(f"TLS file not found: {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise URLError(f"TLS files cannot be used ({exc.__class__.__name__}: {exc})") from None
+    if not params.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    elif params.server_name is None:
+        ctx.check_hostname = False  # SNI disabled: the chain is still verified, the name is not
+    return ctx

@@ -52,3 +52,39 @@ def test_bad_bodies_say_why(body, why):
 def test_unserializable_arguments_are_a_clear_error():
     with pytest.raises(TypeError, match="not JSON-serializable"):
         wire.encode("t", [object()])
+
+
+def test_tls_query_parameters_use_rabbitmqs_names():
+    p = parse_url("amqps://u:p@h/%2F?cacertfile=/ca.pem&certfile=/c.pem&keyfile=/k.pem&verify=verify_none"
+                  "&server_name_indication=broker.example&auth_mechanism=external")
+    assert (p.cacertfile, p.certfile, p.keyfile, p.verify, p.server_name, p.auth_mechanism) == (
+        "/ca.pem", "/c.pem", "/k.pem", False, "broker.example", "EXTERNAL")
+    assert parse_url("amqps://h/?server_name_indication=disable").server_name is None
+    assert parse_url("amqps://h/").server_name == "h" and parse_url("amqps://h/").verify
+
+
+def test_tls_files_come_from_the_environment_unless_the_url_sets_them(monkeypatch):
+    monkeypatch.setenv("MAGNE_TLS_CACERTFILE", "/env-ca.pem")
+    monkeypatch.setenv("MAGNE_TLS_CERTFILE", "/env-c.pem")
+    monkeypatch.setenv("MAGNE_TLS_KEYFILE", "/env-k.pem")
+    p = parse_url("amqps://h/?cacertfile=/url-ca.pem")
+    assert (p.cacertfile, p.certfile, p.keyfile) == ("/url-ca.pem", "/env-c.pem", "/env-k.pem")
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("amqps://h/?verify=maybe", "verify_peer or verify_none"),
+    ("amqps://h/?auth_mechanism=kerberos", "plain or external"),
+    ("amqps://h/?keyfile=/k.pem", "keyfile= without certfile="),
+    ("amqp://h/?heartbeat=soon", "not a number"),
+])
+def test_bad_tls_settings_are_clear_errors(url, why):
+    with pytest.raises(URLError, match=why):
+        parse_url(url)
+
+
+@pytest.mark.parametrize("url", ["amqp://guest:s3cr3t#x@host:5672/%2F", "amqp://guest:s3cr3t/x@host/%2F",
+                                 "amqp://guest:s3cr3t?x@host/%2F"])
+def test_no_url_error_echoes_the_password(url):
+    with pytest.raises(URLError) as e:  # the unescaped character ends the host part inside the password
+        parse_url(url)
+    assert "s3cr3t" not in str(e.value) and "percent-encoded" in str(e.value)
