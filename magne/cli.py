@@ -6,8 +6,6 @@ import argparse
 import sys
 from urllib.parse import urlsplit
 
-import orjson
-
 from magne import logs, topology, wire
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, MagneError
 from magne.pidfile import pid_file
@@ -75,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
     s.add_argument("--queue", help="queue of the task (default: the task name in upper case)")
     s.add_argument("--count", type=_positive(int), default=1, help="publish this many copies")
+    s.add_argument("--declare", action="store_true",
+                   help="declare the queue, its exchange and dead-letter queue if missing (default: publish only to a "
+                        "queue that exists, so that a typo creates nothing)")
+    s.add_argument("--queue-type", choices=["classic", "quorum"], default="classic",
+                   help="with --declare: the type to declare, the same as the worker's (default classic)")
     s.add_argument("--url", help=url_help)
 
     dead = sub.add_parser("dead", help="inspect, replay or purge a queue's dead letters")
@@ -153,20 +156,21 @@ def _send(args: argparse.Namespace) -> int:
     from magne.publisher import Publisher
 
     try:
-        call_args = orjson.loads(args.args)
-        call_kwargs = orjson.loads(args.kwargs)
-    except orjson.JSONDecodeError as exc:
+        call_args = wire.loads(args.args)
+        call_kwargs = wire.loads(args.kwargs)
+    except ValueError as exc:
         print(f"magne send: --args/--kwargs must be JSON: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if type(call_args) is not list or type(call_kwargs) is not dict:
         print("magne send: --args must be a JSON array and --kwargs a JSON object", file=sys.stderr)
         return EXIT_CONFIG
     queue = args.queue or topology.default_queue(args.task)
-    pub = Publisher(args.url)
+    pub = Publisher(args.url, queue_type=args.queue_type)
     try:
         for _ in range(args.count):
             mid = wire.new_id()
-            pub.publish(queue, wire.encode(args.task, call_args, call_kwargs, mid), wire.properties_for(mid))
+            pub.publish(queue, wire.encode(args.task, call_args, call_kwargs, mid), wire.properties_for(mid),
+                        declare=args.declare)
             print(mid)
     finally:
         pub.close()

@@ -24,10 +24,15 @@ from pamqp import commands
 
 from magne import topology
 from magne.amqp.client import Client
-from magne.amqp.errors import BrokerTimeout, ConnectionLost
+from magne.amqp.errors import BrokerTimeout, ChannelClosed, ConnectionLost
 from magne.amqp.url import parse_url, resolve_url
+from magne.errors import ConfigError
 
 LOCK_SLICE = 0.2
+
+
+class NoSuchQueue(ConfigError):
+    """`magne send` to a queue that does not exist (it never creates one by guessing)."""
 
 
 class Publisher:
@@ -57,21 +62,24 @@ class Publisher:
         exchange: str | None = None,
         delay: float | None = None,
         queue_type: str | None = None,
+        declare: bool = True,
     ) -> None:
         """Publish to `queue` (through its exchange, or after `delay` seconds on the broker) and wait for the confirm.
 
-        Called from any application thread; serialised by the publisher's lock.
+        `declare=False` publishes only to a queue that exists (checked once, passively) and
+        raises NoSuchQueue otherwise: what `magne send` does, so that a typo never creates
+        broker objects. Called from any application thread; serialised by the publisher's lock.
         """
         while not self._lock.acquire(timeout=LOCK_SLICE):
             pass  # a bounded wait per slice keeps the thread interruptible
         try:
             try:
-                self._publish(queue, body, properties, exchange, delay, queue_type)
+                self._publish(queue, body, properties, exchange, delay, queue_type, declare)
             except BrokerTimeout:
                 raise  # it may still be confirmed later: publishing again here would only duplicate it
             except ConnectionLost:
                 self._drop()  # found dead (idle too long, broker restarted): once more on a fresh connection
-                self._publish(queue, body, properties, exchange, delay, queue_type)
+                self._publish(queue, body, properties, exchange, delay, queue_type, declare)
         except BaseException:
             self._drop()
             raise
@@ -79,13 +87,16 @@ class Publisher:
             self._lock.release()
 
     def _publish(self, queue: str, body: bytes, properties: commands.Basic.Properties, exchange: str | None,
-                 delay: float | None, queue_type: str | None) -> None:
+                 delay: float | None, queue_type: str | None, declare: bool = True) -> None:
         client = self._connection()
         routing_key = queue
         if exchange is None:
             if queue not in self._declared:
-                for method, reply in topology.declarations(queue, queue_type or self.queue_type):
-                    client.rpc(method, reply)
+                if declare:
+                    for method, reply in topology.declarations(queue, queue_type or self.queue_type):
+                        client.rpc(method, reply)
+                else:
+                    self._check_exists(client, queue)
                 self._declared.add(queue)
             exchange = queue
         if delay is not None and delay > 0:
@@ -94,6 +105,16 @@ class Publisher:
             client.rpc(topology.declare_delay(queue, ms), commands.Queue.DeclareOk)
             exchange, routing_key = "", topology.delay_queue(queue, ms)
         client.publish_confirmed(exchange, routing_key, body, properties)
+
+    def _check_exists(self, client: Client, queue: str) -> None:
+        try:
+            client.rpc(commands.Queue.Declare(queue=queue, passive=True), commands.Queue.DeclareOk)
+            client.rpc(commands.Exchange.Declare(exchange=queue, passive=True), commands.Exchange.DeclareOk)
+        except ChannelClosed as exc:
+            if exc.code != 404:
+                raise
+            raise NoSuchQueue(f"queue {queue!r} (or its exchange) does not exist: start a worker for its tasks, "
+                              "or pass --declare (with --queue-type if it must be a quorum queue)") from None
 
     def _drop(self) -> None:
         if self._client is not None and self._pid == os.getpid():

@@ -119,14 +119,21 @@ def _check_finite(obj: Any, task_name: str) -> None:
             _check_finite(x, task_name)
 
 
+def loads(data: bytes | str) -> Any:
+    """JSON → Python with integers exact at any size (orjson, or the standard library when it would not be).
+
+    Raises ValueError (orjson.JSONDecodeError is one) for what is not JSON."""
+    raw = data.encode() if isinstance(data, str) else data
+    if _LONG_DIGITS(raw):
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+    return orjson.loads(raw)
+
+
 def decode(body: bytes) -> tuple[str, list[Any], dict[str, Any]]:
     """Body → (task name, args, kwargs), or BadMessage saying what is wrong. Called on pool threads."""
     try:
-        if _LONG_DIGITS(body):
-            msg = json.loads(body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
-        else:
-            msg = orjson.loads(body)
-    except (orjson.JSONDecodeError, ValueError, RecursionError) as exc:
+        msg = loads(body)
+    except (ValueError, RecursionError) as exc:
         raise BadMessage(f"body is not JSON: {exc}") from None
     if type(msg) is not dict:
         raise BadMessage(f"body is JSON {type(msg).__name__}, not an object")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import os
 import signal
 import time
 
@@ -186,8 +187,9 @@ def test_magne_send_cli(broker, redis, names, start_worker):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "magne", "send", "record", "--args", '["cli"]',
-                          "--queue", names["main"], "--url", URL], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "magne", "send", "record", "--args", '["cli"]', "--declare",
+                          "--queue", names["main"]], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MAGNE_URL": URL})
     assert out.returncode == 0, out.stderr
     w = start_worker()
     w.wait_ready()

@@ -149,13 +149,13 @@ class WorkerProc:
     """
 
     def __init__(self, tmp: Path, modules: list[str], *args: str, env: dict[str, str] | None = None,
-                 url: str = URL) -> None:
+                 url: str = URL, log_format: str = "json") -> None:
         self.log_path = tmp / f"worker-{uuid.uuid4().hex[:6]}.log"
         full_env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests' / 'support'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                     "MAGNE_URL": url, **(env or {})}
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "magne", "--log-format", "json", "worker", *modules, *args],
+            [sys.executable, "-m", "magne", "--log-format", log_format, "worker", *modules, *args],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp,
         )
         self.pid = self.proc.pid
@@ -196,7 +196,7 @@ class WorkerProc:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"worker exited with {self.proc.returncode} before ready:\n{self.log()}")
-            return bool(self.events("ready"))
+            return bool(self.events("ready")) or " ready: " in self.log()  # json, or --log-format text
         wait_for(ready, timeout, what="worker ready")
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
