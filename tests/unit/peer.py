@@ -8,6 +8,11 @@ by pamqp (`read_frame`, `expect`), each read bounded by a deadline.
 
 `pump()` drives a magne Connection from the test thread the way the I/O thread
 does: flush, tick, select on its socket, on_writable / on_readable.
+
+When magne runs on its own thread (the I/O thread) and makes several connections
+to the same address (the consuming connection, its reconnects, the publishing
+link), `Peer(backlog=...)` keeps them queued and `accept_peer()` hands each one to
+its own Peer (own socket and buffer, no listener), so one test can script them all.
 """
 
 from __future__ import annotations
@@ -36,13 +41,13 @@ class PeerClosed(AssertionError):
 
 
 class Peer:
-    def __init__(self, rcvbuf: int | None = None) -> None:
+    def __init__(self, rcvbuf: int | None = None, backlog: int = 1) -> None:
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if rcvbuf is not None:  # inherited by the accepted socket: lets a test fill magne's path quickly
             self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1)
+        self.listener.listen(backlog)
         self.port: int = self.listener.getsockname()[1]
         self.sock: socket.socket | None = None
         self.buf = bytearray()
@@ -59,6 +64,26 @@ class Peer:
             raise PeerTimeout("magne did not connect")
         self.sock, _ = self.listener.accept()
         self.sock.setblocking(False)
+
+    def accept_peer(self, timeout: float = 2.0) -> Peer:
+        """Take the next connection as a Peer of its own (sharing nothing but the port); this Peer is unchanged."""
+        r, _, _ = select.select([self.listener], [], [], timeout)
+        if not r:
+            raise PeerTimeout("magne did not connect")
+        sock, _ = self.listener.accept()
+        sock.setblocking(False)
+        other = Peer.__new__(Peer)
+        other.listener = None  # type: ignore[assignment]
+        other.port = self.port
+        other.sock = sock
+        other.buf = bytearray()
+        other.eof = False
+        return other
+
+    def pending(self, timeout: float = 0.0) -> bool:
+        """Whether a connection waits to be accepted (within `timeout`)."""
+        r, _, _ = select.select([self.listener], [], [], timeout)
+        return bool(r)
 
     def close(self) -> None:
         for s in (self.sock, self.listener):
