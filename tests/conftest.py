@@ -81,8 +81,9 @@ def start_worker(tmp_path: Path, names: dict[str, str]) -> Iterator:
 
 @pytest.fixture(scope="session")
 def tls_nodes() -> Iterator[dict[str, object]]:
-    """Two RabbitMQ nodes with TLS listeners, next to the broker on 5672 (never touching it):
-    "open" (client certificate optional) and "strict" (client certificate required). Certificates
+    """Three RabbitMQ nodes with TLS listeners, next to the broker on 5672 (never touching it):
+    "open" (client certificate optional), "strict" (client certificate required) and "expired"
+    (serving an expired certificate). They start in parallel (about 10 s). Certificates
     are made for the run by tests/support/nodes.py."""
     from support.nodes import TLSNode, kill_leftovers, make_certs
 
@@ -91,7 +92,8 @@ def tls_nodes() -> Iterator[dict[str, object]]:
     certs = make_certs(base / "certs")
     nodes = {"open": TLSNode("magnetest-tls1@localhost", 5690, 25690, tls_port=5691, certs=certs),
              "strict": TLSNode("magnetest-tls2@localhost", 5692, 25692, tls_port=5693, certs=certs,
-                               require_client_cert=True)}
+                               require_client_cert=True),
+             "expired": TLSNode("magnetest-tls3@localhost", 5694, 25694, tls_port=5695, certs=certs, expired=True)}
     try:
         for n in nodes.values():
             n.spawn()

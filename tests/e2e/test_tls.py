@@ -55,6 +55,11 @@ def test_wrong_host_name_fails(tls_nodes):
         connect(url(node, cacertfile=str(certs.ca), server_name_indication="wrong.example"))
 
 
+def test_expired_server_certificate_fails_clearly(tls_nodes):
+    with pytest.raises(TLSError, match="has expired"):
+        connect(url(tls_nodes["expired"], cacertfile=str(tls_nodes["certs"].ca)))
+
+
 def test_verify_none_connects_to_an_untrusted_broker(tls_nodes):
     connect(url(tls_nodes["open"], verify="verify_none")).close()
 

@@ -65,6 +65,8 @@ def check_after_fault(name, w, redis, names, t_fault, n=N):
     assert w.stop() == 0
     counters = w.counters()
     redelivered, stale = counters["redelivered"], counters["stale"]
+    # --log-format json: every line the worker wrote through the fault is one JSON object.
+    assert not [r for r in w.records() if "raw" in r], [r["raw"] for r in w.records() if "raw" in r][:3]
     # A task may only run twice if the broker redelivered it.
     assert dups <= redelivered
     print(f"\nFAULT {name}: messages={n} duplicates={dups} redelivered={redelivered} stale-outcomes={stale} "
