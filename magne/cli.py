@@ -32,12 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text (default) or json: one object per line with stable field names")
     sub = p.add_subparsers(dest="command", required=True)
 
-    url_help = "broker URL (default: $MAGNE_URL, else amqp://guest:guest@localhost:5672/%%2F)"
+    url_help = ("broker URL; several nodes of a cluster: repeat --url, or separate URLs with ',' or ';' "
+                "(default: $MAGNE_URL, else amqp://guest:guest@localhost:5672/%%2F). Prefer MAGNE_URL: `ps` shows argv")
 
     w = sub.add_parser("worker", help="run a worker for the tasks in MODULE")
     w.add_argument("modules", nargs="+", metavar="MODULE",
                    help="module(s) defining @task functions, imported with the current directory on sys.path")
-    w.add_argument("--url", help=url_help)
+    w.add_argument("--url", action="append", help=url_help)
     w.add_argument("--threads", type=_positive(int), default=8, help="worker threads per process (default 8)")
     w.add_argument("--prefetch", type=_positive(int), default=None,
                    help="unacked deliveries per consumed queue (default 2 x threads); the process may hold "
@@ -103,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
-    if getattr(args, "url", None) and _has_password(args.url):
+    urls = getattr(args, "url", None)
+    if urls and any(_has_password(u) for u in ([urls] if isinstance(urls, str) else urls)):
         log.warning("--url carries a password, which every user of this machine can read in `ps`; "
                     "put the URL in MAGNE_URL instead", event="password_in_argv")
     try:

@@ -17,8 +17,9 @@ from magne import topology, wire
 from magne.amqp import properties
 from magne.amqp.client import Client
 from magne.amqp.codec import decode_properties
-from magne.amqp.errors import PublishError
-from magne.amqp.url import parse_url, resolve_url
+from magne.amqp.errors import AMQPError, ChannelClosed, PublishError
+from magne.amqp.url import Nodes, parse_urls
+from magne.errors import ConfigError
 from magne.logs import clean
 
 BODY_PREVIEW = 200
@@ -32,7 +33,24 @@ def _names(queue: str) -> tuple[str, str]:
 
 
 def _client(url: str | None, confirms: bool = False) -> Client:
-    return Client(parse_url(resolve_url(url)), "magne dead", confirms=confirms).open()
+    """A client on the first node of the list that answers (a cluster: any node will do)."""
+    nodes = Nodes(parse_urls(url))
+    while True:
+        try:
+            return Client(nodes.current, "magne dead", confirms=confirms).open()
+        except AMQPError as exc:
+            if exc.permanent or nodes.failed():
+                raise
+
+
+def _count(client: Client, dq: str) -> int:
+    try:
+        return client.queue_counts(dq)[0]
+    except ChannelClosed as exc:
+        if exc.code != 404:
+            raise
+        raise ConfigError(f"there is no dead-letter queue {dq!r}: queue names are case-sensitive (task `add` uses "
+                          "queue ADD unless it names another one)") from None
 
 
 def preview(body: bytes, limit: int = BODY_PREVIEW) -> str:
@@ -73,7 +91,7 @@ def dead_list(url: str | None, queue: str, newest: int = 5, scan: int = 100_000)
     _, dq = _names(queue)
     client = _client(url)
     try:
-        n = client.queue_counts(dq)[0]
+        n = _count(client, dq)
         lines = [f"{dq}: {n} dead letters"]
         last: deque[dict[str, Any]] = deque(maxlen=newest)
         for _ in range(min(n, scan)):
@@ -107,7 +125,7 @@ def dead_replay(url: str | None, queue: str, limit: int | None = None) -> int:
     task_queue, dq = _names(queue)
     client = _client(url, confirms=True)
     try:
-        n = client.queue_counts(dq)[0] if limit is None else limit
+        n = _count(client, dq) if limit is None else limit
         moved = 0
         for _ in range(n):
             got = client.get(dq)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import json
 import logging
 import os
 import re
@@ -49,7 +50,7 @@ _idle.set()
 
 # Control characters, line and paragraph separators, and the bidirectional overrides that
 # can make a line display as something else.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def clean(value: Any, limit: int = 200) -> str:
@@ -167,7 +168,10 @@ class JSONFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["traceback"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        try:
+            return orjson.dumps(out, default=str).decode()
+        except (TypeError, orjson.JSONEncodeError):  # a lone surrogate, say: the standard library escapes it
+            return json.dumps(out, default=str)
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:

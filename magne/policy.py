@@ -60,9 +60,13 @@ class Failure:
     retryable: bool = True
 
     def error(self, with_traceback: bool) -> dict[str, str]:
-        err = {"type": type(self.exc).__name__, "message": str(self.exc)[: wire.MESSAGE_CHARS]}
+        err = {"type": wire.safe_text(type(self.exc).__name__, 200), "message": wire.safe_text(self.exc, wire.MESSAGE_CHARS)}
         if with_traceback:
-            err["traceback"] = "".join(traceback.format_exception(self.exc))[-wire.TRACEBACK_CHARS :]
+            try:
+                tb = "".join(traceback.format_exception(self.exc))
+            except Exception:
+                tb = "<the traceback could not be formatted>"
+            err["traceback"] = wire.safe_text(tb[-wire.TRACEBACK_CHARS :], wire.TRACEBACK_CHARS)
         return err
 
 
@@ -104,6 +108,6 @@ def dead_letter_plainly(d: Delivery, failure: Failure, why: str) -> None:
     d.copy_to = topology.dead_queue(d.queue)
     d.copy_declare = None
     d.copy_header = codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers={
-        wire.REASON: failure.reason, wire.QUEUE: d.queue, wire.TASK: d.task[:200],
-        wire.ERROR_TYPE: type(failure.exc).__name__[:200], wire.ERROR_MESSAGE: str(failure.exc)[:512],
-        wire.DROPPED: why[:512]}), len(d.body))
+        wire.REASON: failure.reason, wire.QUEUE: d.queue, wire.TASK: wire.safe_text(d.task, 200),
+        wire.ERROR_TYPE: wire.safe_text(type(failure.exc).__name__, 200), wire.ERROR_MESSAGE: wire.safe_text(failure.exc, 512),
+        wire.DROPPED: wire.safe_text(why, 512)}), len(d.body))

@@ -107,9 +107,10 @@ class Pool:
                 if s.interrupted is None:
                     if now >= s.deadline:
                         d = s.delivery
+                        task = logs.clean(d.task, 100) if d else "?"
                         log.warning("task %s (message %s) passed its time limit; interrupting its thread %s",
-                                    d.task if d else "?", d.message_id() if d else "?", s.thread.name if s.thread else "?",
-                                    event="time_limit", task=d.task if d else None)
+                                    task, d.message_id() if d else "?", s.thread.name if s.thread else "?",
+                                    event="time_limit", task=task)
                         s.interrupt(TimeLimitExceeded, now)
                 elif now - s.interrupted_at >= self.lost_after:
                     self.slots[i] = self._abandon(s)
@@ -174,7 +175,12 @@ class Pool:
             d = get()
             if d is None:
                 return
-            run(slot, d)
+            try:
+                run(slot, d)
+            except BaseException as exc:  # noqa: B036 - _run contains task failures; this is magne's own bug
+                log.error("handling message %s failed in magne (%s); dead-lettering it", d.message_id(),
+                          type(exc).__name__, event="internal_error")
+                self._fail(d, Failure("internal error", exc, retryable=False))
             # _run leaves RUNNING itself; this catches the one path where an interrupt
             # landed between the task's return and that step.
             if slot.state is not SlotState.IDLE and not slot.leave():
@@ -183,6 +189,16 @@ class Pool:
                 return
             slot.delivery = None
             report(d)
+
+    def run_one(self, d: Delivery) -> Delivery:
+        """Run one delivery on the calling thread, by the pool threads' own path; return it with its outcome.
+
+        For magne.testing's synchronous mode. No watchdog watches the caller, so no time limit fires.
+        """
+        slot = Slot(-1)
+        slot.ident = threading.get_ident()
+        self._run(slot, d)
+        return d
 
     def _run(self, slot: Slot, d: Delivery) -> None:
         t: Task | None = None
@@ -221,17 +237,23 @@ class Pool:
             self._fail(d, Failure("task raised", exc))
 
     def _fail(self, d: Delivery, failure: Failure) -> None:
-        """Decide retry or dead letter and prepare the copy; never raises (cold path, pool thread)."""
+        """Decide retry or dead letter and prepare the copy. Total: whatever a message or an exception holds,
+        the delivery leaves with an outcome (cold path, pool thread)."""
         try:
             warnings = decide(d, failure, self.policies.get(d.task), self.frame_max,
                               self.queue_types.get(d.queue, "classic"))
         except Exception as exc:  # a bug in deciding must not lose the message: dead-letter it plainly
-            why = f"deciding its outcome failed ({type(exc).__name__}: {exc})"
+            why = f"deciding its outcome failed ({type(exc).__name__}: {wire.safe_text(exc, 300)})"
             warnings = [f"{why}; dead-lettering it with magne's headers only"]
-            dead_letter_plainly(d, failure, why)
+            try:
+                dead_letter_plainly(d, failure, why)
+            except Exception:
+                d.task = ""
+                dead_letter_plainly(d, Failure(failure.reason, BadMessage("unprintable failure"), False), why)
         for w in warnings:
-            log.warning("message %s (task %s) from queue %s: %s", d.message_id(), logs.clean(d.task, 100), d.queue, w,
-                        event="bad_header", task=d.task, queue=d.queue)
+            task = logs.clean(d.task, 100)
+            log.warning("message %s (task %s) from queue %s: %s", d.message_id(), task, d.queue, logs.clean(w, 600),
+                        event="bad_header", task=task, queue=d.queue)
 
 
 def _binds(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> bool:

@@ -39,11 +39,15 @@ MAX_BACKOFF = 60.0
 STOP_WAIT = 10.0  # how long a failed reload waits for its other new children to stop
 
 
+try:  # looked up here, not in the child: between fork and exec only async-signal-safe work is safe
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux: children outlive a killed supervisor
+    _prctl = None
+
+
 def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: children outlive a killed supervisor
-        pass
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Child:
@@ -122,8 +126,8 @@ class Supervisor:
         r, w = os.pipe()
         os.set_blocking(r, False)
         env = dict(os.environ, MAGNE_READY_FD=str(w), MAGNE_PROCESS_SLOT=str(slot))
-        if self.opts.url:
-            env["MAGNE_URL"] = self.opts.url
+        if self.opts.url:  # the environment, not argv: `ps` shows argv to every user
+            env["MAGNE_URL"] = ",".join([self.opts.url] if isinstance(self.opts.url, str) else self.opts.url)
         proc = subprocess.Popen(self.child_argv(), env=env, pass_fds=(w,), start_new_session=True,
                                 preexec_fn=_die_with_parent)
         os.close(w)
@@ -202,6 +206,7 @@ class Supervisor:
                 self.pending.clear()
                 break
         for slot, c in self.children.items():
+            c.poll_ready()
             code = c.proc.poll()
             if code is None or c.died or stopping:
                 continue

@@ -23,7 +23,6 @@ import orjson
 from pamqp import commands
 
 from magne.amqp import codec, properties
-from magne.amqp.errors import FrameError
 from magne.errors import BadMessage
 
 CONTENT_TYPE = "application/json"
@@ -51,6 +50,16 @@ HISTORY_MESSAGE_CHARS = 512
 
 def is_magne_header(key: str) -> bool:
     return key.startswith(PREFIX)
+
+
+def safe_text(value: object, limit: int) -> str:
+    """Text for one of our headers from anything (an exception, a task name from a body): never raises,
+    and always encodable as UTF-8 (a lone surrogate from a JSON body becomes an escape)."""
+    try:
+        text = value if isinstance(value, str) else str(value)
+    except Exception:  # an exception whose __str__ raises
+        text = f"<{type(value).__name__} whose str() failed>"
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # -- the body --------------------------------------------------------------------------
@@ -239,7 +248,7 @@ def copy_header(original: bytes, add: dict[str, Any], frame_max: int) -> bytes:
     DROPPED says how many. If the original cannot even be walked, only magne's
     headers and delivery mode 2 are written.
     """
-    budget = frame_max - codec.FRAME_OVERHEAD
+    budget = (frame_max or 131072) - codec.FRAME_OVERHEAD
     try:
         payload = properties.splice(original, add, is_magne_header)
         if len(payload) <= budget:
@@ -257,11 +266,11 @@ def copy_header(original: bytes, add: dict[str, Any], frame_max: int) -> bytes:
         if len(payload) <= budget:
             return payload
         body_size = properties.split(original)[0]
-    except FrameError:
+    except Exception:  # unreadable original, or a value of ours pamqp cannot write: keep what surely encodes
         body_size = int.from_bytes(original[4:12], "big") if len(original) >= 12 else 0
-        add = {**_trimmed(add), DROPPED: "the original properties could not be read"}
+        add = {**_trimmed(add), DROPPED: "the original properties could not be read or kept"}
     # Last resort: nothing of the original's properties, magne's headers trimmed hard.
-    minimal = {k: (v[:200] if isinstance(v, str) else v) for k, v in add.items() if k != HISTORY}
+    minimal = {k: (safe_text(v, 200) if isinstance(v, str) else v) for k, v in add.items() if k != HISTORY}
     return codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers=minimal), body_size)
 
 

@@ -22,7 +22,7 @@ import time
 from queue import Empty, SimpleQueue
 
 from magne import logs
-from magne.amqp.url import parse_url, resolve_url
+from magne.amqp.url import Nodes, parse_urls
 from magne.delivery import Delivery
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, URLError
 from magne.io.loop import IOThread
@@ -39,7 +39,7 @@ COLD_GRACE = 3.0  # how long a cold stop waits for interrupted tasks before clos
 @dataclasses.dataclass
 class Options:
     modules: list[str]
-    url: str | None = None
+    url: str | list[str] | None = None  # one or several broker URLs (nodes of a cluster); None: MAGNE_URL
     threads: int = 8
     prefetch: int | None = None  # default: 2 x threads
     queues: list[str] | None = None
@@ -96,6 +96,18 @@ def queue_types(tasks: dict[str, Task], queues: list[str], default: str) -> dict
     return types
 
 
+CONSUMER_TIMEOUT_MARGIN = 60.0  # seconds above the longest time limit (plus --lost-after) of a queue's tasks
+
+
+def consumer_timeouts(tasks: dict[str, Task], queues: list[str], opts: Options) -> dict[str, int]:
+    """Each queue's x-consumer-timeout (ms): the broker must not cut a delivery that a time limit has not."""
+    out: dict[str, int] = {}
+    for q in queues:
+        longest = max((t.time_limit or opts.time_limit for t in tasks.values() if t.queue == q), default=opts.time_limit)
+        out[q] = int((longest + opts.lost_after + CONSUMER_TIMEOUT_MARGIN) * 1000)
+    return out
+
+
 class Worker:
     def __init__(self, opts: Options, tasks: dict[str, Task]) -> None:
         if opts.threads < 1:
@@ -103,9 +115,10 @@ class Worker:
         if opts.effective_prefetch < 1 or opts.effective_prefetch > 65535:
             raise ConfigError("--prefetch must be between 1 and 65535")
         try:
-            self.params = parse_url(resolve_url(opts.url))
+            self.nodes = Nodes(parse_urls(opts.url))
         except URLError as exc:
             raise ConfigError(str(exc)) from None
+        self.params = self.nodes.current
         self.opts = opts
         self.tasks = tasks
         self.queues = select_queues(tasks, opts.queues)
@@ -115,12 +128,13 @@ class Worker:
             raise ConfigError(str(exc)) from None
         types = queue_types(tasks, self.queues, opts.queue_type)
         self.work: SimpleQueue[Delivery | None] = SimpleQueue()
-        self.io = IOThread(self.params, self.queues, opts.effective_prefetch, self.work, types,
-                           max_body=opts.max_body_size, copy_frame_max=self.params.frame_max)
+        self.io = IOThread(self.nodes, self.queues, opts.effective_prefetch, self.work, types,
+                           max_body=opts.max_body_size, copy_frame_max=self.params.frame_max or 131072,
+                           consumer_timeouts=consumer_timeouts(tasks, self.queues, opts))
         self.pool = Pool(opts.threads, tasks, self.work, self.io.report, opts.time_limit, opts.lost_after, retry,
-                         types, self.params.frame_max)
+                         types, self.params.frame_max or 131072)
         self.signals: Signals | None = None
-        if self.params.tls and not self.params.verify:
+        if any(p.tls and not p.verify for p in self.nodes.all):
             log.warning("TLS certificate checks are off (verify=verify_none): the connection is encrypted but the "
                         "broker is not authenticated", event="tls_unverified")
 
@@ -155,8 +169,8 @@ class Worker:
         pool.start()
         _tell_supervisor_ready()
         log.info("ready: connected to %s, consuming %s with %d threads, prefetch %d per queue, time limit %gs; %s",
-                 self.params.safe_url(), ", ".join(self.queues), opts.threads, opts.effective_prefetch,
-                 opts.time_limit, pool.status(), event="ready", url=self.params.safe_url())
+                 io.node, ", ".join(self.queues), opts.threads, opts.effective_prefetch,
+                 opts.time_limit, pool.status(), event="ready", url=io.node)
         tick = min(0.25, max(0.02, min([t.time_limit or opts.time_limit for t in self.tasks.values()]) / 20))
         warm_deadline = cold_deadline = 0.0
         while not io.finished.is_set():
@@ -164,7 +178,8 @@ class Worker:
             now = time.monotonic()
             pool.check(now)
             if sig.take(signal.SIGUSR1):
-                log.info("status: %s; %s", pool.status(), io.stats.line(), event="status", counters=self.status())
+                log.info("status: node %s; %s; %s", io.node, pool.status(), io.stats.line(), event="status",
+                         url=io.node, counters=self.status())
             if sig.stops() and not warm_deadline:
                 warm_deadline = now + opts.shutdown_timeout
                 log.info("warm shutdown: no new tasks, waiting up to %gs for %d running ones (signal again to stop cold)",
@@ -183,6 +198,15 @@ class Worker:
                 io.request_stop(force=True)
         if io.failed and not warm_deadline:
             self._after_io_death(sig)
+        elif pool.busy() and not sig.cold():
+            # The I/O thread ended while tasks still run (a stop during a reconnect): let them finish up to
+            # the shutdown timeout rather than cut them; their messages come back redelivered either way.
+            deadline = warm_deadline or time.monotonic() + opts.shutdown_timeout
+            log.info("waiting up to %.0fs for %d running tasks; the connection is gone, so their messages will be "
+                     "redelivered", max(0.0, deadline - time.monotonic()), pool.busy(), event="waiting_for_tasks")
+            while pool.busy() and time.monotonic() < deadline and not sig.cold():
+                sig.wait(0.1)
+                pool.check(time.monotonic())
         pool.stop()
         pool.join(1.0)
         log.info("stopped: %s; %s", io.stats.line(), pool.status(), event="stopped", counters=self.status())

@@ -34,7 +34,7 @@ from typing import Any
 from pamqp import commands
 
 from magne.amqp import codec
-from magne.amqp.errors import AMQPError, ChannelClosed, ConnectionClosed, ConnectionLost, TLSError, URLError
+from magne.amqp.errors import AMQPError, ChannelClosed, ConnectionClosed, ConnectionLost, FrameError, TLSError, URLError
 from magne.amqp.outbox import Outbox
 from magne.amqp.url import Params, tls_context
 
@@ -193,12 +193,18 @@ class Connection:
         if not self._addrs:
             raise ConnectionLost(f"cannot reach the broker at {self.params.host}:{self.params.port}: {error or 'no address'}")
         family, addr = self._addrs.pop(0)
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        self._close_socket()
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:  # EMFILE, say: a failed attempt, not a crash
+            raise ConnectionLost(f"cannot open a socket to {self.params.host}:{self.params.port}: {exc}") from None
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._close_socket()
         self.sock = sock
-        err = sock.connect_ex(addr)
+        try:
+            err = sock.connect_ex(addr)
+        except OSError as exc:
+            err = exc.errno or 1
         if err not in (0, 115, 36, 10035):  # EINPROGRESS (Linux, macOS), WSAEWOULDBLOCK
             self._connect_next(os.strerror(err))
             return
@@ -281,7 +287,12 @@ class Connection:
         if not data:
             raise self._lost("the broker closed the socket")
         self.last_read = now
-        self.decoder.feed(data)
+        try:
+            self.decoder.feed(data)
+        except AMQPError:
+            raise
+        except Exception as exc:  # a handler choked on what a peer sent: the connection cannot be trusted
+            raise FrameError(f"unexpected data from the broker ({type(exc).__name__}: {str(exc)[:200]})") from None
         return True
 
     def _early(self) -> bool:
@@ -418,7 +429,10 @@ class Connection:
         p = self.params
         if isinstance(frame, commands.Connection.Start):
             self.server_properties = dict(frame.server_properties or {})
-            mechanism = choose_mechanism(p, (frame.mechanisms or "").split())
+            mechs = frame.mechanisms or ""
+            if isinstance(mechs, bytes):  # pamqp hands a longstr that is not UTF-8 over as bytes
+                mechs = mechs.decode("utf-8", "replace")
+            mechanism = choose_mechanism(p, str(mechs).split())
             response = "" if mechanism == "EXTERNAL" else f"\0{p.username}\0{p.password}"
             self.send(0, commands.Connection.StartOk(client_properties(self.name), mechanism, response, "en_US"))
             self._login_sent = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import ssl
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -20,7 +21,8 @@ from magne.amqp.errors import URLError
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 ENV_TLS = {"cacertfile": "MAGNE_TLS_CACERTFILE", "certfile": "MAGNE_TLS_CERTFILE", "keyfile": "MAGNE_TLS_KEYFILE"}
 
-__all__ = ["DEFAULT_URL", "Params", "URLError", "parse_url", "resolve_url", "split_urls", "tls_context"]
+__all__ = ["DEFAULT_URL", "Nodes", "Params", "URLError", "parse_url", "parse_urls", "resolve_url", "resolve_urls",
+           "split_urls", "tls_context"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,50 @@ def resolve_url(url: str | None) -> str:
 def split_urls(text: str) -> list[str]:
     """Several broker URLs in one string, separated by ',' or ';' (as celery and dramatiq users write them)."""
     return [u.strip() for u in text.replace(";", ",").split(",") if u.strip()]
+
+
+def resolve_urls(urls: str | list[str] | None) -> list[str]:
+    """The broker URLs: `--url` (given once or more, each may hold several), else MAGNE_URL, else the default."""
+    given = [urls] if isinstance(urls, str) else list(urls or [])
+    found = [u for text in given for u in split_urls(text)]
+    return found or split_urls(os.environ.get("MAGNE_URL", "")) or [DEFAULT_URL]
+
+
+def parse_urls(urls: str | list[str] | None) -> list[Params]:
+    return [parse_url(u) for u in resolve_urls(urls)]
+
+
+class Nodes:
+    """The nodes of a cluster, and which one to use next.
+
+    Starts from a random node, so that P processes given the same list spread over the
+    cluster. `failed()` moves to the next node and says whether every node has now failed
+    once in a row: only then should the caller back off. Owned by one thread (the I/O
+    thread, or a blocking client's caller).
+    """
+
+    def __init__(self, params: list[Params], start: int | None = None) -> None:
+        if not params:
+            raise URLError("no broker URL given")
+        self.all = params
+        self.index = random.randrange(len(params)) if start is None else start % len(params)
+        self.failures = 0  # failed attempts in a row, across nodes
+
+    @property
+    def current(self) -> Params:
+        return self.all[self.index]
+
+    def failed(self) -> bool:
+        """The current node failed: move on. True when a whole round of nodes failed (time to back off)."""
+        self.failures += 1
+        self.index = (self.index + 1) % len(self.all)
+        if self.failures >= len(self.all):
+            self.failures = 0
+            return True
+        return False
+
+    def succeeded(self) -> None:
+        self.failures = 0
 
 
 def _int(key: str, value: str) -> int:

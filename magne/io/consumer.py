@@ -28,7 +28,7 @@ from pamqp import commands
 from magne import logs, topology
 from magne.amqp.connection import Connection, State
 from magne.amqp.errors import ChannelClosed
-from magne.amqp.url import Params
+from magne.amqp.url import Nodes
 from magne.backoff import Backoff
 from magne.delivery import Delivery
 from magne.errors import BadMessage
@@ -54,10 +54,10 @@ _TAKING = (Phase.CONNECTING, Phase.CONSUMING)  # phases in which a delivery goes
 
 
 class Consumer:
-    def __init__(self, params: Params, name: str, queues: list[str], prefetch: int, queue_types: dict[str, str],
+    def __init__(self, nodes: Nodes, name: str, queues: list[str], prefetch: int, queue_types: dict[str, str],
                  work: SimpleQueue[Delivery | None], settlement: Settlement, stats: Stats, max_body: int,
-                 copy_frame_max: int, on_ready: Callable[[], None]) -> None:
-        self.params = params
+                 copy_frame_max: int, on_ready: Callable[[], None], consumer_timeouts: dict[str, int]) -> None:
+        self.nodes = nodes
         self.name = name
         self.queues = queues
         self.prefetch = prefetch
@@ -68,6 +68,7 @@ class Consumer:
         self.max_body = max_body
         self.copy_frame_max = copy_frame_max
         self.on_ready = on_ready
+        self.consumer_timeouts = consumer_timeouts  # queue -> x-consumer-timeout (ms), above its tasks' time limits
         self.conn: Connection | None = None
         self.phase = Phase.CLOSED
         self.gen = 0
@@ -84,7 +85,7 @@ class Consumer:
 
     # -- connecting ---------------------------------------------------------------------
     def connect(self, now: float) -> None:
-        conn = Connection(self.params, self.name)
+        conn = Connection(self.nodes.current, self.name)
         conn.on_open = self._on_open
         conn.on_content = self._on_content
         conn.on_frame = self._on_frame
@@ -114,17 +115,26 @@ class Consumer:
         assert self.conn is not None
         ctag = f"magne.{queue}.{os.getpid()}.{self.gen}.{next(self._ctag_seq)}"
         self.ctags[ctag.encode()] = queue  # deliveries may arrive before the consume-ok
-        self.conn.call(CH, commands.Basic.Consume(queue=queue, consumer_tag=ctag), (commands.Basic.ConsumeOk,),
-                       lambda _ok: self._on_consume_ok(queue))
+        # x-consumer-timeout: RabbitMQ 3.12+ applies it per consumer (3.10 accepts and ignores it),
+        # so a long task is not cut by the broker's default delivery-ack timeout.
+        timeout = self.consumer_timeouts.get(queue)
+        args = {"x-consumer-timeout": timeout} if timeout else {}
+        self.conn.call(CH, commands.Basic.Consume(queue=queue, consumer_tag=ctag, arguments=args),
+                       (commands.Basic.ConsumeOk,), lambda _ok: self._on_consume_ok(queue))
 
     def _on_consume_ok(self, queue: str) -> None:
         self.consuming.add(queue)
-        if self.phase is Phase.CONNECTING and len(self.consuming) == len(self.queues):
-            self.phase = Phase.CONSUMING
-            self.on_ready()
+        if self.phase is Phase.CONNECTING:
+            self._check_ready()
         elif self.phase is Phase.CONSUMING:
             self.reconsume.pop(queue, None)
             log.info("consuming queue %s again", queue, event="reconsumed", queue=queue)
+
+    def _check_ready(self) -> None:
+        """Setup is done once every queue is consumed or waiting to be consumed again (cancelled meanwhile)."""
+        if len(self.consuming) + len(self.reconsume) >= len(self.queues):
+            self.phase = Phase.CONSUMING
+            self.on_ready()
 
     # -- deliveries ----------------------------------------------------------------------
     def _on_content(self, _channel: int, method: Any, header: bytes, body: bytes) -> None:
@@ -193,12 +203,22 @@ class Consumer:
         self.reconsume[queue] = (time.monotonic() + delay, backoff)
         log.warning("broker cancelled our consumer of queue %s (queue deleted, or its node is down); consuming it "
                     "again in %.1fs; the other queues go on", queue, delay, event="cancelled", queue=queue)
+        if self.phase is Phase.CONNECTING:
+            self._check_ready()
 
     def _on_basic_cancel_ok(self, _frame: Any) -> None:
         pass  # the answer to a cancel we did not wait for
 
     def _on_channel_close(self, channel: int, exc: ChannelClosed) -> None:
         if channel != PROBE_CH or self._probe is None:
+            if self.phase is Phase.CONNECTING and exc.code in (403, 406):
+                # The setup itself was refused: retrying cannot fix it (a queue declared with other
+                # arguments, such as another queue type, or no permission on it).
+                exc.permanent = True
+                if exc.code == 406 and "inequivalent arg" in exc.text:
+                    exc.args = (f"{exc}. The queue exists with other arguments than this worker declares: was it "
+                                "declared as another queue type? Start the worker with the queue's type (--queue-type "
+                                "or @task(queue_type=...)), or delete the queue",)
             raise exc  # the consuming channel is gone: its tags too; reconnect
         (queue, backoff), self._probe = self._probe, None
         delay = backoff.next()
@@ -237,7 +257,8 @@ class Consumer:
         assert self.conn is not None
         self.conn.call(PROBE_CH, commands.Channel.Close(200, "checked", 0, 0), (commands.Channel.CloseOk,))
         self._probe = None
-        self._consume(queue)
+        if self.phase is Phase.CONSUMING:  # not while stopping: nobody would cancel that consumer
+            self._consume(queue)
 
     # -- stopping ---------------------------------------------------------------------------------
     def cancel_all(self) -> int:

@@ -27,7 +27,7 @@ from magne import logs
 from magne.amqp import codec
 from magne.amqp.connection import Connection, State
 from magne.amqp.errors import ConnectionLost
-from magne.amqp.url import Params
+from magne.amqp.url import Nodes
 from magne.delivery import Delivery
 
 log = logs.Log("magne.io")
@@ -39,16 +39,16 @@ IDLE_CLOSE = 60.0
 class PublishLink:
     """Owned by the I/O thread. `on_confirm(delivery, ok, why)` is called for every copy's fate."""
 
-    def __init__(self, params: Params, name: str, on_confirm: Callable[[Delivery, bool, str], None],
+    def __init__(self, nodes: Nodes, name: str, on_confirm: Callable[[Delivery, bool, str], None],
                  confirm_timeout: float = 120.0) -> None:
-        self.params = params
+        self.nodes = nodes  # shared with the consumer: the link opens on the node the consumer uses
         self.name = name
         self.on_confirm = on_confirm
         self.confirm_timeout = confirm_timeout
         self.conn: Connection | None = None
         self.ready = False  # channel open and in confirm mode
         self.confirms: dict[int, tuple[Delivery, float]] = {}  # seq -> (copy, when published); insertion = seq order
-        self._returned: set[int] = set()
+        self._returned: list[str] = []  # routing keys returned since the last ack
         self.seq = 0
         self.last_used = 0.0
         self.opened = 0
@@ -58,7 +58,7 @@ class PublishLink:
         return self.conn is not None
 
     def open(self, now: float) -> None:
-        conn = Connection(self.params, self.name, heartbeat=0)
+        conn = Connection(self.nodes.current, self.name, heartbeat=0)
         conn.on_open = self._on_open
         conn.on_frame = self._on_frame
         conn.on_content = self._on_return
@@ -122,22 +122,23 @@ class PublishLink:
             ok = isinstance(frame, commands.Basic.Ack)
             seqs = [s for s in self.confirms if s <= frame.delivery_tag] if frame.multiple else (
                 [frame.delivery_tag] if frame.delivery_tag in self.confirms else [])
+            returned, self._returned = self._returned, []
             for s in seqs:
                 d, _ = self.confirms.pop(s)
-                if s in self._returned:
-                    self._returned.discard(s)
+                if d.copy_to in returned:
                     self.on_confirm(d, False, "returned as unroutable")
                 else:
                     self.on_confirm(d, ok, "" if ok else "refused by the broker (basic.nack)")
 
     def _on_return(self, _channel: int, method: Any, _header: bytes, _body: bytes) -> None:
-        """A basic.return comes just before the ack of the same publish: mark the oldest matching copy."""
-        if not isinstance(method, commands.Basic.Return):
-            return
-        for s, (d, _) in self.confirms.items():
-            if s not in self._returned and d.copy_to == method.routing_key:
-                self._returned.add(s)
-                return
+        """A basic.return comes right before the ack that covers the same publish.
+
+        Which of the copies that ack covers was returned cannot be told apart when several go to
+        the same queue, so every copy to that routing key in the next ack counts as failed and is
+        published again: a duplicate at worst, never an original acked for a copy that went nowhere.
+        """
+        if isinstance(method, commands.Basic.Return):
+            self._returned.append(method.routing_key)
 
     def _on_blocked(self, blocked: bool, reason: str) -> None:
         if blocked:
@@ -151,7 +152,7 @@ class PublishLink:
         """Drop a broken link; returns the copies that were never confirmed, oldest first (to publish again)."""
         pending = [d for d, _ in self.confirms.values()]
         self.confirms.clear()
-        self._returned.clear()
+        self._returned = []
         if self.conn is not None:
             self.conn.abort()
         self.conn, self.ready = None, False

@@ -31,8 +31,8 @@ from queue import SimpleQueue
 
 from magne import logs
 from magne.amqp.connection import READ, Connection, State
-from magne.amqp.errors import AMQPError
-from magne.amqp.url import Params
+from magne.amqp.errors import AMQPError, ConnectionClosed
+from magne.amqp.url import Nodes, Params
 from magne.backoff import Backoff
 from magne.delivery import Delivery
 from magne.io.consumer import Consumer, Phase
@@ -54,10 +54,11 @@ class Stop(enum.IntEnum):
 
 
 class IOThread(threading.Thread):
-    def __init__(self, params: Params, queues: list[str], prefetch: int, work: SimpleQueue[Delivery | None],
-                 queue_types: dict[str, str] | None = None, max_body: int = 0, copy_frame_max: int = 131072) -> None:
+    def __init__(self, nodes: Nodes | Params, queues: list[str], prefetch: int, work: SimpleQueue[Delivery | None],
+                 queue_types: dict[str, str] | None = None, max_body: int = 0, copy_frame_max: int = 131072,
+                 consumer_timeouts: dict[str, int] | None = None) -> None:
         super().__init__(name="magne-io", daemon=True)
-        self.params = params
+        self.nodes = nodes if isinstance(nodes, Nodes) else Nodes([nodes])
         self.queues = queues
         self.stats = Stats()
         self.ready = threading.Event()
@@ -68,10 +69,11 @@ class IOThread(threading.Thread):
         self._wake_pending = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stop = Stop.RUNNING
-        self.link = PublishLink(params, f"magne worker publisher [{', '.join(queues)}]", lambda *_: None)
+        self.link = PublishLink(self.nodes, f"magne worker publisher [{', '.join(queues)}]", lambda *_: None)
         self.settlement = Settlement(self.link, self.stats)
-        self.consumer = Consumer(params, f"magne worker [{', '.join(queues)}]", queues, prefetch, queue_types or {},
-                                 work, self.settlement, self.stats, max_body, copy_frame_max, self._on_consuming)
+        self.consumer = Consumer(self.nodes, f"magne worker [{', '.join(queues)}]", queues, prefetch, queue_types or {},
+                                 work, self.settlement, self.stats, max_body, copy_frame_max, self._on_consuming,
+                                 consumer_timeouts or {})
         self._backoff = Backoff()
         self._reconnect_at = 0.0
         self._ready_at = 0.0
@@ -116,7 +118,7 @@ class IOThread(threading.Thread):
         sel = selectors.DefaultSelector()
         sel.register(self._wake_fd, READ, None)
         try:
-            self.consumer.connect(time.monotonic())
+            self._connect(time.monotonic())
             timers_at = 0.0
             while True:
                 now = time.monotonic()
@@ -157,28 +159,30 @@ class IOThread(threading.Thread):
 
         Keyed by the socket object, not its fd: a reconnect closes one socket and the next
         one often gets the same fd number, which the kernel has already dropped from epoll.
+        Every stale registration is removed before any new one is made, so a new socket that
+        reuses the fd of the other connection's old one does not collide with it.
         """
+        wanted: dict[str, tuple[object, int]] = {}
         for who in ("consumer", "link"):
             conn = self._conn_of(who)
             sock = conn.sock if conn is not None else None
-            events = conn.events() if conn is not None and sock is not None else 0
-            old_sock, old_events = self._watched.get(who, (None, 0))
-            if sock is old_sock and events == old_events:
-                continue
-            if old_sock is not None and (sock is not old_sock or not events):
+            wanted[who] = (sock, conn.events() if conn is not None and sock is not None else 0)
+            old_sock, _old_events = self._watched.get(who, (None, 0))
+            if old_sock is not None and (old_sock is not sock or not wanted[who][1]):
                 try:
                     sel.unregister(old_sock)
                 except (KeyError, ValueError, OSError):
                     pass
-                old_sock, old_events = None, 0
-            if events:
-                if old_sock is None:
-                    sel.register(sock, events, who)
-                else:
-                    sel.modify(sock, events, who)
-                self._watched[who] = (sock, events)
-            else:
                 self._watched[who] = (None, 0)
+        for who, (sock, events) in wanted.items():
+            old_sock, old_events = self._watched.get(who, (None, 0))
+            if not events or (sock is old_sock and events == old_events):
+                continue
+            if old_sock is None:
+                sel.register(sock, events, who)
+            else:
+                sel.modify(sock, events, who)
+            self._watched[who] = (sock, events)
 
     def _on_io(self, who: str, mask: int, now: float) -> None:
         conn = self._conn_of(who)
@@ -208,37 +212,59 @@ class IOThread(threading.Thread):
                     self._failed(who, exc, now)
 
     # -- the consuming connection ------------------------------------------------------------------
+    @property
+    def node(self) -> str:
+        """The node the consuming connection uses (or will use next), as it is safe to log."""
+        return self.nodes.current.safe_url()
+
     def _on_consuming(self) -> None:
         self._ready_at = time.monotonic()
+        self.nodes.succeeded()
         if self.ready.is_set():
             self.stats.reconnects += 1
-            log.info("reconnected to %s; consuming %s again", self.params.safe_url(), ", ".join(self.queues),
-                     event="reconnected", url=self.params.safe_url())
+            log.info("reconnected to %s; consuming %s again", self.node, ", ".join(self.queues),
+                     event="reconnected", url=self.node)
         self.ready.set()
 
     def _consumer_failed(self, exc: AMQPError, now: float) -> None:
+        """The consuming connection failed: move to the next node; back off only once every node failed in a row.
+
+        A node shutting down (320 CONNECTION_FORCED) is left at once for the next one.
+        """
         was_open = self.consumer.phase is not Phase.CONNECTING
+        failed_node = self.node
         dropped, running = self.consumer.lost()
-        if not self.ready.is_set():
-            self.failed, self.permanent = str(exc), exc.permanent
-            raise _Done
+        forced = isinstance(exc, ConnectionClosed) and exc.code == 320
+        round_failed = self.nodes.failed()
         if self._stop:
             raise _Done  # stopping anyway: the broker requeues what is unacked
+        if not self.ready.is_set() and (round_failed or exc.permanent):
+            self.failed, self.permanent = str(exc), exc.permanent
+            raise _Done
         if was_open and self._ready_at and now - self._ready_at > STABLE_AFTER:
             self._backoff.reset()
-        if was_open and not self._backoff.attempt:
+        if forced or not round_failed:
+            delay = 0.0  # another node is there: go now
+        elif was_open and not self._backoff.attempt:
             # A short pause the first time: a broker that keeps closing us at once is then backed off from.
             delay, self._backoff.attempt = 0.2, 1
         else:
             delay = self._backoff.next()
         self._reconnect_at = now + delay
         if was_open:
-            log.warning("connection lost: %s; reconnecting in %.1fs. %d prefetched messages dropped unstarted, %d tasks "
-                        "keep running (their outcomes cannot be acked on a new channel, so those messages will be "
-                        "redelivered)", exc, delay, dropped, running, event="connection_lost")
+            log.warning("connection to %s lost: %s; reconnecting to %s in %.1fs. %d prefetched messages dropped "
+                        "unstarted, %d tasks keep running (their outcomes cannot be acked on a new channel, so those "
+                        "messages will be redelivered)", failed_node, exc, self.node, delay, dropped, running,
+                        event="connection_lost", url=failed_node)
         else:
-            log.warning("reconnect attempt %d to %s failed: %s; next attempt in %.1fs", self._backoff.attempt,
-                        self.params.safe_url(), exc, delay, event="reconnect_failed")
+            log.warning("connecting to %s failed: %s; next attempt to %s in %.1fs", failed_node, exc, self.node, delay,
+                        event="reconnect_failed", url=failed_node)
+
+    def _connect(self, now: float) -> None:
+        try:
+            self.consumer.connect(now)
+        except AMQPError as exc:  # an immediate failure (unreachable network, no sockets left)
+            self._consumer_failed(exc, now)
 
     # -- timers ----------------------------------------------------------------------------------------
     def _busy_timers(self) -> bool:
@@ -253,7 +279,7 @@ class IOThread(threading.Thread):
         c = self.consumer
         if c.conn is None and not self._stop:
             if now >= self._reconnect_at:
-                c.connect(now)
+                self._connect(now)
             else:
                 wakes.append(self._reconnect_at)
         if c.conn is not None:
@@ -282,7 +308,7 @@ class IOThread(threading.Thread):
         if c.conn is None:
             return True  # nothing to close (reconnecting, or closed)
         if c.phase is Phase.CONNECTING:
-            c.conn.abort()
+            c.lost()  # the unstarted deliveries of the channel being set up go with it
             return True
         if c.phase is Phase.CONSUMING:
             back = c.cancel_all()

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any
 
 from pamqp import commands
 
 from magne import logs, wire
 from magne.acks import AckCoalescer
-from magne.amqp import codec
+from magne.amqp import codec, properties
 from magne.amqp.errors import ChannelClosed, ConnectionClosed
 from magne.amqp.outbox import Outbox
 from magne.backoff import Backoff
@@ -163,7 +162,10 @@ class Settlement:
         unconfirmed = self.link.fail()
         pending = [d for d in unconfirmed if d.gen == self.gen]
         self.stats.stale += len(unconfirmed) - len(pending)  # their originals come back redelivered
-        if pending and isinstance(exc, ConnectionClosed | ChannelClosed):
+        # Blame the oldest copy only when the broker refused something we sent (a channel error, or a
+        # 5xx connection error such as 501 FRAME_ERROR); not for a node shutting down (320) or a lost socket.
+        refused = isinstance(exc, ChannelClosed) or (isinstance(exc, ConnectionClosed) and 500 <= exc.code < 600)
+        if pending and refused:
             suspect = pending[0]
             suspect.blame += 1
             if suspect.blame >= 2:
@@ -212,11 +214,9 @@ class Settlement:
 
 
 def _strip_user_headers(d: Delivery) -> None:
-    """Keep only magne's headers on a copy the broker keeps refusing."""
+    """Leave out the publisher's headers of a copy the broker keeps refusing; properties and magne's headers stay."""
+    note = {wire.DROPPED: "publisher headers left out: the broker refused the copy with them"}
     try:
-        headers: dict[str, Any] = {k: v for k, v in (codec.decode_properties(d.copy_header).headers or {}).items()
-                                   if wire.is_magne_header(k) and k != wire.HISTORY}
+        d.copy_header = properties.splice(d.copy_header, note, lambda k: not wire.is_magne_header(k))
     except Exception:
-        headers = {}
-    headers[wire.DROPPED] = "publisher headers left out: the broker refused the copy with them"
-    d.copy_header = codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers=headers), len(d.body))
+        d.copy_header = codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers=note), len(d.body))

@@ -19,7 +19,7 @@ from magne.amqp import codec
 from magne.amqp.connection import Connection
 from magne.amqp.errors import ChannelClosed, ConnectionClosed, ConnectionLost
 from magne.amqp.outbox import Outbox
-from magne.amqp.url import parse_url
+from magne.amqp.url import Nodes, parse_url
 from magne.delivery import Delivery, Outcome
 from magne.io import settle
 from magne.io.link import PublishLink
@@ -354,11 +354,11 @@ def test_settling_errors_are_contained_to_their_message():
 
 # -- with the real PublishLink --------------------------------------------------------------------------------
 def real_link() -> tuple[Settlement, PublishLink, Outbox, Stats, Connection]:
-    link = PublishLink(parse_url("amqp://127.0.0.1:1/"), "unit link", lambda *_: None)
+    link = PublishLink(Nodes([parse_url("amqp://127.0.0.1:1/")]), "unit link", lambda *_: None)
     stats, out = Stats(), Outbox()
     s = Settlement(link, stats)
     s.reset(1, out)
-    conn = Connection(link.params, "unit link", heartbeat=0)
+    conn = Connection(link.nodes.current, "unit link", heartbeat=0)
     link.conn, link.ready = conn, True
     return s, link, out, stats, conn
 

@@ -1,0 +1,310 @@
+"""Test tasks in-process, with no broker and no waiting, and with the worker's own behaviour.
+
+A test should see what a worker does with a message (the JSON body, registry lookup, the
+argument check, the merged retry policy, the x-magne-* headers of its copies), so messages
+run through magne.pool.Pool itself, on its threads and watchdog or inline (`threads=0`).
+Only the broker is simulated: the worker stands in for the default publisher, keeps messages
+in memory, and lets delays (retry backoffs, `send_with_options(delay=...)`) pass on a
+simulated clock. pytest (a test dependency, not magne's) is imported only when the fixture
+is: `from magne.testing import magne_worker  # noqa: F401` in conftest.py (PEP 562).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from queue import Empty, SimpleQueue
+from typing import Any
+
+from pamqp import commands
+
+from magne import publisher, topology, wire
+from magne.amqp import codec
+from magne.delivery import Delivery, Outcome
+from magne.errors import BadMessage
+from magne.policy import Failure, RetryPolicy
+from magne.pool import Pool
+from magne.registry import REGISTRY, Task
+
+_OUTCOMES = {Outcome.ACK: "succeeded", Outcome.RETRY: "retried", Outcome.DEAD: "dead"}
+
+
+class TooManyMessages(RuntimeError):
+    """join() ran `max_messages` messages and more were due: a task that sends itself, or endless retries."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sent:
+    """One message a `send()` published, decoded as a worker will read it (None where the body is not valid)."""
+
+    task: str | None
+    args: list[Any] | None
+    kwargs: dict[str, Any] | None
+    message_id: str | None
+    queue: str
+    delay: float | None
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One delivery that ran, and the outcome the pool decided for it."""
+
+    task: str
+    args: list[Any] | None  # as decoded from the JSON body; None if the body was not valid
+    kwargs: dict[str, Any] | None
+    message_id: str | None
+    queue: str
+    outcome: str  # "succeeded", "retried" or "dead"
+    reason: str  # production's: "bad message", "wrong arguments", "task raised", "time limit"
+    error_type: str
+    error_message: str
+    traceback: str  # empty for messages that can never run (bad message, wrong arguments), as in production
+    retries: int  # retries made before this run (its x-magne-retries)
+    attempts: list[dict[str, Any]]  # x-magne-history: the failed attempts so far, this one included if it failed
+    headers: dict[str, Any]  # x-magne-* headers of the retry or dead-letter copy; {} on success
+    delay: float  # a retry's delay (simulated seconds)
+    at: float  # simulated time of the run
+    exception: BaseException | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+class _Pool(Pool):
+    """The production Pool, keeping each failure's exception object so that raise_on_failure can re-raise it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exceptions: dict[Delivery, BaseException] = {}
+
+    def _fail(self, d: Delivery, failure: Failure) -> None:
+        super()._fail(d, failure)
+        self.exceptions[d] = failure.exc
+
+
+def _decoded(body: bytes) -> tuple[str | None, list[Any] | None, dict[str, Any] | None]:
+    try:
+        return wire.decode(body)
+    except BadMessage:
+        return None, None, None
+
+
+def _seconds(delay: float | None) -> float:
+    """The delay production applies: the delay queue's TTL, rounded as magne.topology rounds it."""
+    return topology.delay_ms(delay) / 1000 if delay is not None and delay > 0 else 0.0
+
+
+class Worker:
+    """`with worker() as w:` captures every send of any task and runs it as a worker process would.
+
+    threads: pool threads (0, or sync=True: run at join() on the calling thread, without time limits).
+    max_retries, min_backoff, max_backoff, time_limit, lost_after: the worker's defaults, as `magne worker`
+    takes them; a task's own @task settings win over them. max_messages: join()'s guard against a task
+    that never stops sending or retrying. raise_on_failure: join() re-raises the first final failure.
+    Tasks are those registered when the block starts (a worker imports its tasks before it starts).
+    """
+
+    def __init__(self, threads: int = 8, *, sync: bool = False, max_retries: int = 0, min_backoff: float = 1.0,
+                 max_backoff: float = 300.0, time_limit: float = 600.0, lost_after: float = 10.0,
+                 raise_on_failure: bool = False, max_messages: int = 10_000) -> None:
+        if threads < 0 or max_messages < 1:
+            raise ValueError("threads must be >= 0 and max_messages >= 1")
+        self.threads = 0 if sync else threads
+        self.retry = RetryPolicy(max_retries, min_backoff, max_backoff)
+        self.time_limit, self.lost_after = time_limit, lost_after
+        self.raise_on_failure, self.max_messages = raise_on_failure, max_messages
+        self.clock = 0.0  # simulated seconds since the block started
+        self.pool: _Pool | None = None
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, Delivery]] = []  # a heap of (due time, seq, delivery)
+        self._seq = itertools.count(1)
+        self._work: SimpleQueue[Delivery | None] = SimpleQueue()
+        self._inflight = self._dispatched = 0
+        self._budget = max_messages
+        self._sent: list[Sent] = []
+        self._runs: list[Run] = []
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        self._saved: Any = None
+
+    def __enter__(self) -> Worker:
+        tasks = dict(REGISTRY)
+        types = {t.queue: t.queue_type or "classic" for t in tasks.values()}
+        pool = self.pool = _Pool(self.threads, tasks, self._work, self._report, self.time_limit, self.lost_after,
+                                 self.retry, types)
+        if self.threads:
+            pool.start()
+            tick = min(0.25, max(0.02, min([t.time_limit or self.time_limit for t in tasks.values()],
+                                           default=self.time_limit) / 20))  # as magne.worker ticks its watchdog
+            self._watchdog = threading.Thread(target=self._watch, args=(pool, tick), name="magne-testing-watchdog",
+                                              daemon=True)
+            self._watchdog.start()
+        with publisher._default_lock:
+            self._saved, publisher._default = publisher._default, self  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Drop what never started, let running tasks finish (up to lost_after), give the real publisher back."""
+        try:
+            self._stop.set()
+            if self.threads and self.pool is not None:
+                with contextlib.suppress(Empty):
+                    while True:
+                        self._work.get_nowait()
+                self.pool.stop()
+                self.pool.join(self.lost_after)
+            if self._watchdog is not None:
+                self._watchdog.join()
+        finally:
+            with publisher._default_lock:
+                publisher._default = self._saved
+
+    def _watch(self, pool: Pool, tick: float) -> None:
+        """The worker's main thread's watchdog: fires time limits, abandons threads that do not come back."""
+        while not self._stop.wait(tick):
+            pool.check(time.monotonic())
+
+    def publish(self, queue: str, body: bytes, properties: commands.Basic.Properties, exchange: str | None = None,
+                delay: float | None = None, queue_type: str | None = None, declare: bool = True) -> None:
+        """Publisher.publish, into memory: while active, the worker is the process's default publisher."""
+        task, args, kwargs = _decoded(body)
+        mid = properties.message_id if isinstance(properties.message_id, str) else None
+        header = codec.header_payload(properties, len(body))  # the bytes the broker would deliver
+        with self._cond:
+            self._sent.append(Sent(task, args, kwargs, mid, queue, delay, body))
+            self._enqueue(Delivery(next(self._seq), 0, queue, body, header, False), self.clock + _seconds(delay))
+
+    def close(self) -> None:
+        """Publisher.close (magne.publisher.configure() calls it): nothing to close."""
+
+    def _enqueue(self, d: Delivery, due: float) -> None:
+        """Under the lock: to a pool thread now if it is due and threads run, else onto the simulated clock."""
+        if self.threads and due <= self.clock and self._dispatched < self._budget and not self._stop.is_set():
+            self._dispatched += 1
+            self._inflight += 1
+            self._work.put(d)
+        else:
+            heapq.heappush(self._due, (due, d.tag, d))
+
+    def _report(self, d: Delivery) -> None:
+        """A delivery with its outcome, from a pool thread (or join() when synchronous); a retry is queued again."""
+        try:
+            assert self.pool is not None
+            name, args, kwargs = _decoded(d.body)
+            before = wire.read_state(d.header)
+            headers, attempts, err = {}, before.history, d.error or {}
+            if d.outcome is not Outcome.ACK and d.copy_header:
+                headers = {k: v for k, v in (codec.decode_properties(d.copy_header).headers or {}).items()
+                           if wire.is_magne_header(k)}
+                attempts = wire.read_state(d.copy_header).history
+            delay = _seconds(d.delay) if d.outcome is Outcome.RETRY else 0.0
+            run = Run(d.task or name or "", args, kwargs, before.message_id, d.queue,
+                      _OUTCOMES.get(d.outcome, d.outcome.name), d.reason, err.get("type", ""), err.get("message", ""),
+                      err.get("traceback", ""), before.retries, attempts, headers, delay, self.clock,
+                      self.pool.exceptions.pop(d, None))
+            with self._cond:
+                self._runs.append(run)
+                if d.outcome is Outcome.RETRY:  # the copy the broker routes back once the delay queue's TTL passed
+                    self._enqueue(Delivery(next(self._seq), 0, d.queue, d.body, d.copy_header, False), self.clock + delay)
+        finally:
+            with self._cond:
+                if self.threads:
+                    self._inflight -= 1
+                self._cond.notify_all()
+
+    def join(self, raise_on_failure: bool | None = None) -> None:
+        """Run until nothing is queued, running or due; the simulated clock jumps to each next due time.
+
+        Raises TooManyMessages past `max_messages` runs in this join; with raise_on_failure (here or
+        on the worker) re-raises the first final failure once everything has run.
+        """
+        if self.pool is None or self._stop.is_set():
+            raise RuntimeError("join() outside the `with worker()` block")
+        with self._cond:
+            self._budget = self._dispatched + self.max_messages
+        while True:
+            with self._cond:
+                while self._inflight:
+                    self._cond.wait()
+                if not self._due:
+                    break
+                if self._dispatched >= self._budget:
+                    raise TooManyMessages(
+                        f"join() ran {self.max_messages} messages and {len(self._due)} more are due: a task that keeps "
+                        "sending itself, or retries without end? Pass worker(max_messages=...) if this is expected")
+                self.clock = max(self.clock, self._due[0][0])
+                batch: list[Delivery] = []
+                while self._due and self._due[0][0] <= self.clock and self._dispatched + len(batch) < self._budget:
+                    batch.append(heapq.heappop(self._due)[2])
+                if self.threads:
+                    for d in batch:
+                        self._enqueue(d, self.clock)
+                    batch = []
+                else:
+                    self._dispatched += len(batch)
+            for d in batch:  # synchronous: one after another on this thread, outside the lock (tasks send)
+                self._report(self.pool.run_one(d))
+        dead = self.dead_letters()
+        if dead and (self.raise_on_failure if raise_on_failure is None else raise_on_failure):
+            if isinstance(dead[0].exception, Exception):
+                raise dead[0].exception
+            raise AssertionError(f"task {dead[0].task} was dead-lettered ({dead[0].reason}): {dead[0].error_type}: "
+                                 f"{dead[0].error_message}") from dead[0].exception  # a time limit, SystemExit, ...
+
+    # -- inspection -----------------------------------------------------------------------------------
+    def _runs_of(self, outcome: str | None, task: Task | str | None) -> list[Run]:
+        name = task.name if isinstance(task, Task) else task
+        with self._cond:
+            return [r for r in self._runs if outcome in (None, r.outcome) and name in (None, r.task)]
+
+    def succeeded(self, task: Task | str | None = None) -> list[Run]:
+        return self._runs_of("succeeded", task)
+
+    def dead_letters(self, task: Task | str | None = None) -> list[Run]:
+        """Final failures: what production dead-letters to `<queue>.dead`, with reason, error and history."""
+        return self._runs_of("dead", task)
+
+    failed = dead_letters
+
+    @property
+    def retried(self) -> list[Run]:
+        return self._runs_of("retried", None)
+
+    @property
+    def runs(self) -> list[Run]:
+        return self._runs_of(None, None)
+
+    @property
+    def sent(self) -> list[Sent]:
+        with self._cond:
+            return list(self._sent)
+
+    def assert_ran(self, task: Task | str, /, *args: Any, **kwargs: Any) -> Run:
+        """The successful run of `task` with these arguments (compared as decoded from JSON), or AssertionError."""
+        for r in self.succeeded(task):
+            if r.args == list(args) and r.kwargs == kwargs:
+                return r
+        seen = [(r.outcome, r.args, r.kwargs) for r in self._runs_of(None, task)]
+        raise AssertionError(f"task {task} did not succeed with args={list(args)!r} kwargs={kwargs!r}; its runs: {seen!r}")
+
+
+worker = Worker
+
+
+def _magne_worker() -> Iterator[Worker]:
+    """One testing worker per test, with `magne worker`'s defaults (8 threads)."""
+    with Worker() as w:
+        yield w
+
+
+def __getattr__(name: str) -> Any:
+    """`magne_worker`, the pytest fixture, made on the first import of that name: only then is pytest imported."""
+    if name != "magne_worker":
+        raise AttributeError(f"module 'magne.testing' has no attribute {name!r}")
+    import pytest
+
+    globals()[name] = fixture = pytest.fixture(name=name)(_magne_worker)
+    return fixture
