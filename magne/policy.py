@@ -86,7 +86,7 @@ def decide(d: Delivery, failure: Failure, policy: RetryPolicy | None, frame_max:
         d.delay = policy.backoff(state.retries)
         ms = topology.delay_ms(d.delay)
         d.copy_to = topology.delay_queue(d.queue, ms)
-        d.copy_declare = topology.declare_delay(d.queue, ms)
+        d.copy_declare = topology.declare_delay(d.queue, ms, queue_type)
         add = {wire.RETRIES: state.retries + 1, wire.HISTORY: history}
     else:
         d.outcome = Outcome.DEAD

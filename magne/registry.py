@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, overload
 
 from magne import topology, wire
 from magne.errors import RegistryError
 from magne.policy import RetryPolicy
-from magne.publisher import default_publisher
+from magne.publisher import BatchResult, Publisher, default_publisher
 
 
 class Task:
@@ -39,7 +40,10 @@ class Task:
         return f"<task {self.name} queue={self.queue}>"
 
     def send(self, *args: Any, **kwargs: Any) -> str:
-        """Publish one run of this task; returns its message id once the broker confirmed it."""
+        """Publish one run of this task; returns its message id once the broker confirmed it.
+
+        Any thread; many threads sending at once share the process's publisher connection and have their
+        confirms in flight together (magne.publisher)."""
         return self.send_with_options(args=args, kwargs=kwargs)
 
     def send_with_options(
@@ -50,10 +54,33 @@ class Task:
         message_id: str | None = None,
     ) -> str:
         """Publish one run; `delay` (seconds) makes it wait on the broker first. Returns the message id."""
+        pub = default_publisher()
+        if isinstance(pub, Publisher):
+            return pub.send(self, args, kwargs, delay=delay, message_id=message_id)
+        # A stand-in default publisher (magne.testing.Worker) takes the generic publish.
         mid = message_id or wire.new_id()
-        body = wire.encode(self.name, args, kwargs, mid)
-        default_publisher().publish(self.queue, body, wire.properties_for(mid), delay=delay, queue_type=self.queue_type)
+        pub.publish(self.queue, wire.encode(self.name, args, kwargs, mid), wire.properties_for(mid), delay=delay,
+                    queue_type=self.queue_type)
         return mid
+
+    def send_many(self, arglists: Iterable[Any]) -> BatchResult:
+        """Publish one run per item of `arglists` (each a sequence of positional arguments), pipelined, and wait
+        for every confirm. Returns a BatchResult: the message ids in order and exactly which were nacked,
+        returned or lost (`.raise_on_failure()` turns a failure into an exception)."""
+        pub = default_publisher()
+        if isinstance(pub, Publisher):
+            return pub.send_many((self, args) for args in arglists)
+        return BatchResult([self.send_with_options(args=args) for args in arglists], [])
+
+    def send_async(self, *args: Any, **kwargs: Any) -> Awaitable[str]:
+        """`await task.send_async(...)` from an event loop: the message id once confirmed, without blocking
+        the loop (the publisher's I/O thread completes the future). Call on the loop's thread."""
+        pub = default_publisher()
+        if isinstance(pub, Publisher):
+            return pub.send_async(self, args, kwargs)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        future.set_result(self.send_with_options(args=args, kwargs=kwargs))
+        return future
 
 
 REGISTRY: dict[str, Task] = {}

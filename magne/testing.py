@@ -92,8 +92,7 @@ def _decoded(body: bytes) -> tuple[str | None, list[Any] | None, dict[str, Any] 
         return None, None, None
 
 
-def _seconds(delay: float | None) -> float:
-    """The delay production applies: the delay queue's TTL, rounded as magne.topology rounds it."""
+def _seconds(delay: float | None) -> float:  # the delay production applies: its delay queue's TTL, rounded
     return topology.delay_ms(delay) / 1000 if delay is not None and delay > 0 else 0.0
 
 
@@ -162,23 +161,21 @@ class Worker:
             with publisher._default_lock:
                 publisher._default = self._saved
 
-    def _watch(self, pool: Pool, tick: float) -> None:
-        """The worker's main thread's watchdog: fires time limits, abandons threads that do not come back."""
+    def _watch(self, pool: Pool, tick: float) -> None:  # magne.worker's watchdog: time limits, lost threads
         while not self._stop.wait(tick):
             pool.check(time.monotonic())
 
-    def publish(self, queue: str, body: bytes, properties: commands.Basic.Properties, exchange: str | None = None,
+    def publish(self, queue: str, body: bytes, properties: commands.Basic.Properties | bytes, exchange: str | None = None,
                 delay: float | None = None, queue_type: str | None = None, declare: bool = True) -> None:
-        """Publisher.publish, into memory: while active, the worker is the process's default publisher."""
+        """Publisher.publish into memory: while active, the worker is the default publisher, so every send lands here."""
+        header = properties if isinstance(properties, bytes) else codec.header_payload(properties, len(body))
         task, args, kwargs = _decoded(body)
-        mid = properties.message_id if isinstance(properties.message_id, str) else None
-        header = codec.header_payload(properties, len(body))  # the bytes the broker would deliver
         with self._cond:
-            self._sent.append(Sent(task, args, kwargs, mid, queue, delay, body))
+            self._sent.append(Sent(task, args, kwargs, wire.read_state(header).message_id, queue, delay, body))
             self._enqueue(Delivery(next(self._seq), 0, queue, body, header, False), self.clock + _seconds(delay))
 
     def close(self) -> None:
-        """Publisher.close (magne.publisher.configure() calls it): nothing to close."""
+        """magne.publisher.configure() closes the default publisher: nothing to close here."""
 
     def _enqueue(self, d: Delivery, due: float) -> None:
         """Under the lock: to a pool thread now if it is due and threads run, else onto the simulated clock."""
@@ -216,11 +213,8 @@ class Worker:
                 self._cond.notify_all()
 
     def join(self, raise_on_failure: bool | None = None) -> None:
-        """Run until nothing is queued, running or due; the simulated clock jumps to each next due time.
-
-        Raises TooManyMessages past `max_messages` runs in this join; with raise_on_failure (here or
-        on the worker) re-raises the first final failure once everything has run.
-        """
+        """Run until nothing is queued, running or due, the simulated clock jumping to each next due time; then
+        with raise_on_failure (here or on the worker), re-raise the first final failure. TooManyMessages past max_messages."""
         if self.pool is None or self._stop.is_set():
             raise RuntimeError("join() outside the `with worker()` block")
         with self._cond:
@@ -288,7 +282,8 @@ class Worker:
             if r.args == list(args) and r.kwargs == kwargs:
                 return r
         seen = [(r.outcome, r.args, r.kwargs) for r in self._runs_of(None, task)]
-        raise AssertionError(f"task {task} did not succeed with args={list(args)!r} kwargs={kwargs!r}; its runs: {seen!r}")
+        raise AssertionError(f"task {getattr(task, 'name', task)} did not succeed with args={list(args)!r} "
+                             f"kwargs={kwargs!r}; its runs: {seen!r}")
 
 
 worker = Worker

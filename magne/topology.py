@@ -21,6 +21,10 @@ from pamqp import commands
 
 QUEUE_TYPES = ("classic", "quorum")
 DEFAULT_DELIVERY_LIMIT = 20
+# Broker-side dead-lettering of a quorum queue is at-most-once by default: a message the target
+# does not confirm is dropped. at-least-once (3.10+) keeps it until the target has it, and needs
+# reject-publish overflow.
+AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 Declaration = tuple[Any, type]
 
 
@@ -45,6 +49,7 @@ def queue_arguments(queue: str, queue_type: str = "classic", dead: bool = False)
             args["x-delivery-limit"] = DEFAULT_DELIVERY_LIMIT
             args["x-dead-letter-exchange"] = ""
             args["x-dead-letter-routing-key"] = dead_queue(queue)
+            args.update(AT_LEAST_ONCE)
         return args
     raise ValueError(f"unknown queue type {queue_type!r}; use one of {', '.join(QUEUE_TYPES)}")
 
@@ -79,20 +84,21 @@ def delay_queue(queue: str, ms: int) -> str:
     return f"{queue}.delay.{ms}"
 
 
-def declare_delay(queue: str, ms: int) -> commands.Queue.Declare:
+def declare_delay(queue: str, ms: int, queue_type: str = "classic") -> commands.Queue.Declare:
     """The declaration of the wait queue for `queue` and delay `ms`.
 
     Redeclared before every publish into it: x-expires (which removes the queue once
     unused) counts from the last declare, and exceeds the TTL, so a waiting message
-    always expires into the task queue before its wait queue can go away.
+    always expires into the task queue before its wait queue can go away. The wait
+    queue of a quorum task is quorum too, dead-lettering at-least-once, so a delayed
+    retry survives the loss of a node.
     """
-    return commands.Queue.Declare(
-        queue=delay_queue(queue, ms),
-        durable=True,
-        arguments={
-            "x-message-ttl": ms,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": queue,
-            "x-expires": ms + max(60_000, ms // 10),
-        },
-    )
+    args: dict[str, Any] = {
+        "x-message-ttl": ms,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue,
+        "x-expires": ms + max(60_000, ms // 10),
+    }
+    if queue_type == "quorum":
+        args.update({"x-queue-type": "quorum", **AT_LEAST_ONCE})
+    return commands.Queue.Declare(queue=delay_queue(queue, ms), durable=True, arguments=args)

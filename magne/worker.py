@@ -115,7 +115,9 @@ class Worker:
         if opts.effective_prefetch < 1 or opts.effective_prefetch > 65535:
             raise ConfigError("--prefetch must be between 1 and 65535")
         try:
-            self.nodes = Nodes(parse_urls(opts.url))
+            # Under a supervisor, child N starts from node N (so P processes spread evenly); alone, at random.
+            slot = os.environ.get("MAGNE_PROCESS_SLOT", "")
+            self.nodes = Nodes(parse_urls(opts.url), start=int(slot) - 1 if slot.isdigit() else None)
         except URLError as exc:
             raise ConfigError(str(exc)) from None
         self.params = self.nodes.current

@@ -14,7 +14,7 @@ from support import Broker, WorkerProc, unique
 
 # Tests are grouped by what they need: tests/unit runs in seconds with no broker;
 # tests/e2e and tests/faults talk to the real RabbitMQ (and Redis) on this machine.
-_MARK_BY_DIR = {"e2e": "broker", "faults": "broker"}
+_MARK_BY_DIR = {"e2e": "broker", "faults": "broker", "cluster": "cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -104,3 +104,16 @@ def tls_nodes() -> Iterator[dict[str, object]]:
         for n in nodes.values():
             n.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[object]:
+    """A 3-node RabbitMQ cluster on 127.0.0.1:5682-5684 (about 15 s to start), next to the broker on 5672."""
+    from support.nodes import Cluster, kill_leftovers
+
+    kill_leftovers()
+    c = Cluster(3).start()
+    try:
+        yield c
+    finally:
+        c.close()

@@ -163,6 +163,24 @@ class ConfirmWindow:
                 return got[0]
         return None
 
+    def drop_oldest_while(self, pred: Callable[[Any], bool]) -> list[Any]:
+        """Take out, oldest first, the unconfirmed tokens for which `pred` holds, stopping at the first that
+        does not (a publisher gives up on overdue ones; a late ack for them then settles nothing)."""
+        out = []
+        order, pending = self._order, self._pending
+        while order:
+            got = pending.get(order[0])
+            if got is None:
+                order.popleft()
+                continue
+            if not pred(got[0]):
+                break
+            seq = order.popleft()
+            del pending[seq]
+            self._returned.pop(seq, None)
+            out.append(got[0])
+        return out
+
     def clear(self) -> list[Any]:
         """Every unconfirmed token, in publish order; the window is empty afterwards (a new channel starts at 1)."""
         tokens = [t for t, _k in self._pending.values()]
@@ -289,6 +307,11 @@ class Client:
 
     def _on_channel_close(self, _channel: int, exc: ChannelClosed) -> None:
         self._closed = exc  # raised from pump_until, outside the decoder
+
+    def take_channel_error(self) -> ChannelClosed | None:
+        """The broker's channel.close seen by step() (pump_until raises it instead), once."""
+        exc, self._closed = self._closed, None
+        return exc
 
     def _keep_outcome(self, seq: int, _token: Any, error: PublishError | None) -> None:
         self._outcomes[seq] = error

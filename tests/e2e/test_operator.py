@@ -126,7 +126,7 @@ def test_supervisor_stops_on_an_unknown_vhost_instead_of_restarting(names, start
 
 
 def test_sigterm_while_a_child_waits_for_its_restart_exits_0(names, start_worker):
-    w = start_worker("--processes", "2", env={"MAGNE_TEST_CRASH_AFTER": "1.0"})
+    w = start_worker("--processes", "2", env={"MAGNE_TEST_CRASH_AFTER": "1.0", "MAGNE_TEST_CRASH_SLOT": "1"})
     wait_for(lambda: w.events("child_died"), 30, what="a child to die and wait for its restart")
     w.signal(signal.SIGTERM)
     assert w.wait(60) == 0, w.log()

@@ -84,7 +84,8 @@ def record_version(n, sleep=0.0):
     r.hincrby(KEY, str(n), 1)
 
 
-if os.environ.get("MAGNE_TEST_CRASH_AFTER"):
+_CRASH_SLOT = os.environ.get("MAGNE_TEST_CRASH_SLOT")  # only this supervisor slot crashes (default: every process)
+if os.environ.get("MAGNE_TEST_CRASH_AFTER") and _CRASH_SLOT in (None, os.environ.get("MAGNE_PROCESS_SLOT")):
     import threading
 
     def _crash():
