@@ -63,8 +63,9 @@ def test_thread_stuck_in_sleep_is_abandoned_and_replaced(broker, redis, names, s
     assert time.monotonic() - t0 < 3.8
     assert queue_counts(q) == (0, 0)
     w.signal(__import__("signal").SIGUSR1)
-    wait_for(lambda: "status: threads live=" in w.log(), 10, what="a status line")
-    assert "lost=1" in w.log().split("status: ")[-1]
+    wait_for(lambda: w.events("status"), 10, what="a status record")
+    counters = w.events("status")[-1]["counters"]
+    assert counters["threads_lost"] == 1 and counters["threads_live"] == 2
 
 
 def test_late_interrupts_kill_nothing_and_lose_nothing(caplog):
