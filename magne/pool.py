@@ -197,7 +197,10 @@ class Pool:
         """
         slot = Slot(-1)
         slot.ident = threading.get_ident()
-        self._run(slot, d)
+        try:
+            self._run(slot, d)
+        except BaseException as exc:  # noqa: B036 - as in _loop: _run contains task failures; this is magne's bug
+            self._fail(d, Failure("internal error", exc, retryable=False))
         return d
 
     def _run(self, slot: Slot, d: Delivery) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pamqp import commands
 from pamqp import encode as pencode
 
-from magne import topology, wire
+from magne import task, testing, topology, wire
 from magne.amqp import codec, properties
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, TimeLimitExceeded
@@ -374,3 +374,23 @@ def test_decide_never_raises_on_garbage_headers(hdr, retryable, frame_max):
     assert len(d.copy_header) + 8 <= frame_max
     props = codec.decode_properties(d.copy_header)
     assert props.delivery_mode == 2 and isinstance(props.headers, dict)
+
+
+# -- end to end, through the pool's own path (magne.testing: a broker adds nothing here) ---------------------
+@task(max_retries=2, min_backoff=1, max_backoff=1, retry_on=(ConnectionError,))
+def wp_retries_connection_errors_only(kind):
+    raise {"conn": ConnectionError, "value": ValueError}[kind](kind)
+
+
+@pytest.mark.parametrize("threads", [0, 4])
+def test_retry_on_and_max_retries_end_to_end(threads):
+    with testing.worker(threads, max_retries=10) as w:  # the task's max_retries=2 wins over the worker's 10
+        wp_retries_connection_errors_only.send("conn")
+        wp_retries_connection_errors_only.send("value")
+        w.join()
+    conn, value = sorted(w.dead_letters(), key=lambda r: r.args)
+    assert conn.retries == 2 and [a["attempt"] for a in conn.attempts] == [1, 2, 3]
+    assert {a["error-type"] for a in conn.attempts} == {"ConnectionError"} and conn.headers[wire.RETRIES] == 2
+    assert value.retries == 0 and len(value.attempts) == 1  # not in retry_on: dead-lettered at once
+    assert [r.delay for r in w.retried] == [pytest.approx(r.delay) for r in w.retried]
+    assert all(0.5 <= r.delay <= 1.0 for r in w.retried) and 1.0 <= w.clock <= 2.0  # max_backoff 1, equal jitter
