@@ -110,7 +110,7 @@ def test_broker_refuses_for_a_while(broker, redis, names, start_worker, proxy):
     wait_progress(redis, names)
     t = time.monotonic()
     proxy.refuse()
-    wait_for(lambda: w.log().count("reconnect attempt") >= 3, 60, what="three failed reconnect attempts")
+    wait_for(lambda: len(w.events("reconnect_failed")) >= 3, 60, what="three failed reconnect attempts")
     assert w.proc.poll() is None, "a worker whose broker is away keeps trying"
     proxy.resume()
     check_after_fault("connection refused for 3 reconnect attempts", w, redis, names, t)
@@ -119,7 +119,7 @@ def test_broker_refuses_for_a_while(broker, redis, names, start_worker, proxy):
 def test_sigterm_while_the_broker_is_away(names, start_worker, proxy):
     w = start(start_worker, proxy.url("?heartbeat=2"))
     proxy.refuse()
-    wait_for(lambda: "reconnect attempt" in w.log(), 30, what="a failed reconnect attempt")
+    wait_for(lambda: w.events("reconnect_failed"), 30, what="a failed reconnect attempt")
     w.signal(signal.SIGTERM)
     assert w.wait(15) == 0
 
@@ -146,7 +146,7 @@ def test_queue_deleted_under_the_consumer(broker, redis, names, start_worker):
     wait_for(lambda: len(runs(redis, names)) == 200, 60, what="tasks on the re-declared queue")
     log = w.log()
     assert "broker cancelled our consumer of queue" in log
-    assert "connection lost" not in log and "reconnected" not in log
+    assert not w.events("connection_lost") and not w.events("reconnected")
     assert len(connections_of(w.pid)) == 1 and channels_of(w.pid) == 1
     print("\nFAULT queue deleted (basic.cancel): worker re-declared and consumed that queue, no reconnect")
 
@@ -159,7 +159,7 @@ def test_broker_restart(broker, redis, names, start_worker):
     t = time.monotonic()
     try:
         rabbitmqctl("stop_app", timeout=120)
-        wait_for(lambda: "connection lost" in w.log(), 30, what="the worker to see the broker go")
+        wait_for(lambda: w.events("connection_lost"), 30, what="the worker to see the broker go")
     finally:
         rabbitmqctl("start_app", timeout=180)
         rabbitmqctl("await_startup", timeout=180)
@@ -216,14 +216,14 @@ def test_consumer_timeout_406_closes_the_channel_and_the_worker_recovers(broker,
             rabbitmqctl("eval", f"application:set_env(rabbit, consumer_timeout, {m.group(1)}).")
         else:
             rabbitmqctl("eval", "application:unset_env(rabbit, consumer_timeout).")
-    wait_for(lambda: "reconnected to" in w.log(), 30, what="the reconnect")
+    wait_for(lambda: w.events("reconnected"), 30, what="the reconnect")
     # The redelivered message runs again on the new channel (the first run is still sleeping).
     wait_for(lambda: runs(redis, names).get("long") == 1, 30, what="the redelivered message to run")
     wait_for(lambda: queue_counts(q) == (0, 0), 30, interval=0.5, what="queue empty, nothing unacked")
     assert w.proc.poll() is None
     assert len(connections_of(w.pid)) == 1 and channels_of(w.pid) == 1
     print(f"\nFAULT consumer_timeout (406 PRECONDITION_FAILED closes the channel): "
-          f"reconnected-after={reconnect_seconds(w.log()):.1f}s, the message was redelivered and ran on the new channel")
+          f"reconnected-after={reconnect_seconds(w):.1f}s, the message was redelivered and ran on the new channel")
 
 
 def test_publishing_connection_closed_while_copies_are_in_flight(broker, redis, names, start_worker):
