@@ -31,14 +31,14 @@ from queue import SimpleQueue
 
 from magne import logs
 from magne.amqp.connection import READ, Connection, State
-from magne.amqp.errors import AMQPError, ConnectionClosed
+from magne.amqp.errors import AMQPError, BrokerTimeout, ChannelClosed, ConnectionClosed, ConnectionLost, FrameError, TLSError
 from magne.amqp.url import Nodes, Params
 from magne.backoff import Backoff
 from magne.delivery import Delivery
 from magne.io.consumer import Consumer, Phase
 from magne.io.link import PublishLink
 from magne.io.settle import Settlement
-from magne.io.stats import Stats
+from magne.io.stats import Stats, Tally
 
 log = logs.Log("magne.io")
 
@@ -56,11 +56,13 @@ class Stop(enum.IntEnum):
 class IOThread(threading.Thread):
     def __init__(self, nodes: Nodes | Params, queues: list[str], prefetch: int, work: SimpleQueue[Delivery | None],
                  queue_types: dict[str, str] | None = None, max_body: int = 0, copy_frame_max: int = 131072,
-                 consumer_timeouts: dict[str, int] | None = None) -> None:
+                 consumer_timeouts: dict[str, int] | None = None, tally: Tally | None = None) -> None:
         super().__init__(name="magne-io", daemon=True)
         self.nodes = nodes if isinstance(nodes, Nodes) else Nodes([nodes])
         self.queues = queues
         self.stats = Stats()
+        self.stats.tally = tally  # --metrics: per-queue/task counts, lag, ack batches (magne/io/stats.py)
+        self._lost_cause = ""  # why the consuming connection was last lost: the label of the reconnect that follows
         self.ready = threading.Event()
         self.finished = threading.Event()
         self.failed: str | None = None  # why the worker could not run (first connection, or a crash)
@@ -68,9 +70,11 @@ class IOThread(threading.Thread):
         self.outcomes: deque[Delivery] = deque()
         self._wake_pending = False
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._stop = Stop.RUNNING
+        self._stopping = Stop.RUNNING
         self.link = PublishLink(self.nodes, f"magne worker publisher [{', '.join(queues)}]", lambda *_: None)
         self.settlement = Settlement(self.link, self.stats)
+        if tally is not None:
+            self.link.on_latency = tally.confirm.observe
         self.consumer = Consumer(self.nodes, f"magne worker [{', '.join(queues)}]", queues, prefetch, queue_types or {},
                                  work, self.settlement, self.stats, max_body, copy_frame_max, self._on_consuming,
                                  consumer_timeouts or {})
@@ -90,7 +94,7 @@ class IOThread(threading.Thread):
 
     def request_stop(self, force: bool = False) -> None:
         """Main thread: stop warmly, or (force) now."""
-        self._stop = max(self._stop, Stop.COLD if force else Stop.WARM)
+        self._stopping = max(self._stopping, Stop.COLD if force else Stop.WARM)
         os.eventfd_write(self._wake_fd, 1)
 
     @property
@@ -120,9 +124,14 @@ class IOThread(threading.Thread):
         try:
             self._connect(time.monotonic())
             timers_at = 0.0
+            lag = self.stats.tally.lag if self.stats.tally is not None else None
             while True:
                 now = time.monotonic()
                 if now >= timers_at or self._busy_timers():
+                    if lag is not None and timers_at and now >= timers_at:
+                        # The loop's lag: how long after it meant to run its timers (heartbeats, deadlines)
+                        # it got to them, because a turn of reading and settling took that long.
+                        lag.observe(now - timers_at)
                     # Timers are not run on every turn: at 50k msg/s the loop turns thousands of
                     # times a second, and running them each time cost ~10 % of the raw figure.
                     wake = self._timers(now)
@@ -139,7 +148,7 @@ class IOThread(threading.Thread):
                 self._wake_pending = False  # before draining: see report()
                 if self.outcomes:
                     self.consumer.inflight -= self.settlement.drain(self.outcomes, now)
-                if self._stop and self._stop_step(now):
+                if self._stopping and self._stop_step(now):
                     return
                 self._flush(now)
         finally:
@@ -222,6 +231,8 @@ class IOThread(threading.Thread):
         self.nodes.succeeded()
         if self.ready.is_set():
             self.stats.reconnects += 1
+            cause = self._lost_cause or "unknown"
+            self.stats.reconnect_causes[cause] = self.stats.reconnect_causes.get(cause, 0) + 1
             log.info("reconnected to %s; consuming %s again", self.node, ", ".join(self.queues),
                      event="reconnected", url=self.node)
         self.ready.set()
@@ -236,11 +247,15 @@ class IOThread(threading.Thread):
         dropped, running = self.consumer.lost()
         forced = isinstance(exc, ConnectionClosed) and exc.code == 320
         round_failed = self.nodes.failed()
-        if self._stop:
+        if self._stopping:
             raise _Done  # stopping anyway: the broker requeues what is unacked
         if not self.ready.is_set() and (round_failed or exc.permanent):
             self.failed, self.permanent = str(exc), exc.permanent
             raise _Done
+        if was_open:
+            self._lost_cause = loss_cause(exc)
+        else:
+            self.stats.connect_failures += 1
         if was_open and self._ready_at and now - self._ready_at > STABLE_AFTER:
             self._backoff.reset()
         if forced or not round_failed:
@@ -270,14 +285,14 @@ class IOThread(threading.Thread):
     def _busy_timers(self) -> bool:
         """Whether the timers must run on this turn: something is in motion that they drive."""
         c = self.consumer
-        return bool(self._stop or self.settlement.unsent or c.conn is None or c.phase is not Phase.CONSUMING
+        return bool(self._stopping or self.settlement.unsent or c.conn is None or c.phase is not Phase.CONSUMING
                     or (self.link.conn is not None and not self.link.ready))
 
     def _timers(self, now: float) -> float | None:
         """Run what is due; return when the loop must next wake up (None: only for I/O)."""
         wakes: list[float] = []
         c = self.consumer
-        if c.conn is None and not self._stop:
+        if c.conn is None and not self._stopping:
             if now >= self._reconnect_at:
                 self._connect(now)
             else:
@@ -316,7 +331,7 @@ class IOThread(threading.Thread):
                      back, c.inflight, event="stopping")
         if c.phase is Phase.CANCELLING:
             copies = self.settlement.pending_copies()
-            if self._stop is Stop.COLD or (c.inflight <= 0 and not copies):
+            if self._stopping is Stop.COLD or (c.inflight <= 0 and not copies):
                 if c.inflight > 0 or copies:
                     log.warning("closing with %d tasks unfinished and %d copies unconfirmed; the broker requeues "
                                 "their messages", c.inflight, copies, event="closing_unfinished")
@@ -327,6 +342,23 @@ class IOThread(threading.Thread):
             log.warning("broker did not answer the close within %gs; dropping the connection", CLOSE_GRACE)
             return True
         return c.conn.state is State.CLOSED and not self.link.is_open
+
+
+def loss_cause(exc: AMQPError) -> str:
+    """A lost connection's cause, as a metric label (a fixed set: magne_reconnects_total{cause})."""
+    if isinstance(exc, ConnectionClosed):
+        return "node_shutdown" if exc.code == 320 else "closed_by_broker"
+    if isinstance(exc, ChannelClosed):
+        return "channel_closed"  # 406 from consumer_timeout, say: the channel's tags are gone
+    if isinstance(exc, BrokerTimeout):
+        return "timeout"
+    if isinstance(exc, TLSError):
+        return "tls"
+    if isinstance(exc, FrameError):
+        return "protocol_error"
+    if isinstance(exc, ConnectionLost):
+        return "heartbeat_missed" if str(exc).startswith("missed heartbeats") else "connection_lost"
+    return "other"
 
 
 class _Done(Exception):

@@ -11,6 +11,7 @@ every message ran, that a message ran twice only if the broker redelivered it, a
 from __future__ import annotations
 
 import datetime
+import os
 import time
 
 import pika
@@ -42,6 +43,8 @@ def cworkers(tmp_path, cnames, cluster):
     yield start
     for w in started:
         w.stop()
+        if os.environ.get("MAGNE_TEST_SHOW_LOGS"):
+            print(w.log())
     for node in cluster.nodes:  # bring every node back for the next test
         if not node.is_alive():
             node.start()
