@@ -33,7 +33,7 @@ from magne.backoff import Backoff
 from magne.delivery import Delivery
 from magne.errors import BadMessage
 from magne.io.settle import Settlement
-from magne.io.stats import Stats
+from magne.io.stats import Stats, Tally
 from magne.policy import Failure, dead_letter_plainly, decide
 
 log = logs.Log("magne.io")
@@ -76,7 +76,8 @@ class Consumer:
         self.ctags: dict[bytes, str] = {}  # consumer tag -> queue
         self.consuming: set[str] = set()
         self.reconsume: dict[str, tuple[float, Backoff]] = {}  # cancelled queue -> (when to try, its backoff)
-        self._probe: tuple[str, Backoff] | None = None  # the cancelled queue being checked on PROBE_CH
+        self._probe: tuple[str, Backoff] | None = None  # the queue being checked on PROBE_CH
+        self._setup: list[str] = []  # queues not yet tried since the connection opened
         self._ctag_seq = itertools.count(1)
         self._handlers: dict[type, Callable[[Any], None]] = {
             commands.Basic.Cancel: self._on_basic_cancel,
@@ -94,7 +95,13 @@ class Consumer:
         conn.start(now)
 
     def _on_open(self) -> None:
-        """Connection open: write the whole channel setup at once; replies come back in order."""
+        """Connection open: open the channel and set QoS, then check and consume the queues one by one.
+
+        Each queue is declared on the short-lived probe channel before it is consumed on the real
+        one, so a queue that cannot be declared now (a classic queue whose node is down answers
+        404 and closes the channel it was declared on) is retried later with a backoff while the
+        worker consumes its other queues.
+        """
         conn = self.conn
         assert conn is not None
         self.gen += 1
@@ -105,11 +112,15 @@ class Consumer:
         self._probe = None
         conn.call(CH, commands.Channel.Open(), (commands.Channel.OpenOk,))
         conn.call(CH, commands.Basic.Qos(prefetch_count=self.prefetch), (commands.Basic.QosOk,))
-        for q in self.queues:
-            for method, reply in topology.declarations(q, self.queue_types.get(q, "classic")):
-                conn.call(CH, method, (reply,))
-        for q in self.queues:
-            self._consume(q)
+        self._setup = list(self.queues)
+        self._next_setup()
+
+    def _next_setup(self) -> None:
+        """During setup: check the next queue, or see whether setup is done."""
+        if self._setup:
+            self._start_probe(self._setup.pop(0), Backoff(0.5, 30.0))
+        else:
+            self._check_ready()
 
     def _consume(self, queue: str) -> None:
         assert self.conn is not None
@@ -131,7 +142,9 @@ class Consumer:
             log.info("consuming queue %s again", queue, event="reconsumed", queue=queue)
 
     def _check_ready(self) -> None:
-        """Setup is done once every queue is consumed or waiting to be consumed again (cancelled meanwhile)."""
+        """Setup is done once every queue was tried and is consumed or waiting to be tried again."""
+        if self._setup or self._probe is not None:
+            return
         if len(self.consuming) + len(self.reconsume) >= len(self.queues):
             self.phase = Phase.CONSUMING
             self.on_ready()
@@ -147,6 +160,8 @@ class Consumer:
         if redelivered:
             stats.redelivered += 1
         queue = self.ctags.get(ctag)
+        if stats.tally is not None:  # --metrics only
+            _count_delivery(stats.tally, queue, redelivered)
         if queue is None or self.phase not in _TAKING:
             self.settlement.give_back([tag])  # after our basic.cancel, or for a consumer we no longer have
             return
@@ -210,21 +225,25 @@ class Consumer:
         pass  # the answer to a cancel we did not wait for
 
     def _on_channel_close(self, channel: int, exc: ChannelClosed) -> None:
-        if channel != PROBE_CH or self._probe is None:
-            if self.phase is Phase.CONNECTING and exc.code in (403, 406):
-                # The setup itself was refused: retrying cannot fix it (a queue declared with other
-                # arguments, such as another queue type, or no permission on it).
-                exc.permanent = True
-                if exc.code == 406 and "inequivalent arg" in exc.text:
-                    exc.args = (f"{exc}. The queue exists with other arguments than this worker declares: was it "
-                                "declared as another queue type? Start the worker with the queue's type (--queue-type "
-                                "or @task(queue_type=...)), or delete the queue",)
-            raise exc  # the consuming channel is gone: its tags too; reconnect
-        (queue, backoff), self._probe = self._probe, None
-        delay = backoff.next()
-        self.reconsume[queue] = (time.monotonic() + delay, backoff)
-        log.warning("queue %s cannot be consumed yet (%s); trying again in %.1fs", queue, exc.text, delay,
-                    event="reconsume_failed", queue=queue)
+        if channel == PROBE_CH and self._probe is not None and not (self.phase is Phase.CONNECTING
+                                                                    and exc.code in (403, 406)):
+            (queue, backoff), self._probe = self._probe, None
+            delay = backoff.next()
+            self.reconsume[queue] = (time.monotonic() + delay, backoff)
+            log.warning("queue %s cannot be consumed now (%s); trying again in %.1fs; the other queues go on", queue,
+                        exc.text, delay, event="reconsume_failed", queue=queue)
+            if self.phase is Phase.CONNECTING:
+                self._next_setup()
+            return
+        if self.phase is Phase.CONNECTING and exc.code in (403, 406):
+            # The setup itself was refused: retrying cannot fix it (a queue declared with other
+            # arguments, such as another queue type, or no permission on it).
+            exc.permanent = True
+            if exc.code == 406 and "inequivalent arg" in exc.text:
+                exc.args = (f"{exc}. The queue exists with other arguments than this worker declares: was it "
+                            "declared as another queue type? Start the worker with the queue's type (--queue-type "
+                            "or @task(queue_type=...)), or delete the queue",)
+        raise exc  # the consuming channel is gone (its tags too), or setup was refused: reconnect or stop
 
     # -- timers --------------------------------------------------------------------------------
     def tick(self, now: float) -> float | None:
@@ -240,11 +259,12 @@ class Consumer:
                 wake = min(wake or due, due)
         return wake
 
-    def _start_probe(self, queue: str) -> None:
-        """Declare a cancelled queue on the probe channel; consume it on the real one if that worked."""
+    def _start_probe(self, queue: str, backoff: Backoff | None = None) -> None:
+        """Declare a queue on the probe channel; consume it on the real one if that worked."""
         conn = self.conn
         assert conn is not None
-        _due, backoff = self.reconsume.pop(queue)
+        if backoff is None:
+            _due, backoff = self.reconsume.pop(queue)
         self._probe = (queue, backoff)
         decls = topology.declarations(queue, self.queue_types.get(queue, "classic"))
         conn.call(PROBE_CH, commands.Channel.Open(), (commands.Channel.OpenOk,))
@@ -254,11 +274,18 @@ class Consumer:
         conn.call(PROBE_CH, method, (reply,), lambda _ok: self._probe_passed(queue))
 
     def _probe_passed(self, queue: str) -> None:
+        """The queue exists and is usable: close the probe channel (the next probe waits for its close-ok)
+        and consume the queue on the real channel."""
         assert self.conn is not None
-        self.conn.call(PROBE_CH, commands.Channel.Close(200, "checked", 0, 0), (commands.Channel.CloseOk,))
-        self._probe = None
-        if self.phase is Phase.CONSUMING:  # not while stopping: nobody would cancel that consumer
+        if self.phase in (Phase.CONNECTING, Phase.CONSUMING):  # not while stopping: nobody would cancel it
             self._consume(queue)
+        self.conn.call(PROBE_CH, commands.Channel.Close(200, "checked", 0, 0), (commands.Channel.CloseOk,),
+                       lambda _ok: self._probe_closed())
+
+    def _probe_closed(self) -> None:
+        self._probe = None
+        if self.phase is Phase.CONNECTING:
+            self._next_setup()
 
     # -- stopping ---------------------------------------------------------------------------------
     def cancel_all(self) -> int:
@@ -297,4 +324,13 @@ class Consumer:
         self.consuming.clear()
         self.reconsume.clear()
         self._probe = None
+        self._setup = []
         return dropped, running
+
+
+def _count_delivery(tally: Tally, queue: str | None, redelivered: bool) -> None:
+    """--metrics: a delivery by queue (I/O thread). A queue we no longer consume counts as "unknown"."""
+    q = queue or "unknown"
+    tally.delivered[q] = tally.delivered.get(q, 0) + 1
+    if redelivered:
+        tally.redelivered[q] = tally.redelivered.get(q, 0) + 1

@@ -20,7 +20,7 @@ import pytest
 from magne import wire
 from support import WorkerProc, wait_for
 
-N = 2000
+N = 3000
 THREADS, PREFETCH = 8, 16
 
 
@@ -73,7 +73,7 @@ def publish(node, cnames, n: int = N, classic: int = 0) -> None:
     ch.confirm_delivery()
     props = pika.BasicProperties(delivery_mode=2)
     for i in range(n):
-        ch.basic_publish(cnames["q"], cnames["q"], wire.encode("on_quorum", [i, 0.005]), props, mandatory=True)
+        ch.basic_publish(cnames["q"], cnames["q"], wire.encode("on_quorum", [i, 0.02]), props, mandatory=True)
     for i in range(classic):
         ch.basic_publish(cnames["c"], cnames["c"], wire.encode("on_classic", [i]), props, mandatory=True)
     conn.close()
@@ -122,6 +122,21 @@ def test_stop_the_node_the_worker_is_connected_to(cluster, cworkers, redis, cnam
     wait_for(lambda: w.events("reconnected"), 30, what="the worker on another node")
     assert node_of(cluster, w, "reconnected") is not victim
     check("stop the worker's node (quorum queue)", cluster, w, redis, cnames, t)
+
+
+def test_kill_9_of_the_node_the_worker_is_connected_to(cluster, cworkers, redis, cnames):
+    """No goodbye from the node: the socket just dies. Tasks running then can only be acked on a new channel,
+    so the broker redelivers them: the only duplicates allowed."""
+    w = cworkers()
+    w.wait_ready()
+    victim = node_of(cluster, w)
+    other = next(n for n in cluster.nodes if n is not victim)
+    publish(other, cnames)
+    wait_for(lambda: len(runs(redis, cnames)) >= N // 5, 60, what="progress before the fault")
+    t = time.monotonic()
+    victim.kill()
+    wait_for(lambda: w.events("reconnected"), 60, what="the worker on another node")
+    check("kill -9 of the worker's node (quorum queue)", cluster, w, redis, cnames, t)
 
 
 def test_stop_the_quorum_leader_while_the_worker_is_on_a_follower(cluster, cworkers, redis, cnames):

@@ -106,38 +106,42 @@ def name_of(start_ok: commands.Connection.StartOk) -> str:
 
 
 def read_setup(c: Peer, queues: tuple[str, ...], prefetch: int = 10) -> dict[str, str]:
-    """Read the whole channel setup, checking every frame, without answering any. Returns queue -> consumer tag."""
+    """Take magne through its channel setup: channel 1 and qos, then for each queue its declarations on the probe
+    channel (2), the consume on channel 1 and the probe channel's close, checking every frame. The consume-oks are
+    not sent (answer_setup does). Returns queue -> consumer tag."""
     c.expect(commands.Channel.Open, channel=1)
     qos = c.expect(commands.Basic.Qos, channel=1)
     assert (qos.prefetch_count, qos.global_) == (prefetch, False)
-    for q in queues:
-        ex = c.expect(commands.Exchange.Declare, channel=1)
-        assert (ex.exchange, ex.exchange_type, ex.durable) == (q, "direct", True)
-        qd = c.expect(commands.Queue.Declare, channel=1)
-        assert (qd.queue, qd.durable) == (q, True)
-        bind = c.expect(commands.Queue.Bind, channel=1)
-        assert (bind.queue, bind.exchange, bind.routing_key) == (q, q, q)
-        dead = c.expect(commands.Queue.Declare, channel=1)
-        assert (dead.queue, dead.durable) == (f"{q}.dead", True)
+    c.send(commands.Channel.OpenOk(), commands.Basic.QosOk(), channel=1)
     ctags = {}
     for q in queues:
+        c.expect(commands.Channel.Open, channel=2)
+        ex = c.expect(commands.Exchange.Declare, channel=2)
+        assert (ex.exchange, ex.exchange_type, ex.durable) == (q, "direct", True)
+        qd = c.expect(commands.Queue.Declare, channel=2)
+        assert (qd.queue, qd.durable) == (q, True)
+        bind = c.expect(commands.Queue.Bind, channel=2)
+        assert (bind.queue, bind.exchange, bind.routing_key) == (q, q, q)
+        dead = c.expect(commands.Queue.Declare, channel=2)
+        assert (dead.queue, dead.durable) == (f"{q}.dead", True)
+        c.send(*probe_replies(q), channel=2)
         consume = c.expect(commands.Basic.Consume, channel=1)
         assert consume.queue == q and not consume.no_ack and not consume.exclusive
         ctags[q] = consume.consumer_tag
+        c.expect(commands.Channel.Close, channel=2)
+        c.send(commands.Channel.CloseOk(), channel=2)
     assert len(set(ctags.values())) == len(queues), f"consumer tags are not distinct: {ctags}"
     return ctags
 
 
-def declare_replies(queues: tuple[str, ...]) -> list[Any]:
-    out: list[Any] = [commands.Channel.OpenOk(), commands.Basic.QosOk()]
-    for q in queues:
-        out += [commands.Exchange.DeclareOk(), commands.Queue.DeclareOk(q, 0, 0), commands.Queue.BindOk(),
-                commands.Queue.DeclareOk(f"{q}.dead", 0, 0)]
-    return out
+def probe_replies(q: str) -> list[Any]:
+    """The answers to one queue's declarations on the probe channel."""
+    return [commands.Channel.OpenOk(), commands.Exchange.DeclareOk(), commands.Queue.DeclareOk(q, 0, 0),
+            commands.Queue.BindOk(), commands.Queue.DeclareOk(f"{q}.dead", 0, 0)]
 
 
 def answer_setup(c: Peer, queues: tuple[str, ...], ctags: dict[str, str]) -> None:
-    c.send(*declare_replies(queues), *[commands.Basic.ConsumeOk(ctags[q]) for q in queues], channel=1)
+    c.send(*[commands.Basic.ConsumeOk(ctags[q]) for q in queues], channel=1)
 
 
 def open_consuming(rig: Rig, queues: tuple[str, ...] = ("A",), prefetch: int = 10, heartbeat: int = 60,
@@ -212,21 +216,20 @@ def make_dead(d: Delivery) -> Delivery:
 
 # -- 1. setup ------------------------------------------------------------------------------------------------
 def test_setup_is_pipelined_and_ready_after_every_consume_ok(rig):
-    """After open-ok, channel.open, qos, every declaration and every consume go out before any reply, and
-    `ready` waits for the last consume-ok.
+    """After open-ok: channel.open and qos on channel 1, then each queue's declarations (pipelined) on the
+    probe channel, its consume on channel 1, the probe channel closed; `ready` waits for the last consume-ok.
 
-    Catches: setup written one call per round trip (the peer, answering nothing, would time out), a missing
-    or reordered declaration, global or wrong prefetch, no_ack consumes, ready set too early (e.g. on the
-    first consume-ok or on channel.open-ok).
+    Catches: a missing or reordered declaration, declarations on the consuming channel (a 404 there would
+    drop every queue), global or wrong prefetch, no_ack consumes, ready set too early (e.g. on the first
+    consume-ok or on channel.open-ok).
     """
     queues = ("A", "B", "C")
     io = rig.start(queues, prefetch=7)
     c = rig.accept()
     handshake(c)
-    ctags = read_setup(c, queues, prefetch=7)  # all of it arrives while the peer has answered nothing
+    ctags = read_setup(c, queues, prefetch=7)
     assert not io.ready.is_set()
-    c.send(*declare_replies(queues), commands.Basic.ConsumeOk(ctags["A"]), commands.Basic.ConsumeOk(ctags["B"]),
-           channel=1)
+    c.send(commands.Basic.ConsumeOk(ctags["A"]), commands.Basic.ConsumeOk(ctags["B"]), channel=1)
     assert not io.ready.wait(0.3), "ready before the last consume-ok"
     assert quiet(c, 0.0) == []
     c.send(commands.Basic.ConsumeOk(ctags["C"]), channel=1)
@@ -281,7 +284,7 @@ def test_reconnect_failing_between_consumes_leaves_no_stale_delivery(rig):
     c2 = rig.accept()
     handshake(c2)
     ctags = read_setup(c2, ("A", "B"))
-    c2.send(*declare_replies(("A", "B")), commands.Basic.ConsumeOk(ctags["A"]), channel=1)
+    c2.send(commands.Basic.ConsumeOk(ctags["A"]), channel=1)
     deliver(c2, ctags["A"], 1, b'{"from": "connection 2"}')
     time.sleep(0.1)  # the I/O thread reads the delivery before the end of the stream
     c2.close()  # before B's consume-ok
@@ -474,11 +477,11 @@ def test_broker_cancel_reconsumes_that_queue_on_the_same_connection(rig):
     t0 = time.monotonic()
     _probe_frames(c, "B")
     assert time.monotonic() - t0 > 0.4, "re-declared at once: no backoff"
-    c.send(*declare_replies(("B",))[:1], *declare_replies(("B",))[2:], channel=2)
-    ch, close = next_method(c)
-    assert (ch, type(close)) == (2, commands.Channel.Close), f"expected channel.close on 2, got {close!r} on {ch}"
+    c.send(*probe_replies("B"), channel=2)
     ch, consume = next_method(c)
     assert (ch, type(consume)) == (1, commands.Basic.Consume), f"expected basic.consume on 1, got {consume!r} on {ch}"
+    ch, close = next_method(c)
+    assert (ch, type(close)) == (2, commands.Channel.Close), f"expected channel.close on 2, got {close!r} on {ch}"
     assert consume.queue == "B" and not consume.no_ack
     assert consume.consumer_tag not in ctags.values(), "the cancelled consumer tag was reused"
     c.send(commands.Channel.CloseOk(), channel=2)
@@ -520,11 +523,11 @@ def test_cancelled_queue_whose_check_fails_is_retried_without_touching_channel_1
     assert quiet(c, 0.3) == [], "something was written right after the failed check"
     _probe_frames(c, "B")
     assert time.monotonic() - t_closed > 0.45, "checked again without a backoff"
-    c.send(*declare_replies(("B",))[:1], *declare_replies(("B",))[2:], channel=2)
-    ch, close = next_method(c)
-    assert (ch, type(close)) == (2, commands.Channel.Close), f"got {close!r} on channel {ch}"
+    c.send(*probe_replies("B"), channel=2)
     ch, consume = next_method(c)
     assert ch == 1 and isinstance(consume, commands.Basic.Consume) and consume.queue == "B"
+    ch, close = next_method(c)
+    assert (ch, type(close)) == (2, commands.Channel.Close), f"got {close!r} on channel {ch}"
     assert consume.consumer_tag not in ctags.values()
     assert not c.eof and not rig.peer.pending() and io.stats.reconnects == 0
 
