@@ -16,18 +16,27 @@ have their confirms in flight together instead of one round trip each, a bulk
 send is one pipelined stream, and an asyncio send is the same future completed
 through `loop.call_soon_threadsafe`.
 
-Why a thread rather than "whichever sender holds the lock pumps the socket": with
-a shared lock someone must be reading the socket whenever anything is unconfirmed,
-so the reader role passes between waiting threads, and a thread interrupted while
-reading (a time limit raised into it) leaves a half-read frame: the connection
-must then be dropped and every other thread's unconfirmed messages with it. The
-thread also answers heartbeats (the old publisher ran without them) and makes the
-asyncio send need no lock and no executor. Measured on the benchmark machine
-(2 cores, RabbitMQ 3.10, 20,000 persistent messages, bench `publish` workload):
-the old publisher (one lock, one confirm at a time) sent 1,483/s; this one sends
-about 10,000/s from 8 threads calling send() and about 20,000/s through
-send_many, 95 % of a bare single-threaded pipelined-confirms loop (bench/README,
-bench/results/summary.md has the figures of the last run).
+Why a thread rather than "whichever sender holds a short lock writes and pumps the
+socket": the connection state (outbox, sequence numbers, decoder) would then be
+touched by application threads, and an exception raised into one of them (a time
+limit) between writing a publish and numbering it, or in the middle of a read,
+would shift every later confirm onto the wrong message: the connection would have
+to be dropped on any exception, and every other thread's unconfirmed messages
+with it. With the thread, a sender only appends to a deque; it also answers
+heartbeats (the old publisher ran without them) and makes the asyncio send need
+no lock and no executor.
+
+Measured (bench `publish` workload, 20,000 persistent messages, 2 cores shared
+with other work, RabbitMQ 3.10; medians of 3 runs, /tmp/bench-publish of
+2026-11-30): send_many 16,739/s, 102 % of a bare single-threaded pipelined-confirms
+loop (16,421/s, the ceiling of any design: the broker's disk is the limit) and
+1.45x dramatiq's unconfirmed `send` (11,575/s); send() from 8 threads 4,265/s, 2.9x
+the old one-lock publisher (1,459/s), 59 % of the bare loop with 8 messages in
+flight (7,284/s: persistent messages are confirmed after the broker's disk write,
+about 1.3 ms here, so 8 waiting senders cannot go faster whatever the design; the
+rest is the GIL hand-offs between 9 threads); send() from one thread 1,195/s, the
+same as dramatiq with confirm_delivery=True (1,213/s) and the old publisher
+(1,385/s, within the noise: the hop to the thread costs about 0.1 ms).
 
 Interruptions: a thread interrupted while it waits (a time limit or a cold stop
 raised into a task that was sending) only stops waiting: its message stays in the
@@ -69,25 +78,30 @@ from typing import Any, Protocol
 
 from pamqp import commands
 
-from magne import logs, topology, wire
+from magne import hooks, logs, topology, wire
 from magne.amqp import codec
 from magne.amqp.client import CH, Client, Nacked, Returned, encode_content, publish_method
 from magne.amqp.errors import AMQPError, BrokerTimeout, ChannelClosed, ConnectionLost, MagneError, PublishError
-from magne.amqp.url import parse_url, resolve_url
+from magne.amqp.url import Nodes, parse_urls
 from magne.errors import ConfigError
 
-__all__ = ["BatchResult", "Failed", "Nacked", "NoSuchQueue", "Publisher", "Returned", "configure", "default_publisher"]
+__all__ = ["BatchResult", "Failed", "Message", "Nacked", "NoSuchQueue", "Publisher", "Returned", "Target", "configure",
+           "default_publisher"]
 
 log = logs.Log("magne.publisher")
 
 LOCK_SLICE = 0.2  # every wait of a sending thread, in slices this long
-WINDOW = 1000  # unconfirmed messages on the wire at once (bench: 256 -> 17k/s, 1000 -> 22k/s, 5000 -> no better)
+# Unconfirmed messages on the wire at once. send_many of 20,000 here, medians of 3: window 256 -> 19.0k/s,
+# 1,000 -> 19.9k/s, 4,000 -> 21.0k/s: the broker is the limit by then; 1,000 keeps a batch's memory small.
+WINDOW = 1000
 MAX_OUTBOX = 4 << 20  # bytes queued for the socket before the I/O thread stops taking more
 MAX_WRITES = 2  # a message is published at most this often (the first time, and once more after a fault)
 RECONNECT_FOR = 10.0  # after a fault, seconds to keep trying to reconnect before failing what waits
 IDLE_CLOSE = 60.0  # an idle publisher closes its connection (the thread stays, asleep)
 REDECLARE = 10.0  # a delay queue is declared again after this long (its x-expires counts from the declare)
+BATCH_STEP = 64  # a batch hands messages over this many at a time (short bursts: the I/O thread waits less for the GIL)
 GRACE = 5.0  # a sender waits this long past its message's deadline before giving up on the I/O thread itself
+IDLE_WAIT = 1.0  # the I/O thread's longest sleep: a send pokes it awake; this only bounds a poke lost to an interrupt
 
 
 class NoSuchQueue(ConfigError):
@@ -109,6 +123,19 @@ class Target:
     name: str
     queue: str
     queue_type: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """One message for publish_many, with the arguments of Publisher.publish."""
+
+    queue: str
+    body: bytes
+    properties: commands.Basic.Properties
+    exchange: str | None = None
+    delay: float | None = None
+    queue_type: str | None = None
+    declare: bool = True
 
 
 @dataclasses.dataclass(slots=True)
@@ -257,6 +284,17 @@ def json_header(message_id: str, body_size: int) -> bytes:
     return b"".join((_JSON_PREFIX(60, 0, body_size, 0x9080), _JSON_TYPE, b"\x02", bytes([len(mid)]), mid))
 
 
+def _hooked_header(task: TaskLike, message_id: str, body_size: int) -> bytes:
+    """The header of a task message when before_send hooks are registered (magne.hooks): they may add application
+    headers (tracing's traceparent). The sending thread."""
+    headers = hooks.send_headers(task.name, task.queue, message_id)
+    if not headers:
+        return json_header(message_id, body_size)
+    props = wire.properties_for(message_id)
+    props.headers = headers
+    return codec.header_payload(props, body_size)
+
+
 def _wake_pair() -> tuple[int, int]:
     """(read fd, write fd) of the I/O thread's wake-up: an eventfd where there is one, else a socketpair."""
     if hasattr(os, "eventfd"):
@@ -273,6 +311,8 @@ _publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     """os.register_at_fork hook, in the child right after fork (one thread exists: the forking one)."""
+    global _default_lock
+    _default_lock = threading.Lock()  # another thread of the parent may have held it at the fork
     for pub in list(_publishers):
         pub._forget_parent()
 
@@ -288,9 +328,12 @@ class Publisher:
     for its confirm (queued, being republished, or blocked by a broker alarm) before it fails.
     """
 
-    def __init__(self, url: str | None = None, queue_type: str = "classic", confirm_timeout: float = 30.0,
+    def __init__(self, url: str | list[str] | None = None, queue_type: str = "classic", confirm_timeout: float = 30.0,
                  window: int = WINDOW) -> None:
-        self.params = parse_url(resolve_url(url))
+        # One or several broker URLs (the nodes of a cluster, ',' or ';' separated, or a list): the
+        # connection opens on one of them and moves to the next when it fails (magne.amqp.url.Nodes).
+        self.nodes = Nodes(parse_urls(url))
+        self.params = self.nodes.current
         self.queue_type = queue_type
         self.confirm_timeout = confirm_timeout
         self.window = max(1, window)
@@ -325,6 +368,15 @@ class Publisher:
             return io
         finally:
             self._lock.release()
+
+    def _revive(self, io: _IOThread) -> _IOThread:
+        """A waiting sender, after a slice without news: if the I/O thread it handed its message to has
+        ended meanwhile (close() from another thread), start the next one, which takes what is queued."""
+        if io.alive:
+            return io
+        io = self._running()
+        self._poke(io)
+        return io
 
     def _poke(self, io: _IOThread) -> None:
         """Wake the I/O thread if it sleeps in select(); any sending thread."""
@@ -411,20 +463,28 @@ class Publisher:
         NoSuchQueue otherwise: what `magne send` does, so that a typo never creates broker objects.
         Any application thread; blocks (interruptibly) until the confirm.
         """
-        header = properties if isinstance(properties, bytes) else codec.header_payload(properties, len(body))
-        msg = self._make(queue, body, header, getattr(properties, "message_id", None) or "", exchange, delay,
-                         queue_type, declare, time.monotonic())
-        self._wait_one(msg)
+        self._wait_one(self._from_message(Message(queue, body, properties, exchange, delay, queue_type, declare)))
+
+    def _from_message(self, m: Message) -> _Msg:
+        mid = m.properties.message_id
+        return self._make(m.queue, m.body, codec.header_payload(m.properties, len(m.body)),
+                          mid if isinstance(mid, str) else "", m.exchange, m.delay, m.queue_type, m.declare,
+                          time.monotonic())
 
     def send(self, task: TaskLike, args: Any = (), kwargs: dict[str, Any] | None = None,
-             delay: float | None = None, message_id: str | None = None) -> str:
-        """Publish one run of `task` and wait for its confirm; returns its message id. Any application thread."""
+             delay: float | None = None, message_id: str | None = None, declare: bool = True) -> str:
+        """Publish one run of `task` and wait for its confirm; returns its message id. `declare` as in
+        publish. Any application thread; blocks (interruptibly) until the confirm."""
         mid = message_id or wire.new_id()
-        body = wire.encode(task.name, args, kwargs, mid)
-        msg = self._make(task.queue, body, json_header(mid, len(body)), mid, None, delay, task.queue_type, True,
-                         time.monotonic())
-        self._wait_one(msg)
+        self._wait_one(self._task_message(task, args, kwargs, delay, mid, declare))
         return mid
+
+    def _task_message(self, task: TaskLike, args: Any, kwargs: dict[str, Any] | None, delay: float | None,
+                      mid: str, declare: bool) -> _Msg:
+        """A task run in the wire format (docs/wire-format.md), its header made by hand. The sending thread."""
+        body = wire.encode(task.name, args, kwargs, mid)
+        header = _hooked_header(task, mid, len(body)) if hooks.SEND_HOOKS else json_header(mid, len(body))
+        return self._make(task.queue, body, header, mid, None, delay, task.queue_type, declare, time.monotonic())
 
     def _wait_one(self, msg: _Msg) -> None:
         """Hand `msg` to the I/O thread and wait for its outcome in slices. Runs on the sending thread."""
@@ -433,6 +493,7 @@ class Publisher:
         self._requests.append(msg)
         self._poke(io)
         while not waiter.signal.wait(LOCK_SLICE):
+            io = self._revive(io)
             if msg.outcome is None and time.monotonic() > msg.deadline + GRACE:
                 raise BrokerTimeout(f"no outcome for the message to {msg.routing_key!r} within "
                                     f"{self.confirm_timeout + GRACE:g}s (the publisher's I/O thread is stuck)")
@@ -452,40 +513,58 @@ class Publisher:
 
         def make() -> Iterable[_Msg]:
             for item in items:
-                task, args = item[0], item[1]
-                kwargs = item[2] if len(item) > 2 else None
-                mid = wire.new_id()
-                body = wire.encode(task.name, args, kwargs, mid)
-                yield self._make(task.queue, body, json_header(mid, len(body)), mid, None, None, task.queue_type,
-                                 declare, time.monotonic())
+                yield self._task_message(item[0], item[1], item[2] if len(item) > 2 else None, None, wire.new_id(),
+                                         declare)
 
-        return self.publish_many(make())
+        return self._batch(make())
 
-    def publish_many(self, messages: Iterable[_Msg]) -> BatchResult:
-        """The batch engine under send_many: feeds the I/O thread in chunks while at most 2 x window messages
-        are outstanding, then waits for the rest. Runs on the sending thread."""
+    def publish_many(self, messages: Iterable[Message]) -> BatchResult:
+        """Publish a batch of arbitrary messages (each as Publisher.publish would), pipelined, and wait for
+        every confirm. Returns a BatchResult (message ids are the properties' message_id, or ""). Any
+        application thread; blocks (interruptibly) until every message is settled."""
+        return self._batch(self._from_message(m) for m in messages)
+
+    def _batch(self, messages: Iterable[_Msg]) -> BatchResult:
+        """The batch engine: feeds the I/O thread in chunks while at most 2 x window messages are outstanding,
+        then waits for the rest. Runs on the sending thread; encoding happens there, lazily."""
         batch = _Batch()
         held: list[_Msg] = []
         submitted = 0
         chunk: list[_Msg] = []
         limit = 2 * self.window
-        step = max(1, self.window // 4)
+        step = max(1, min(BATCH_STEP, self.window // 4))
         io = self._running()
-        for msg in messages:
-            msg.waiter, msg.index = batch, submitted
-            chunk.append(msg)
-            submitted += 1
-            if len(chunk) >= step:
+        try:
+            for msg in messages:
+                msg.waiter, msg.index = batch, submitted
+                chunk.append(msg)
+                submitted += 1
+                if len(chunk) >= step:
+                    io = self._hand_over(chunk)
+                    held += chunk
+                    chunk = []
+                    while submitted - batch.settled >= limit:
+                        self._wait_batch(batch, submitted - limit + step, held, io)
+        except Exception as exc:  # making a message failed (arguments that are not JSON, say)
+            # The messages before it go, and the caller learns exactly what became of them.
+            if chunk:
                 io = self._hand_over(chunk)
                 held += chunk
-                chunk = []
-                while submitted - batch.settled >= limit:
-                    self._wait_batch(batch, submitted - limit + step, held, io)
+            while batch.settled < len(held):
+                self._wait_batch(batch, len(held), held, io)
+            exc.partial = self._result(held)  # type: ignore[attr-defined]
+            exc.add_note(f"magne: the {len(held)} messages before it were published or failed as "
+                         f"exc.partial (a BatchResult) says; none after it was made")
+            raise
         if chunk:
             io = self._hand_over(chunk)
             held += chunk
         while batch.settled < submitted:
             self._wait_batch(batch, submitted, held, io)
+        return self._result(held)
+
+    @staticmethod
+    def _result(held: list[_Msg]) -> BatchResult:
         failed = [Failed(m.index, m.message_id, _reason(m.outcome), m.outcome) for m in held if m.outcome is not True]
         return BatchResult([m.message_id for m in held], failed)
 
@@ -501,6 +580,7 @@ class Publisher:
         if batch.settled >= need:
             return
         if not batch.signal.wait(LOCK_SLICE):
+            self._revive(io)
             oldest = next((m for m in held if m.outcome is None), None)
             if oldest is not None and time.monotonic() > oldest.deadline + GRACE:
                 raise BrokerTimeout(f"no outcome for a batch message within {self.confirm_timeout + GRACE:g}s "
@@ -508,7 +588,7 @@ class Publisher:
 
     # -- sending: asyncio ---------------------------------------------------------------------------
     def send_async(self, task: TaskLike, args: Any = (), kwargs: dict[str, Any] | None = None,
-                   delay: float | None = None, message_id: str | None = None) -> Awaitable[str]:
+                   delay: float | None = None, message_id: str | None = None, declare: bool = True) -> Awaitable[str]:
         """`await publisher.send_async(task, args)`: the message id once the broker confirmed it.
 
         Never blocks the event loop: encoding is all that happens on the loop's thread; the I/O thread
@@ -516,9 +596,7 @@ class Publisher:
         message. Call on the event loop's thread."""
         loop = asyncio.get_running_loop()
         mid = message_id or wire.new_id()
-        body = wire.encode(task.name, args, kwargs, mid)
-        msg = self._make(task.queue, body, json_header(mid, len(body)), mid, None, delay, task.queue_type, True,
-                         time.monotonic())
+        msg = self._task_message(task, args, kwargs, delay, mid, declare)
         future: asyncio.Future[str] = loop.create_future()
         msg.waiter = _Async(loop, future)
         io = self._running()
@@ -631,7 +709,7 @@ class _IOThread:
                     self._connect(now)
                     continue
                 pub._sleeping = True
-                wait = 0.5 if not requests else min(0.5, self.next_try - now)
+                wait = IDLE_WAIT if not requests else min(IDLE_WAIT, self.next_try - now)
                 if pub._requests and now >= self.next_try:
                     wait = 0.0
                 if select.select([self.wake_r], [], [], max(0.0, wait))[0]:
@@ -640,7 +718,7 @@ class _IOThread:
             try:
                 self._write(client, now)
                 pub._sleeping = True
-                wait = 0.5
+                wait = IDLE_WAIT
                 if requests and len(client.window) < pub.window and client.conn.outbox.size < MAX_OUTBOX:
                     wait = 0.0  # appended after _write looked
                 elif client.window:
@@ -666,21 +744,35 @@ class _IOThread:
 
     # -- connecting ---------------------------------------------------------------------------
     def _open(self) -> Client:
-        """The only place that opens a publisher connection: one URL today (a list of nodes tomorrow: try them
-        here in turn). Blocks this thread for at most the URL's connect timeout per attempt."""
-        client = Client(self.pub.params, "magne publisher", confirms=True, heartbeat=self.pub.params.heartbeat,
-                        timeout=self.pub.confirm_timeout)
-        client.on_confirm = self._on_confirm
-        try:
-            client.open()
-        except BaseException:
-            client.conn.abort()
-            raise
-        return client
+        """The only place that opens a publisher connection: each node of the list in turn, from the one that
+        worked last; a permanent error (login, vhost) is not tried elsewhere. Blocks this thread for at most
+        the URL's connect timeout per node tried."""
+        nodes = self.pub.nodes
+        while True:
+            params = self.pub.params = nodes.current
+            client = Client(params, "magne publisher", confirms=True, heartbeat=params.heartbeat,
+                            timeout=self.pub.confirm_timeout)
+            client.on_confirm = self._on_confirm
+            try:
+                client.open()
+            except AMQPError as exc:
+                client.conn.abort()
+                if exc.permanent or nodes.failed():
+                    raise
+                continue
+            except BaseException:
+                client.conn.abort()
+                raise
+            nodes.succeeded()
+            return client
 
     def _connect(self, now: float) -> None:
         try:
-            client = self._open()
+            try:
+                client = self._open()
+            except OSError as exc:  # EMFILE, ENETUNREACH... before the connection could say it its way
+                raise ConnectionLost(f"cannot reach the broker at {self.pub.params.host}:{self.pub.params.port}: "
+                                     f"{exc}") from None
         except AMQPError as exc:
             self.last_error = exc
             if exc.permanent or now >= self.give_up_at:

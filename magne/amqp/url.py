@@ -135,8 +135,27 @@ def parse_url(url: str) -> Params:
     # The spec: no path means the default vhost "/"; "/x" means vhost "x" (percent-decoded).
     path = parts.path
     vhost = unquote(path[1:]) if len(path) > 1 else "/"
+    kwargs = _query(parts.query)
+    for key, env in ENV_TLS.items():
+        if key not in kwargs and os.environ.get(env):
+            kwargs[key] = os.environ[env]
+    if kwargs.get("keyfile") and not kwargs.get("certfile"):
+        raise URLError("broker URL has keyfile= without certfile=")
+    return Params(
+        host=parts.hostname or "localhost",
+        port=port,
+        username=unquote(parts.username) if parts.username is not None else "guest",
+        password=unquote(parts.password) if parts.password is not None else "guest",
+        vhost=vhost,
+        tls=tls,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _query(query: str) -> dict[str, object]:
+    """The URL's query parameters (RabbitMQ's names) as Params fields."""
     kwargs: dict[str, object] = {}
-    for key, values in parse_qs(parts.query).items():
+    for key, values in parse_qs(query).items():
         value = values[-1]
         if key == "heartbeat":
             kwargs["heartbeat"] = _int(key, value)
@@ -156,20 +175,7 @@ def parse_url(url: str) -> Params:
             if value.lower() not in ("plain", "external"):
                 raise URLError(f"broker URL query auth_mechanism={value[:40]!r}: use plain or external")
             kwargs["auth_mechanism"] = value.upper()
-    for key, env in ENV_TLS.items():
-        if key not in kwargs and os.environ.get(env):
-            kwargs[key] = os.environ[env]
-    if kwargs.get("keyfile") and not kwargs.get("certfile"):
-        raise URLError("broker URL has keyfile= without certfile=")
-    return Params(
-        host=parts.hostname or "localhost",
-        port=port,
-        username=unquote(parts.username) if parts.username is not None else "guest",
-        password=unquote(parts.password) if parts.password is not None else "guest",
-        vhost=vhost,
-        tls=tls,
-        **kwargs,  # type: ignore[arg-type]
-    )
+    return kwargs
 
 
 def tls_context(params: Params) -> ssl.SSLContext:
