@@ -13,7 +13,8 @@ from magne.publisher import BatchResult, Publisher, default_publisher
 
 
 class Task:
-    __slots__ = ("name", "fn", "queue", "time_limit", "retry_options", "queue_type", "__wrapped__", "__doc__")
+    __slots__ = ("name", "fn", "queue", "time_limit", "retry_options", "queue_type", "priority", "max_priority",
+                 "__wrapped__", "__doc__")
 
     def __init__(
         self,
@@ -23,6 +24,8 @@ class Task:
         time_limit: float | None = None,
         retry_options: dict[str, Any] | None = None,
         queue_type: str | None = None,
+        priority: int | None = None,
+        max_priority: int | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
@@ -30,6 +33,8 @@ class Task:
         self.time_limit = time_limit
         self.retry_options = retry_options or {}  # RetryPolicy fields; the rest come from the worker
         self.queue_type = queue_type  # None: the worker's (or publisher's) default
+        self.priority = priority  # the AMQP priority of its messages, unless a send says otherwise
+        self.max_priority = max_priority  # declares x-max-priority on its (classic) queue; None: no priorities
         self.__wrapped__ = fn
         self.__doc__ = fn.__doc__
 
@@ -52,14 +57,20 @@ class Task:
         kwargs: dict[str, Any] | None = None,
         delay: float | None = None,
         message_id: str | None = None,
+        priority: int | None = None,
     ) -> str:
-        """Publish one run; `delay` (seconds) makes it wait on the broker first. Returns the message id."""
+        """Publish one run; `delay` (seconds) makes it wait on the broker first; `priority` (0-255) overrides
+        the task's. Returns the message id."""
+        if priority is not None and not 0 <= priority <= 255:
+            raise ValueError(f"priority must be 0..255, got {priority}")
         pub = default_publisher()
         if isinstance(pub, Publisher):
-            return pub.send(self, args, kwargs, delay=delay, message_id=message_id)
+            return pub.send(self, args, kwargs, delay=delay, message_id=message_id, priority=priority)
         # A stand-in default publisher (magne.testing.Worker) takes the generic publish.
         mid = message_id or wire.new_id()
-        pub.publish(self.queue, wire.encode(self.name, args, kwargs, mid), wire.properties_for(mid), delay=delay,
+        props = wire.properties_for(mid)
+        props.priority = priority if priority is not None else self.priority
+        pub.publish(self.queue, wire.encode(self.name, args, kwargs, mid), props, delay=delay,
                     queue_type=self.queue_type)
         return mid
 
@@ -99,6 +110,8 @@ def task(
     max_backoff: float | None = None,
     retry_on: tuple[type[BaseException], ...] | None = None,
     queue_type: str | None = None,
+    priority: int | None = None,
+    max_priority: int | None = None,
 ) -> Callable[[Callable[..., Any]], Task]: ...
 
 
@@ -114,10 +127,14 @@ def task(
     max_backoff: float | None = None,
     retry_on: tuple[type[BaseException], ...] | None = None,
     queue_type: str | None = None,
+    priority: int | None = None,
+    max_priority: int | None = None,
 ) -> Any:
     """Register a function as a task: `@task`, or `@task(queue=..., time_limit=..., max_retries=...)`.
 
     Retry settings left out fall back to the worker's defaults (`magne worker --max-retries ...`).
+    `max_priority=N` declares the task's classic queue with x-max-priority N (only when asked: an existing
+    queue without it keeps redeclaring); `priority` is the default priority of its messages.
     """
 
     def register(f: Callable[..., Any]) -> Task:
@@ -126,6 +143,12 @@ def task(
             raise RegistryError(f"task {tname}: time_limit must be positive, got {time_limit}")
         if queue_type is not None and queue_type not in topology.QUEUE_TYPES:
             raise RegistryError(f"task {tname}: queue_type must be one of {topology.QUEUE_TYPES}")
+        for label, value, top in (("priority", priority, 255), ("max_priority", max_priority, 255)):
+            if value is not None and not (type(value) is int and 0 <= value <= top and (label == "priority" or value)):
+                raise RegistryError(f"task {tname}: {label} must be an int from {0 if label == 'priority' else 1} to {top}")
+        if max_priority is not None and queue_type == "quorum":
+            raise RegistryError(f"task {tname}: max_priority needs a classic queue (RabbitMQ 3.x quorum queues have no "
+                                "priorities)")
         retry_options = {k: v for k, v in (("max_retries", max_retries), ("min_backoff", min_backoff),
                                            ("max_backoff", max_backoff), ("retry_on", retry_on)) if v is not None}
         if "retry_on" in retry_options:
@@ -134,7 +157,8 @@ def task(
             RetryPolicy(**{**dict(max_backoff=max(RetryPolicy.max_backoff, min_backoff or 0)), **retry_options})
         except ValueError as exc:
             raise RegistryError(f"task {tname}: {exc}") from None
-        t = Task(f, tname, queue or topology.default_queue(tname), time_limit, retry_options, queue_type)
+        t = Task(f, tname, queue or topology.default_queue(tname), time_limit, retry_options, queue_type, priority,
+                 max_priority)
         old = REGISTRY.get(tname)
         if old is not None and (old.fn.__module__, old.fn.__qualname__) != (f.__module__, f.__qualname__):
             raise RegistryError(

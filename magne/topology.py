@@ -36,11 +36,12 @@ def dead_queue(queue: str) -> str:
     return f"{queue}.dead"
 
 
-def queue_arguments(queue: str, queue_type: str = "classic", dead: bool = False) -> dict[str, Any]:
+def queue_arguments(queue: str, queue_type: str = "classic", dead: bool = False,
+                    max_priority: int | None = None) -> dict[str, Any]:
     if queue_type == "classic":
-        # No arguments, so that queues made by the original magne (or by hand)
+        # No arguments unless asked, so that queues made by the original magne (or by hand)
         # redeclare without a 406 PRECONDITION_FAILED.
-        return {}
+        return {"x-max-priority": max_priority} if max_priority and not dead else {}
     if queue_type == "quorum":
         args: dict[str, Any] = {"x-queue-type": "quorum"}
         if not dead:
@@ -54,11 +55,12 @@ def queue_arguments(queue: str, queue_type: str = "classic", dead: bool = False)
     raise ValueError(f"unknown queue type {queue_type!r}; use one of {', '.join(QUEUE_TYPES)}")
 
 
-def declarations(queue: str, queue_type: str = "classic") -> list[Declaration]:
+def declarations(queue: str, queue_type: str = "classic", max_priority: int | None = None) -> list[Declaration]:
     """A task queue, its exchange and binding, and its dead-letter queue."""
     return [
         (commands.Exchange.Declare(exchange=queue, exchange_type="direct", durable=True), commands.Exchange.DeclareOk),
-        (commands.Queue.Declare(queue=queue, durable=True, arguments=queue_arguments(queue, queue_type)),
+        (commands.Queue.Declare(queue=queue, durable=True, arguments=queue_arguments(queue, queue_type,
+                                                                                    max_priority=max_priority)),
          commands.Queue.DeclareOk),
         (commands.Queue.Bind(queue=queue, exchange=queue, routing_key=queue), commands.Queue.BindOk),
         dead_declaration(queue, queue_type),
