@@ -1,6 +1,6 @@
 """python -m bench: magne vs dramatiq vs celery on the local RabbitMQ.
 
-Workloads and peer settings: ../shared/benchmarks.md. Peers alternate (A B C A B C),
+Workloads and peer settings: ../shared/benchmarks.md (publish: bench/publish.py). Peers alternate (A B C A B C),
 3 runs each by default; medians with min-max. Writes bench/results/results.json and
 bench/results/chart.png, and prints the table the README quotes.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import peers
-from bench.measure import Result, run_one
+from bench.measure import Result, run_one, run_publish
 
 OUT = Path(__file__).parent / "results"
 
@@ -39,7 +39,11 @@ def workloads(scale: float) -> dict[str, dict[str, Any]]:
         "cpu": {"task": "fib_incr", "args": [[f] for f in fibs],
                 "prefetch": [None], "peers": ["magne", "dramatiq", "celery", "magne-p2"]},
         "raw": {"task": "noop", "args": [[] for _ in range(max(8, int(50000 * scale)))], "counter": False,
-                "prefetch": [None, 256], "peers": ["magne", *base, "dramatiq", "celery", "bare-loop"]},
+                "prefetch": [None, 256], "peers": ["magne", *base, "magne-metrics", "dramatiq", "celery", "bare-loop"]},
+        # Enqueueing only (bench/publish.py): each peer's own API, the same 20,000 throughput messages.
+        "publish": {"task": "incr", "args": [[] for _ in range(max(8, int(20000 * scale)))], "prefetch": [None],
+                    "peers": ["dramatiq", "celery", "dramatiq-confirm", "magne", "magne-8t", "magne-many",
+                              "bare-publish", "bare-w8", *[f"{b}{t}" for b in base for t in ("", "-8t")]]},
     }
 
 
@@ -93,10 +97,32 @@ def table(rows: list[dict[str, Any]]) -> str:
             res = f"{r['median']:,.0f}/s ({r['min']:,.0f}-{r['max']:,.0f})"
         vs = f"{r['median'] / d['median']:.3f}x" if d else ""
         cpu_vs = f"{r['cpu_per_1k'] / d['cpu_per_1k']:.2f}x" if d else ""
-        conns = "-" if r["connections"] == 0 and r["peer"] == "redis-only" else f"{r['connections']} / {r['channels']}"
+        no_conns = r["connections"] == 0 and r["peer"] == "redis-only" or r["workload"] == "publish"  # not measured
+        conns = "-" if no_conns else f"{r['connections']} / {r['channels']}"
         lines.append(f"| {r['workload']} | {r['prefetch']} | {r['peer']} | {res} | {vs} | {r['cpu_per_1k']:.3f} "
                      f"| {cpu_vs} | {r['rss_mb']:.0f} | {conns} | {'yes' if r['all_ok'] else 'NO'} |")
     return "\n".join(lines)
+
+
+def publish_targets(rows: list[dict[str, Any]]) -> str:
+    """The publish workload against issue 13's targets, from the medians of this run."""
+    med = {r["peer"]: r["median"] for r in rows if r["workload"] == "publish"}
+    checks = [("magne send_many >= 2 x dramatiq's send (unconfirmed)", "magne-many", "dramatiq", 2.0),
+              ("magne send() from 8 threads >= dramatiq's send, 1 thread (unconfirmed)", "magne-8t", "dramatiq", 1.0),
+              ("magne send_many >= 80 % of the bare pipelined-confirms loop", "magne-many", "bare-publish", 0.8),
+              ("magne send() from 8 threads vs the bare loop with 8 in flight (its ceiling)", "magne-8t", "bare-w8", 0.8)]
+    lines = ["| publish target | ratio (medians) | met |", "|---|---|---|"]
+    for text, a, b, want in checks:
+        if a in med and b in med and med[b]:
+            ratio = med[a] / med[b]
+            lines.append(f"| {text} | {ratio:.2f}x (want {want:g}x) | {'yes' if ratio >= want else 'NO'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def report(rows: list[dict[str, Any]]) -> str:
+    """summary.md: the table, and the publish targets when that workload ran."""
+    targets = publish_targets(rows)
+    return table(rows) + ("\n\n" + targets if targets else "")
 
 
 def chart(rows: list[dict[str, Any]], path: Path) -> None:
@@ -105,10 +131,12 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["workload"], r["prefetch"]) for r in rows if r["prefetch"] != "n/a"}, key=lambda x: (x[0], x[1]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 4), squeeze=False)
+    panels = sorted({(r["workload"], r["prefetch"]) for r in rows if r["prefetch"] != "n/a" or r["workload"] == "publish"},
+                    key=lambda x: (x[0], x[1]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(7.0, 3.2 * len(panels)), 4), squeeze=False)
     colors = {"magne": "#2a7", "magne-p2": "#7c5", "dramatiq": "#c63", "celery": "#46a", "bare-loop": "#999",
-              "redis-only": "#bbb"}
+              "redis-only": "#bbb", "magne-8t": "#5b9", "magne-many": "#183", "dramatiq-confirm": "#e96",
+              "bare-publish": "#999", "bare-w8": "#bbb"}
     for ax, (wl, pf) in zip(axes[0], panels, strict=True):
         rs = [r for r in rows if r["workload"] == wl and r["prefetch"] in (pf, "n/a")]
         names = [r["peer"] for r in rs]
@@ -117,8 +145,9 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
         ax.bar(names, med, yerr=err, capsize=4, color=[colors.get(n, "#888") for n in names])
         if wl == "latency":  # the differences are in the second decimal
             ax.set_ylim(0.98, max(r["max"] for r in rs) * 1.01)
-        ax.set_title(f"{wl} (prefetch {pf})", fontsize=9)
-        ax.set_ylabel("wall / theoretical min (lower is better)" if wl == "latency" else "tasks/s (higher is better)",
+        ax.set_title(f"{wl} (prefetch {pf})" if wl != "publish" else "publish (magne: confirmed)", fontsize=9)
+        ax.set_ylabel("wall / theoretical min (lower is better)" if wl == "latency" else
+                      "messages enqueued/s (higher is better)" if wl == "publish" else "tasks/s (higher is better)",
                       fontsize=8)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.suptitle(f"magne vs dramatiq vs celery on the local RabbitMQ, {datetime.date.today()}, "
@@ -131,7 +160,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workloads", nargs="+", default=["throughput", "latency", "cpu", "raw"])
+    ap.add_argument("--workloads", nargs="+", default=["throughput", "latency", "cpu", "raw", "publish"])
     ap.add_argument("--peers", nargs="+", default=None, help="limit to these peers")
     ap.add_argument("--scale", type=float, default=1.0, help="scale every N (0.1 for a quick check)")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -141,9 +170,9 @@ def main() -> None:
     if args.replot:
         runs = json.loads((args.out / "results.json").read_text())["runs"]
         rows = summarize([Result(**x) for x in runs])
-        (args.out / "summary.md").write_text(table(rows) + "\n")
+        (args.out / "summary.md").write_text(report(rows) + "\n")
         chart(rows, args.out / "chart.png")
-        print(table(rows))
+        print(report(rows))
         return
     wls = workloads(args.scale)
     results: list[Result] = []
@@ -159,8 +188,11 @@ def main() -> None:
                     results.append(res)
                     print(f"{wl:10} redis-only (8 threads, no broker) run {run}: {res.rate:8,.0f}/s", flush=True)
                 for name in names:  # alternating: A B C A B C ...
-                    res = run_one(peers.ALL[name](), wl, spec["task"], spec["args"], prefetch, run,
-                                  use_counter=spec.get("counter", True), sleeps=spec.get("sleeps"))
+                    if wl == "publish":
+                        res = run_publish(name, len(spec["args"]), run)
+                    else:
+                        res = run_one(peers.ALL[name](), wl, spec["task"], spec["args"], prefetch, run,
+                                      use_counter=spec.get("counter", True), sleeps=spec.get("sleeps"))
                     results.append(res)
                     extra = f" {res.ratio_to_min:.3f}x min" if wl == "latency" else ""
                     print(f"{wl:10} {name:9} prefetch={res.prefetch:7} run {run}: {res.rate:8,.0f}/s{extra} "
@@ -171,10 +203,10 @@ def main() -> None:
                          "machine": f"{platform.node()} {platform.machine()} Python {platform.python_version()}",
                          "runs": [dataclasses.asdict(x) for x in results]}, indent=1))
     rows = summarize(results)
-    (args.out / "summary.md").write_text(table(rows) + "\n")
+    (args.out / "summary.md").write_text(report(rows) + "\n")
     chart(rows, args.out / "chart.png")
     print()
-    print(table(rows))
+    print(report(rows))
 
 
 if __name__ == "__main__":

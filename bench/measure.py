@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import subprocess
 import threading
@@ -192,4 +193,54 @@ def run_one(peer: Peer, workload: str, task: str, arglists: list[list[Any]], pre
     if sleeps is not None:
         res.theoretical_min = sum(sleeps) / 8
         res.ratio_to_min = res.elapsed / res.theoretical_min
+    return res
+
+
+PUBLISH_QUEUES = {"dramatiq": "dramatiq", "dramatiq-confirm": "dramatiq", "celery": "celery"}  # else magne's
+
+
+def run_publish(name: str, n: int, run: int) -> Result:
+    """One run of the publish workload: an empty queue, the peer's enqueueing in its own process
+    (bench/publish.py), then the queue must hold exactly n messages. Rate: n / the enqueueing time."""
+    import json
+    import sys
+
+    from bench import peers
+
+    peer = peers.ALL[PUBLISH_QUEUES.get(name, "magne")]()
+    res = Result("publish", name, "n/a", run, n)
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    ch = conn.channel()
+    for q in (peer.queue, *peer.extra_queues):
+        ch.queue_delete(q)
+    conn.close()
+    peer.declare()
+    env = clean_env()
+    if name == "dramatiq-confirm":
+        env["BENCH_DRAMATIQ_CONFIRM"] = "1"
+    cmd = [sys.executable, "-m", "bench.publish", name, str(n)]
+    if name.startswith("magne-base"):  # the same sends on the code of another commit (see peers.magne_base)
+        env["BENCH_MAGNE_BASE"] = os.environ["BENCH_MAGNE_BASE"]
+        cmd = [sys.executable, "-m", "bench.base", "bench.publish", name.replace("-base", ""), str(n)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        res.note = f"publisher exited with {out.returncode}: {out.stderr[-2000:]}"
+        return res
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    res.elapsed, res.cpu_s, res.peak_rss_mb = data["elapsed"], data["cpu_s"], data["peak_rss_mb"]
+    res.rate = n / res.elapsed
+    res.connections = res.channels = 0
+    deadline = time.monotonic() + 60  # unconfirmed peers: what they wrote may still be on its way in
+    while True:
+        res.left_ready, res.left_unacked = queue_state(peer.queue)
+        if res.left_ready >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    res.counter = res.left_ready
+    res.ok = res.left_ready == n and res.left_unacked == 0
+    if not res.ok:
+        res.note = f"the queue holds {res.left_ready} messages, not {n}"
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    conn.channel().queue_purge(peer.queue)
+    conn.close()
     return res

@@ -47,17 +47,19 @@ def _magne_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, p
     return [(wire.encode(name, args), props) for args in arglists]
 
 
-def magne(processes: int = 1) -> Peer:
+def magne(processes: int = 1, metrics: bool = False) -> Peer:
     def command(prefetch: int | None) -> list[str]:
         cmd = [PY, "-m", "magne", "--log-level", "warning", "worker", "bench.tasks_magne", "--threads", "8"]
         if processes > 1:
             cmd += ["--processes", str(processes)]
         if prefetch:
             cmd += ["--prefetch", str(prefetch)]
+        if metrics:  # metrics on (a free local port), for the cost of --metrics against plain `magne`
+            cmd += ["--metrics", "127.0.0.1:0"]
         return cmd
 
     return Peer(
-        name="magne" if processes == 1 else f"magne-p{processes}",
+        name=("magne" if processes == 1 else f"magne-p{processes}") + ("-metrics" if metrics else ""),
         queue="bench-magne",
         command=command,
         env=lambda prefetch: {},
@@ -146,15 +148,18 @@ def bare() -> Peer:
 def magne_base() -> Peer:
     """magne as it was at another commit, for before/after figures in one run.
 
-    BENCH_MAGNE_BASE names a checkout of that commit (`git worktree add /tmp/magne-base REV`);
-    its package is put first on PYTHONPATH, so `python -m magne` runs that code on the same
-    messages, queue and settings as the current `magne`.
+    BENCH_MAGNE_BASE names a checkout of that commit (`git worktree add /tmp/magne-base REV`, or
+    `git archive REV magne | tar -x -C /tmp/magne-base`); the worker runs through bench/base.py,
+    which imports magne from there (PYTHONPATH alone loses to the editable install's finder), on
+    the same messages, queue and settings as the current `magne`.
     """
     base = os.environ.get("BENCH_MAGNE_BASE", "")
     if not base:
         raise SystemExit("magne-base needs BENCH_MAGNE_BASE=<a checkout of the commit to compare with>")
     cur = magne()
-    return dataclasses.replace(cur, name="magne-base", env=lambda prefetch: {"PYTHONPATH": f"{base}{os.pathsep}{os.getcwd()}"})
+    return dataclasses.replace(cur, name="magne-base", command=lambda prefetch: [PY, "-m", "bench.base",
+                                                                              *cur.command(prefetch)[2:]],
+                               env=lambda prefetch: {"BENCH_MAGNE_BASE": base})
 
 
 ALL: dict[str, Callable[[], Peer]] = {
@@ -162,6 +167,7 @@ ALL: dict[str, Callable[[], Peer]] = {
     "magne": magne,
     "magne-base": magne_base,
     "magne-p2": lambda: magne(2),
+    "magne-metrics": lambda: magne(metrics=True),
     "dramatiq": dramatiq,
     "celery": celery,
 }

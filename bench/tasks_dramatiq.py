@@ -1,10 +1,14 @@
+import os
+
 import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
 from bench import bodies
 
 Q = "bench-dramatiq"
-broker = RabbitmqBroker(url="amqp://guest:guest@127.0.0.1:5672/%2F")
+# The publish workload's dramatiq-confirm peer: dramatiq's own publisher confirms (off by default).
+broker = RabbitmqBroker(url="amqp://guest:guest@127.0.0.1:5672/%2F",
+                        confirm_delivery=os.environ.get("BENCH_DRAMATIQ_CONFIRM") == "1")
 dramatiq.set_broker(broker)
 
 # max_retries=0: a failure would be a bench bug, not something to retry; same for every peer.

@@ -1,4 +1,4 @@
-"""The `magne` command: worker, send, demo."""
+"""The `magne` command: worker, send, dead, status, demo."""
 
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-body-size", type=_positive(int), default=None, metavar="BYTES",
                    help="dead-letter bodies larger than this (reason 'body too large') instead of running them "
                         "(default: no limit). A worker holds up to prefetch x queues bodies at once")
+    w.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; PORT alone listens on "
+                        "127.0.0.1, :PORT on every interface, port 0 picks a free one). Under --processes one endpoint "
+                        "shows every process and their sums")
 
     s = sub.add_parser("send", help="publish one task message (confirmed)")
     s.add_argument("task", help="task name")
@@ -94,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "replay":
             c.add_argument("--limit", type=_positive(int), default=None, help="replay at most this many")
 
+    st = sub.add_parser("status", help="ready, unacked, consumers and rates of the task queues, their dead-letter and "
+                        "delay queues, and (with --metrics) what each worker process is doing")
+    st.add_argument("modules", nargs="*", metavar="MODULE", help="task module(s) whose queues to show")
+    st.add_argument("--queues", nargs="+", metavar="QUEUE", help="these queues (instead of, or besides, a module's)")
+    st.add_argument("--url", help=url_help)
+    st.add_argument("--source", choices=["auto", "http", "amqp"], default="auto",
+                    help="auto (default): the management HTTP API if it answers, else passive declares over AMQP")
+    st.add_argument("--management", metavar="URL",
+                    help="the management API (default: http://<broker host>:15672 with the broker URL's login)")
+    st.add_argument("--metrics", action="append", metavar="URL",
+                    help="a worker's or supervisor's --metrics endpoint (repeatable): show each process's threads and "
+                         "running tasks")
+    st.add_argument("--sample", type=float, default=1.0,
+                    help="seconds between the two reads that give the AMQP source its rate (default 1)")
+    st.add_argument("--watch", nargs="?", type=_positive(float), const=2.0, default=None, metavar="SECONDS",
+                    help="refresh in place every SECONDS (default 2) until Ctrl-C")
+    st.add_argument("--format", choices=["text", "json"], default="text", help="json: one object per refresh")
+
     d = sub.add_parser("demo", help="start a worker, send a demo batch, print what ran, stop the worker")
     d.add_argument("--count", type=_positive(int), default=2000)
     d.add_argument("--threads", type=_positive(int), default=8)
@@ -115,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             return _send(args)
         if args.command == "dead":
             return _dead(args)
+        if args.command == "status":
+            return _status(args)
         if args.command == "demo":
             from magne.demo import run_demo
 
@@ -141,7 +165,7 @@ def _worker(args: argparse.Namespace) -> int:
                    queues=args.queues, shutdown_timeout=args.shutdown_timeout,
                    time_limit=args.time_limit, lost_after=args.lost_after, queue_type=args.queue_type,
                    max_retries=args.max_retries, min_backoff=args.min_backoff, max_backoff=args.max_backoff,
-                   max_body_size=args.max_body_size or 0)
+                   max_body_size=args.max_body_size or 0, metrics=args.metrics)
     with pid_file(args.pid_file):
         if args.processes > 1:
             from magne.supervisor import Supervisor
@@ -155,7 +179,9 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from magne.publisher import Publisher
+    """`magne send`: --count copies in one pipelined batch (Publisher.send_many); prints each confirmed id.
+    Exit 1 if any copy failed (each failure on stderr), 2 if the queue does not exist (without --declare)."""
+    from magne.publisher import NoSuchQueue, Publisher, Target
 
     try:
         call_args = wire.loads(args.args)
@@ -166,17 +192,38 @@ def _send(args: argparse.Namespace) -> int:
     if type(call_args) is not list or type(call_kwargs) is not dict:
         print("magne send: --args must be a JSON array and --kwargs a JSON object", file=sys.stderr)
         return EXIT_CONFIG
-    queue = args.queue or topology.default_queue(args.task)
+    target = Target(args.task, args.queue or topology.default_queue(args.task), args.queue_type)
     pub = Publisher(args.url, queue_type=args.queue_type)
     try:
-        for _ in range(args.count):
-            mid = wire.new_id()
-            pub.publish(queue, wire.encode(args.task, call_args, call_kwargs, mid), wire.properties_for(mid),
-                        declare=args.declare)
-            print(mid)
+        result = pub.send_many(((target, call_args, call_kwargs) for _ in range(args.count)), declare=args.declare)
     finally:
         pub.close()
-    return EXIT_OK
+    for f in result.failed:
+        if isinstance(f.error, NoSuchQueue):
+            raise f.error  # one line from main(), exit 2: fix it first
+    if result.failed and not result.sent and len({str(f.error) for f in result.failed}) == 1:
+        raise result.failed[0].error  # all failed the same way (the broker is unreachable, say): one line
+    if result.sent:
+        print("\n".join(result.sent))
+    for f in result.failed:
+        print(f"magne send: message {f.message_id} was not published ({f.reason}): {f.error}", file=sys.stderr)
+    return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from magne import status
+    from magne.registry import REGISTRY, queues_of
+    from magne.worker import import_tasks
+
+    queues: list[str] = []
+    if args.modules:
+        import_tasks(args.modules)
+        queues = queues_of(REGISTRY)
+    queues += [q for q in args.queues or [] if q not in queues]
+    if not queues:
+        print("magne status: name a task module or --queues", file=sys.stderr)
+        return EXIT_CONFIG
+    return status.run(queues, args.url, args.source, args.management, args.metrics, args.sample, args.watch, args.format)
 
 
 def _dead(args: argparse.Namespace) -> int:

@@ -8,6 +8,10 @@ SystemExit and KeyboardInterrupt, is that task's failure: it never ends the thre
 The watchdog (`check`, called by the worker's main thread) fires time limits,
 abandons threads that do not come back within `lost_after` (blocked in C or a
 system call: their message is decided for them), and replaces a thread that died.
+
+Lifecycle hooks (magne.hooks: users', --metrics' TaskMetrics, tracing) run around
+the task on its own thread, through `_run_hooked`; with no hook registered each
+thread runs `_run`, the path as it was, so hooks cost nothing unless used.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Any
 from magne import logs, wire
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, ColdShutdown, Interrupt, TimeLimitExceeded
+from magne.hooks import _DECISIONS, HookSet, TaskRun, registered
+from magne.hooks import _report as report_hook_failure
 from magne.policy import Failure, RetryPolicy, dead_letter_plainly, decide
 from magne.registry import Task
 from magne.timelimits import Slot, SlotState
@@ -43,6 +49,7 @@ class Pool:
         retry: RetryPolicy | None = None,
         queue_types: dict[str, str] | None = None,
         frame_max: int = 131072,
+        hooks: HookSet | None = None,
     ) -> None:
         self.size = size
         self.tasks = tasks
@@ -58,6 +65,9 @@ class Pool:
         self.slots: list[Slot] = []
         self.lost = 0
         self.replaced = 0
+        self.time_limits: dict[str, int] = {}  # task -> time-limit interrupts fired (main thread writes, scrapes read)
+        # The lifecycle hooks (magne.hooks): those registered when the pool is made, unless given.
+        self.hooks = hooks if hooks is not None else HookSet(registered())
         self._names = itertools.count(1)
 
     # -- lifecycle (main thread) ---------------------------------------------
@@ -112,6 +122,8 @@ class Pool:
                                     task, d.message_id() if d else "?", s.thread.name if s.thread else "?",
                                     event="time_limit", task=task)
                         s.interrupt(TimeLimitExceeded, now)
+                        key = d.task if d is not None and d.task in self.tasks else "unknown"
+                        self.time_limits[key] = self.time_limits.get(key, 0) + 1
                 elif now - s.interrupted_at >= self.lost_after:
                     self.slots[i] = self._abandon(s)
 
@@ -169,7 +181,9 @@ class Pool:
 
     def _loop(self, slot: Slot) -> None:
         get = self.work.get
-        run = self._run
+        run = self._run_hooked if self.hooks else self._run  # chosen once: no hooks, no cost per message
+        if self.hooks:
+            slot.timers = self.hooks.thread_timers()  # per-thread after_run callables, bound once on this thread
         report = self.report
         while True:
             d = get()
@@ -197,8 +211,9 @@ class Pool:
         """
         slot = Slot(-1)
         slot.ident = threading.get_ident()
+        slot.timers = self.hooks.run  # the hooks' own methods: binding per call would make state per call
         try:
-            self._run(slot, d)
+            (self._run_hooked if self.hooks else self._run)(slot, d)
         except BaseException as exc:  # noqa: B036 - as in _loop: _run contains task failures; this is magne's bug
             self._fail(d, Failure("internal error", exc, retryable=False))
         return d
@@ -219,22 +234,82 @@ class Pool:
                 t.fn(*args, **kwargs)  # success keeps the delivery's default outcome, ACK
             finally:
                 slot.leave()  # if this thread was abandoned meanwhile, _loop discards the result
-        except BadMessage as exc:
+        except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt, ...: the task's failure
+            self._failed(d, t, args, kwargs, exc)
+
+    def _run_hooked(self, slot: Slot, d: Delivery) -> None:
+        """_run with the lifecycle hooks (magne.hooks) around the task; the pool runs this one instead of _run
+        only when a hook is registered, so that without hooks the per-message path is untouched.
+
+        Pool thread. before_task runs once the task is known and before slot.enter, the after-hooks once the
+        outcome is decided and after slot.leave: the watchdog interrupts only a RUNNING slot, so no time limit
+        lands in a hook. They run before `report`, while the delivery is still this thread's. A TaskRun is
+        made only if a hook other than after_run wants one (hooks.full): after_run alone costs a clock read
+        and a call.
+        """
+        hooks = self.hooks
+        t: Task | None = None
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        run: TaskRun | None = None
+        started = 0.0
+        try:
+            wire.check_encoding(d.header)
+            name, args, kwargs = wire.decode(d.body)
+            d.task = name
+            t = self.tasks.get(name)
+            if t is None:
+                raise BadMessage(f"unknown task {logs.clean(name, 100)!r}: no task of that name is registered in this worker")
+            if hooks.full:
+                run = TaskRun(t, d, args, kwargs)
+                if hooks.before:
+                    hooks.before_task(run)
+            slot.enter(d, t.time_limit or self.time_limit)
+            started = slot.started
+            try:
+                t.fn(*args, **kwargs)
+            finally:
+                slot.leave()
+        except BaseException as exc:  # noqa: B036 - as in _run
+            seconds = time.monotonic() - started if started else 0.0  # the task's own time, before deciding
+            self._failed(d, t, args, kwargs, exc)
+            if started:
+                for fn in slot.timers:
+                    try:
+                        fn(d.task, _DECISIONS[d.outcome], seconds)
+                    except BaseException as exc:  # noqa: B036 - a hook changes no outcome
+                        report_hook_failure(fn, exc)
+            if hooks.full:
+                if run is None:
+                    run = TaskRun(None, d, args, kwargs)
+                run.started, run.duration, run.exception = started, seconds, exc
+                hooks.after_failure(run)
+            return
+        seconds = time.monotonic() - started
+        for fn in slot.timers:  # HookSet.after_run, inlined: the per-message path under --metrics
+            try:
+                fn(d.task, "success", seconds)
+            except BaseException as exc:  # noqa: B036 - a hook changes no outcome
+                report_hook_failure(fn, exc)
+        if run is not None:
+            run.started, run.duration = started, seconds
+            hooks.after_success(run)
+
+    def _failed(self, d: Delivery, t: Task | None, args: list[Any], kwargs: dict[str, Any], exc: BaseException) -> None:
+        """Whatever a run raised becomes its message's decision (pool thread, cold path)."""
+        if isinstance(exc, BadMessage):
             self._fail(d, Failure("bad message", exc, retryable=False))
-        except TimeLimitExceeded as exc:
+        elif isinstance(exc, TimeLimitExceeded):
             logs.release_leaked_locks()
             limit = (t.time_limit if t else None) or self.time_limit
             exc.args = (f"task ran past its time limit of {limit:g}s",)
             self._fail(d, Failure("time limit", exc))
-        except ColdShutdown:
+        elif isinstance(exc, ColdShutdown):
             logs.release_leaked_locks()
             d.outcome = Outcome.REQUEUE
-        except TypeError as exc:
-            if t is not None and not _binds(t.fn, args, kwargs):
-                self._fail(d, Failure("wrong arguments", exc, retryable=False))
-            else:
-                self._fail(d, Failure("task raised", exc))
-        except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt, ...: the task's failure
+        elif isinstance(exc, TypeError) and t is not None and not _binds(t.fn, args, kwargs):
+            self._fail(d, Failure("wrong arguments", exc, retryable=False))
+        else:
             if isinstance(exc, Interrupt):
                 logs.release_leaked_locks()
             self._fail(d, Failure("task raised", exc))

@@ -274,24 +274,28 @@ _JSON_PREFIX = struct.Struct(">HHQH").pack
 _JSON_TYPE = bytes([len(wire.CONTENT_TYPE)]) + wire.CONTENT_TYPE.encode()
 
 
-def json_header(message_id: str, body_size: int) -> bytes:
-    """The content header payload of wire.properties_for(message_id), by hand: content_type, delivery_mode 2
-    and message_id. pamqp takes about 10 us for this; a bulk send makes 20,000 of them."""
+def json_header(message_id: str, body_size: int, priority: int | None = None) -> bytes:
+    """The content header payload of wire.properties_for(message_id), by hand: content_type, delivery_mode 2,
+    priority when given, and message_id. pamqp takes about 10 us for this; a bulk send makes 20,000 of them."""
     mid = message_id.encode()
     if len(mid) > 255:
         raise ValueError("message_id longer than 255 bytes")
-    # class 60, weight 0, body size, flags: content_type (bit 15), delivery_mode (12), message_id (7)
-    return b"".join((_JSON_PREFIX(60, 0, body_size, 0x9080), _JSON_TYPE, b"\x02", bytes([len(mid)]), mid))
+    # class 60, weight 0, body size, flags: content_type (bit 15), delivery_mode (12), priority (11), message_id (7)
+    if priority is None:
+        return b"".join((_JSON_PREFIX(60, 0, body_size, 0x9080), _JSON_TYPE, b"\x02", bytes([len(mid)]), mid))
+    return b"".join((_JSON_PREFIX(60, 0, body_size, 0x9880), _JSON_TYPE, b"\x02", bytes([priority]),
+                     bytes([len(mid)]), mid))
 
 
-def _hooked_header(task: TaskLike, message_id: str, body_size: int) -> bytes:
+def _hooked_header(task: TaskLike, message_id: str, body_size: int, priority: int | None = None) -> bytes:
     """The header of a task message when before_send hooks are registered (magne.hooks): they may add application
     headers (tracing's traceparent). The sending thread."""
     headers = hooks.send_headers(task.name, task.queue, message_id)
     if not headers:
-        return json_header(message_id, body_size)
+        return json_header(message_id, body_size, priority)
     props = wire.properties_for(message_id)
     props.headers = headers
+    props.priority = priority
     return codec.header_payload(props, body_size)
 
 
@@ -414,13 +418,14 @@ class Publisher:
             self._lock.release()
 
     # -- making messages ------------------------------------------------------------------
-    def _prep(self, queue: str, queue_type: str | None, declare: bool) -> tuple[tuple[Any, list[Any]], ...]:
+    def _prep(self, queue: str, queue_type: str | None, declare: bool,
+              max_priority: int | None = None) -> tuple[tuple[Any, list[Any]], ...]:
         """What must be declared (or checked) before publishing to `queue` through its exchange. Cached."""
-        key = (queue, queue_type or self.queue_type, declare)
+        key = (queue, queue_type or self.queue_type, declare, max_priority)
         got = self._preps.get(key)
         if got is None:
             if declare:
-                decl = list(topology.declarations(queue, key[1]))
+                decl = list(topology.declarations(queue, key[1], max_priority))
                 got = ((("declare", queue), decl),)
             else:
                 got = ((("check", queue), [
@@ -430,17 +435,20 @@ class Publisher:
         return got
 
     def _make(self, queue: str, body: bytes, header: bytes, message_id: str, exchange: str | None,
-              delay: float | None, queue_type: str | None, declare: bool, now: float) -> _Msg:
+              delay: float | None, queue_type: str | None, declare: bool, now: float,
+              max_priority: int | None = None) -> _Msg:
         routing_key = queue
         prep: tuple[tuple[Any, list[Any]], ...] = ()
         if exchange is None:
-            prep = self._prep(queue, queue_type, declare)
+            prep = self._prep(queue, queue_type, declare, max_priority)
             exchange = queue
         if delay is not None and delay > 0:
-            # Wait on the broker: a TTL queue that dead-letters into the task queue.
+            # Wait on the broker: a TTL queue that dead-letters into the task queue (quorum for a quorum task,
+            # the same declaration as the worker's retry delays, so the two never disagree).
             ms = topology.delay_ms(delay)
             dq = topology.delay_queue(queue, ms)
-            prep += ((("delay", dq), [(topology.declare_delay(queue, ms), commands.Queue.DeclareOk)]),)
+            delay_decl = topology.declare_delay(queue, ms, queue_type or self.queue_type)
+            prep += ((("delay", dq), [(delay_decl, commands.Queue.DeclareOk)]),)
             exchange, routing_key = "", dq
         return _Msg(publish_method(exchange, routing_key), header, body, exchange, routing_key, prep, message_id,
                     now + self.confirm_timeout, self._frame_max)
@@ -472,19 +480,24 @@ class Publisher:
                           time.monotonic())
 
     def send(self, task: TaskLike, args: Any = (), kwargs: dict[str, Any] | None = None,
-             delay: float | None = None, message_id: str | None = None, declare: bool = True) -> str:
+             delay: float | None = None, message_id: str | None = None, declare: bool = True,
+             priority: int | None = None) -> str:
         """Publish one run of `task` and wait for its confirm; returns its message id. `declare` as in
-        publish. Any application thread; blocks (interruptibly) until the confirm."""
+        publish; `priority` overrides the task's. Any application thread; blocks (interruptibly) until the confirm."""
         mid = message_id or wire.new_id()
-        self._wait_one(self._task_message(task, args, kwargs, delay, mid, declare))
+        self._wait_one(self._task_message(task, args, kwargs, delay, mid, declare, priority))
         return mid
 
     def _task_message(self, task: TaskLike, args: Any, kwargs: dict[str, Any] | None, delay: float | None,
-                      mid: str, declare: bool) -> _Msg:
+                      mid: str, declare: bool, priority: int | None = None) -> _Msg:
         """A task run in the wire format (docs/wire-format.md), its header made by hand. The sending thread."""
         body = wire.encode(task.name, args, kwargs, mid)
-        header = _hooked_header(task, mid, len(body)) if hooks.SEND_HOOKS else json_header(mid, len(body))
-        return self._make(task.queue, body, header, mid, None, delay, task.queue_type, declare, time.monotonic())
+        if priority is None:
+            priority = getattr(task, "priority", None)
+        header = (_hooked_header(task, mid, len(body), priority) if hooks.SEND_HOOKS
+                  else json_header(mid, len(body), priority))
+        return self._make(task.queue, body, header, mid, None, delay, task.queue_type, declare, time.monotonic(),
+                          getattr(task, "max_priority", None))
 
     def _wait_one(self, msg: _Msg) -> None:
         """Hand `msg` to the I/O thread and wait for its outcome in slices. Runs on the sending thread."""

@@ -20,16 +20,22 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from magne import logs
 from magne.backoff import Backoff
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from magne.signals import Signals
 from magne.worker import Options
+
+if TYPE_CHECKING:
+    from magne.metrics import SupervisorMetrics
 
 log = logs.Log("magne.supervisor")
 
@@ -58,14 +64,25 @@ class Child:
         self.started = time.monotonic()
         self.ready = False
         self.died = False  # exited without being asked to (then restarted, unless the supervisor is stopping)
+        self.metrics_port = 0  # where the child serves its metrics (127.0.0.1), once it said so
+        self.announced = False  # the metrics side knows this child (SupervisorMetrics.child_up)
+        self._buf = b""
 
     def poll_ready(self) -> bool:
-        if not self.ready:
+        """Read what the child wrote on its pipe (main thread, never blocks): lines `m<port>`, then `r` (ready)."""
+        if not self.ready and self.ready_fd >= 0:
             try:
-                if os.read(self.ready_fd, 16):
-                    self.ready = True
+                data = os.read(self.ready_fd, 256)
             except (BlockingIOError, OSError):
-                pass
+                data = b""
+            if data:
+                self._buf += data
+                *lines, self._buf = self._buf.split(b"\n")
+                for line in lines:
+                    if line.startswith(b"m") and line[1:].isdigit():
+                        self.metrics_port = int(line[1:])
+                    elif line == b"r":
+                        self.ready = True
         return self.ready
 
     def stop(self, timeout: float) -> None:
@@ -79,10 +96,13 @@ class Child:
                 self.proc.wait()
 
     def close(self) -> None:
-        try:
-            os.close(self.ready_fd)
-        except OSError:
-            pass
+        """Close the pipe; never read it again (its fd number may soon belong to another child's pipe)."""
+        fd, self.ready_fd = self.ready_fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def describe_exit(code: int) -> str:
@@ -106,6 +126,8 @@ class Supervisor:
         self.backoffs: dict[int, Backoff] = {}
         self.restart_at: dict[int, float] = {}
         self.signals: Signals | None = None
+        self.metrics: SupervisorMetrics | None = None
+        self._announced: dict[int, Child] = {}  # pid -> child whose metrics port the metrics side knows
 
     def child_argv(self) -> list[str]:
         o = self.opts
@@ -120,12 +142,18 @@ class Supervisor:
             argv += ["--queues", *o.queues]
         if o.max_body_size:
             argv += ["--max-body-size", str(o.max_body_size)]
+        if o.metrics:  # each child on an ephemeral local port; the supervisor serves the one --metrics address
+            argv += ["--metrics", "127.0.0.1:0"]
         return argv
 
     def spawn(self, slot: int) -> Child:
         r, w = os.pipe()
         os.set_blocking(r, False)
         env = dict(os.environ, MAGNE_READY_FD=str(w), MAGNE_PROCESS_SLOT=str(slot))
+        if self.metrics is not None:
+            from magne.metrics import FINAL_ENV
+
+            env[FINAL_ENV] = self.metrics.final_dir
         if self.opts.url:  # the environment, not argv: `ps` shows argv to every user
             env["MAGNE_URL"] = ",".join([self.opts.url] if isinstance(self.opts.url, str) else self.opts.url)
         proc = subprocess.Popen(self.child_argv(), env=env, pass_fds=(w,), start_new_session=True,
@@ -147,6 +175,42 @@ class Supervisor:
 
     # -- the loop (main thread) ----------------------------------------------------------
     def run(self) -> int:
+        if not self.opts.metrics:
+            return self._run()
+        from magne.metrics import SupervisorMetrics
+
+        final_dir = tempfile.mkdtemp(prefix="magne-metrics-")
+        try:
+            self.metrics = SupervisorMetrics(self.opts.metrics, final_dir)
+            self.metrics.start()
+            log.info("serving the metrics of every worker process on %s", self.metrics.url, event="metrics_listening",
+                     url=self.metrics.url)
+            return self._run()
+        finally:
+            if self.metrics is not None:
+                self.metrics.stop()
+            shutil.rmtree(final_dir, ignore_errors=True)
+
+    def _sync_metrics(self) -> None:
+        """Tell the metrics side which children serve metrics where, and which went away (main thread; only puts
+        events on a queue, never blocks)."""
+        m = self.metrics
+        if m is None:
+            return
+        for c in self._all():
+            if c.proc.poll() is not None:
+                continue
+            c.poll_ready()
+            if c.metrics_port and not c.announced:
+                c.announced = True
+                self._announced[c.proc.pid] = c
+                m.child_up(c.slot, c.proc.pid, c.metrics_port)
+        for pid, c in list(self._announced.items()):
+            if c.proc.poll() is not None:
+                del self._announced[pid]
+                m.child_down(pid)
+
+    def _run(self) -> int:
         sig = self.signals or Signals()
         log.info("supervisor starting %d worker processes of %d threads each (one connection each)",
                  self.processes, self.opts.threads, event="supervisor_start")
@@ -173,6 +237,7 @@ class Supervisor:
                 self.restart_at.clear()
                 self._signal_all(signal.SIGTERM)
             self._advance_reload()
+            self._sync_metrics()
             if stopping and not any(c.proc.poll() is None for c in self._all()):
                 break
             if not stopping:
@@ -237,6 +302,8 @@ class Supervisor:
             if now >= when:
                 del self.restart_at[slot]
                 self.children[slot] = self.spawn(slot)
+                if self.metrics is not None:
+                    self.metrics.restarted(slot)
 
     def _start_reload(self) -> None:
         if self.pending:

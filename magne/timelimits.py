@@ -44,7 +44,7 @@ class Slot:
     """One worker thread's state, shared with the watchdog (main thread) under `lock`."""
 
     __slots__ = ("index", "thread", "ident", "lock", "state", "delivery", "deadline", "started",
-                 "interrupted", "interrupted_at")
+                 "interrupted", "interrupted_at", "timers")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -57,6 +57,7 @@ class Slot:
         self.started = 0.0
         self.interrupted: type[Interrupt] | None = None
         self.interrupted_at = 0.0
+        self.timers: tuple = ()  # this thread's after_run hooks (magne.hooks.HookSet.thread_timers), if any
 
     def enter(self, d: Delivery, limit: float) -> None:
         """Pool thread, before the task's code runs."""

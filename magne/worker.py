@@ -20,16 +20,21 @@ import signal
 import sys
 import time
 from queue import Empty, SimpleQueue
+from typing import TYPE_CHECKING
 
 from magne import logs
 from magne.amqp.url import Nodes, parse_urls
 from magne.delivery import Delivery
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, URLError
+from magne.hooks import HookSet, WorkerInfo, registered
 from magne.io.loop import IOThread
 from magne.policy import RetryPolicy
 from magne.pool import Pool
 from magne.registry import REGISTRY, Task, queues_of
 from magne.signals import Signals
+
+if TYPE_CHECKING:
+    from magne.metrics import WorkerMetrics
 
 log = logs.Log("magne.worker")
 
@@ -51,6 +56,7 @@ class Options:
     min_backoff: float = 1.0
     max_backoff: float = 300.0
     max_body_size: int = 0  # 0: no limit
+    metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on (magne.metrics); None: off
 
     @property
     def effective_prefetch(self) -> int:
@@ -108,6 +114,16 @@ def consumer_timeouts(tasks: dict[str, Task], queues: list[str], opts: Options) 
     return out
 
 
+def max_priorities(tasks: dict[str, Task], queues: list[str]) -> dict[str, int]:
+    """x-max-priority of each consumed queue whose tasks ask for one (@task(max_priority=N)); they must agree."""
+    out: dict[str, int] = {}
+    for t in tasks.values():
+        if t.queue in queues and t.max_priority:
+            if out.setdefault(t.queue, t.max_priority) != t.max_priority:
+                raise ConfigError(f"tasks on queue {t.queue} disagree on max_priority ({out[t.queue]} vs {t.max_priority})")
+    return out
+
+
 class Worker:
     def __init__(self, opts: Options, tasks: dict[str, Task]) -> None:
         if opts.threads < 1:
@@ -129,12 +145,22 @@ class Worker:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         types = queue_types(tasks, self.queues, opts.queue_type)
+        self.metrics: WorkerMetrics | None = None
+        hooks = registered()
+        if opts.metrics:  # only then is prometheus_client imported: metrics off cost nothing
+            from magne.metrics import WorkerMetrics
+
+            self.metrics = WorkerMetrics(opts.metrics, tasks)
+            hooks.append(self.metrics.task_metrics)
+        self.hooks = HookSet(hooks)
         self.work: SimpleQueue[Delivery | None] = SimpleQueue()
         self.io = IOThread(self.nodes, self.queues, opts.effective_prefetch, self.work, types,
                            max_body=opts.max_body_size, copy_frame_max=self.params.frame_max or 131072,
-                           consumer_timeouts=consumer_timeouts(tasks, self.queues, opts))
+                           consumer_timeouts=consumer_timeouts(tasks, self.queues, opts),
+                           tally=self.metrics.tally if self.metrics else None)
+        self.io.consumer.max_priorities = max_priorities(tasks, self.queues)
         self.pool = Pool(opts.threads, tasks, self.work, self.io.report, opts.time_limit, opts.lost_after, retry,
-                         types, self.params.frame_max or 131072)
+                         types, self.params.frame_max or 131072, hooks=self.hooks)
         self.signals: Signals | None = None
         if any(p.tls and not p.verify for p in self.nodes.all):
             log.warning("TLS certificate checks are off (verify=verify_none): the connection is encrypted but the "
@@ -151,9 +177,24 @@ class Worker:
     # -- lifecycle (main thread) --------------------------------------------------------------
     def run(self) -> int:
         try:
+            if self.metrics is not None:
+                self._serve_metrics()
             return self._run()
         finally:
+            if self.metrics is not None:
+                self.metrics.write_final()
             logs.flush()
+
+    def _serve_metrics(self) -> None:
+        """Main thread, before connecting: serve --metrics (ConfigError if the address is taken) and tell a
+        supervisor the port, so its endpoint can scrape this process."""
+        assert self.metrics is not None
+        port = self.metrics.start(self.io, self.pool, self.queues)
+        log.info("serving metrics on %s", self.metrics.url, event="metrics_listening", url=self.metrics.url)
+        _tell_supervisor(f"m{port}\n".encode())
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(os.getpid(), self.io.node, list(self.queues), self.opts.threads, sorted(self.tasks))
 
     def _run(self) -> int:
         io, pool, opts = self.io, self.pool, self.opts
@@ -168,8 +209,9 @@ class Worker:
                 log.error("cannot start: %s", io.failed, event="start_failed")
                 return EXIT_CONFIG if io.permanent else EXIT_FAILED
             return EXIT_OK  # stopped by a signal before it connected
+        self.hooks.worker_start(self.info())
         pool.start()
-        _tell_supervisor_ready()
+        _tell_supervisor(b"r\n", last=True)
         log.info("ready: connected to %s, consuming %s with %d threads, prefetch %d per queue, time limit %gs; %s",
                  io.node, ", ".join(self.queues), opts.threads, opts.effective_prefetch,
                  opts.time_limit, pool.status(), event="ready", url=io.node)
@@ -211,6 +253,7 @@ class Worker:
                 pool.check(time.monotonic())
         pool.stop()
         pool.join(1.0)
+        self.hooks.worker_stop(self.info())
         log.info("stopped: %s; %s", io.stats.line(), pool.status(), event="stopped", counters=self.status())
         return EXIT_FAILED if io.failed else EXIT_OK
 
@@ -232,13 +275,18 @@ class Worker:
             self.pool.check(time.monotonic())
 
 
-def _tell_supervisor_ready() -> None:
-    """Under `--processes`, the supervisor waits for this byte before it stops old workers on a reload."""
-    fd = os.environ.pop("MAGNE_READY_FD", None)
+def _tell_supervisor(line: bytes, last: bool = False) -> None:
+    """Under `--processes`, one line to the supervisor over the pipe it gave us (MAGNE_READY_FD): `m<port>` (where
+    this process serves its metrics), then `r` once ready (the supervisor waits for it before it stops old
+    workers on a reload), after which the pipe is closed. One write of a few bytes: atomic on a pipe."""
+    fd = os.environ.get("MAGNE_READY_FD")
     if fd is None:
         return
+    if last:
+        del os.environ["MAGNE_READY_FD"]
     try:
-        os.write(int(fd), b"r")
-        os.close(int(fd))
+        os.write(int(fd), line)
+        if last:
+            os.close(int(fd))
     except (OSError, ValueError):
         pass

@@ -69,8 +69,11 @@ class Consumer:
         self.copy_frame_max = copy_frame_max
         self.on_ready = on_ready
         self.consumer_timeouts = consumer_timeouts  # queue -> x-consumer-timeout (ms), above its tasks' time limits
+        self.max_priorities: dict[str, int] = {}  # queue -> x-max-priority, for queues whose tasks ask for one
         self.conn: Connection | None = None
         self.phase = Phase.CLOSED
+        # --metrics: deliveries by queue. Only kept with several queues: with one, Stats' totals are its counts.
+        self.tally_queues: Tally | None = stats.tally if stats.tally is not None and len(queues) > 1 else None
         self.gen = 0
         self.inflight = 0  # deliveries of this generation handed to the pool and not back yet
         self.ctags: dict[bytes, str] = {}  # consumer tag -> queue
@@ -160,8 +163,8 @@ class Consumer:
         if redelivered:
             stats.redelivered += 1
         queue = self.ctags.get(ctag)
-        if stats.tally is not None:  # --metrics only
-            _count_delivery(stats.tally, queue, redelivered)
+        if self.tally_queues is not None:  # --metrics with several queues (with one, the totals are its counts)
+            _count_delivery(self.tally_queues, queue, redelivered)
         if queue is None or self.phase not in _TAKING:
             self.settlement.give_back([tag])  # after our basic.cancel, or for a consumer we no longer have
             return
@@ -266,7 +269,7 @@ class Consumer:
         if backoff is None:
             _due, backoff = self.reconsume.pop(queue)
         self._probe = (queue, backoff)
-        decls = topology.declarations(queue, self.queue_types.get(queue, "classic"))
+        decls = topology.declarations(queue, self.queue_types.get(queue, "classic"), self.max_priorities.get(queue))
         conn.call(PROBE_CH, commands.Channel.Open(), (commands.Channel.OpenOk,))
         for method, reply in decls[:-1]:
             conn.call(PROBE_CH, method, (reply,))

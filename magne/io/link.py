@@ -18,6 +18,7 @@ basic.nack is a failed copy, never an ack of the original.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,8 @@ class PublishLink:
         self.seq = 0
         self.last_used = 0.0
         self.opened = 0
+        # --metrics: called with each copy's confirm latency in seconds (magne.io.stats.Tally.confirm). Cold path.
+        self.on_latency: Callable[[float], None] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -123,8 +126,11 @@ class PublishLink:
             seqs = [s for s in self.confirms if s <= frame.delivery_tag] if frame.multiple else (
                 [frame.delivery_tag] if frame.delivery_tag in self.confirms else [])
             returned, self._returned = self._returned, []
+            now = time.monotonic() if self.on_latency is not None else 0.0
             for s in seqs:
-                d, _ = self.confirms.pop(s)
+                d, sent = self.confirms.pop(s)
+                if self.on_latency is not None:
+                    self.on_latency(now - sent)
                 if d.copy_to in returned:
                     self.on_confirm(d, False, "returned as unroutable")
                 else:

@@ -39,6 +39,7 @@ from magne.io.consumer import Consumer, Phase
 from magne.io.link import PublishLink
 from magne.io.settle import Settlement
 from magne.io.stats import Stats, Tally
+from magne.io.watch import Watcher
 
 log = logs.Log("magne.io")
 
@@ -82,7 +83,6 @@ class IOThread(threading.Thread):
         self._reconnect_at = 0.0
         self._ready_at = 0.0
         self._close_deadline = 0.0
-        self._watched: dict[str, tuple[object, int]] = {}  # "consumer"/"link" -> (socket, events) registered
 
     # -- called from other threads -----------------------------------------------------------
     def report(self, d: Delivery) -> None:
@@ -119,8 +119,7 @@ class IOThread(threading.Thread):
             self.finished.set()
 
     def _run(self) -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(self._wake_fd, READ, None)
+        watcher = Watcher(self._wake_fd)
         try:
             self._connect(time.monotonic())
             timers_at = 0.0
@@ -137,8 +136,8 @@ class IOThread(threading.Thread):
                     wake = self._timers(now)
                     timers_at = min(wake, now + TIMER_SLACK) if wake is not None else now + TIMER_SLACK
                 wake = max(timers_at, now)
-                self._watch(sel)
-                events = sel.select(wake - now)
+                watcher.sync({"consumer": self.consumer.conn, "link": self.link.conn})
+                events = watcher.select(wake - now)
                 now = time.monotonic()
                 for key, mask in events:
                     if key.data is None:
@@ -152,7 +151,7 @@ class IOThread(threading.Thread):
                     return
                 self._flush(now)
         finally:
-            sel.close()
+            watcher.close()
 
     def _clear_wake(self) -> None:
         try:
@@ -162,36 +161,6 @@ class IOThread(threading.Thread):
 
     def _conn_of(self, who: str) -> Connection | None:
         return self.consumer.conn if who == "consumer" else self.link.conn
-
-    def _watch(self, sel: selectors.BaseSelector) -> None:
-        """Keep the selector's registrations in step with each connection's socket and what it waits for.
-
-        Keyed by the socket object, not its fd: a reconnect closes one socket and the next
-        one often gets the same fd number, which the kernel has already dropped from epoll.
-        Every stale registration is removed before any new one is made, so a new socket that
-        reuses the fd of the other connection's old one does not collide with it.
-        """
-        wanted: dict[str, tuple[object, int]] = {}
-        for who in ("consumer", "link"):
-            conn = self._conn_of(who)
-            sock = conn.sock if conn is not None else None
-            wanted[who] = (sock, conn.events() if conn is not None and sock is not None else 0)
-            old_sock, _old_events = self._watched.get(who, (None, 0))
-            if old_sock is not None and (old_sock is not sock or not wanted[who][1]):
-                try:
-                    sel.unregister(old_sock)
-                except (KeyError, ValueError, OSError):
-                    pass
-                self._watched[who] = (None, 0)
-        for who, (sock, events) in wanted.items():
-            old_sock, old_events = self._watched.get(who, (None, 0))
-            if not events or (sock is old_sock and events == old_events):
-                continue
-            if old_sock is None:
-                sel.register(sock, events, who)
-            else:
-                sel.modify(sock, events, who)
-            self._watched[who] = (sock, events)
 
     def _on_io(self, who: str, mask: int, now: float) -> None:
         conn = self._conn_of(who)

@@ -68,6 +68,8 @@ class Settlement:
         finished: list[int] = []
         n = 0
         ack, retry, dead = Outcome.ACK, Outcome.RETRY, Outcome.DEAD  # locals: this loop runs per message
+        tally = self.stats.tally  # None unless --metrics: then acks are also counted by (queue, task)
+        acked = tally.acked if tally is not None else None
         while outcomes:
             d = outcomes.popleft()
             if d.gen != gen or not self.accepting:
@@ -78,19 +80,24 @@ class Settlement:
                 o = d.outcome
                 if o is ack:
                     finished.append(d.tag)
+                    if acked is not None:  # an ACK ran a registered task, so d.task is a bounded label
+                        key = (d.queue, d.task)
+                        acked[key] = acked.get(key, 0) + 1
                 elif o is retry or o is dead:
                     self.copy(d)
                 elif o is Outcome.GIVE_BACK:
                     self._requeue(d.tag, counts=False)
                 elif o is Outcome.REQUEUE:
-                    self._requeue(d.tag, counts=True)
+                    self._requeue(d.tag, counts=True, d=d)
                 else:
                     raise ValueError(f"unknown outcome {o!r}")
             except Exception as exc:  # contain it to this message: it goes back to the queue
                 log.error("settling message %s failed (%s: %s); requeueing it", d.message_id(), type(exc).__name__, exc)
-                self._requeue(d.tag, counts=True)
+                self._requeue(d.tag, counts=True, d=d)
         if finished:
             self.ack(finished)
+            if tally is not None:
+                tally.ack_batch.observe(len(finished))
         return n
 
     def ack(self, tags: list[int]) -> None:
@@ -104,13 +111,18 @@ class Settlement:
         for tag in tags:
             self._requeue(tag, counts=False)
 
-    def _requeue(self, tag: int, counts: bool) -> None:
-        """The one place a delivery goes back to its queue. `counts`: reject (it ran); else nack (it never started)."""
+    def _requeue(self, tag: int, counts: bool, d: Delivery | None = None) -> None:
+        """The one place a delivery goes back to its queue. `counts`: reject (it ran); else nack (it never started).
+        `d`, when known, is counted by queue and task under --metrics."""
         if self.out is None or not self.accepting:
             return
         self.out.write(codec.encode_reject(CH, tag, True) if counts else codec.encode_nack(CH, tag, False, True))
         self.acks.mark_sent(tag)
         self.stats.requeued += 1
+        if not counts:
+            self.stats.given_back += 1
+        elif d is not None and self.stats.tally is not None:
+            self.stats.tally.count(self.stats.tally.requeued, d.queue, d.task)
 
     # -- copies ----------------------------------------------------------------------------
     def copy(self, d: Delivery) -> None:
@@ -188,10 +200,15 @@ class Settlement:
             self.stats.stale += 1  # its channel is gone: the original comes back redelivered
             return
         if ok:
+            tally = self.stats.tally
             if d.outcome is Outcome.RETRY:
                 self.stats.retried += 1
+                if tally is not None:
+                    tally.count(tally.retried, d.queue, d.task)
             else:
                 self.stats.dead += 1
+                if tally is not None:
+                    tally.count(tally.dead, d.queue, d.task)
             self.stats.acked -= 1  # ack() counts it; the copy already counted it as retried/dead
             self.ack([d.tag])
             return
@@ -210,7 +227,7 @@ class Settlement:
 
     def _copy_failed(self, d: Delivery) -> None:
         """Give up on a copy: the original goes back to its queue (counted as a delivery: it ran)."""
-        self._requeue(d.tag, counts=True)
+        self._requeue(d.tag, counts=True, d=d)
 
 
 def _strip_user_headers(d: Delivery) -> None:
