@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, overload
 
@@ -139,6 +140,10 @@ def task(
 
     def register(f: Callable[..., Any]) -> Task:
         tname = name or f.__name__
+        if inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f):
+            # The pool would call it, get a coroutine, drop it and ack the message: a task that never runs.
+            raise RegistryError(f"task {tname}: `async def` tasks are not supported yet; make it a plain function "
+                                "(asyncio.run(...) inside it works) or keep it out of @task")
         if time_limit is not None and time_limit <= 0:
             raise RegistryError(f"task {tname}: time_limit must be positive, got {time_limit}")
         if queue_type is not None and queue_type not in topology.QUEUE_TYPES:
