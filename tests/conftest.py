@@ -79,7 +79,7 @@ def start_worker(tmp_path: Path, names: dict[str, str]) -> Iterator:
             print(w.log())
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tls_nodes() -> Iterator[dict[str, object]]:
     """Three RabbitMQ nodes with TLS listeners, next to the broker on 5672 (never touching it):
     "open" (client certificate optional), "strict" (client certificate required) and "expired"
@@ -106,7 +106,7 @@ def tls_nodes() -> Iterator[dict[str, object]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[object]:
     """A 3-node RabbitMQ cluster on 127.0.0.1:5682-5684 (about 15 s to start), next to the broker on 5672."""
     from support.nodes import Cluster, kill_leftovers
