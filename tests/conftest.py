@@ -26,6 +26,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(getattr(pytest.mark, mark))
 
 
+@pytest.fixture(autouse=True)
+def _flush_magne_logs() -> Iterator[None]:
+    """Hand a test's log records to the handlers before its capture closes (magne's own threads log through
+    the magne-log writer thread; a record handled after pytest closed the test's capture is a 'Logging error')."""
+    yield
+    from magne import logs
+
+    logs.flush(1.0)
+
+
 @pytest.fixture
 def broker() -> Iterator[Broker]:
     b = Broker()
