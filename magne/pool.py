@@ -218,17 +218,22 @@ class Pool:
             self._fail(d, Failure("internal error", exc, retryable=False))
         return d
 
+    def _resolve(self, d: Delivery) -> tuple[Task, list[Any], dict[str, Any]]:
+        """The registered task a delivery names, with its arguments; BadMessage if there is none. Pool thread."""
+        wire.check_encoding(d.header)
+        name, args, kwargs = wire.decode(d.body)
+        d.task = name
+        t = self.tasks.get(name)
+        if t is None:
+            raise BadMessage(f"unknown task {logs.clean(name, 100)!r}: no task of that name is registered in this worker")
+        return t, args, kwargs
+
     def _run(self, slot: Slot, d: Delivery) -> None:
         t: Task | None = None
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
         try:
-            wire.check_encoding(d.header)
-            name, args, kwargs = wire.decode(d.body)
-            d.task = name
-            t = self.tasks.get(name)
-            if t is None:
-                raise BadMessage(f"unknown task {logs.clean(name, 100)!r}: no task of that name is registered in this worker")
+            t, args, kwargs = self._resolve(d)
             slot.enter(d, t.time_limit or self.time_limit)
             try:
                 t.fn(*args, **kwargs)  # success keeps the delivery's default outcome, ACK
@@ -254,12 +259,7 @@ class Pool:
         run: TaskRun | None = None
         started = 0.0
         try:
-            wire.check_encoding(d.header)
-            name, args, kwargs = wire.decode(d.body)
-            d.task = name
-            t = self.tasks.get(name)
-            if t is None:
-                raise BadMessage(f"unknown task {logs.clean(name, 100)!r}: no task of that name is registered in this worker")
+            t, args, kwargs = self._resolve(d)
             if hooks.full:
                 run = TaskRun(t, d, args, kwargs)
                 if hooks.before:
