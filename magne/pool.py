@@ -26,6 +26,7 @@ from queue import SimpleQueue
 from typing import Any
 
 from magne import logs, wire
+from magne.amqp.connection import DEFAULT_FRAME_MAX
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, ColdShutdown, Interrupt, TimeLimitExceeded
 from magne.hooks import _DECISIONS, HookSet, TaskRun, registered
@@ -48,7 +49,7 @@ class Pool:
         lost_after: float = 10.0,
         retry: RetryPolicy | None = None,
         queue_types: dict[str, str] | None = None,
-        frame_max: int = 131072,
+        frame_max: int = DEFAULT_FRAME_MAX,
         hooks: HookSet | None = None,
     ) -> None:
         self.size = size

@@ -23,6 +23,7 @@ import orjson
 from pamqp import commands
 
 from magne.amqp import codec, properties
+from magne.amqp.connection import DEFAULT_FRAME_MAX
 from magne.errors import BadMessage
 
 CONTENT_TYPE = "application/json"
@@ -248,7 +249,7 @@ def copy_header(original: bytes, add: dict[str, Any], frame_max: int) -> bytes:
     DROPPED says how many. If the original cannot even be walked, only magne's
     headers and delivery mode 2 are written.
     """
-    budget = (frame_max or 131072) - codec.FRAME_OVERHEAD
+    budget = (frame_max or DEFAULT_FRAME_MAX) - codec.FRAME_OVERHEAD
     try:
         payload = properties.splice(original, add, is_magne_header)
         if len(payload) <= budget:

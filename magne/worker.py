@@ -23,6 +23,7 @@ from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
 from magne import logs
+from magne.amqp.connection import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.delivery import Delivery
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, URLError
@@ -154,13 +155,14 @@ class Worker:
             hooks.append(self.metrics.task_metrics)
         self.hooks = HookSet(hooks)
         self.work: SimpleQueue[Delivery | None] = SimpleQueue()
+        frame_max = self.params.frame_max or DEFAULT_FRAME_MAX  # the copies' budget (0 in the URL: no limit of ours)
         self.io = IOThread(self.nodes, self.queues, opts.effective_prefetch, self.work, types,
-                           max_body=opts.max_body_size, copy_frame_max=self.params.frame_max or 131072,
+                           max_body=opts.max_body_size, copy_frame_max=frame_max,
                            consumer_timeouts=consumer_timeouts(tasks, self.queues, opts),
                            tally=self.metrics.tally if self.metrics else None)
         self.io.consumer.max_priorities = max_priorities(tasks, self.queues)
         self.pool = Pool(opts.threads, tasks, self.work, self.io.report, opts.time_limit, opts.lost_after, retry,
-                         types, self.params.frame_max or 131072, hooks=self.hooks)
+                         types, frame_max, hooks=self.hooks)
         self.signals: Signals | None = None
         if any(p.tls and not p.verify for p in self.nodes.all):
             log.warning("TLS certificate checks are off (verify=verify_none): the connection is encrypted but the "

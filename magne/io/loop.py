@@ -30,7 +30,7 @@ from collections import deque
 from queue import SimpleQueue
 
 from magne import logs
-from magne.amqp.connection import READ, Connection, State
+from magne.amqp.connection import DEFAULT_FRAME_MAX, READ, Connection, State
 from magne.amqp.errors import AMQPError, BrokerTimeout, ChannelClosed, ConnectionClosed, ConnectionLost, FrameError, TLSError
 from magne.amqp.url import Nodes, Params
 from magne.backoff import Backoff
@@ -56,7 +56,7 @@ class Stop(enum.IntEnum):
 
 class IOThread(threading.Thread):
     def __init__(self, nodes: Nodes | Params, queues: list[str], prefetch: int, work: SimpleQueue[Delivery | None],
-                 queue_types: dict[str, str] | None = None, max_body: int = 0, copy_frame_max: int = 131072,
+                 queue_types: dict[str, str] | None = None, max_body: int = 0, copy_frame_max: int = DEFAULT_FRAME_MAX,
                  consumer_timeouts: dict[str, int] | None = None, tally: Tally | None = None) -> None:
         super().__init__(name="magne-io", daemon=True)
         self.nodes = nodes if isinstance(nodes, Nodes) else Nodes([nodes])

@@ -101,8 +101,12 @@ class Settlement:
         return n
 
     def ack(self, tags: list[int]) -> None:
-        assert self.out is not None
+        """Tasks that succeeded: counted as acked, then written."""
         self.stats.acked += len(tags)
+        self._write_acks(tags)
+
+    def _write_acks(self, tags: list[int]) -> None:
+        assert self.out is not None
         for tag, multiple in self.acks.settle(tags):
             self.out.write(codec.encode_ack(CH, tag, multiple))
 
@@ -209,8 +213,7 @@ class Settlement:
                 self.stats.dead += 1
                 if tally is not None:
                     tally.count(tally.dead, d.queue, d.task)
-            self.stats.acked -= 1  # ack() counts it; the copy already counted it as retried/dead
-            self.ack([d.tag])
+            self._write_acks([d.tag])  # counted as retried or dead above, not as acked
             return
         self.stats.copy_failures += 1
         d.blame += 1
