@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-body-size", type=_positive(int), default=None, metavar="BYTES",
                    help="dead-letter bodies larger than this (reason 'body too large') instead of running them "
                         "(default: no limit). A worker holds up to prefetch x queues bodies at once")
+    w.add_argument("--async-concurrency", type=_positive(int), default=100, metavar="N",
+                   help="`async def` tasks running at once on the process's event loop (default 100; raise it for "
+                        "many slow network calls). A queue of async tasks only prefetches 1.25 x N")
+    w.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio",
+                   help="the event loop for async def tasks (uvloop: pip install 'magne[uvloop]')")
     w.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; PORT alone listens on "
                         "127.0.0.1, :PORT on every interface, port 0 picks a free one). Under --processes one endpoint "
@@ -165,7 +170,8 @@ def _worker(args: argparse.Namespace) -> int:
                    queues=args.queues, shutdown_timeout=args.shutdown_timeout,
                    time_limit=args.time_limit, lost_after=args.lost_after, queue_type=args.queue_type,
                    max_retries=args.max_retries, min_backoff=args.min_backoff, max_backoff=args.max_backoff,
-                   max_body_size=args.max_body_size or 0, metrics=args.metrics)
+                   max_body_size=args.max_body_size or 0, metrics=args.metrics,
+                   async_concurrency=args.async_concurrency, event_loop=args.event_loop)
     with pid_file(args.pid_file):
         if args.processes > 1:
             from magne.supervisor import Supervisor

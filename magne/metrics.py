@@ -257,10 +257,35 @@ class WorkerCollector(Collector):
             fam = CounterMetricFamily(name, doc)
             fam.add_metric([], value)
             yield fam
-        fam = CounterMetricFamily("magne_time_limits", "Time-limit interrupts fired, by task.", labels=["task"])
-        for t, v in sorted(pool.time_limits.copy().items()):
+        aio = pool.aio  # the event loop of async def tasks, if any (magne.asyncpool)
+        limits = pool.time_limits.copy()
+        if aio is not None:
+            for t, v in aio.time_limits.copy().items():
+                limits[t] = limits.get(t, 0) + v
+        fam = CounterMetricFamily("magne_time_limits", "Time-limit interrupts (thread tasks) and cancels (async "
+                                  "tasks) fired, by task.", labels=["task"])
+        for t, v in sorted(limits.items()):
             fam.add_metric([t], v)
         yield fam
+        if aio is not None:
+            for name, doc, value in (
+                ("magne_event_loop_stalls", "Times the event loop of async tasks was held by blocking code for more "
+                 "than 0.5 s.", aio.stalls),
+                ("magne_async_tasks_abandoned", "Async tasks that did not stop after their time limit's cancel; their "
+                 "messages were decided without them.", aio.abandoned),
+            ):
+                fam = CounterMetricFamily(name, doc)
+                fam.add_metric([], value)
+                yield fam
+            for name, doc, value in (
+                ("magne_async_tasks_running", "Async tasks running now on the event loop.", aio.busy()),
+                ("magne_async_concurrency", "Async tasks allowed at once (--async-concurrency).", aio.concurrency),
+                ("magne_async_messages_waiting", "Messages of async tasks waiting for a place on the event loop.",
+                 len(aio.inbox)),
+            ):
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], value)
+                yield g
         fam = CounterMetricFamily("magne_reconnects", "Reconnects of the consuming connection, by the cause of the loss "
                                   "they followed.", labels=["cause"])
         for cause, v in sorted(stats.reconnect_causes.copy().items()):

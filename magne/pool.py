@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from queue import SimpleQueue
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from magne import logs, wire
 from magne.amqp.connection import DEFAULT_FRAME_MAX
@@ -34,6 +34,9 @@ from magne.hooks import _report as report_hook_failure
 from magne.policy import Failure, RetryPolicy, dead_letter_plainly, decide
 from magne.registry import Task
 from magne.timelimits import Slot, SlotState
+
+if TYPE_CHECKING:
+    from magne.asyncpool import AsyncPool
 
 log = logs.Log("magne.pool")
 
@@ -70,6 +73,10 @@ class Pool:
         # The lifecycle hooks (magne.hooks): those registered when the pool is made, unless given.
         self.hooks = hooks if hooks is not None else HookSet(registered())
         self._names = itertools.count(1)
+        # The event loop of `async def` tasks (magne.asyncpool), set by the worker when a task is one: a pool thread
+        # that decodes an async task (a queue shared by both kinds) hands it over there. Without one (magne.testing)
+        # the thread runs it to the end itself (Task.blocking).
+        self.aio: AsyncPool | None = None
 
     # -- lifecycle (main thread) ---------------------------------------------
     def start(self) -> None:
@@ -191,7 +198,8 @@ class Pool:
             if d is None:
                 return
             try:
-                run(slot, d)
+                if run(slot, d):
+                    continue  # an async task, handed to the event loop: it reports the outcome
             except BaseException as exc:  # noqa: B036 - _run contains task failures; this is magne's own bug
                 log.error("handling message %s failed in magne (%s); dead-lettering it", d.message_id(),
                           type(exc).__name__, event="internal_error")
@@ -220,7 +228,9 @@ class Pool:
         return d
 
     def _resolve(self, d: Delivery) -> tuple[Task, list[Any], dict[str, Any]]:
-        """The registered task a delivery names, with its arguments; BadMessage if there is none. Pool thread."""
+        """The registered task a delivery names, with its arguments; BadMessage if there is none.
+
+        Pool threads, and the event loop's thread (magne.asyncpool) for the queues it is fed directly."""
         wire.check_encoding(d.header)
         name, args, kwargs = wire.decode(d.body)
         d.task = name
@@ -229,21 +239,26 @@ class Pool:
             raise BadMessage(f"unknown task {logs.clean(name, 100)!r}: no task of that name is registered in this worker")
         return t, args, kwargs
 
-    def _run(self, slot: Slot, d: Delivery) -> None:
+    def _run(self, slot: Slot, d: Delivery) -> bool:
+        """Run one delivery on this pool thread; True if it was handed to the event loop instead (async task)."""
         t: Task | None = None
         args: list[Any] = []
         kwargs: dict[str, Any] = {}
         try:
             t, args, kwargs = self._resolve(d)
+            if t.is_async and self.aio is not None:
+                self.aio.put(d, (t, args, kwargs))
+                return True
             slot.enter(d, t.time_limit or self.time_limit)
             try:
-                t.fn(*args, **kwargs)  # success keeps the delivery's default outcome, ACK
+                t.blocking(*args, **kwargs)  # success keeps the delivery's default outcome, ACK
             finally:
                 slot.leave()  # if this thread was abandoned meanwhile, _loop discards the result
         except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt, ...: the task's failure
             self._failed(d, t, args, kwargs, exc)
+        return False
 
-    def _run_hooked(self, slot: Slot, d: Delivery) -> None:
+    def _run_hooked(self, slot: Slot, d: Delivery) -> bool:
         """_run with the lifecycle hooks (magne.hooks) around the task; the pool runs this one instead of _run
         only when a hook is registered, so that without hooks the per-message path is untouched.
 
@@ -261,6 +276,9 @@ class Pool:
         started = 0.0
         try:
             t, args, kwargs = self._resolve(d)
+            if t.is_async and self.aio is not None:  # the event loop runs its hooks
+                self.aio.put(d, (t, args, kwargs))
+                return True
             if hooks.full:
                 run = TaskRun(t, d, args, kwargs)
                 if hooks.before:
@@ -268,7 +286,7 @@ class Pool:
             slot.enter(d, t.time_limit or self.time_limit)
             started = slot.started
             try:
-                t.fn(*args, **kwargs)
+                t.blocking(*args, **kwargs)
             finally:
                 slot.leave()
         except BaseException as exc:  # noqa: B036 - as in _run
@@ -285,7 +303,7 @@ class Pool:
                     run = TaskRun(None, d, args, kwargs)
                 run.started, run.duration, run.exception = started, seconds, exc
                 hooks.after_failure(run)
-            return
+            return False
         seconds = time.monotonic() - started
         for fn in slot.timers:  # HookSet.after_run, inlined: the per-message path under --metrics
             try:
@@ -295,9 +313,10 @@ class Pool:
         if run is not None:
             run.started, run.duration = started, seconds
             hooks.after_success(run)
+        return False
 
     def _failed(self, d: Delivery, t: Task | None, args: list[Any], kwargs: dict[str, Any], exc: BaseException) -> None:
-        """Whatever a run raised becomes its message's decision (pool thread, cold path)."""
+        """Whatever a run raised becomes its message's decision (pool thread or the event loop's, cold path)."""
         if isinstance(exc, BadMessage):
             self._fail(d, Failure("bad message", exc, retryable=False))
         elif isinstance(exc, TimeLimitExceeded):

@@ -15,7 +15,7 @@ from magne.publisher import BatchResult, Publisher, default_publisher
 
 class Task:
     __slots__ = ("name", "fn", "queue", "time_limit", "retry_options", "queue_type", "priority", "max_priority",
-                 "__wrapped__", "__doc__")
+                 "is_async", "blocking", "__wrapped__", "__doc__")
 
     def __init__(
         self,
@@ -36,10 +36,16 @@ class Task:
         self.queue_type = queue_type  # None: the worker's (or publisher's) default
         self.priority = priority  # the AMQP priority of its messages, unless a send says otherwise
         self.max_priority = max_priority  # declares x-max-priority on its (classic) queue; None: no priorities
+        # An `async def` task runs on the worker's event loop (magne.asyncpool); where there is none (magne.testing,
+        # Pool.run_one) a pool thread runs it to the end with asyncio.run. `blocking` is that call, chosen once here
+        # so that the pool's per-message path calls one attribute for either kind.
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.blocking: Callable[..., Any] = _run_to_end(fn) if self.is_async else fn
         self.__wrapped__ = fn
         self.__doc__ = fn.__doc__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """The function itself (for an `async def` task, its coroutine, to await)."""
         return self.fn(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -95,6 +101,13 @@ class Task:
         return future
 
 
+def _run_to_end(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return asyncio.run(fn(*args, **kwargs))
+
+    return run
+
+
 REGISTRY: dict[str, Task] = {}
 
 
@@ -140,10 +153,10 @@ def task(
 
     def register(f: Callable[..., Any]) -> Task:
         tname = name or f.__name__
-        if inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f):
-            # The pool would call it, get a coroutine, drop it and ack the message: a task that never runs.
-            raise RegistryError(f"task {tname}: `async def` tasks are not supported yet; make it a plain function "
-                                "(asyncio.run(...) inside it works) or keep it out of @task")
+        if inspect.isasyncgenfunction(f) or inspect.isgeneratorfunction(f):
+            # Calling it would only make a generator: the body would never run and the message would be acked.
+            raise RegistryError(f"task {tname}: a generator function cannot be a task (its body would never run); "
+                                "make it a plain `def` or an `async def`")
         if time_limit is not None and time_limit <= 0:
             raise RegistryError(f"task {tname}: time_limit must be positive, got {time_limit}")
         if queue_type is not None and queue_type not in topology.QUEUE_TYPES:

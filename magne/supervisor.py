@@ -135,7 +135,8 @@ class Supervisor:
                 "worker", *o.modules, "--threads", str(o.threads), "--shutdown-timeout", str(o.shutdown_timeout),
                 "--time-limit", str(o.time_limit), "--lost-after", str(o.lost_after),
                 "--queue-type", o.queue_type, "--max-retries", str(o.max_retries),
-                "--min-backoff", str(o.min_backoff), "--max-backoff", str(o.max_backoff)]
+                "--min-backoff", str(o.min_backoff), "--max-backoff", str(o.max_backoff),
+                "--async-concurrency", str(o.async_concurrency), "--event-loop", o.event_loop]
         if o.prefetch is not None:
             argv += ["--prefetch", str(o.prefetch)]
         if o.queues:

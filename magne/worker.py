@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from magne import logs
 from magne.amqp.connection import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
+from magne.asyncpool import AsyncPool
 from magne.delivery import Delivery
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, URLError
 from magne.hooks import HookSet, WorkerInfo, registered
@@ -58,6 +59,8 @@ class Options:
     max_backoff: float = 300.0
     max_body_size: int = 0  # 0: no limit
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on (magne.metrics); None: off
+    async_concurrency: int = 100  # `async def` tasks running at once on the event loop (magne.asyncpool)
+    event_loop: str = "asyncio"  # or "uvloop"
 
     @property
     def effective_prefetch(self) -> int:
@@ -115,6 +118,21 @@ def consumer_timeouts(tasks: dict[str, Task], queues: list[str], opts: Options) 
     return out
 
 
+def async_prefetch(concurrency: int) -> int:
+    """An async-only queue's prefetch: its concurrency plus a quarter, so that a finished run's place is taken by a
+    message already here rather than one a round trip away, without hoarding what other processes could run."""
+    return min(65535, concurrency + max(1, concurrency // 4))
+
+
+def queue_kinds(tasks: dict[str, Task], queues: list[str]) -> dict[str, str]:
+    """Each consumed queue's kind: "sync" (thread tasks only), "async" (`async def` only) or "mixed"."""
+    kinds: dict[str, set[bool]] = {q: set() for q in queues}
+    for t in tasks.values():
+        if t.queue in kinds:
+            kinds[t.queue].add(t.is_async)
+    return {q: "mixed" if len(k) == 2 else "async" if k == {True} else "sync" for q, k in kinds.items()}
+
+
 def max_priorities(tasks: dict[str, Task], queues: list[str]) -> dict[str, int]:
     """x-max-priority of each consumed queue whose tasks ask for one (@task(max_priority=N)); they must agree."""
     out: dict[str, int] = {}
@@ -163,18 +181,58 @@ class Worker:
         self.io.consumer.max_priorities = max_priorities(tasks, self.queues)
         self.pool = Pool(opts.threads, tasks, self.work, self.io.report, opts.time_limit, opts.lost_after, retry,
                          types, frame_max, hooks=self.hooks)
+        self.aio: AsyncPool | None = None
+        if any(t.is_async for t in tasks.values()):
+            self._route_async()
         self.signals: Signals | None = None
         if any(p.tls and not p.verify for p in self.nodes.all):
             log.warning("TLS certificate checks are off (verify=verify_none): the connection is encrypted but the "
                         "broker is not authenticated", event="tls_unverified")
+
+    def _route_async(self) -> None:
+        """Some tasks are `async def`: start an event loop for them (magne.asyncpool) and feed it each queue whose
+        tasks are all async straight from the I/O thread, with a prefetch that follows --async-concurrency. A
+        queue shared by both kinds goes to the pool, whose threads hand its async tasks over."""
+        opts = self.opts
+        aio = self.aio = self.pool.aio = AsyncPool(self.pool, opts.async_concurrency, opts.event_loop)
+        consumer = self.io.consumer
+        consumer.unstarted_elsewhere.append(aio.take_unstarted)
+        for q, kind in queue_kinds(self.tasks, self.queues).items():
+            if kind == "async":
+                consumer.sinks[q] = aio.put
+                consumer.prefetches[q] = async_prefetch(opts.async_concurrency)
+            elif kind == "mixed":
+                both = min(65535, opts.effective_prefetch + async_prefetch(opts.async_concurrency))
+                consumer.prefetches[q] = both
+                log.warning("queue %s holds both thread and async def tasks: its prefetch is %d (the threads' and "
+                            "the event loop's), and its async tasks wait for a free thread to reach the loop; give "
+                            "the async tasks their own queue (@task(queue=...)) to keep the two apart", q, both,
+                            event="mixed_queue", queue=q)
 
     def install_signals(self) -> None:
         """Main thread, before run()."""
         self.signals = Signals(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
 
     def status(self) -> dict[str, object]:
-        return {**self.io.stats.as_dict(), "threads_live": self.pool.alive(), "threads_busy": self.pool.busy(),
-                "threads_lost": self.pool.lost, "threads_replaced": self.pool.replaced}
+        out = {**self.io.stats.as_dict(), "threads_live": self.pool.alive(), "threads_busy": self.pool.busy(),
+               "threads_lost": self.pool.lost, "threads_replaced": self.pool.replaced}
+        if self.aio is not None:
+            out.update(async_running=self.aio.busy(), async_waiting=len(self.aio.inbox),
+                       async_loop_stalls=self.aio.stalls, async_abandoned=self.aio.abandoned)
+        return out
+
+    def busy(self) -> int:
+        """Tasks running now, thread and async (main thread)."""
+        return self.pool.busy() + (self.aio.busy() if self.aio is not None else 0)
+
+    def check(self, now: float) -> None:
+        """The watchdog, every tick (main thread): time limits of both kinds, lost threads, a held event loop."""
+        self.pool.check(now)
+        if self.aio is not None:
+            self.aio.check(now)
+
+    def tasks_status(self) -> str:
+        return self.pool.status() + (f"; {self.aio.status()}" if self.aio is not None else "")
 
     # -- lifecycle (main thread) --------------------------------------------------------------
     def run(self) -> int:
@@ -213,50 +271,57 @@ class Worker:
             return EXIT_OK  # stopped by a signal before it connected
         self.hooks.worker_start(self.info())
         pool.start()
+        if self.aio is not None:
+            self.aio.start()
         _tell_supervisor(b"r\n", last=True)
         log.info("ready: connected to %s, consuming %s with %d threads, prefetch %d per queue, time limit %gs; %s",
                  io.node, ", ".join(self.queues), opts.threads, opts.effective_prefetch,
-                 opts.time_limit, pool.status(), event="ready", url=io.node)
+                 opts.time_limit, self.tasks_status(), event="ready", url=io.node)
         tick = min(0.25, max(0.02, min([t.time_limit or opts.time_limit for t in self.tasks.values()]) / 20))
         warm_deadline = cold_deadline = 0.0
         while not io.finished.is_set():
             sig.wait(tick)
             now = time.monotonic()
-            pool.check(now)
+            self.check(now)
             if sig.take(signal.SIGUSR1):
-                log.info("status: node %s; %s; %s", io.node, pool.status(), io.stats.line(), event="status",
+                log.info("status: node %s; %s; %s", io.node, self.tasks_status(), io.stats.line(), event="status",
                          url=io.node, counters=self.status())
             if sig.stops() and not warm_deadline:
                 warm_deadline = now + opts.shutdown_timeout
                 log.info("warm shutdown: no new tasks, waiting up to %gs for %d running ones (signal again to stop cold)",
-                         opts.shutdown_timeout, pool.busy(), event="warm_shutdown")
+                         opts.shutdown_timeout, self.busy(), event="warm_shutdown")
                 io.request_stop()
             cold = sig.cold() or (warm_deadline and now >= warm_deadline)
             if cold and not cold_deadline:
                 if not sig.cold():
                     log.warning("shutdown timeout of %gs passed; stopping cold", opts.shutdown_timeout)
-                log.warning("cold shutdown: interrupting %d running tasks; their messages are requeued", pool.busy(),
+                log.warning("cold shutdown: interrupting %d running tasks; their messages are requeued", self.busy(),
                             event="cold_shutdown")
                 cold_deadline = now + COLD_GRACE
                 pool.interrupt_all()
+                if self.aio is not None:
+                    self.aio.interrupt_all()
                 io.request_stop()
-            if cold_deadline and (pool.busy() == 0 or now >= cold_deadline):
+            if cold_deadline and (self.busy() == 0 or now >= cold_deadline):
                 io.request_stop(force=True)
         if io.failed and not warm_deadline:
             self._after_io_death(sig)
-        elif pool.busy() and not sig.cold():
+        elif self.busy() and not sig.cold():
             # The I/O thread ended while tasks still run (a stop during a reconnect): let them finish up to
             # the shutdown timeout rather than cut them; their messages come back redelivered either way.
             deadline = warm_deadline or time.monotonic() + opts.shutdown_timeout
             log.info("waiting up to %.0fs for %d running tasks; the connection is gone, so their messages will be "
-                     "redelivered", max(0.0, deadline - time.monotonic()), pool.busy(), event="waiting_for_tasks")
-            while pool.busy() and time.monotonic() < deadline and not sig.cold():
+                     "redelivered", max(0.0, deadline - time.monotonic()), self.busy(), event="waiting_for_tasks")
+            while self.busy() and time.monotonic() < deadline and not sig.cold():
                 sig.wait(0.1)
-                pool.check(time.monotonic())
+                self.check(time.monotonic())
         pool.stop()
+        if self.aio is not None:
+            self.aio.stop()
+            self.aio.join(1.0)
         pool.join(1.0)
         self.hooks.worker_stop(self.info())
-        log.info("stopped: %s; %s", io.stats.line(), pool.status(), event="stopped", counters=self.status())
+        log.info("stopped: %s; %s", io.stats.line(), self.tasks_status(), event="stopped", counters=self.status())
         return EXIT_FAILED if io.failed else EXIT_OK
 
     def _after_io_death(self, sig: Signals) -> None:
@@ -268,13 +333,17 @@ class Worker:
             except Empty:
                 break
             dropped += d is not None
+        if self.aio is not None:
+            while self.aio.inbox:
+                self.aio.inbox.popleft()
+                dropped += 1
         deadline = time.monotonic() + self.opts.shutdown_timeout
         log.error("the I/O thread is gone: %d prefetched messages dropped unstarted; waiting up to %gs for %d running "
                   "tasks, then exiting (every unacked message returns to its queue)", dropped,
-                  self.opts.shutdown_timeout, self.pool.busy(), event="io_gone")
-        while self.pool.busy() and time.monotonic() < deadline and not sig.cold():
+                  self.opts.shutdown_timeout, self.busy(), event="io_gone")
+        while self.busy() and time.monotonic() < deadline and not sig.cold():
             sig.wait(0.1)
-            self.pool.check(time.monotonic())
+            self.check(time.monotonic())
 
 
 def _tell_supervisor(line: bytes, last: bool = False) -> None:

@@ -70,6 +70,15 @@ class Consumer:
         self.on_ready = on_ready
         self.consumer_timeouts = consumer_timeouts  # queue -> x-consumer-timeout (ms), above its tasks' time limits
         self.max_priorities: dict[str, int] = {}  # queue -> x-max-priority, for queues whose tasks ask for one
+        # Where each queue's deliveries go: the pool's work queue, unless the worker routes a queue elsewhere (the
+        # event loop of async tasks, magne.asyncpool); and each such place's unstarted deliveries, taken back on
+        # a warm stop or a reconnect. Set by the worker before the thread starts.
+        self.sinks: dict[str, Callable[[Delivery], None]] = {q: work.put for q in queues}
+        self.unstarted_elsewhere: list[Callable[[int], list[Delivery]]] = []
+        # Per-queue prefetch where it differs from `prefetch` (an async queue's follows its concurrency): a
+        # basic.qos before that queue's basic.consume, since RabbitMQ applies it to the consumers made after it.
+        self.prefetches: dict[str, int] = {}
+        self._qos = 0  # the prefetch the channel's next consumer gets
         self.conn: Connection | None = None
         self.phase = Phase.CLOSED
         # --metrics: deliveries by queue. Only kept with several queues: with one, Stats' totals are its counts.
@@ -115,6 +124,7 @@ class Consumer:
         self._probe = None
         conn.call(CH, commands.Channel.Open(), (commands.Channel.OpenOk,))
         conn.call(CH, commands.Basic.Qos(prefetch_count=self.prefetch), (commands.Basic.QosOk,))
+        self._qos = self.prefetch
         self._setup = list(self.queues)
         self._next_setup()
 
@@ -133,6 +143,10 @@ class Consumer:
         # so a long task is not cut by the broker's default delivery-ack timeout.
         timeout = self.consumer_timeouts.get(queue)
         args = {"x-consumer-timeout": timeout} if timeout else {}
+        prefetch = self.prefetches.get(queue, self.prefetch)
+        if prefetch != self._qos:
+            self.conn.call(CH, commands.Basic.Qos(prefetch_count=prefetch), (commands.Basic.QosOk,))
+            self._qos = prefetch
         self.conn.call(CH, commands.Basic.Consume(queue=queue, consumer_tag=ctag, arguments=args),
                        (commands.Basic.ConsumeOk,), lambda _ok: self._on_consume_ok(queue))
 
@@ -173,7 +187,7 @@ class Consumer:
             self._too_large(d)
             return
         self.inflight += 1
-        self.work.put(d)
+        self.sinks[queue](d)
 
     def _too_large(self, d: Delivery) -> None:
         """Dead-letter a body over --max-body-size here, without handing it to the pool."""
@@ -200,6 +214,8 @@ class Consumer:
                 taken.append(d)
         for _ in range(sentinels):
             self.work.put(None)
+        for take in self.unstarted_elsewhere:
+            taken += take(self.gen)
         return taken
 
     # -- frames from the broker ----------------------------------------------------------------

@@ -38,11 +38,3 @@ def test_send_with_options_checks_its_priority():
     assert (t.priority, t.max_priority) == (3, 10)
     with pytest.raises(ValueError, match="priority"):
         t.send_with_options(priority=300)
-
-
-def test_async_def_tasks_are_refused_rather_than_acked_without_running():
-    async def later():  # pragma: no cover - never called
-        return 1
-
-    with pytest.raises(RegistryError, match="async def"):
-        task(name="async_not_yet")(later)

@@ -77,6 +77,17 @@ def tt_spins():
         pass
 
 
+@task(max_retries=2, min_backoff=1, max_backoff=10)
+async def tt_async_flaky(key, fail_times):
+    await asyncio.sleep(0)
+    with lock:
+        attempts[key] += 1
+        n = attempts[key]
+    if n <= fail_times:
+        raise ConnectionError(f"async attempt {n} of {key} failed")
+    tt_record.send(f"async {key} done")
+
+
 @pytest.fixture(autouse=True)
 def _clean():
     attempts.clear()
@@ -320,3 +331,16 @@ def test_the_readme_example_is_the_one_the_suite_runs():
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     files = ["conftest.py", "tasks_example.py", "test_readme_example.py"]
     assert blocks == [(EXAMPLE / f).read_text() for f in files]
+
+
+@MODES
+def test_async_def_tasks_run_with_the_same_retries(threads):
+    with worker(threads) as w:
+        tt_async_flaky.send("a1", 1)
+        tt_async_flaky.send("a2", 5)
+        w.join()
+    [ok] = w.succeeded(tt_async_flaky)
+    assert ok.args == ["a1", 1] and ok.retries == 1
+    [dead] = w.dead_letters(tt_async_flaky)
+    assert dead.args == ["a2", 5] and dead.reason == "task raised" and len(dead.attempts) == 3
+    assert [r.args for r in w.succeeded(tt_record)] == [["async a1 done"]]
