@@ -259,6 +259,7 @@ class Worker:
     def _run(self) -> int:
         io, pool, opts = self.io, self.pool, self.opts
         sig = self.signals or Signals()
+        io.wake_main = sig.wake  # start the pool as soon as the I/O thread is consuming
         io.start()
         while not (io.ready.is_set() or io.finished.is_set()):
             if sig.stops() or sig.cold():
