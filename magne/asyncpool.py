@@ -173,6 +173,7 @@ class AsyncPool:
         self.time_limits: dict[str, int] = {}  # task -> cancels at its time limit (the loop thread writes, scrapes read)
         self._stalled_since = 0.0
         self._pending = False
+        self._cold = False  # a cold stop began: start nothing more (what waits goes back to the broker unstarted)
         self._started = threading.Event()
         self._timers: tuple[Any, ...] = ()
 
@@ -216,6 +217,7 @@ class AsyncPool:
         if self.pool.hooks:
             self._timers = self.pool.hooks.thread_timers()
         loop.call_soon(self._beat)
+        loop.call_soon(self._start_more)  # whatever the I/O thread put in the inbox before the loop existed
         self._started.set()
         while True:
             try:
@@ -250,8 +252,12 @@ class AsyncPool:
         if not self._pending:
             self._pending = True
             loop = self.loop
-            assert loop is not None
-            loop.call_soon_threadsafe(self._start_more)
+            if loop is None:  # the I/O thread consumes before the loop starts: its first turn takes the inbox
+                return
+            try:
+                loop.call_soon_threadsafe(self._start_more)
+            except RuntimeError:  # the loop is closed: the worker is stopping, the message goes back unstarted
+                self._pending = False
 
     def take_unstarted(self, gen: int) -> list[Delivery]:
         """I/O thread (a warm stop, or a reconnect): take back what has not started; only the given connection
@@ -267,11 +273,12 @@ class AsyncPool:
 
     # -- the loop thread ------------------------------------------------------------------------------
     def _start_more(self) -> None:
+        """Loop thread: start waiting messages while there is room; nothing after a cold stop began."""
         self._pending = False
         loop = self.loop
         assert loop is not None
         inbox, running = self.inbox, self.running
-        while len(running) < self.concurrency:
+        while len(running) < self.concurrency and not self._cold:
             try:
                 d, resolved = inbox.popleft()
             except IndexError:
@@ -415,7 +422,9 @@ class AsyncPool:
         self._start_more()
 
     def interrupt_all(self) -> None:
-        """Cold shutdown (main thread): cancel every running coroutine; their messages are requeued."""
+        """Cold shutdown (main thread): start nothing more, cancel every running coroutine; their messages are
+        requeued."""
+        self._cold = True
         loop = self.loop
         for run in list(self.running.values()):
             run.why = ColdShutdown

@@ -275,8 +275,11 @@ class Worker:
         if self.aio is not None:
             self.aio.start()
         _tell_supervisor(b"r\n", last=True)
-        log.info("ready: connected to %s, consuming %s with %d threads, prefetch %d per queue, time limit %gs; %s",
-                 io.node, ", ".join(self.queues), opts.threads, opts.effective_prefetch,
+        own = io.consumer.prefetches  # async and mixed queues' own prefetch
+        prefetch = f"{opts.effective_prefetch} per queue" + (
+            f" ({', '.join(f'{q}: {n}' for q, n in own.items())})" if own else "")
+        log.info("ready: connected to %s, consuming %s with %d threads, prefetch %s, time limit %gs; %s",
+                 io.node, ", ".join(self.queues), opts.threads, prefetch,
                  opts.time_limit, self.tasks_status(), event="ready", url=io.node)
         tick = min(0.25, max(0.02, min([t.time_limit or opts.time_limit for t in self.tasks.values()]) / 20))
         warm_deadline = cold_deadline = 0.0

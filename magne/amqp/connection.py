@@ -291,8 +291,8 @@ class Connection:
             self.decoder.feed(data)
         except AMQPError:
             raise
-        except Exception as exc:  # a handler choked on what a peer sent: the connection cannot be trusted
-            raise FrameError(f"unexpected data from the broker ({type(exc).__name__}: {str(exc)[:200]})") from None
+        except Exception as exc:  # a handler choked on what a peer sent (or on its own bug): the connection cannot be trusted
+            raise FrameError(f"handling a frame from the broker failed ({type(exc).__name__}: {str(exc)[:200]})") from None
         return True
 
     def _early(self) -> bool:

@@ -265,3 +265,43 @@ def test_generator_functions_are_refused_and_async_ones_registered() -> None:
     t = task(name="ap_coro_ok")(coro)
     assert t.is_async and t.blocking(21) == 42
     assert asyncio.run(t(2)) == 4  # calling the task itself gives the coroutine
+
+
+def test_messages_put_before_the_loop_starts_run_once_it_does() -> None:
+    """The I/O thread consumes before the worker starts the loop: a queue with waiting messages hands them over
+    first (found by the e2e tests: the first put used to fail and leave the loop unfed for good)."""
+    events.clear()
+    harness = Harness()
+    harness.pool.start()
+    try:
+        for i in range(3):
+            harness.aio.put(harness.delivery("ap_sleep", 0.01, str(i)))
+        harness.aio.start()
+        assert {d.outcome for d in harness.outcomes(3)} == {Outcome.ACK}
+        harness.aio.put(harness.delivery("ap_sleep", 0.01, "later"))
+        assert harness.outcomes(1)[0].outcome is Outcome.ACK
+    finally:
+        harness.pool.stop()
+        harness.aio.stop()
+        harness.aio.join(2.0)
+
+
+def test_a_cold_stop_starts_nothing_that_was_waiting() -> None:
+    events.clear()
+    harness = Harness(concurrency=2)
+    harness.pool.start()
+    harness.aio.start()
+    try:
+        for i in range(5):
+            harness.aio.put(harness.delivery("ap_sleep", 5.0, str(i)))
+        deadline = time.monotonic() + 5
+        while harness.aio.busy() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        harness.aio.interrupt_all()
+        assert {d.outcome for d in harness.outcomes(2)} == {Outcome.REQUEUE}
+        time.sleep(0.2)  # a wrongly started coroutine would be running by now
+        assert harness.aio.busy() == 0 and len(harness.aio.inbox) == 3
+    finally:
+        harness.pool.stop()
+        harness.aio.stop()
+        harness.aio.join(2.0)
