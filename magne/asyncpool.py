@@ -28,13 +28,15 @@ Time limits (the same guarantees as thread tasks, magne/pool.py):
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import threading
 import time
 from collections import deque
 from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
-from magne import logs
+from magne import logs, wire
 from magne.delivery import Delivery, Outcome
 from magne.errors import ColdShutdown, ConfigError, Interrupt, TimeLimitExceeded
 from magne.hooks import _DECISIONS, TaskRun
@@ -56,7 +58,7 @@ class Run:
     """One async task run: made and driven by the loop thread, read (and maybe abandoned) by the watchdog."""
 
     __slots__ = ("d", "task", "args", "kwargs", "deadline", "started", "atask", "why", "cancelled", "interrupted",
-                 "abandoned", "finished", "timer")
+                 "interrupted_at", "abandoned", "finished", "timer", "begun")
 
     def __init__(self, d: Delivery, task: Task, args: list[Any], kwargs: dict[str, Any], limit: float) -> None:
         self.d = d
@@ -69,6 +71,8 @@ class Run:
         self.why: type[Interrupt] | None = None  # set before the cancel: a time limit, or a cold stop
         self.cancelled = False
         self.interrupted = False  # the watchdog raised in the loop thread for it
+        self.interrupted_at = 0.0
+        self.begun = False  # its first step ran (_execute started)
         self.abandoned = False  # the watchdog decided its message without it (under AsyncPool.lock)
         self.finished = False  # its coroutine ended and its outcome is being reported (under AsyncPool.lock)
         self.timer: asyncio.TimerHandle | None = None
@@ -91,8 +95,12 @@ class Step:
         self.ident = 0
 
     def enter(self, run: Run) -> None:
-        """Loop thread, before a step of `run`."""
+        """Loop thread, before a step of `run`. Clears what an interrupt that landed after the last step's work
+        but before its leave() left behind (see _execute's finally), so the next run can be interrupted."""
         with self.lock:
+            if self.interrupted:
+                raise_in(self.ident, None)
+                self.interrupted = False
             self.run = run
 
     def leave(self) -> None:
@@ -108,10 +116,11 @@ class Step:
             except Interrupt:
                 continue  # it landed before we took the lock: cleared now, go round again
 
-    def interrupt(self, run: Run, exc: type[Interrupt]) -> bool:
-        """Watchdog (main thread): raise `exc` in the loop thread if it is inside a step of `run`."""
+    def interrupt(self, run: Run, exc: type[Interrupt], again: bool = False) -> bool:
+        """Watchdog (main thread): raise `exc` in the loop thread if it is inside a step of `run` (`again`: even if
+        an interrupt was raised in this step already)."""
         with self.lock:
-            if self.run is not run or self.interrupted:
+            if self.run is not run or (self.interrupted and not again):
                 return False
             self.interrupted = True
             raise_in(self.ident, exc)
@@ -172,8 +181,11 @@ class AsyncPool:
         self.abandoned = 0
         self.time_limits: dict[str, int] = {}  # task -> cancels at its time limit (the loop thread writes, scrapes read)
         self._stalled_since = 0.0
+        self._stall_by = ""  # who held the loop in the stall being reported
         self._pending = False
         self._cold = False  # a cold stop began: start nothing more (what waits goes back to the broker unstarted)
+        self._stopping = False  # stop() was called: the loop may end
+        self.failed = ""  # why the loop thread ended on its own (the worker then stops: see Worker._run)
         self._started = threading.Event()
         self._timers: tuple[Any, ...] = ()
 
@@ -186,6 +198,7 @@ class AsyncPool:
     def stop(self) -> None:
         """Main thread, after the I/O thread ended: stop the loop once it is idle (warm) or now (after a cold
         stop's grace, whatever still runs has its message back at the broker already)."""
+        self._stopping = True
         loop = self.loop
         if loop is not None and not loop.is_closed():
             try:
@@ -219,12 +232,14 @@ class AsyncPool:
         loop.call_soon(self._beat)
         loop.call_soon(self._start_more)  # whatever the I/O thread put in the inbox before the loop existed
         self._started.set()
-        while True:
-            try:
-                loop.run_forever()
-                break
-            except Interrupt:  # an interrupt that the Step protocol did not catch: keep the loop, not the stray
-                log.warning("the event loop caught a stray interrupt between steps; continuing")
+        try:
+            self._serve(loop)
+        except BaseException as exc:  # noqa: B036 - never end silently: the worker sees `failed` and stops
+            self.failed = f"the event loop thread crashed ({type(exc).__name__}: {wire.safe_text(exc, 200)})"
+            log.exception("%s; the worker stops, its async messages go back to the queue", self.failed,
+                          event="loop_crashed")
+        for run in list(self.running.values()):
+            run.why = ColdShutdown  # cut by the stop: its message goes back to the queue, it did not fail
         try:
             # Whatever still runs was cut by a cold stop (its message is back at the broker): cancel it and give it
             # a moment to unwind, so its finally blocks run and the loop closes without "destroyed but pending".
@@ -238,6 +253,26 @@ class AsyncPool:
             log.warning("event loop did not wind down cleanly (%s); closing it", type(exc).__name__)
         finally:
             loop.close()
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the loop until stop() asks. Task code may stop it (`loop.stop()`) or raise SystemExit or
+        KeyboardInterrupt from a background task it started (asyncio lets those two out of run_forever): either
+        would leave every later async message waiting unstarted forever, so the loop is entered again."""
+        while True:
+            try:
+                loop.run_forever()
+            except BaseException as exc:  # noqa: B036 - see above; nothing from task code may end this thread
+                log.error("the event loop was stopped by %s raised in async task code; running it again",
+                          type(exc).__name__, event="loop_restarted")
+                continue
+            if self._stopping:
+                return
+            log.error("the event loop was stopped by async task code (loop.stop()); running it again",
+                      event="loop_restarted")
+
+    def dead(self) -> bool:
+        """Main thread: the loop thread ended without being asked to."""
+        return self.thread is not None and not self.thread.is_alive() and not self._stopping
 
     def _beat(self) -> None:
         self.beat = time.monotonic()
@@ -287,7 +322,10 @@ class AsyncPool:
             if run is None:
                 continue
             running[id(run)] = run
-            run.atask = loop.create_task(self._execute(run))
+            # A fresh context per run: else each would start with what the run that finished before it had set
+            # (this is called at the end of a run, inside its context).
+            run.atask = loop.create_task(self._execute(run), context=contextvars.Context())
+            run.atask.add_done_callback(functools.partial(self._never_began, run))
             run.timer = loop.call_at(loop.time() + (run.deadline - time.monotonic()), self._expire, run)
 
     def _begin(self, d: Delivery, resolved: tuple[Task, list[Any], dict[str, Any]] | None) -> Run | None:
@@ -298,6 +336,10 @@ class AsyncPool:
                 resolved = pool._resolve(d)
             except BaseException as exc:  # noqa: B036 - a bad message (or magne's bug): its failure, decided now
                 pool._failed(d, None, [], {}, exc)
+                if pool.hooks.full:  # as Pool._run_hooked does for the same message on a thread queue
+                    info = TaskRun(None, d, [], {})
+                    info.exception = exc
+                    pool.hooks.after_failure(info)
                 pool.report(d)
                 return None
         t, args, kwargs = resolved
@@ -308,6 +350,12 @@ class AsyncPool:
 
     def _expire(self, run: Run) -> None:
         """Loop thread, at the run's deadline: cancel it (the coroutine sees CancelledError)."""
+        if not run.begun and run.atask is not None and not run.atask.done():
+            # A loop held past the deadline may run this timer before the run's first step (uvloop runs due timers
+            # first); a task cancelled before it starts never reports. Cancel it once it has begun.
+            assert self.loop is not None
+            self.loop.call_soon(self._expire, run)
+            return
         if run.atask is not None and not run.atask.done() and run.why is None:
             task = logs.clean(run.d.task, 100)
             log.warning("task %s (message %s) passed its time limit; cancelling its coroutine", task,
@@ -317,7 +365,22 @@ class AsyncPool:
             run.cancelled = True
             run.atask.cancel()
 
+    def _never_began(self, run: Run, _atask: asyncio.Task[None]) -> None:
+        """Loop thread, when a run's asyncio Task is done: one cancelled before its first step (a cold stop as the
+        loop winds down) never ran _execute, so its message is given back here."""
+        if run.begun:
+            return
+        run.atask = None
+        self.running.pop(id(run), None)
+        with self.lock:
+            if run.abandoned:
+                return
+            run.finished = True
+        run.d.outcome = Outcome.GIVE_BACK  # it never started: it does not count as a delivery attempt
+        self.pool.report(run.d)
+
     async def _execute(self, run: Run) -> None:
+        run.begun = True
         pool, d, t = self.pool, run.d, run.task
         hooks = pool.hooks
         info: TaskRun | None = None
@@ -334,6 +397,9 @@ class AsyncPool:
             if run.timer is not None:
                 run.timer.cancel()
             self.running.pop(id(run), None)
+            if self.step.run is run:  # an interrupt landed between the step and its leave(): clear it now
+                self.step.leave()
+            run.atask = None  # no cycle between the run and its Task's coroutine frame
         seconds = time.monotonic() - run.started
         with self.lock:
             if run.abandoned:
@@ -369,24 +435,32 @@ class AsyncPool:
                 held = self.step.run
                 who = (f"task {logs.clean(held.d.task, 100)} (message {held.d.message_id()})" if held is not None
                        else "code outside any task")
-                log.warning("event loop blocked for %.1fs by %s: an async def task is running blocking code; the "
-                            "other async tasks wait until it returns (heartbeats go on: the I/O thread owns them)",
+                self._stall_by = who
+                log.warning("event loop blocked for %.1fs so far by %s: an async def task is running blocking code; "
+                            "the other async tasks wait until it returns (heartbeats go on: the I/O thread owns them)",
                             lag, who, event="loop_blocked", task=held.d.task if held is not None else "")
         elif self._stalled_since:
-            log.info("event loop running again after %.1fs", self.beat - self._stalled_since, event="loop_unblocked")
+            log.info("event loop running again after being blocked for %.1fs by %s", self.beat - self._stalled_since,
+                     self._stall_by, event="loop_unblocked")
             self._stalled_since = 0.0
         lost_after = self.pool.lost_after
         for run in list(self.running.values()):
             over = now - run.deadline
-            if over < lost_after or run.abandoned or run.finished:
+            if over < lost_after or run.finished:
                 continue
-            if not run.interrupted and self.step.interrupt(run, run.why or TimeLimitExceeded):
-                run.interrupted = True
-                run.why = run.why or TimeLimitExceeded
-                log.error("task %s (message %s) is %.0fs past its time limit and holds the event loop; raising "
-                          "TimeLimitExceeded in it", run.d.task, run.d.message_id(), over, event="time_limit",
-                          task=run.d.task)
-            elif not run.interrupted or over >= 2 * lost_after:
+            # A run holding the loop gets TimeLimitExceeded raised in its step, and again every second while it still
+            # holds it (an interrupt can be swallowed where it lands: a garbage-collector callback during the step
+            # reports and drops it), abandoned or not: the loop must come back for the others.
+            if self.step.run is run and (not run.interrupted or now - run.interrupted_at >= 1.0):
+                if self.step.interrupt(run, run.why or TimeLimitExceeded, again=run.interrupted):
+                    if not run.interrupted:
+                        log.error("task %s (message %s) is %.0fs past its time limit and holds the event loop; "
+                                  "raising TimeLimitExceeded in it", run.d.task, run.d.message_id(), over,
+                                  event="time_limit", task=run.d.task)
+                    run.why = run.why or TimeLimitExceeded
+                    run.interrupted, run.interrupted_at = True, now
+                    continue
+            if not run.abandoned and (not run.interrupted or over >= 2 * lost_after):
                 self._abandon(run, over)
 
     def _abandon(self, run: Run, over: float) -> None:

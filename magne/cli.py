@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with more threads. Every process holds exactly one broker connection")
     w.add_argument("--pid-file", help="write the supervisor's (or the single worker's) pid here")
     w.add_argument("--lost-after", type=_positive(float), default=10.0,
-                   help="seconds after a time-limit interrupt before a thread that did not stop is replaced (default 10)")
+                   help="seconds after a time-limit interrupt before a thread that did not stop is replaced, and after "
+                        "a time limit's cancel before an async task that did not stop is abandoned (default 10)")
     w.add_argument("--max-body-size", type=_positive(int), default=None, metavar="BYTES",
                    help="dead-letter bodies larger than this (reason 'body too large') instead of running them "
                         "(default: no limit). A worker holds up to prefetch x queues bodies at once")

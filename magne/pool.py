@@ -251,9 +251,11 @@ class Pool:
                 return True
             slot.enter(d, t.time_limit or self.time_limit)
             try:
-                t.blocking(*args, **kwargs)  # success keeps the delivery's default outcome, ACK
+                result = t.blocking(*args, **kwargs)  # success keeps the delivery's default outcome, ACK
             finally:
                 slot.leave()  # if this thread was abandoned meanwhile, _loop discards the result
+            if result is not None and inspect.isawaitable(result):  # a None check on the hot path, nothing more
+                _refuse_awaitable(result)
         except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt, ...: the task's failure
             self._failed(d, t, args, kwargs, exc)
         return False
@@ -286,9 +288,11 @@ class Pool:
             slot.enter(d, t.time_limit or self.time_limit)
             started = slot.started
             try:
-                t.blocking(*args, **kwargs)
+                result = t.blocking(*args, **kwargs)
             finally:
                 slot.leave()
+            if result is not None and inspect.isawaitable(result):
+                _refuse_awaitable(result)
         except BaseException as exc:  # noqa: B036 - as in _run
             seconds = time.monotonic() - started if started else 0.0  # the task's own time, before deciding
             self._failed(d, t, args, kwargs, exc)
@@ -352,6 +356,17 @@ class Pool:
             task = logs.clean(d.task, 100)
             log.warning("message %s (task %s) from queue %s: %s", d.message_id(), task, d.queue, logs.clean(w, 600),
                         event="bad_header", task=task, queue=d.queue)
+
+
+def _refuse_awaitable(result: Any) -> None:
+    """A plain-looking task returned a coroutine (an async function magne could not recognise as one, e.g. behind a
+    decorator that hides it): its body never ran, so the message must not be acked. Close it and fail the run."""
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()
+    raise BadMessage(f"the task returned {type(result).__name__} instead of running: it is an async function "
+                     "that @task could not recognise (a decorator hides it?); make the decorator keep "
+                     "`async def` (functools.wraps on an async wrapper) or wrap it in a plain function")
 
 
 def _binds(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> bool:

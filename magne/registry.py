@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, overload
@@ -39,7 +40,7 @@ class Task:
         # An `async def` task runs on the worker's event loop (magne.asyncpool); where there is none (magne.testing,
         # Pool.run_one) a pool thread runs it to the end with asyncio.run. `blocking` is that call, chosen once here
         # so that the pool's per-message path calls one attribute for either kind.
-        self.is_async = inspect.iscoroutinefunction(fn)
+        self.is_async = is_async_callable(fn)
         self.blocking: Callable[..., Any] = _run_to_end(fn) if self.is_async else fn
         self.__wrapped__ = fn
         self.__doc__ = fn.__doc__
@@ -101,9 +102,28 @@ class Task:
         return future
 
 
+def is_async_callable(fn: Callable[..., Any]) -> bool:
+    """Whether calling `fn` makes a coroutine: an `async def`, also behind functools.wraps decorators, in a
+    functools.partial, or as an object whose __call__ is one."""
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(inspect.unwrap(fn)):
+        return True
+    if inspect.isfunction(fn) or inspect.ismethod(fn) or not callable(fn):
+        return False
+    return inspect.iscoroutinefunction(type(fn).__call__)
+
+
 def _run_to_end(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The blocking call of an async task where there is no worker loop (magne.testing, Pool.run_one): asyncio.run
+    on the calling thread, or on a thread of its own if the caller is itself inside an event loop (an async test
+    using magne.testing's sync mode), where asyncio.run would refuse."""
+
     def run(*args: Any, **kwargs: Any) -> Any:
-        return asyncio.run(fn(*args, **kwargs))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(fn(*args, **kwargs))
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="magne-async-call") as ex:
+            return ex.submit(asyncio.run, fn(*args, **kwargs)).result()
 
     return run
 

@@ -39,6 +39,11 @@ class Signals:
         except BlockingIOError:
             pass  # plenty of wake-ups pending
 
+    def request_stop(self) -> None:
+        """The worker stopping itself (main thread): counts as a SIGTERM, a warm stop."""
+        self.order.append(signal.SIGTERM)
+        self.wake()
+
     def wait(self, seconds: float) -> None:
         """Sleep up to `seconds`, less if a signal arrives."""
         if select.select([self._r], [], [], max(0.0, seconds))[0]:

@@ -283,6 +283,7 @@ class Worker:
                  opts.time_limit, self.tasks_status(), event="ready", url=io.node)
         tick = min(0.25, max(0.02, min([t.time_limit or opts.time_limit for t in self.tasks.values()]) / 20))
         warm_deadline = cold_deadline = 0.0
+        loop_died = False
         while not io.finished.is_set():
             sig.wait(tick)
             now = time.monotonic()
@@ -290,6 +291,14 @@ class Worker:
             if sig.take(signal.SIGUSR1):
                 log.info("status: node %s; %s; %s", io.node, self.tasks_status(), io.stats.line(), event="status",
                          url=io.node, counters=self.status())
+            if self.aio is not None and self.aio.dead() and not warm_deadline and not loop_died:
+                # Cannot happen by design (AsyncPool._serve re-enters the loop after anything task code does); if it
+                # does, its async messages would wait forever: stop, so a supervisor starts a fresh process.
+                loop_died = True
+                log.error("the event loop thread of async tasks ended (%s); stopping the worker so that it can be "
+                          "restarted; unstarted messages go back to the queue", self.aio.failed or "no reason given",
+                          event="loop_died")
+                sig.request_stop()
             if sig.stops() and not warm_deadline:
                 warm_deadline = now + opts.shutdown_timeout
                 log.info("warm shutdown: no new tasks, waiting up to %gs for %d running ones (signal again to stop cold)",
@@ -326,7 +335,7 @@ class Worker:
         pool.join(1.0)
         self.hooks.worker_stop(self.info())
         log.info("stopped: %s; %s", io.stats.line(), self.tasks_status(), event="stopped", counters=self.status())
-        return EXIT_FAILED if io.failed else EXIT_OK
+        return EXIT_FAILED if io.failed or loop_died else EXIT_OK
 
     def _after_io_death(self, sig: Signals) -> None:
         """The I/O thread died: start nothing new, let running tasks finish (their messages come back anyway)."""

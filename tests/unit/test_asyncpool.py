@@ -6,6 +6,8 @@ The watchdog (`check`) is called here by the test's own thread, as the worker's 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -305,3 +307,107 @@ def test_a_cold_stop_starts_nothing_that_was_waiting() -> None:
         harness.pool.stop()
         harness.aio.stop()
         harness.aio.join(2.0)
+
+
+def _hide(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)  # returns the coroutine: not an async def itself
+
+    return wrapper
+
+
+def test_async_functions_behind_decorators_or_as_objects_are_recognised() -> None:
+    def keeps(fn):
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            return await fn(*args, **kwargs)
+
+        return wrapper
+
+    class Handler:
+        async def __call__(self, x: int) -> int:
+            return x + 1
+
+    assert task(name="ap_wrapped")(keeps(ap_fail)).is_async
+    assert task(name="ap_handler")(Handler()).is_async
+    assert task(name="ap_partial")(functools.partial(ap_sleep, 0.0)).is_async
+    assert task(name="ap_unwrapped_sync_wrapper")(_hide(ap_fail)).is_async  # functools.wraps leads to the coroutine
+    assert not task(name="ap_plain")(ap_sync).is_async
+
+
+def test_a_coroutine_returned_by_a_plain_function_is_never_acked() -> None:
+    """A wrapper that hides its coroutine function entirely: the pool must not drop the coroutine and ack."""
+
+    def opaque(*args: Any) -> Any:
+        return ap_sleep(*args)
+
+    tasks = {"ap_opaque": Task(opaque, "ap_opaque", "AP_S")}
+    pool = Pool(1, tasks, SimpleQueue(), lambda d: None, hooks=HookSet([]))
+    d = Harness().delivery("ap_opaque", 0.01)
+    out = pool.run_one(d)
+    assert out.outcome is Outcome.DEAD and out.reason == "bad message"
+    assert "returned coroutine instead of running" in out.error["message"]
+
+
+def test_contextvars_do_not_leak_from_one_run_into_the_next() -> None:
+    seen: list[Any] = []
+    var: contextvars.ContextVar[str | None] = contextvars.ContextVar("ap_var", default=None)
+
+    async def ap_ctx(label: str) -> None:
+        seen.append(var.get())
+        var.set(label)
+
+    tasks = {**TASKS, "ap_ctx": Task(ap_ctx, "ap_ctx", "AP_A")}
+    reported: SimpleQueue[Delivery] = SimpleQueue()
+    pool = Pool(1, tasks, SimpleQueue(), reported.put, hooks=HookSet([]))
+    aio = pool.aio = AsyncPool(pool, 1)
+    aio.start()
+    try:
+        h = Harness()
+        for label in ("a", "b", "c"):
+            aio.put(h.delivery("ap_ctx", label))
+        for _ in range(3):
+            reported.get(timeout=5)
+        assert seen == [None, None, None]
+    finally:
+        aio.stop()
+        aio.join(2.0)
+
+
+@pytest.mark.parametrize("how", ["loop.stop", "SystemExit"])
+def test_task_code_cannot_end_the_loop_thread(h: Harness, how: str) -> None:
+    async def ap_killer() -> None:
+        if how == "loop.stop":
+            asyncio.get_running_loop().stop()
+        else:
+            async def bg() -> None:
+                raise SystemExit(3)
+
+            background.append(asyncio.get_running_loop().create_task(bg()))
+        await asyncio.sleep(0.05)
+
+    background: list[asyncio.Task[None]] = []
+    TASKS["ap_killer"] = Task(ap_killer, "ap_killer", "AP_A")
+    try:
+        h.aio.put(h.delivery("ap_killer"))
+        h.outcomes(1)
+        for t in background:  # retrieved, so asyncio does not format its traceback at a random moment later:
+            t.exception()  # CPython 3.11's traceback carets parse source with ast, which is unsafe across threads
+        h.aio.put(h.delivery("ap_sleep", 0.01, "after"))
+        [d] = h.outcomes(1)
+        assert d.outcome is Outcome.ACK and not h.aio.dead()
+    finally:
+        del TASKS["ap_killer"]
+
+
+def test_sync_mode_inside_a_running_event_loop_runs_async_tasks() -> None:
+    async def inside() -> Any:
+        return task(name="ap_double")(_double).blocking(21)
+
+    assert asyncio.run(inside()) == 42
+
+
+async def _double(x: int) -> int:
+    await asyncio.sleep(0)
+    return x * 2
