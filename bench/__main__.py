@@ -1,6 +1,7 @@
-"""python -m bench: magne vs dramatiq vs celery on the local RabbitMQ.
+"""python -m bench: magne vs dramatiq vs celery (and taskiq, async-latency only) on the local RabbitMQ.
 
-Workloads and peer settings: ../shared/benchmarks.md (publish: bench/publish.py). Peers alternate (A B C A B C),
+Workloads and peer settings: ../shared/benchmarks.md (publish: bench/publish.py; async-latency: its peers
+in bench/peers.py, timed from the worker's first consumer, see bench/measure.py). Peers alternate (A B C A B C),
 3 runs each by default; medians with min-max. Writes bench/results/results.json and
 bench/results/chart.png, and prints the table the README quotes.
 """
@@ -34,8 +35,15 @@ def workloads(scale: float) -> dict[str, dict[str, Any]]:
     return {
         "throughput": {"task": "incr", "args": [[] for _ in range(max(8, int(20000 * scale)))],
                        "prefetch": [None, 256], "peers": ["magne", *base, "dramatiq", "celery", "magne-p2"]},
-        "latency": {"task": "sleep_incr", "args": [[s] for s in sleeps], "sleeps": sleeps,
+        "latency": {"task": "sleep_incr", "args": [[s] for s in sleeps], "minimum": sum(sleeps) / 8,
                     "prefetch": [None], "peers": ["magne", "dramatiq", "celery"]},
+        # The same sleeps awaited in an `async def` task, 1,000 in flight in one worker process: the minimum
+        # is the longest sleep, timed from the worker's first consumer (the messages are all in the queue
+        # by then), polled every 5 ms since it is half a second. Prefetch 1,000 for every peer. A run takes a
+        # few seconds: one that is not done in a minute is stuck, and is reported so rather than waited on.
+        "async-latency": {"task": "async_sleep_incr", "args": [[s] for s in sleeps], "minimum": max(sleeps),
+                          "from_consumer": True, "poll": 0.005, "timeout": 60, "prefetch": [peers.ASYNC_IN_FLIGHT],
+                          "peers": ["magne-async", "dramatiq-async", "taskiq"]},
         "cpu": {"task": "fib_incr", "args": [[f] for f in fibs],
                 "prefetch": [None], "peers": ["magne", "dramatiq", "celery", "magne-p2"]},
         "raw": {"task": "noop", "args": [[] for _ in range(max(8, int(50000 * scale)))], "counter": False,
@@ -65,13 +73,17 @@ def redis_ceiling(n: int, run: int) -> Result:
     return res
 
 
+RATIO_WORKLOADS = ("latency", "async-latency")  # reported as wall time / the theoretical minimum
+REFERENCE = {"async-latency": "dramatiq-async"}  # the peer the ratios are against (else dramatiq)
+
+
 def summarize(results: list[Result]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, str], list[Result]] = {}
     for res in results:
         groups.setdefault((res.workload, res.prefetch, res.peer), []).append(res)
     rows = []
     for (wl, pf, peer), rs in groups.items():
-        metric = [x.ratio_to_min for x in rs] if wl == "latency" else [x.rate for x in rs]
+        metric = [x.ratio_to_min for x in rs] if wl in RATIO_WORKLOADS else [x.rate for x in rs]
         rows.append({
             "workload": wl, "prefetch": pf, "peer": peer, "runs": len(rs),
             "median": statistics.median(metric), "min": min(metric), "max": max(metric),
@@ -80,18 +92,24 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
             "rss_mb": statistics.median(x.peak_rss_mb for x in rs),
             "connections": max(x.connections for x in rs), "channels": max(x.channels for x in rs),
             "all_ok": all(x.ok for x in rs),
+            "consumer_after": statistics.median(x.consumer_after for x in rs),
+            "startup_cpu_s": statistics.median(x.startup_cpu_s for x in rs),
         })
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| workload | prefetch | peer | result (median, min-max) | result / dramatiq's | CPU s per 1k tasks "
-             "| CPU / dramatiq's | peak RSS MB | conns / chans | no loss, no dup |",
+    lines = ["| workload | prefetch | peer | result (median, min-max) | result / dramatiq's (-async's) "
+             "| CPU s per 1k tasks | CPU / dramatiq's | peak RSS MB | conns / chans | no loss, no dup |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["workload"], r["prefetch"], r["peer"]): r for r in rows}
     for r in rows:
-        d = by.get((r["workload"], r["prefetch"], "dramatiq")) or by.get((r["workload"], "default", "dramatiq"))
-        if r["workload"] == "latency":
+        ref = REFERENCE.get(r["workload"], "dramatiq")
+        d = by.get((r["workload"], r["prefetch"], ref)) or by.get((r["workload"], "default", ref))
+        if r["workload"] == "async-latency":  # timed from the first consumer: its start-up, said apart
+            res = (f"{r['median']:.3f}x the minimum ({r['min']:.3f}-{r['max']:.3f}); start-up "
+                   f"{r.get('consumer_after', 0):.2f} s, {r.get('startup_cpu_s', 0):.2f} CPU-s")
+        elif r["workload"] in RATIO_WORKLOADS:
             res = f"{r['median']:.3f}x the minimum ({r['min']:.3f}-{r['max']:.3f})"
         else:
             res = f"{r['median']:,.0f}/s ({r['min']:,.0f}-{r['max']:,.0f})"
@@ -136,7 +154,8 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(max(7.0, 3.2 * len(panels)), 4), squeeze=False)
     colors = {"magne": "#2a7", "magne-p2": "#7c5", "dramatiq": "#c63", "celery": "#46a", "bare-loop": "#999",
               "redis-only": "#bbb", "magne-8t": "#5b9", "magne-many": "#183", "dramatiq-confirm": "#e96",
-              "bare-publish": "#999", "bare-w8": "#bbb"}
+              "bare-publish": "#999", "bare-w8": "#bbb", "magne-async": "#2a7", "dramatiq-async": "#c63",
+              "taskiq": "#a5c"}
     for ax, (wl, pf) in zip(axes[0], panels, strict=True):
         rs = [r for r in rows if r["workload"] == wl and r["prefetch"] in (pf, "n/a")]
         names = [r["peer"] for r in rs]
@@ -145,13 +164,15 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
         ax.bar(names, med, yerr=err, capsize=4, color=[colors.get(n, "#888") for n in names])
         if wl == "latency":  # the differences are in the second decimal
             ax.set_ylim(0.98, max(r["max"] for r in rs) * 1.01)
+        elif wl in RATIO_WORKLOADS:
+            ax.set_ylim(0.9, max(r["max"] for r in rs) * 1.05)
         ax.set_title(f"{wl} (prefetch {pf})" if wl != "publish" else "publish (magne: confirmed)", fontsize=9)
-        ax.set_ylabel("wall / theoretical min (lower is better)" if wl == "latency" else
+        ax.set_ylabel("wall / theoretical min (lower is better)" if wl in RATIO_WORKLOADS else
                       "messages enqueued/s (higher is better)" if wl == "publish" else "tasks/s (higher is better)",
                       fontsize=8)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.suptitle(f"magne vs dramatiq vs celery on the local RabbitMQ, {datetime.date.today()}, "
-                 f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores; "
+    fig.suptitle(f"magne vs dramatiq vs celery (vs taskiq: async) on the local RabbitMQ, {datetime.date.today()}, "
+                 f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores;\n"
                  "medians of 3 runs, whiskers min-max", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -160,7 +181,8 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workloads", nargs="+", default=["throughput", "latency", "cpu", "raw", "publish"])
+    ap.add_argument("--workloads", nargs="+", choices=list(workloads(0.0)),
+                    default=["throughput", "latency", "cpu", "raw", "publish", "async-latency"])
     ap.add_argument("--peers", nargs="+", default=None, help="limit to these peers")
     ap.add_argument("--scale", type=float, default=1.0, help="scale every N (0.1 for a quick check)")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -192,9 +214,14 @@ def main() -> None:
                         res = run_publish(name, len(spec["args"]), run)
                     else:
                         res = run_one(peers.ALL[name](), wl, spec["task"], spec["args"], prefetch, run,
-                                      use_counter=spec.get("counter", True), sleeps=spec.get("sleeps"))
+                                      use_counter=spec.get("counter", True), minimum=spec.get("minimum"),
+                                      from_consumer=spec.get("from_consumer", False), poll=spec.get("poll", 0.05),
+                                      timeout=spec.get("timeout", 900))
                     results.append(res)
-                    extra = f" {res.ratio_to_min:.3f}x min" if wl == "latency" else ""
+                    extra = f" {res.ratio_to_min:.3f}x min" if wl in RATIO_WORKLOADS else ""
+                    if spec.get("from_consumer"):
+                        extra += (f" ({res.elapsed:.3f}s from the first consumer, which came {res.consumer_after:.2f}s"
+                                  f" and {res.startup_cpu_s:.2f} CPU-s after the launch)")
                     print(f"{wl:10} {name:9} prefetch={res.prefetch:7} run {run}: {res.rate:8,.0f}/s{extra} "
                           f"cpu {res.cpu_s:5.1f}s rss {res.peak_rss_mb:4.0f}MB conns {res.connections} "
                           f"chans {res.channels} {'ok' if res.ok else 'NOT OK ' + res.note}", flush=True)

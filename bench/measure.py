@@ -41,6 +41,11 @@ class Result:
     theoretical_min: float = 0.0
     ratio_to_min: float = 0.0
     note: str = ""
+    # Workloads timed from the worker's first consumer (async-latency): when that consumer appeared,
+    # counted from the worker's launch, and the CPU seconds the worker had used by then. elapsed and
+    # cpu_s are then from that moment to the counter's reaching N.
+    consumer_after: float = 0.0
+    startup_cpu_s: float = 0.0
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -129,7 +134,12 @@ def enqueue(peer: Peer, task: str, arglists: list[list[Any]]) -> None:
 
 
 def run_one(peer: Peer, workload: str, task: str, arglists: list[list[Any]], prefetch: int | None, run: int,
-            use_counter: bool = True, sleeps: list[float] | None = None) -> Result:
+            use_counter: bool = True, minimum: float | None = None, from_consumer: bool = False,
+            poll: float = 0.05, timeout: float = 900) -> Result:
+    """One run: time from the worker's launch (or, with from_consumer, from the moment its first consumer
+    is on the queue, so that a workload shorter than a worker's start-up measures the work and not the
+    imports) until the counter reaches N, polled every `poll` seconds, for at most `timeout` seconds.
+    minimum: the workload's theoretical minimum time, for ratio_to_min."""
     n = len(arglists)
     res = Result(workload, peer.name, str(prefetch or "default"), run, n)
     key = f"bench:counter:{workload}:{peer.name}:{run}"
@@ -151,10 +161,15 @@ def run_one(peer: Peer, workload: str, task: str, arglists: list[list[Any]], pre
     proc = subprocess.Popen(peer.command(prefetch), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sampler = Sampler(proc.pid)
     sampler.start()
-    deadline = t0 + 900
+    deadline = t0 + timeout
     seen = 0
+    start, start_cpu = (None, 0.0) if from_consumer else (t0, 0.0)
     try:
         while True:
+            if start is None and pch.queue_declare(peer.queue, passive=True).method.consumer_count > 0:
+                start = time.monotonic()
+                sampler.sample()
+                start_cpu = sum(sampler.cpu.values())
             c = done_count()
             if c > seen:
                 bar.update(c - seen)
@@ -165,13 +180,19 @@ def run_one(peer: Peer, workload: str, task: str, arglists: list[list[Any]], pre
                 res.note = f"worker exited early with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}"
                 break
             if time.monotonic() > deadline:
-                res.note = "timed out"
+                res.note = f"timed out after {timeout:g}s at {c} of {n}"
                 break
-            time.sleep(0.05)
-        res.elapsed = time.monotonic() - t0
+            time.sleep(poll)
+        end = time.monotonic()
+        if start is None:  # the counter got there before a consumer was seen: time it from the launch
+            start, start_cpu = t0, 0.0
+            res.note = res.note or "no consumer seen"
+        res.elapsed = end - start
+        res.consumer_after = start - t0
         bar.close()
         sampler.sample()
-        res.cpu_s = sum(sampler.cpu.values())
+        res.cpu_s = sum(sampler.cpu.values()) - start_cpu
+        res.startup_cpu_s = start_cpu
         res.peak_rss_mb = sampler.peak_rss / 2**20
         res.connections, res.channels = count_amqp(sampler.amqp_ports())
     finally:
@@ -190,9 +211,9 @@ def run_one(peer: Peer, workload: str, task: str, arglists: list[list[Any]], pre
     res.left_ready, res.left_unacked = queue_state(peer.queue)
     res.ok = (not res.note and res.left_ready == 0 and res.left_unacked == 0
               and (res.counter == n if use_counter else True))
-    if sleeps is not None:
-        res.theoretical_min = sum(sleeps) / 8
-        res.ratio_to_min = res.elapsed / res.theoretical_min
+    if minimum:
+        res.theoretical_min = minimum
+        res.ratio_to_min = res.elapsed / minimum
     return res
 
 

@@ -30,13 +30,13 @@ class Peer:
     extra_queues: tuple[str, ...] = ()
 
 
-def _magne_declare() -> None:
+def _magne_declare(queue: str = "bench-magne") -> None:
     from magne.amqp.client import Client
     from magne.amqp.url import parse_url
     from magne.topology import declarations
 
     with Client(parse_url("amqp://guest:guest@127.0.0.1:5672/%2F"), "bench declare") as c:
-        for method, reply in declarations("bench-magne"):
+        for method, reply in declarations(queue):
             c.rpc(method, reply)
 
 
@@ -79,9 +79,9 @@ def _dramatiq_declare() -> None:
 
 
 def _dramatiq_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, pika.BasicProperties]]:
-    from bench import tasks_dramatiq
+    from bench import tasks_dramatiq, tasks_dramatiq_async
 
-    actor = getattr(tasks_dramatiq, name)
+    actor = getattr(tasks_dramatiq, name, None) or getattr(tasks_dramatiq_async, name)
     props = pika.BasicProperties(delivery_mode=2)  # what dramatiq's own enqueue sets
     return [(actor.message(*args).encode(), props) for args in arglists]
 
@@ -140,6 +140,99 @@ def _celery_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, 
     return out
 
 
+# -- the async-latency workload (benchmarks.md, 6): one worker process, 1,000 tasks in flight ------------------
+# Every peer gets its prefetch from the workload (1,000), so that all 1,000 messages are delivered at once.
+ASYNC_IN_FLIGHT = 1000
+
+
+def _dramatiq_async_declare() -> None:
+    from bench import tasks_dramatiq_async as t
+
+    t.broker.queues_pending.add(t.Q)
+    t.broker.declare_queue(t.Q, ensure=True)
+    t.broker.close()
+
+
+def dramatiq_async() -> Peer:
+    """dramatiq's AsyncIO middleware: each message holds one worker thread while its coroutine runs on
+    the middleware's event-loop thread, so 1,000 in flight needs 1,000 threads, and a prefetch of 1,000
+    (dramatiq's default would be 2 x threads)."""
+    return Peer(
+        name="dramatiq-async",
+        queue="bench-dramatiq-async",
+        command=lambda prefetch: [PY, "-m", "dramatiq", "bench.tasks_dramatiq_async", "--processes", "1",
+                                  "--threads", str(ASYNC_IN_FLIGHT)],
+        env=lambda prefetch: {"dramatiq_queue_prefetch": str(prefetch or ASYNC_IN_FLIGHT)},
+        messages=_dramatiq_messages,
+        declare=_dramatiq_async_declare,
+        extra_queues=("bench-dramatiq-async.DQ", "bench-dramatiq-async.XQ"),
+    )
+
+
+def _taskiq_declare() -> None:
+    """What the taskiq worker declares at start-up (its broker's startup() declares the exchange, the
+    dead-letter queue and the task queue with their arguments), so the messages can go in first."""
+    import asyncio
+
+    from bench import tasks_taskiq
+
+    async def declare() -> None:
+        await tasks_taskiq.broker.startup()
+        await tasks_taskiq.broker.shutdown()
+
+    asyncio.run(declare())
+
+
+def _taskiq_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, pika.BasicProperties]]:
+    """taskiq's own message, built by its kicker and formatter, with the headers and delivery mode
+    taskiq-aio-pika's kick() gives it."""
+    from bench import tasks_taskiq
+
+    task = getattr(tasks_taskiq, name)
+    out = []
+    for args in arglists:
+        msg = tasks_taskiq.broker.formatter.dumps(task.kicker()._prepare_message(*args))
+        props = pika.BasicProperties(delivery_mode=2, headers={"task_id": msg.task_id, "task_name": msg.task_name,
+                                                               **msg.labels})
+        out.append((msg.message, props))
+    return out
+
+
+def taskiq() -> Peer:
+    """taskiq-aio-pika: one worker process (--workers 1, under taskiq's supervisor process), 1,000 async
+    tasks at once (--max-async-tasks), and an AMQP prefetch (the broker's qos) of 1,000. taskiq acks
+    after the task (its default ack type, when_saved, with no result backend)."""
+    return Peer(
+        name="taskiq",
+        queue="bench-taskiq",
+        command=lambda prefetch: [PY, "-m", "taskiq", "worker", "bench.tasks_taskiq:broker", "--workers", "1",
+                                  "--max-async-tasks", str(ASYNC_IN_FLIGHT), "--log-level", "WARNING"],
+        env=lambda prefetch: {"BENCH_TASKIQ_QOS": str(prefetch or ASYNC_IN_FLIGHT)},
+        messages=_taskiq_messages,
+        declare=_taskiq_declare,
+        extra_queues=("bench-taskiq.dead",),
+    )
+
+
+def magne_async() -> Peer:
+    """magne running an `async def` task on its event-loop thread, 1,000 at once. A queue whose tasks are all
+    `async def` takes its prefetch from --async-concurrency (1.25 x 1,000; --prefetch is the threads' and
+    does not apply to it), so every one of the 1,000 messages arrives at once, as with the other peers."""
+    def command(prefetch: int | None) -> list[str]:
+        return [PY, "-m", "magne", "--log-level", "warning", "worker", "bench.tasks_magne_async",
+                "--async-concurrency", str(ASYNC_IN_FLIGHT)]
+
+    return Peer(
+        name="magne-async",
+        queue="bench-magne-async",
+        command=command,
+        env=lambda prefetch: {},
+        messages=_magne_messages,
+        declare=lambda: _magne_declare("bench-magne-async"),
+        extra_queues=("bench-magne-async.dead",),
+    )
+
+
 def bare() -> Peer:
     """The ceiling reference (bench/bare.py), on magne's messages."""
     return dataclasses.replace(magne(), name="bare-loop", command=lambda prefetch: [PY, "-m", "bench.bare", "bench-magne"])
@@ -170,6 +263,9 @@ ALL: dict[str, Callable[[], Peer]] = {
     "magne-metrics": lambda: magne(metrics=True),
     "dramatiq": dramatiq,
     "celery": celery,
+    "dramatiq-async": dramatiq_async,
+    "taskiq": taskiq,
+    "magne-async": magne_async,
 }
 
 
