@@ -172,7 +172,7 @@ def task(
     """
 
     def register(f: Callable[..., Any]) -> Task:
-        tname = name or f.__name__
+        tname = name or getattr(f, "__name__", None) or type(f).__name__  # a partial or a callable object has none
         if inspect.isasyncgenfunction(f) or inspect.isgeneratorfunction(f):
             # Calling it would only make a generator: the body would never run and the message would be acked.
             raise RegistryError(f"task {tname}: a generator function cannot be a task (its body would never run); "
@@ -198,15 +198,24 @@ def task(
         t = Task(f, tname, queue or topology.default_queue(tname), time_limit, retry_options, queue_type, priority,
                  max_priority)
         old = REGISTRY.get(tname)
-        if old is not None and (old.fn.__module__, old.fn.__qualname__) != (f.__module__, f.__qualname__):
+        if old is not None and _origin(old.fn) != _origin(f):
             raise RegistryError(
-                f"two tasks are named {tname!r}: {old.fn.__module__}.{old.fn.__qualname__} "
-                f"and {f.__module__}.{f.__qualname__}; give one of them name=..."
+                f"two tasks are named {tname!r}: {'.'.join(_origin(old.fn))} and {'.'.join(_origin(f))}; "
+                "give one of them name=..."
             )
         REGISTRY[tname] = t
         return t
 
     return register(fn) if fn is not None else register
+
+
+def _origin(f: Callable[..., Any]) -> tuple[str, str]:
+    """Where a task function was defined: its module and qualified name (a partial's or an object's, its function's
+    or its class's)."""
+    target = getattr(f, "func", f)  # functools.partial
+    if not (inspect.isfunction(target) or inspect.ismethod(target)):
+        target = type(target)
+    return getattr(target, "__module__", "?"), getattr(target, "__qualname__", "?")
 
 
 def queues_of(tasks: dict[str, Task]) -> list[str]:

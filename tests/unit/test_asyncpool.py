@@ -331,6 +331,8 @@ def test_async_functions_behind_decorators_or_as_objects_are_recognised() -> Non
 
     assert task(name="ap_wrapped")(keeps(ap_fail)).is_async
     assert task(name="ap_handler")(Handler()).is_async
+    assert task(Handler()).name == "Handler"  # no __name__: its class's
+    task(Handler())  # the same origin again: no "two tasks are named" error
     assert task(name="ap_partial")(functools.partial(ap_sleep, 0.0)).is_async
     assert task(name="ap_unwrapped_sync_wrapper")(_hide(ap_fail)).is_async  # functools.wraps leads to the coroutine
     assert not task(name="ap_plain")(ap_sync).is_async
