@@ -306,9 +306,16 @@ def test_status_reads_workers_from_a_supervisor_endpoint_and_renders():
 
 
 def test_status_needs_queues(capsys):
+    import logging
+
     from magne.cli import main
 
-    assert main(["status"]) == 2
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert main(["status"]) == 2
+    finally:  # main() set up logging on capsys's stderr, which closes with this test: later records would fail
+        root.handlers[:], root.level = handlers, level
     assert "name a task module or --queues" in capsys.readouterr().err
 
 
