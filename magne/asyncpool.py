@@ -258,10 +258,14 @@ class AsyncPool:
         """Run the loop until stop() asks. Task code may stop it (`loop.stop()`) or raise SystemExit or
         KeyboardInterrupt from a background task it started (asyncio lets those two out of run_forever): either
         would leave every later async message waiting unstarted forever, so the loop is entered again."""
+        restarts: deque[float] = deque(maxlen=20)
         while True:
             try:
                 loop.run_forever()
             except BaseException as exc:  # noqa: B036 - see above; nothing from task code may end this thread
+                restarts.append(time.monotonic())
+                if len(restarts) == restarts.maxlen and restarts[-1] - restarts[0] < 1.0:
+                    raise  # the loop cannot run at all: give up, so that the worker stops and is restarted
                 log.error("the event loop was stopped by %s raised in async task code; running it again",
                           type(exc).__name__, event="loop_restarted")
                 continue
@@ -402,12 +406,13 @@ class AsyncPool:
             run.atask = None  # no cycle between the run and its Task's coroutine frame
         seconds = time.monotonic() - run.started
         with self.lock:
-            if run.abandoned:
-                log.warning("abandoned task %s (message %s) came back after %.1fs; its result is discarded",
-                            d.task, d.message_id(), seconds, event="abandoned_returned", task=d.task)
-                self._start_more()
-                return
-            run.finished = True
+            abandoned = run.abandoned
+            run.finished = not abandoned
+        if abandoned:
+            log.warning("abandoned task %s (message %s) came back after %.1fs; its result is discarded",
+                        d.task, d.message_id(), seconds, event="abandoned_returned", task=d.task)
+            self._start_more()
+            return
         if exc is not None:
             if isinstance(exc, asyncio.CancelledError | Interrupt) and run.why is not None:
                 exc = run.why(*exc.args)  # our cancel or interrupt: a time limit, or a cold stop
