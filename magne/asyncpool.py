@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from magne import logs, wire
 from magne.delivery import Delivery, Outcome
 from magne.errors import ColdShutdown, ConfigError, Interrupt, TimeLimitExceeded
-from magne.hooks import _DECISIONS, TaskRun
+from magne.hooks import TaskRun
 from magne.hooks import _report as report_hook_failure
 from magne.policy import Failure
 from magne.timelimits import raise_in
@@ -339,11 +339,7 @@ class AsyncPool:
             try:
                 resolved = pool._resolve(d)
             except BaseException as exc:  # noqa: B036 - a bad message (or magne's bug): its failure, decided now
-                pool._failed(d, None, [], {}, exc)
-                if pool.hooks.full:  # as Pool._run_hooked does for the same message on a thread queue
-                    info = TaskRun(None, d, [], {})
-                    info.exception = exc
-                    pool.hooks.after_failure(info)
+                pool._failed_hooked(d, None, [], {}, exc, None, 0.0, ())
                 pool.report(d)
                 return None
         t, args, kwargs = resolved
@@ -416,16 +412,16 @@ class AsyncPool:
         if exc is not None:
             if isinstance(exc, asyncio.CancelledError | Interrupt) and run.why is not None:
                 exc = run.why(*exc.args)  # our cancel or interrupt: a time limit, or a cold stop
-            pool._failed(d, t, run.args, run.kwargs, exc)
-        outcome = "success" if exc is None else _DECISIONS[d.outcome]
-        for fn in self._timers:
-            try:
-                fn(d.task, outcome, seconds)
-            except BaseException as e:  # noqa: B036 - a hook changes no outcome
-                report_hook_failure(fn, e)
-        if info is not None:
-            info.started, info.duration, info.exception = run.started, seconds, exc
-            (hooks.after_success if exc is None else hooks.after_failure)(info)
+            pool._failed_hooked(d, t, run.args, run.kwargs, exc, info, run.started, self._timers)
+        else:
+            for fn in self._timers:
+                try:
+                    fn(d.task, "success", seconds)
+                except BaseException as e:  # noqa: B036 - a hook changes no outcome
+                    report_hook_failure(fn, e)
+            if info is not None:
+                info.started, info.duration = run.started, seconds
+                hooks.after_success(info)
         pool.report(d)
         self._start_more()
 

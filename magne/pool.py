@@ -294,19 +294,7 @@ class Pool:
             if result is not None and inspect.isawaitable(result):
                 _refuse_awaitable(result)
         except BaseException as exc:  # noqa: B036 - as in _run
-            seconds = time.monotonic() - started if started else 0.0  # the task's own time, before deciding
-            self._failed(d, t, args, kwargs, exc)
-            if started:
-                for fn in slot.timers:
-                    try:
-                        fn(d.task, _DECISIONS[d.outcome], seconds)
-                    except BaseException as exc:  # noqa: B036 - a hook changes no outcome
-                        report_hook_failure(fn, exc)
-            if hooks.full:
-                if run is None:
-                    run = TaskRun(None, d, args, kwargs)
-                run.started, run.duration, run.exception = started, seconds, exc
-                hooks.after_failure(run)
+            self._failed_hooked(d, t, args, kwargs, exc, run, started, slot.timers)
             return False
         seconds = time.monotonic() - started
         for fn in slot.timers:  # HookSet.after_run, inlined: the per-message path under --metrics
@@ -318,6 +306,27 @@ class Pool:
             run.started, run.duration = started, seconds
             hooks.after_success(run)
         return False
+
+    def _failed_hooked(self, d: Delivery, t: Task | None, args: list[Any], kwargs: dict[str, Any], exc: BaseException,
+                       run: TaskRun | None, started: float, timers: tuple[Any, ...]) -> None:
+        """_failed, then the hooks of a failed run (cold path): after_run with its decision if the task had
+        started (`started`: its clock at the start, else 0), after_failure (and on_dead_letter) with a TaskRun,
+        made here if the run has none (its message named no task). Called by the thread that ran it: a pool
+        thread, or for an async task the event loop's (magne.asyncpool)."""
+        seconds = time.monotonic() - started if started else 0.0  # the task's own time, before deciding
+        self._failed(d, t, args, kwargs, exc)
+        if started:
+            decision = _DECISIONS[d.outcome]
+            for fn in timers:
+                try:
+                    fn(d.task, decision, seconds)
+                except BaseException as hook_exc:  # noqa: B036 - a hook changes no outcome
+                    report_hook_failure(fn, hook_exc)
+        if self.hooks.full:
+            if run is None:
+                run = TaskRun(None, d, args, kwargs)
+            run.started, run.duration, run.exception = started, seconds, exc
+            self.hooks.after_failure(run)
 
     def _failed(self, d: Delivery, t: Task | None, args: list[Any], kwargs: dict[str, Any], exc: BaseException) -> None:
         """Whatever a run raised becomes its message's decision (pool thread or the event loop's, cold path)."""

@@ -6,6 +6,7 @@ The watchdog (`check`) is called here by the test's own thread, as the worker's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import threading
@@ -75,10 +76,10 @@ TASKS = {t.name: t for t in (
 
 
 class Harness:
-    def __init__(self, concurrency: int = 10, lost_after: float = 0.3) -> None:
+    def __init__(self, concurrency: int = 10, lost_after: float = 0.3, tasks: dict[str, Task] | None = None) -> None:
         self.reported: SimpleQueue[Delivery] = SimpleQueue()
         self.work: SimpleQueue[Delivery | None] = SimpleQueue()
-        self.pool = Pool(2, TASKS, self.work, self.reported.put, time_limit=5.0, lost_after=lost_after,
+        self.pool = Pool(2, tasks or TASKS, self.work, self.reported.put, time_limit=5.0, lost_after=lost_after,
                          hooks=HookSet([]))
         self.aio = self.pool.aio = AsyncPool(self.pool, concurrency)
         self.tags = iter(range(1, 10**6))
@@ -96,6 +97,11 @@ class Harness:
         return Delivery(next(self.tags), 1, queue, body if body is not None else wire.encode(name, args, {}, mid),
                         header, False)
 
+    def wait_busy(self, n: int, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.aio.busy() < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def outcomes(self, n: int, timeout: float = 10.0) -> list[Delivery]:
         deadline = time.monotonic() + timeout
         out = []
@@ -109,19 +115,30 @@ class Harness:
         return out
 
 
-@pytest.fixture
-def h() -> Iterator[Harness]:
+@contextlib.contextmanager
+def running(start_loop: bool = True, watchdog: bool = False, **kwargs: Any) -> Iterator[Harness]:
+    """A Harness with its pool (and unless told otherwise its loop) started; everything stopped afterwards."""
     events.clear()
     state.update(running=0, most=0)
-    harness = Harness()
+    harness = Harness(**kwargs)
     harness.pool.start()
-    harness.aio.start()
-    harness.watchdog.start()
-    yield harness
-    harness.stop.set()
-    harness.pool.stop()
-    harness.aio.stop()
-    harness.aio.join(2.0)
+    if start_loop:
+        harness.aio.start()
+    if watchdog:
+        harness.watchdog.start()
+    try:
+        yield harness
+    finally:
+        harness.stop.set()
+        harness.pool.stop()
+        harness.aio.stop()
+        harness.aio.join(2.0)
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    with running(watchdog=True) as harness:
+        yield harness
 
 
 def test_an_async_task_runs_on_the_loop_and_is_acked(h: Harness) -> None:
@@ -201,11 +218,7 @@ def test_the_pool_hands_async_tasks_it_decodes_to_the_loop(h: Harness) -> None:
 
 
 def test_take_unstarted_returns_what_waits_for_a_place() -> None:
-    events.clear()
-    harness = Harness(concurrency=1)
-    harness.pool.start()
-    harness.aio.start()
-    try:
+    with running(concurrency=1) as harness:
         first = harness.delivery("ap_sleep", 0.5, "first")
         harness.aio.put(first)
         waiting = [harness.delivery("ap_sleep", 0.01, str(i)) for i in range(3)]
@@ -213,25 +226,17 @@ def test_take_unstarted_returns_what_waits_for_a_place() -> None:
         old.gen = 0
         for d in [*waiting, old]:
             harness.aio.put(d)
-        deadline = time.monotonic() + 5
-        while harness.aio.busy() == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        harness.wait_busy(1)
         taken = harness.aio.take_unstarted(1)
         assert [d.tag for d in taken] == [d.tag for d in waiting]  # the old generation's is dropped
         [d] = harness.outcomes(1)
         assert d is first
-    finally:
-        harness.pool.stop()
-        harness.aio.stop()
-        harness.aio.join(2.0)
 
 
 def test_a_cold_stop_cancels_running_coroutines_and_requeues_them(h: Harness) -> None:
     for i in range(3):
         h.aio.put(h.delivery("ap_sleep", 5.0, str(i)))
-    deadline = time.monotonic() + 5
-    while h.aio.busy() < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    h.wait_busy(3)
     h.aio.interrupt_all()
     out = h.outcomes(3)
     assert {d.outcome for d in out} == {Outcome.REQUEUE}
@@ -272,41 +277,24 @@ def test_generator_functions_are_refused_and_async_ones_registered() -> None:
 def test_messages_put_before_the_loop_starts_run_once_it_does() -> None:
     """The I/O thread consumes before the worker starts the loop: a queue with waiting messages hands them over
     first (found by the e2e tests: the first put used to fail and leave the loop unfed for good)."""
-    events.clear()
-    harness = Harness()
-    harness.pool.start()
-    try:
+    with running(start_loop=False) as harness:
         for i in range(3):
             harness.aio.put(harness.delivery("ap_sleep", 0.01, str(i)))
         harness.aio.start()
         assert {d.outcome for d in harness.outcomes(3)} == {Outcome.ACK}
         harness.aio.put(harness.delivery("ap_sleep", 0.01, "later"))
         assert harness.outcomes(1)[0].outcome is Outcome.ACK
-    finally:
-        harness.pool.stop()
-        harness.aio.stop()
-        harness.aio.join(2.0)
 
 
 def test_a_cold_stop_starts_nothing_that_was_waiting() -> None:
-    events.clear()
-    harness = Harness(concurrency=2)
-    harness.pool.start()
-    harness.aio.start()
-    try:
+    with running(concurrency=2) as harness:
         for i in range(5):
             harness.aio.put(harness.delivery("ap_sleep", 5.0, str(i)))
-        deadline = time.monotonic() + 5
-        while harness.aio.busy() < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        harness.wait_busy(2)
         harness.aio.interrupt_all()
         assert {d.outcome for d in harness.outcomes(2)} == {Outcome.REQUEUE}
         time.sleep(0.2)  # a wrongly started coroutine would be running by now
         assert harness.aio.busy() == 0 and len(harness.aio.inbox) == 3
-    finally:
-        harness.pool.stop()
-        harness.aio.stop()
-        harness.aio.join(2.0)
 
 
 def _hide(fn):
@@ -360,21 +348,11 @@ def test_contextvars_do_not_leak_from_one_run_into_the_next() -> None:
         seen.append(var.get())
         var.set(label)
 
-    tasks = {**TASKS, "ap_ctx": Task(ap_ctx, "ap_ctx", "AP_A")}
-    reported: SimpleQueue[Delivery] = SimpleQueue()
-    pool = Pool(1, tasks, SimpleQueue(), reported.put, hooks=HookSet([]))
-    aio = pool.aio = AsyncPool(pool, 1)
-    aio.start()
-    try:
-        h = Harness()
+    with running(concurrency=1, tasks={**TASKS, "ap_ctx": Task(ap_ctx, "ap_ctx", "AP_A")}) as harness:
         for label in ("a", "b", "c"):
-            aio.put(h.delivery("ap_ctx", label))
-        for _ in range(3):
-            reported.get(timeout=5)
+            harness.aio.put(harness.delivery("ap_ctx", label))
+        harness.outcomes(3)
         assert seen == [None, None, None]
-    finally:
-        aio.stop()
-        aio.join(2.0)
 
 
 @pytest.mark.parametrize("how", ["loop.stop", "SystemExit"])
@@ -413,3 +391,23 @@ def test_sync_mode_inside_a_running_event_loop_runs_async_tasks() -> None:
 async def _double(x: int) -> int:
     await asyncio.sleep(0)
     return x * 2
+
+
+def test_a_failing_after_run_hook_does_not_hide_the_failure_from_after_failure() -> None:
+    """The failure hooks of both kinds go through Pool._failed_hooked: a raising after_run must not lose the
+    run's exception on its way to after_failure (an `except ... as exc` in the hook loop used to unbind it)."""
+    from magne import hooks
+
+    seen: list[Any] = []
+
+    class Hooks(hooks.Hook):
+        def after_run(self, task: str, outcome: str, seconds: float) -> None:
+            raise RuntimeError("a broken metrics hook")
+
+        def after_failure(self, run: hooks.TaskRun) -> None:
+            seen.append((run.task_name, type(run.exception).__name__, run.decision))
+
+    pool = Pool(1, TASKS, SimpleQueue(), lambda d: None, hooks=HookSet([Hooks()]))
+    out = pool.run_one(Harness().delivery("ap_fail"))
+    assert out.outcome is Outcome.DEAD
+    assert seen == [("ap_fail", "ValueError", "dead")]
