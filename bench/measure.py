@@ -113,13 +113,18 @@ def count_amqp(ports: set[int]) -> tuple[int, int]:
     return conns, chans
 
 
-def enqueue(peer: Peer, task: str, arglists: list[list[Any]]) -> None:
+def reset_queues(peer: Peer) -> None:
+    """Delete the peer's queues (what an earlier run left) and declare them afresh, as the peer does."""
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     ch = conn.channel()
     for q in (peer.queue, *peer.extra_queues):
         ch.queue_delete(q)
     conn.close()
     peer.declare()
+
+
+def enqueue(peer: Peer, task: str, arglists: list[list[Any]]) -> None:
+    reset_queues(peer)
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     ch = conn.channel()
     for body, props in peer.messages(task, arglists):
@@ -230,12 +235,7 @@ def run_publish(name: str, n: int, run: int) -> Result:
 
     peer = peers.ALL[PUBLISH_QUEUES.get(name, "magne")]()
     res = Result("publish", name, "n/a", run, n)
-    conn = pika.BlockingConnection(pika.URLParameters(URL))
-    ch = conn.channel()
-    for q in (peer.queue, *peer.extra_queues):
-        ch.queue_delete(q)
-    conn.close()
-    peer.declare()
+    reset_queues(peer)
     env = clean_env()
     if name == "dramatiq-confirm":
         env["BENCH_DRAMATIQ_CONFIRM"] = "1"

@@ -127,3 +127,15 @@ def cluster() -> Iterator[object]:
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture
+def aq(broker: Broker, redis: redis_lib.Redis, names: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The queues of tests/support/async_tasks.py for this test (under its own prefix), removed afterwards."""
+    p = names["MAGNE_TEST_PREFIX"]
+    q = {"aio": f"{p}.aio", "sync": f"{p}.sync", "mixed": f"{p}.mixed", "prefix": p}
+    broker.track(q["aio"], q["sync"], q["mixed"])
+    yield q
+    keys = list(redis.scan_iter(match=f"{p}:*"))
+    if keys:
+        redis.delete(*keys)

@@ -13,18 +13,6 @@ from support import URL, channels_of, connections_named, connections_of, queue_c
 
 
 @pytest.fixture
-def aq(broker, redis, names):
-    """The queues of tests/support/async_tasks.py for this test (under its own prefix), removed afterwards."""
-    p = names["MAGNE_TEST_PREFIX"]
-    q = {"aio": f"{p}.aio", "sync": f"{p}.sync", "mixed": f"{p}.mixed", "prefix": p}
-    broker.track(q["aio"], q["sync"], q["mixed"])
-    yield q
-    keys = list(redis.scan_iter(match=f"{p}:*"))
-    if keys:
-        redis.delete(*keys)
-
-
-@pytest.fixture
 def start_async(start_worker, aq):
     """A worker of async_tasks consuming the given queues (names from `aq`), ready."""
 

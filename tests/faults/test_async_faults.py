@@ -9,34 +9,13 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
-
 from magne import wire
 from support import URL, channels_of, connections_of, queue_counts, runs, wait_for
-from support.proxy import Proxy
 
 N = 600
 CONCURRENCY = 20
 PREFETCH = CONCURRENCY + CONCURRENCY // 4  # an async-only queue's prefetch (magne.worker.async_prefetch)
 SLEEP = 0.2  # 20 places x 0.2 s: about 100 tasks/s, so the fault lands mid-stream
-
-
-@pytest.fixture
-def proxy():
-    p = Proxy()
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def aq(broker, redis, names):
-    p = names["MAGNE_TEST_PREFIX"]
-    q = {"aio": f"{p}.aio", "sync": f"{p}.sync", "mixed": f"{p}.mixed", "prefix": p}
-    broker.track(q["aio"], q["sync"], q["mixed"])
-    yield q
-    keys = list(redis.scan_iter(match=f"{p}:*"))
-    if keys:
-        redis.delete(*keys)
 
 
 def start(start_worker, aq, url, queue="aio", *args):

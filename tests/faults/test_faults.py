@@ -18,7 +18,6 @@ import pytest
 
 from magne import wire
 from support import channels_of, connections_of, queue_counts, rabbitmqctl, runs, wait_for
-from support.proxy import Proxy
 
 N = 3000
 THREADS, PREFETCH = 8, 16
@@ -27,13 +26,6 @@ THREADS, PREFETCH = 8, 16
 def body(i: int) -> bytes:
     return wire.encode("record", [i, 0.01], None, wire.new_id())  # ~800 tasks/s: faults land mid-stream
 
-
-
-@pytest.fixture
-def proxy():
-    p = Proxy()
-    yield p
-    p.close()
 
 
 def load(broker, names, n: int = N) -> None:

@@ -53,9 +53,8 @@ async def a_record(n, sleep=0.0):
     _done(n)
 
 
-@task(queue=AIO)
-async def a_slow(n, seconds):
-    """Started, awaits `seconds`, done: a warm stop lets it finish, a cold one cancels it."""
+async def _sleep_noting_cancel(n, seconds):
+    """Started, awaits `seconds` (recording a CancelledError it sees), done."""
     _started(n)
     try:
         await asyncio.sleep(seconds)
@@ -63,6 +62,12 @@ async def a_slow(n, seconds):
         r.hincrby(f"{PREFIX}:cancelled", str(n), 1)
         raise
     _done(n)
+
+
+@task(queue=AIO)
+async def a_slow(n, seconds):
+    """Started, awaits `seconds`, done: a warm stop lets it finish, a cold one cancels it."""
+    await _sleep_noting_cancel(n, seconds)
 
 
 @task(queue=AIO)
@@ -102,13 +107,7 @@ async def a_fail(n):
 @task(queue=AIO, time_limit=3)
 async def a_limited(n, seconds=30):
     """Awaits past its time limit: the loop cancels it; it records that it saw the CancelledError."""
-    _started(n)
-    try:
-        await asyncio.sleep(seconds)
-    except asyncio.CancelledError:
-        r.hincrby(f"{PREFIX}:cancelled", str(n), 1)
-        raise
-    _done(n)
+    await _sleep_noting_cancel(n, seconds)
 
 
 @task(queue=AIO, time_limit=1, max_retries=1, min_backoff=0.1, max_backoff=0.2)
