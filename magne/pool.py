@@ -26,7 +26,7 @@ from queue import SimpleQueue
 from typing import TYPE_CHECKING, Any
 
 from magne import logs, wire
-from magne.amqp.connection import DEFAULT_FRAME_MAX
+from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, ColdShutdown, Interrupt, TimeLimitExceeded
 from magne.hooks import _DECISIONS, HookSet, TaskRun, registered

@@ -23,7 +23,7 @@ import orjson
 from pamqp import commands
 
 from magne.amqp import codec, properties
-from magne.amqp.connection import DEFAULT_FRAME_MAX
+from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.errors import BadMessage
 
 CONTENT_TYPE = "application/json"

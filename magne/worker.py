@@ -23,7 +23,7 @@ from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
 from magne import logs
-from magne.amqp.connection import DEFAULT_FRAME_MAX
+from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.asyncpool import AsyncPool
 from magne.delivery import Delivery

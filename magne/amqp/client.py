@@ -31,9 +31,9 @@ from pamqp import commands
 from pamqp import frame as pframe
 
 from magne.amqp import codec
-from magne.amqp.connection import READ, WRITE, Connection, State
 from magne.amqp.errors import BrokerTimeout, ChannelClosed, ConnectionLost, FrameError, PublishError
 from magne.amqp.url import Params
+from magne.engine.connection import READ, WRITE, Connection, State
 
 CH = 1
 SLICE = 0.2

@@ -11,6 +11,7 @@ on the same bytes, cut at random points as recv() cuts them.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +34,6 @@ _u32 = struct.Struct(">I").unpack_from
 _tag_bit = struct.Struct(">QB").unpack_from
 _content_head = struct.Struct(">HHQ").unpack_from
 _header_frame_head = struct.Struct(">BHI").pack
-_content_prefix = struct.Struct(">HHQ").pack
 
 DELIVER_INDEX = commands.Basic.Deliver.index  # class 60, method 60
 _CONTENT_METHODS = (commands.Basic.GetOk, commands.Basic.Return)
@@ -68,6 +68,33 @@ def header_payload(properties: commands.Basic.Properties, body_size: int) -> byt
     return pframe.marshal(pheader.ContentHeader(0, body_size, properties), 0)[7:-1]
 
 
+@functools.lru_cache(maxsize=4096)
+def publish_method(exchange: str, routing_key: str, mandatory: bool = True, channel: int = 1) -> bytes:
+    """The basic.publish method frame, the same bytes for every message to one destination: cached, since
+    pamqp's marshal costs about 5 us and a bulk publish sends thousands to the same place."""
+    return pframe.marshal(commands.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory),
+                          channel)
+
+
+def encode_content(method_frame: bytes, header: bytes, body: bytes, frame_max: int, channel: int = 1) -> bytes:
+    """A publish as bytes: the method frame (from publish_method), the content header (`header` is its payload,
+    e.g. from header_payload or magne.amqp.properties) and the body in frames of at most `frame_max`.
+    The one publish encoder: every publish of magne goes through here."""
+    if len(header) + FRAME_OVERHEAD > frame_max:
+        raise FrameError(f"content header of {len(header)} bytes does not fit frame_max {frame_max}")
+    chunk = frame_max - FRAME_OVERHEAD
+    if len(body) <= chunk:
+        if not body:
+            return b"".join((method_frame, _header_frame_head(FRAME_HEADER, channel, len(header)), header, b"\xce"))
+        return b"".join((method_frame, _header_frame_head(FRAME_HEADER, channel, len(header)), header, b"\xce",
+                         _header_frame_head(FRAME_BODY, channel, len(body)), body, b"\xce"))
+    parts = [method_frame, _header_frame_head(FRAME_HEADER, channel, len(header)), header, b"\xce"]
+    for start in range(0, len(body), chunk):
+        piece = body[start : start + chunk]
+        parts += (_header_frame_head(FRAME_BODY, channel, len(piece)), piece, b"\xce")
+    return b"".join(parts)
+
+
 def encode_publish(
     channel: int,
     exchange: str,
@@ -77,20 +104,10 @@ def encode_publish(
     frame_max: int,
     mandatory: bool = False,
 ) -> bytes:
-    """basic.publish + content header + body frames. `properties` may be a ready header payload
-    (bytes, see magne.amqp.properties), which lets a copy keep the original's properties bit-exact."""
+    """basic.publish + content header + body frames, from pamqp properties or a ready header payload (bytes,
+    see magne.amqp.properties, which lets a copy keep the original's properties bit-exact)."""
     payload = properties if isinstance(properties, bytes) else header_payload(properties, len(body))
-    if len(payload) + FRAME_OVERHEAD > frame_max:
-        raise FrameError(f"content header of {len(payload)} bytes does not fit frame_max {frame_max}")
-    parts = [
-        pframe.marshal(commands.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory), channel),
-        _header_frame_head(FRAME_HEADER, channel, len(payload)), payload, b"\xce",
-    ]
-    chunk = frame_max - FRAME_OVERHEAD
-    for start in range(0, len(body), chunk):
-        piece = body[start : start + chunk]
-        parts += (_header_frame_head(FRAME_BODY, channel, len(piece)), piece, b"\xce")
-    return b"".join(parts)
+    return encode_content(publish_method(exchange, routing_key, mandatory, channel), payload, body, frame_max, channel)
 
 
 def decode_properties(header_payload: bytes) -> commands.Basic.Properties:
@@ -122,7 +139,7 @@ class Decoder:
     """
 
     __slots__ = ("_pending", "_pending_len", "_method", "_channel", "_header", "_size", "_chunks", "_got",
-                 "on_content", "on_frame", "max_frame")
+                 "on_content", "on_frame", "max_frame", "channels_open", "channels_closing")
 
     def __init__(self, on_content: OnContent, on_frame: OnFrame, max_frame: int = 1 << 20) -> None:
         self._pending: list[bytes] = []  # the start of a frame that recv() cut
@@ -136,6 +153,10 @@ class Decoder:
         self.on_content = on_content
         self.on_frame = on_frame
         self.max_frame = max_frame
+        # The channels content may arrive on, and those whose content is dropped (closing); set by the owner
+        # (magne.amqp.protocol shares its own sets). None: every channel (a bare decoder, in tests and tools).
+        self.channels_open: set[int] | None = None
+        self.channels_closing: set[int] = set()
 
     def feed(self, data: bytes) -> None:
         pos = 0
@@ -214,11 +235,18 @@ class Decoder:
                         self._complete(b"".join(self._chunks))
             elif ftype != FRAME_HEARTBEAT:
                 raise FrameError(f"unknown frame type {ftype}")
+            elif channel:
+                raise FrameError(f"heartbeat frame on channel {channel} (heartbeats belong to channel 0)")
         return pos
 
     def _expect(self, channel: int, method: Any) -> None:
         if self._method is not None:
             raise FrameError("method frame arrived before the previous message's content was complete")
+        opened = self.channels_open
+        if opened is not None and channel not in opened:  # one set lookup per delivery
+            if channel not in self.channels_closing:
+                raise FrameError(f"content on channel {channel}, which is not open")
+            method = _DROP  # sent before the broker saw our channel.close: assembled, then dropped
         self._method = method
         self._channel = channel
 
@@ -229,7 +257,11 @@ class Decoder:
         self._chunks = []
         self._got = 0
         self._header = b""
-        self.on_content(channel, method, header, body)
+        if method is not _DROP:
+            self.on_content(channel, method, header, body)
+
+
+_DROP = ("drop",)  # the method of content that is assembled but not delivered
 
 
 def _deliver_args(buf: bytes, p: int, end: int) -> DeliverArgs:

@@ -26,11 +26,11 @@ from typing import Any
 from pamqp import commands
 
 from magne import logs, topology
-from magne.amqp.connection import Connection, State
 from magne.amqp.errors import ChannelClosed
 from magne.amqp.url import Nodes
 from magne.backoff import Backoff
 from magne.delivery import Delivery
+from magne.engine.connection import Connection, State
 from magne.errors import BadMessage
 from magne.io.settle import Settlement
 from magne.io.stats import Stats, Tally
@@ -93,7 +93,6 @@ class Consumer:
         self._ctag_seq = itertools.count(1)
         self._handlers: dict[type, Callable[[Any], None]] = {
             commands.Basic.Cancel: self._on_basic_cancel,
-            commands.Basic.CancelOk: self._on_basic_cancel_ok,
         }
 
     # -- connecting ---------------------------------------------------------------------
@@ -240,9 +239,6 @@ class Consumer:
         if self.phase is Phase.CONNECTING:
             self._check_ready()
 
-    def _on_basic_cancel_ok(self, _frame: Any) -> None:
-        pass  # the answer to a cancel we did not wait for
-
     def _on_channel_close(self, channel: int, exc: ChannelClosed) -> None:
         if channel == PROBE_CH and self._probe is not None and not (self.phase is Phase.CONNECTING
                                                                     and exc.code in (403, 406)):
@@ -312,7 +308,7 @@ class Consumer:
         assert self.conn is not None
         self.phase = Phase.CANCELLING
         for ctag in self.ctags:
-            self.conn.send(CH, commands.Basic.Cancel(consumer_tag=ctag.decode()))
+            self.conn.call(CH, commands.Basic.Cancel(consumer_tag=ctag.decode()), (commands.Basic.CancelOk,))
         self.reconsume.clear()
         back = self.take_unstarted()
         self.settlement.give_back([d.tag for d in back])

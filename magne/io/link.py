@@ -26,10 +26,10 @@ from pamqp import commands
 
 from magne import logs
 from magne.amqp import codec
-from magne.amqp.connection import Connection, State
 from magne.amqp.errors import ConnectionLost
 from magne.amqp.url import Nodes
 from magne.delivery import Delivery
+from magne.engine.connection import Connection, State
 
 log = logs.Log("magne.io")
 

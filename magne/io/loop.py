@@ -12,7 +12,7 @@ advance a shutdown; write.
 
 It never runs user code, never takes a lock that task code can take (it logs
 through magne.logs), and never waits on anything but its selector: connects,
-name resolution and handshakes are non-blocking (amqp/connection.py). A failure
+name resolution and handshakes are non-blocking (magne/engine). A failure
 of the consuming connection schedules a reconnect with backoff; a failure of the
 link only delays the copies. Any exception while handling one message is contained
 to that message in settle.py; one that still escapes ends the thread with a log
@@ -31,11 +31,11 @@ from collections.abc import Callable
 from queue import SimpleQueue
 
 from magne import logs
-from magne.amqp.connection import DEFAULT_FRAME_MAX, READ, Connection, State
 from magne.amqp.errors import AMQPError, BrokerTimeout, ChannelClosed, ConnectionClosed, ConnectionLost, FrameError, TLSError
 from magne.amqp.url import Nodes, Params
 from magne.backoff import Backoff
 from magne.delivery import Delivery
+from magne.engine.connection import DEFAULT_FRAME_MAX, READ, Connection, State
 from magne.io.consumer import Consumer, Phase
 from magne.io.link import PublishLink
 from magne.io.settle import Settlement

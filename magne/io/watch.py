@@ -12,7 +12,7 @@ from __future__ import annotations
 import selectors
 from typing import Any
 
-from magne.amqp.connection import READ, Connection
+from magne.engine.connection import READ, Connection
 
 
 class Watcher:

@@ -30,8 +30,8 @@ from pamqp import header as pheader
 from pamqp import heartbeat as pheartbeat
 from peer import Peer, PeerTimeout
 
-import magne.amqp.connection
 import magne.backoff
+import magne.engine.transport
 from magne.amqp.url import parse_url
 from magne.delivery import Delivery, Outcome
 from magne.io.loop import IOThread
@@ -739,7 +739,7 @@ def test_reconnect_failing_synchronously_is_retried(rig, monkeypatch):
 
     fake_socket = types.SimpleNamespace(**{k: getattr(socket, k) for k in dir(socket) if not k.startswith("__")})
     fake_socket.socket = Unroutable
-    monkeypatch.setattr(magne.amqp.connection, "socket", fake_socket)
+    monkeypatch.setattr(magne.engine.transport, "socket", fake_socket)
 
     io = rig.start(("A",))
     c1, _ = open_consuming(rig)

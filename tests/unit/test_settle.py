@@ -16,11 +16,11 @@ from pamqp import frame as pframe
 
 from magne import wire
 from magne.amqp import codec
-from magne.amqp.connection import Connection
 from magne.amqp.errors import ChannelClosed, ConnectionClosed, ConnectionLost
 from magne.amqp.outbox import Outbox
 from magne.amqp.url import Nodes, parse_url
 from magne.delivery import Delivery, Outcome
+from magne.engine.connection import Connection
 from magne.io import settle
 from magne.io.link import PublishLink
 from magne.io.settle import MAX_BLAME, Settlement
