@@ -1,29 +1,23 @@
-"""The I/O thread: the only code that touches the worker's AMQP sockets.
+"""The worker's I/O thread: the engine loop (magne/engine/loop.py) with the worker's two endpoints.
 
-One selector watches the consuming connection (io/consumer.py), the publishing
-link (io/link.py) and a wake-up eventfd. Worker threads hand outcomes back with
-`report()`: append to a deque and, if no wake-up is pending, write the eventfd
-once; the I/O thread clears the flag before draining, so a batch of outcomes costs
-one wake-up (about 4 us/msg here, against 18 us/msg for one wake-up per ack,
-issue 2's figures). Each turn of the loop: wait for the sockets, the eventfd or
-the next timer; read; settle outcomes (io/settle.py); run timers (heartbeats,
-handshake deadlines, reconnects, re-consumes, the link's confirms and idle close);
-advance a shutdown; write.
+The loop watches the consuming connection (io/consumer.py), the publishing link (io/link.py)
+and the Waker. Worker threads hand outcomes back with `report()`: append to a deque and, if
+no wake-up is pending, wake the loop once; the I/O thread clears the flag before draining, so
+a batch of outcomes costs one wake-up (about 4 us/msg here, against 18 us/msg for one wake-up
+per ack, issue 2's figures). Each turn, after the loop read what arrived, `_turn` settles the
+outcomes (io/settle.py) and advances a shutdown; the loop then writes.
 
-It never runs user code, never takes a lock that task code can take (it logs
-through magne.logs), and never waits on anything but its selector: connects,
-name resolution and handshakes are non-blocking (magne/engine). A failure
-of the consuming connection schedules a reconnect with backoff; a failure of the
-link only delays the copies. Any exception while handling one message is contained
-to that message in settle.py; one that still escapes ends the thread with a log
-line, and the worker exits (its unacked messages return to the queue).
+It never runs user code, never takes a lock that task code can take (it logs through
+magne.logs), and never waits on anything but its selector: connects, name resolution and
+handshakes are non-blocking (magne/engine). A failure of the consuming connection schedules a
+reconnect by its Reconnector; a failure of the link only delays the copies. Any exception
+while handling one message is contained to that message in settle.py; one that still escapes
+ends the thread with a log line, and the worker exits (its unacked messages return to the queue).
 """
 
 from __future__ import annotations
 
 import enum
-import os
-import selectors
 import threading
 import time
 from collections import deque
@@ -32,21 +26,21 @@ from queue import SimpleQueue
 
 from magne import logs
 from magne.amqp.errors import AMQPError, BrokerTimeout, ChannelClosed, ConnectionClosed, ConnectionLost, FrameError, TLSError
+from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, Params
 from magne.backoff import Backoff
 from magne.delivery import Delivery
-from magne.engine.connection import DEFAULT_FRAME_MAX, READ, Connection, State
+from magne.engine.connection import Connection, State
+from magne.engine.loop import Loop
+from magne.engine.reconnect import Reconnector
 from magne.io.consumer import Consumer, Phase
 from magne.io.link import PublishLink
 from magne.io.settle import Settlement
 from magne.io.stats import Stats, Tally
-from magne.io.watch import Watcher
 
 log = logs.Log("magne.io")
 
-STABLE_AFTER = 10.0  # a connection that lived this long resets the reconnect backoff
 CLOSE_GRACE = 5.0  # how long a stop waits for the broker's close-oks
-TIMER_SLACK = 0.1  # the longest the timers go unchecked while the loop is busy with I/O
 
 
 class Stop(enum.IntEnum):
@@ -75,7 +69,8 @@ class IOThread(threading.Thread):
         self.permanent = False  # the failure is one retrying cannot fix (login, vhost, permissions)
         self.outcomes: deque[Delivery] = deque()
         self._wake_pending = False
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.loop = Loop()
+        self._wake = self.loop.waker.wake
         self._stopping = Stop.RUNNING
         self.link = PublishLink(self.nodes, f"magne worker publisher [{', '.join(queues)}]", lambda *_: None)
         self.settlement = Settlement(self.link, self.stats)
@@ -84,10 +79,12 @@ class IOThread(threading.Thread):
         self.consumer = Consumer(self.nodes, f"magne worker [{', '.join(queues)}]", queues, prefetch, queue_types or {},
                                  work, self.settlement, self.stats, max_body, copy_frame_max, self._on_consuming,
                                  consumer_timeouts or {})
-        self._backoff = Backoff()
+        self.reconnector = Reconnector(self.nodes, Backoff())
         self._reconnect_at = 0.0
-        self._ready_at = 0.0
         self._close_deadline = 0.0
+        self.loop.endpoints += [_ConsumerEnd(self), _LinkEnd(self)]
+        if tally is not None:
+            self.loop.on_lag = tally.lag.observe
 
     # -- called from other threads -----------------------------------------------------------
     def report(self, d: Delivery) -> None:
@@ -95,12 +92,12 @@ class IOThread(threading.Thread):
         self.outcomes.append(d)
         if not self._wake_pending:
             self._wake_pending = True
-            os.eventfd_write(self._wake_fd, 1)
+            self._wake()
 
     def request_stop(self, force: bool = False) -> None:
         """Main thread: stop warmly, or (force) now."""
         self._stopping = max(self._stopping, Stop.COLD if force else Stop.WARM)
-        os.eventfd_write(self._wake_fd, 1)
+        self._wake()
 
     @property
     def inflight(self) -> int:
@@ -125,75 +122,18 @@ class IOThread(threading.Thread):
             self.wake_main()
 
     def _run(self) -> None:
-        watcher = Watcher(self._wake_fd)
-        try:
-            self._connect(time.monotonic())
-            timers_at = 0.0
-            lag = self.stats.tally.lag if self.stats.tally is not None else None
-            while True:
-                now = time.monotonic()
-                if now >= timers_at or self._busy_timers():
-                    if lag is not None and timers_at and now >= timers_at:
-                        # The loop's lag: how long after it meant to run its timers (heartbeats, deadlines)
-                        # it got to them, because a turn of reading and settling took that long.
-                        lag.observe(now - timers_at)
-                    # Timers are not run on every turn: at 50k msg/s the loop turns thousands of
-                    # times a second, and running them each time cost ~10 % of the raw figure.
-                    wake = self._timers(now)
-                    timers_at = min(wake, now + TIMER_SLACK) if wake is not None else now + TIMER_SLACK
-                wake = max(timers_at, now)
-                watcher.sync({"consumer": self.consumer.conn, "link": self.link.conn})
-                events = watcher.select(wake - now)
-                now = time.monotonic()
-                for key, mask in events:
-                    if key.data is None:
-                        self._clear_wake()
-                    else:
-                        self._on_io(key.data, mask, now)
-                self._wake_pending = False  # before draining: see report()
-                if self.outcomes:
-                    self.consumer.inflight -= self.settlement.drain(self.outcomes, now)
-                if self._stopping and self._stop_step(now):
-                    return
-                self._flush(now)
-        finally:
-            watcher.close()
+        self._connect(time.monotonic())
+        self.loop.run(self._turn, self._own_timers)
 
-    def _clear_wake(self) -> None:
-        try:
-            os.eventfd_read(self._wake_fd)
-        except BlockingIOError:
-            pass
+    def _turn(self, now: float) -> bool:
+        """After each turn's reads: settle what the pool handed back, advance a stop. True: the thread ends."""
+        self._wake_pending = False  # before draining: see report()
+        if self.outcomes:
+            self.consumer.inflight -= self.settlement.drain(self.outcomes, now)
+        return bool(self._stopping) and self._stop_step(now)
 
-    def _conn_of(self, who: str) -> Connection | None:
-        return self.consumer.conn if who == "consumer" else self.link.conn
-
-    def _on_io(self, who: str, mask: int, now: float) -> None:
-        conn = self._conn_of(who)
-        if conn is None:
-            return
-        try:
-            if mask & selectors.EVENT_WRITE:
-                conn.on_writable(now)
-            if mask & READ:
-                conn.on_readable(now)
-        except AMQPError as exc:
-            self._failed(who, exc, now)
-
-    def _failed(self, who: str, exc: AMQPError, now: float) -> None:
-        if who == "link":
-            self.settlement.link_failed(exc, now)
-        else:
-            self._consumer_failed(exc, now)
-
-    def _flush(self, now: float) -> None:
-        for who in ("consumer", "link"):
-            conn = self._conn_of(who)
-            if conn is not None and conn.outbox:
-                try:
-                    conn.flush(now)
-                except AMQPError as exc:
-                    self._failed(who, exc, now)
+    def _own_timers(self, now: float) -> float | None:
+        return self._close_deadline or None
 
     # -- the consuming connection ------------------------------------------------------------------
     @property
@@ -202,8 +142,7 @@ class IOThread(threading.Thread):
         return self.nodes.current.safe_url()
 
     def _on_consuming(self) -> None:
-        self._ready_at = time.monotonic()
-        self.nodes.succeeded()
+        self.reconnector.opened(time.monotonic())
         if self.ready.is_set():
             self.stats.reconnects += 1
             cause = self._lost_cause or "unknown"
@@ -215,15 +154,12 @@ class IOThread(threading.Thread):
             self.wake_main()
 
     def _consumer_failed(self, exc: AMQPError, now: float) -> None:
-        """The consuming connection failed: move to the next node; back off only once every node failed in a row.
-
-        A node shutting down (320 CONNECTION_FORCED) is left at once for the next one.
-        """
+        """The consuming connection failed: move to the next node; back off only once every node failed in a row
+        (engine/reconnect.py). A node shutting down (320 CONNECTION_FORCED) is left at once for the next one."""
         was_open = self.consumer.phase is not Phase.CONNECTING
         failed_node = self.node
         dropped, running = self.consumer.lost()
-        forced = isinstance(exc, ConnectionClosed) and exc.code == 320
-        round_failed = self.nodes.failed()
+        delay, round_failed = self.reconnector.failed(exc, now, was_open)
         if self._stopping:
             raise _Done  # stopping anyway: the broker requeues what is unacked
         if not self.ready.is_set() and (round_failed or exc.permanent):
@@ -233,15 +169,6 @@ class IOThread(threading.Thread):
             self._lost_cause = loss_cause(exc)
         else:
             self.stats.connect_failures += 1
-        if was_open and self._ready_at and now - self._ready_at > STABLE_AFTER:
-            self._backoff.reset()
-        if forced or not round_failed:
-            delay = 0.0  # another node is there: go now
-        elif was_open and not self._backoff.attempt:
-            # A short pause the first time: a broker that keeps closing us at once is then backed off from.
-            delay, self._backoff.attempt = 0.2, 1
-        else:
-            delay = self._backoff.next()
         self._reconnect_at = now + delay
         if was_open:
             log.warning("connection to %s lost: %s; reconnecting to %s in %.1fs. %d prefetched messages dropped "
@@ -258,40 +185,28 @@ class IOThread(threading.Thread):
         except AMQPError as exc:  # an immediate failure (unreachable network, no sockets left)
             self._consumer_failed(exc, now)
 
-    # -- timers ----------------------------------------------------------------------------------------
-    def _busy_timers(self) -> bool:
-        """Whether the timers must run on this turn: something is in motion that they drive."""
+    # -- timers (the loop's endpoints) ----------------------------------------------------------------------
+    def _consumer_tick(self, now: float) -> float | None:
         c = self.consumer
-        return bool(self._stopping or self.settlement.unsent or c.conn is None or c.phase is not Phase.CONSUMING
-                    or (self.link.conn is not None and not self.link.ready))
+        if c.conn is None:
+            if self._stopping:
+                return None
+            if now < self._reconnect_at:
+                return self._reconnect_at
+            self._connect(now)
+            return now if c.conn is None else None
+        return c.tick(now)
 
-    def _timers(self, now: float) -> float | None:
-        """Run what is due; return when the loop must next wake up (None: only for I/O)."""
-        wakes: list[float] = []
+    def _consumer_busy(self) -> bool:
         c = self.consumer
-        if c.conn is None and not self._stopping:
-            if now >= self._reconnect_at:
-                self._connect(now)
-            else:
-                wakes.append(self._reconnect_at)
-        if c.conn is not None:
-            try:
-                w = c.tick(now)
-                if w is not None:
-                    wakes.append(w)
-            except AMQPError as exc:
-                self._consumer_failed(exc, now)
-                wakes.append(now)
-        try:
-            for w in (self.link.tick(now), self.settlement.service(now)):
-                if w is not None:
-                    wakes.append(w)
-        except AMQPError as exc:
-            self.settlement.link_failed(exc, now)
-            wakes.append(now)
-        if self._close_deadline:
-            wakes.append(self._close_deadline)
+        return bool(self._stopping or c.conn is None or c.phase is not Phase.CONSUMING)
+
+    def _link_tick(self, now: float) -> float | None:
+        wakes = [w for w in (self.link.tick(now), self.settlement.service(now)) if w is not None]
         return min(wakes) if wakes else None
+
+    def _link_busy(self) -> bool:
+        return bool(self.settlement.unsent or (self.link.conn is not None and not self.link.ready))
 
     # -- stopping ----------------------------------------------------------------------------------------
     def _stop_step(self, now: float) -> bool:
@@ -340,3 +255,43 @@ def loss_cause(exc: AMQPError) -> str:
 
 class _Done(Exception):
     """Ends the loop from inside a failure handler."""
+
+
+class _ConsumerEnd:
+    """The consuming connection as an engine endpoint."""
+
+    def __init__(self, io: IOThread) -> None:
+        self.io = io
+
+    @property
+    def conn(self) -> Connection | None:
+        return self.io.consumer.conn
+
+    def tick(self, now: float) -> float | None:
+        return self.io._consumer_tick(now)
+
+    def failed(self, exc: AMQPError, now: float) -> None:
+        self.io._consumer_failed(exc, now)
+
+    def busy(self) -> bool:
+        return self.io._consumer_busy()
+
+
+class _LinkEnd:
+    """The publishing link (and the copies waiting for it) as an engine endpoint."""
+
+    def __init__(self, io: IOThread) -> None:
+        self.io = io
+
+    @property
+    def conn(self) -> Connection | None:
+        return self.io.link.conn
+
+    def tick(self, now: float) -> float | None:
+        return self.io._link_tick(now)
+
+    def failed(self, exc: AMQPError, now: float) -> None:
+        self.io.settlement.link_failed(exc, now)
+
+    def busy(self) -> bool:
+        return self.io._link_busy()
