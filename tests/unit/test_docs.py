@@ -225,3 +225,11 @@ def test_the_readme_headline_figures_are_those_of_the_performance_page():
     assert len(figures) >= 12
     missing = [f for f in figures if f not in performance]
     assert not missing, f"README figures not in docs/performance.md: {missing}"
+
+
+def test_the_site_home_opens_with_the_readme_introduction():
+    """Two copies of the same paragraph and diagram (GitHub's front page, the site's): kept equal here."""
+    def intro(text: str) -> str:
+        return text.split("\n", 1)[1].split("\n## ", 1)[0].replace("](docs/", "](").strip()
+
+    assert intro((ROOT / "docs" / "index.md").read_text()) == intro((ROOT / "README.md").read_text())
