@@ -19,6 +19,7 @@ fenced block is treated:
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib
 import json
@@ -233,3 +234,66 @@ def test_the_site_home_opens_with_the_readme_introduction():
         return text.split("\n", 1)[1].split("\n## ", 1)[0].replace("](docs/", "](").strip()
 
     assert intro((ROOT / "docs" / "index.md").read_text()) == intro((ROOT / "README.md").read_text())
+
+
+def _code_index() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Names each magne module defines at top level, and the names in each class body, read with ast (importing
+    every module would start optional extras): enough to tell whether a name the docs cite still exists."""
+    modules: dict[str, set[str]] = {}
+    classes: dict[str, set[str]] = {}
+    for path in (ROOT / "magne").rglob("*.py"):
+        rel = path.relative_to(ROOT / "magne").with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        tree = ast.parse(path.read_text())
+        top = modules.setdefault(name, set())
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                members = classes.setdefault(node.name, set())
+                for item in ast.walk(node):
+                    if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                        members.add(item.name)
+                    elif isinstance(item, ast.Attribute) and isinstance(item.value, ast.Name) and item.value.id == "self":
+                        members.add(item.attr)
+                    elif isinstance(item, ast.AnnAssign | ast.Assign):
+                        for target in item.targets if isinstance(item, ast.Assign) else [item.target]:
+                            if isinstance(target, ast.Name):
+                                members.add(target.id)
+            for sub in ast.walk(node) if not isinstance(node, ast.ClassDef) else [node]:
+                if isinstance(sub, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    top.add(sub.name)
+                elif isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+                    top.add(sub.id)
+                elif isinstance(sub, ast.alias):
+                    top.add((sub.asname or sub.name).split(".")[0])
+    return modules, classes
+
+
+def test_the_files_and_names_the_docs_cite_exist():
+    """The thread map, the layout and the design notes name files (`io/loop.py`), module names (`publisher._IOThread`,
+    `timelimits.Slot`) and methods (`Pool.check`): when the code moves, this names the page to update."""
+    modules, classes = _code_index()
+    bases = [ROOT, ROOT / "magne", ROOT / "tests" / "unit" / "docs_example"]
+    missing, checked = [], 0
+    for page in PAGES:
+        text = page.read_text()
+        for tok in set(re.findall(r"`([\w./-]+\.py|[\w-]+/(?:[\w-]+/)*)`", text)):
+            checked += 1
+            if not any((base / tok).exists() for base in bases):
+                missing.append(f"{page.name}: file {tok}")
+        for tok in set(re.findall(r"`((?:magne\.)?[A-Za-z_]\w*(?:/\w+)*(?:\.\w+)+)`", text)):
+            parts = tok.removeprefix("magne.").replace("/", ".").split(".")
+            if parts[-1] in {"py", "md", "json", "png"}:
+                continue
+            # the longest prefix that is a magne module, then a name in it; or a class and one of its members
+            cut = next((i for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in modules), 0)
+            if cut and cut < len(parts):
+                checked += 1
+                found = parts[cut] in modules[".".join(parts[:cut])] or ".".join(parts[:cut + 1]) in modules
+                if not found:
+                    missing.append(f"{page.name}: {tok}")
+            elif not cut and parts[0] in classes and len(parts) == 2:
+                checked += 1
+                if parts[1] not in classes[parts[0]]:
+                    missing.append(f"{page.name}: {tok}")
+    assert checked >= 50
+    assert not missing, f"the docs cite what the code no longer has: {missing}"
