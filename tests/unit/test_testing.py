@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import re
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -319,18 +317,6 @@ def test_importing_magne_testing_does_not_import_pytest():
     code = ("import sys, magne.testing; assert 'pytest' not in sys.modules; "
             "from magne.testing import magne_worker; assert 'pytest' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-README = Path(__file__).parents[2] / "README.md"
-EXAMPLE = Path(__file__).parent / "readme_example"
-
-
-def test_the_readme_example_is_the_one_the_suite_runs():
-    text = README.read_text()
-    section = text.split("\n## Testing your tasks\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    files = ["conftest.py", "tasks_example.py", "test_readme_example.py"]
-    assert blocks == [(EXAMPLE / f).read_text() for f in files]
 
 
 @MODES
