@@ -20,16 +20,15 @@ from queue import SimpleQueue
 
 from pamqp import commands
 
+from bench.blocking import open_blocking, rpc
 from magne.acks import AckCoalescer
 from magne.amqp import codec
-from magne.amqp.client import Client
 from magne.amqp.url import parse_url
 
 
 def main(queue: str, threads: int = 8, prefetch: int = 256) -> None:
-    client = Client(parse_url("amqp://guest:guest@127.0.0.1:5672/%2F"), "bench bare loop").open()
-    conn = client.conn
-    client.rpc(commands.Basic.Qos(prefetch_count=prefetch), commands.Basic.QosOk)
+    conn = open_blocking(parse_url("amqp://guest:guest@127.0.0.1:5672/%2F"), "bench bare loop")
+    rpc(conn, commands.Basic.Qos(prefetch_count=prefetch), commands.Basic.QosOk)
     work: SimpleQueue[tuple[int, bytes]] = SimpleQueue()
     done: deque[int] = deque()
     wake = os.eventfd(0, os.EFD_NONBLOCK)
@@ -48,7 +47,7 @@ def main(queue: str, threads: int = 8, prefetch: int = 256) -> None:
                 os.eventfd_write(wake, 1)
 
     conn.on_content = on_content
-    client.rpc(commands.Basic.Consume(queue=queue, consumer_tag="bare"), commands.Basic.ConsumeOk)
+    rpc(conn, commands.Basic.Consume(queue=queue, consumer_tag="bare"), commands.Basic.ConsumeOk)
     for _ in range(threads):
         threading.Thread(target=worker, daemon=True).start()
     stop = [False]

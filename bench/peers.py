@@ -31,13 +31,13 @@ class Peer:
 
 
 def _magne_declare(queue: str = "bench-magne") -> None:
-    from magne.amqp.client import Client
     from magne.amqp.url import parse_url
+    from magne.engine.client import Client
     from magne.topology import declarations
 
     with Client(parse_url("amqp://guest:guest@127.0.0.1:5672/%2F"), "bench declare") as c:
         for method, reply in declarations(queue):
-            c.rpc(method, reply)
+            c.call(method, reply)
 
 
 def _magne_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, pika.BasicProperties]]:

@@ -43,13 +43,13 @@ def bare_publish(n: int, window: int, queue: str = "bench-magne") -> None:
     futures, no declarations; each message's id, body and frames made in the loop, acks read as they come."""
     from pamqp import commands
 
+    from bench.blocking import open_blocking
     from magne import wire
-    from magne.amqp.client import Client, encode_content, publish_method
+    from magne.amqp.codec import encode_content, publish_method
     from magne.amqp.url import parse_url
-    from magne.publisher import json_header
+    from magne.outgoing import json_header
 
-    client = Client(parse_url(URL), "bench bare publish", confirms=True).open()
-    conn = client.conn
+    conn = open_blocking(parse_url(URL), "bench bare publish", confirms=True)
     upto, single = [0], set()  # confirmed: every tag up to upto[0] (multiple acks), and single acks above it
 
     def on_frame(_ch: int, f: Any) -> None:
@@ -79,7 +79,7 @@ def bare_publish(n: int, window: int, queue: str = "bench-magne") -> None:
             conn.on_writable(time.monotonic())
         if r:
             conn.on_readable(time.monotonic())
-    client.close()
+    conn.abort()
 
 
 def run(peer: str, n: int) -> dict[str, float]:

@@ -15,10 +15,10 @@ from pamqp import commands
 
 from magne import topology, wire
 from magne.amqp import properties
-from magne.amqp.client import Client
 from magne.amqp.codec import decode_properties
 from magne.amqp.errors import AMQPError, ChannelClosed, PublishError
 from magne.amqp.url import Nodes, parse_urls
+from magne.engine.client import Client
 from magne.errors import ConfigError
 from magne.logs import clean
 
@@ -32,13 +32,15 @@ def _names(queue: str) -> tuple[str, str]:
     return queue, topology.dead_queue(queue)
 
 
-def _client(url: str | None, confirms: bool = False) -> Client:
+def _client(url: str | None) -> Client:
     """A client on the first node of the list that answers (a cluster: any node will do)."""
     nodes = Nodes(parse_urls(url))
     while True:
+        client = Client(Nodes([nodes.current], start=0), "magne dead")
         try:
-            return Client(nodes.current, "magne dead", confirms=confirms).open()
+            return client.open()
         except AMQPError as exc:
+            client.close(1.0)
             if exc.permanent or nodes.failed():
                 raise
 
@@ -123,7 +125,7 @@ def dead_replay(url: str | None, queue: str, limit: int | None = None) -> int:
     say-so: a publisher could otherwise route a replay anywhere.
     """
     task_queue, dq = _names(queue)
-    client = _client(url, confirms=True)
+    client = _client(url)
     try:
         n = _count(client, dq) if limit is None else limit
         moved = 0

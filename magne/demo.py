@@ -16,8 +16,8 @@ import time
 from pamqp import commands
 
 from magne import wire
-from magne.amqp.client import Client
 from magne.amqp.url import parse_url, resolve_url
+from magne.engine.client import Client
 from magne.publisher import Publisher
 from magne.registry import task
 

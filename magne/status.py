@@ -36,9 +36,9 @@ import urllib.request
 from typing import Any
 
 from magne import topology
-from magne.amqp.client import Client
 from magne.amqp.errors import AMQPError, ChannelClosed
 from magne.amqp.url import Nodes, Params, parse_urls
+from magne.engine.client import Client
 from magne.errors import ConfigError
 
 HTTP_TIMEOUT = 3.0
@@ -186,9 +186,11 @@ def from_http(api: Management, names: list[str]) -> list[QueueStatus]:
 # -- passive declares over AMQP ----------------------------------------------------------------------
 def _amqp_client(nodes: Nodes) -> Client:
     while True:
+        client = Client(Nodes([nodes.current], start=0), "magne status")
         try:
-            return Client(nodes.current, "magne status").open()
+            return client.open()
         except AMQPError as exc:
+            client.close(1.0)
             if exc.permanent or nodes.failed():
                 raise
 
@@ -200,8 +202,7 @@ def _passive(client: Client, name: str) -> tuple[int, int] | None:
     except ChannelClosed as exc:
         if exc.code != 404:
             raise
-        client.open_channel()
-        return None
+        return None  # the session's channel opens again for the next call
 
 
 def from_amqp(nodes: Nodes, names: list[str], sample: float) -> list[QueueStatus]:

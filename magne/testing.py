@@ -141,8 +141,7 @@ class Worker:
             self._watchdog = threading.Thread(target=self._watch, args=(pool, tick), name="magne-testing-watchdog",
                                               daemon=True)
             self._watchdog.start()
-        with publisher._default_lock:
-            self._saved, publisher._default = publisher._default, self  # type: ignore[assignment]
+        self._saved = publisher.set_default(self)  # the public seam: every task.send lands here while active
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -158,8 +157,7 @@ class Worker:
             if self._watchdog is not None:
                 self._watchdog.join()
         finally:
-            with publisher._default_lock:
-                publisher._default = self._saved
+            publisher.set_default(self._saved)
 
     def _watch(self, pool: Pool, tick: float) -> None:  # magne.worker's watchdog: time limits, lost threads
         while not self._stop.wait(tick):

@@ -26,6 +26,7 @@ DEFAULT_DELIVERY_LIMIT = 20
 # reject-publish overflow.
 AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 Declaration = tuple[Any, type]
+MAX_EXPIRES_MARGIN_MS = 86_400_000  # a delay queue outlives its TTL by at most a day (x-expires fits 32 bits)
 
 
 def default_queue(task_name: str) -> str:
@@ -99,7 +100,7 @@ def declare_delay(queue: str, ms: int, queue_type: str = "classic") -> commands.
         "x-message-ttl": ms,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": queue,
-        "x-expires": ms + max(60_000, ms // 10),
+        "x-expires": ms + max(60_000, min(ms // 10, MAX_EXPIRES_MARGIN_MS)),
     }
     if queue_type == "quorum":
         args.update({"x-queue-type": "quorum", **AT_LEAST_ONCE})

@@ -342,6 +342,12 @@ class Protocol:
         self.send(channel, method)
         self._calls.setdefault(channel, deque()).append((replies, on_reply))
 
+    def answered(self, channel: int) -> None:
+        """A pending call was answered by content (basic.get-ok arrives through on_content): take it off the FIFO."""
+        calls = self._calls.get(channel)
+        if calls:
+            calls.popleft()
+
     def waiting(self, channel: int) -> int:
         """How many replies on `channel` have not arrived yet."""
         return len(self._calls.get(channel, ()))

@@ -9,6 +9,7 @@ protocol queued go out through `Transport.send`, and the states of both read as 
 from __future__ import annotations
 
 import enum
+import os
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -115,6 +116,9 @@ class Connection:
 
     def waiting(self, channel: int) -> int:
         return self.protocol.waiting(channel)
+
+    def answered(self, channel: int) -> None:
+        self.protocol.answered(channel)
 
     def is_open(self, channel: int) -> bool:
         return self.protocol.is_open(channel)
@@ -240,9 +244,13 @@ class Connection:
 
 def close_inherited() -> None:
     """os.register_at_fork hook, in the child: drop the parent's sockets (close only; shutdown would cut the
-    parent's connection)."""
+    parent's connection). A process forked by a task (or by an application) then holds none of them, so the
+    broker sees the worker go the moment it dies."""
     for conn in list(_LIVE):
         conn.forget_in_child()
+
+
+os.register_at_fork(after_in_child=close_inherited)
 
 
 __all__ += ["ChannelClosed", "close_inherited"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import select
+import threading
 
 _EIGHT = (1).to_bytes(8, "little")
 
@@ -69,3 +70,31 @@ class Waker:
             except OSError:
                 pass
         self._r = self._w = -1
+
+
+class Signal:
+    """A thread waiting for something another thread (an engine loop) will tell it: a confirm, a reply.
+
+    A lock held while unsignalled: only the loop's thread releases it (`set`), only the waiter acquires it
+    (`wait`, bounded). Not threading.Event nor a Future: both take a Condition's lock in set(), and a waiter is
+    often a task thread, into which a time limit can raise at any bytecode, possibly while it holds that
+    Condition's lock inside wait(): the loop's thread would then block in set() forever. A release never
+    blocks."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        """The loop's thread."""
+        if self._lock.locked():
+            try:
+                self._lock.release()
+            except RuntimeError:  # released meanwhile by another set()
+                pass
+
+    def wait(self, timeout: float) -> bool:
+        """The waiting thread: True if set since the last wait."""
+        return self._lock.acquire(timeout=timeout)

@@ -18,7 +18,8 @@ import pytest
 from pamqp import commands
 
 from magne import wire
-from magne.amqp.client import ConfirmWindow, Nacked, Returned
+from magne.amqp.confirms import Nacked, Returned, Tracker
+from magne.engine.sender import Sender
 from magne.publisher import Message, NoSuchQueue, Publisher, Target
 from support import URL, wait_for
 from support.proxy import Proxy
@@ -115,9 +116,9 @@ def test_a_connection_cut_mid_batch_republishes_and_never_reports_a_lost_message
 
 
 def test_a_broker_that_stays_away_fails_the_unconfirmed_messages_instead_of_dropping_them(broker, names, monkeypatch):
-    import magne.publisher as mp
+    import magne.engine.client as mc
 
-    monkeypatch.setattr(mp, "RECONNECT_FOR", 1.0)
+    monkeypatch.setattr(mc, "GIVE_UP_AFTER", 1.0)
     q = names["main"]
     proxy = Proxy()
     pub = Publisher(proxy.url(), window=200)
@@ -142,21 +143,19 @@ def test_a_broker_that_stays_away_fails_the_unconfirmed_messages_instead_of_drop
 
 
 def test_many_threads_share_one_connection_and_have_their_confirms_in_flight_together(broker, names, monkeypatch):
-    import magne.publisher as mp
-
     most, opened = [0], [0]
-    add, open_ = ConfirmWindow.add, mp._IOThread._open
+    add, open_ = Tracker.add, Sender._open
 
     def counting_add(self, token, key=None):
         most[0] = max(most[0], len(self) + 1)
         return add(self, token, key)
 
-    def counting_open(self):
+    def counting_open(self, now):
         opened[0] += 1
-        return open_(self)
+        return open_(self, now)
 
-    monkeypatch.setattr(ConfirmWindow, "add", counting_add)
-    monkeypatch.setattr(mp._IOThread, "_open", counting_open)
+    monkeypatch.setattr(Tracker, "add", counting_add)
+    monkeypatch.setattr(Sender, "_open", counting_open)
     pub = Publisher(URL)
     q, target = names["main"], Target("record", names["main"])
     pub.send(target, ["warm-up"])
@@ -232,16 +231,16 @@ def test_a_publisher_used_before_fork_gives_the_child_its_own_connection(broker,
     pub = Publisher(URL)
     try:
         pub.send(target, ["parent-before"])
-        parent_port = pub._io.client.conn.sock.getsockname()[1]
+        parent_port = pub._client.sender.conn.sock.getsockname()[1]
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: report its own connection's port, or the error
             code = 1
             try:
                 os.close(r)
-                assert pub._io is None, "the child kept the parent's I/O thread"
+                assert pub._client is None, "the child kept the parent's client"
                 mid = pub.send(target, ["child"])
-                port = pub._io.client.conn.sock.getsockname()[1]
+                port = pub._client.sender.conn.sock.getsockname()[1]
                 os.write(w, f"{mid} {port}".encode())
                 pub.close()
                 code = 0
@@ -257,7 +256,7 @@ def test_a_publisher_used_before_fork_gives_the_child_its_own_connection(broker,
         child_mid, child_port = report.split()
         assert int(child_port) != parent_port, "the child published on the parent's socket"
         pub.send(target, ["parent-after"])  # the parent's connection survived the child's exit
-        assert pub._io.client.conn.sock.getsockname()[1] == parent_port
+        assert pub._client.sender.conn.sock.getsockname()[1] == parent_port
     finally:
         pub.close()
     got = ids_in(broker, q)

@@ -13,8 +13,8 @@ import urllib.parse
 import pytest
 from pamqp import commands
 
-from magne.amqp.client import Client
 from magne.amqp.url import parse_url
+from magne.engine.client import Client
 from magne.errors import ConnectionClosed, TLSError
 from support import ROOT, wait_for
 
@@ -26,7 +26,7 @@ def url(node, **query: str) -> str:
 
 
 def connect(u: str) -> Client:
-    return Client(parse_url(u), "magne tls test", confirms=True, timeout=15).open()
+    return Client(parse_url(u), "magne tls test", timeout=15).open()
 
 
 def test_trusted_ca_passes_and_publishes(tls_nodes):

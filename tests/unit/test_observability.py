@@ -142,16 +142,16 @@ def test_before_send_adds_headers_and_without_hooks_the_header_is_the_hand_made_
         def before_send(self, message):
             message.headers["x-stamp"] = f"{message.task_name}@{message.queue}"
 
+    from magne.outgoing import task_header
+
     target = publisher.Target("ob_ok", "OB_OK")
-    pub = publisher.Publisher("amqp://guest:guest@127.0.0.1:1/%2F")
-    plain = pub._task_message(target, [1], None, None, "m-1", True)
-    assert plain.header == publisher.json_header("m-1", len(plain.body))
+    assert task_header(target, "m-1", 20) == publisher.json_header("m-1", 20)
     h = hooks.add(Stamp())
     try:
-        stamped = pub._task_message(target, [1], None, None, "m-2", True)
+        stamped = task_header(target, "m-2", 20)
     finally:
         hooks.remove(h)
-    props = decode_properties(stamped.header)
+    props = decode_properties(stamped)
     assert props.headers == {"x-stamp": "ob_ok@OB_OK"}
     assert (props.message_id, props.content_type, props.delivery_mode) == ("m-2", wire.CONTENT_TYPE, 2)
     assert hooks.SEND_HOOKS == []

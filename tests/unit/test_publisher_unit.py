@@ -1,4 +1,4 @@
-"""The publisher's pieces without a broker: hand encodings against pamqp's, the confirm window, the signals."""
+"""The publisher's pieces without a broker: hand encodings against pamqp's, the confirm tracker, the signals."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ from pamqp import commands
 
 from magne import wire
 from magne.amqp import codec
-from magne.amqp.client import ConfirmWindow, Nacked, Returned, encode_content, publish_method
-from magne.amqp.errors import FrameError, PublishError
-from magne.publisher import BatchResult, Failed, _Batch, _Signal, json_header
+from magne.amqp.codec import encode_content, publish_method
+from magne.amqp.confirms import Nacked, Returned, Tracker
+from magne.amqp.errors import BrokerTimeout, ChannelClosed, ConnectionLost, FrameError, PublishError
+from magne.engine.sender import Outgoing, reframe
+from magne.engine.waker import Signal
+from magne.outgoing import BatchResult, Failed, check_delay, json_header, raised
+from magne.publisher import _Batch
 
 
 @pytest.mark.parametrize("mid", ["0" * 32, "x", "é-ünïcode", "a" * 255])
@@ -49,71 +53,77 @@ def nack(tag, multiple=False):
     return commands.Basic.Nack(delivery_tag=tag, multiple=multiple)
 
 
-def test_window_multiple_ack_settles_everything_up_to_its_tag_once():
-    w = ConfirmWindow()
+def test_tracker_multiple_ack_settles_everything_up_to_its_tag_once():
+    w = Tracker()
     seqs = [w.add(f"m{i}") for i in range(1, 6)]
     assert seqs == [1, 2, 3, 4, 5] and len(w) == 5
-    assert [(s, t, e) for s, t, e in w.confirm(ack(3, True))] == [(1, "m1", None), (2, "m2", None), (3, "m3", None)]
+    assert w.confirm(ack(3, True)) == [("m1", None), ("m2", None), ("m3", None)]
     assert w.confirm(ack(3, True)) == []  # a repeated confirm settles nothing twice
     assert w.oldest() == "m4" and len(w) == 2
 
 
-def test_window_single_acks_out_of_order_then_a_multiple():
-    w = ConfirmWindow()
+def test_tracker_single_acks_out_of_order_then_a_multiple():
+    w = Tracker()
     for i in range(1, 6):
         w.add(i)
-    assert [t for _, t, _ in w.confirm(ack(4))] == [4]
-    assert [t for _, t, _ in w.confirm(ack(1))] == [1]
+    assert [t for t, _ in w.confirm(ack(4))] == [4]
+    assert [t for t, _ in w.confirm(ack(1))] == [1]
     assert w.oldest() == 2
-    assert [t for _, t, _ in w.confirm(ack(5, True))] == [2, 3, 5]
+    assert [t for t, _ in w.confirm(ack(5, True))] == [2, 3, 5]
     assert len(w) == 0 and w.oldest() is None
 
 
-def test_window_nack_in_the_middle_fails_only_that_message():
-    w = ConfirmWindow()
+def test_tracker_nack_in_the_middle_fails_only_that_message():
+    w = Tracker()
     for i in range(1, 6):
-        w.add(i, ("", "q", b"%d" % i))
+        w.add(i, ("", "q", f"m{i}", hash(b"%d" % i)))
     out = w.confirm(ack(2, True)) + w.confirm(nack(3)) + w.confirm(ack(5, True))
-    errors = {t: e for _, t, e in out}
+    errors = dict(out)
     assert set(errors) == {1, 2, 3, 4, 5}
     assert isinstance(errors[3], Nacked) and isinstance(errors[3], PublishError) and errors[3].reason == "nack"
     assert all(errors[t] is None for t in (1, 2, 4, 5))
 
 
-def test_window_return_marks_the_matching_message_and_its_ack_fails_it():
-    w = ConfirmWindow()
-    w.add("a", ("ex", "good", b"1"))
-    w.add("b", ("ex", "nowhere", b"2"))
-    w.add("c", ("ex", "nowhere", b"3"))
+def test_tracker_return_fails_only_its_own_message_among_those_the_ack_covers():
+    w = Tracker()
+    w.add("a", ("ex", "good", "m1", hash(b"1")))
+    w.add("b", ("ex", "nowhere", "m2", hash(b"2")))
+    w.add("c", ("ex", "nowhere", "m3", hash(b"3")))
     ret = commands.Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="ex", routing_key="nowhere")
-    assert w.returned(ret, b"3")
-    assert not w.returned(commands.Basic.Return(exchange="ex", routing_key="other"), b"3")
-    errors = {t: e for _, t, e in w.confirm(ack(3, True))}
-    assert errors["a"] is None and errors["b"] is None
+    w.returned(ret, "m3", b"3")
+    errors = dict(w.confirm(ack(3, True)))
+    assert errors["a"] is None and errors["b"] is None  # b went to the same key and was routed: not failed
     assert isinstance(errors["c"], Returned) and errors["c"].reply_code == 312 and errors["c"].reason == "return"
 
 
-def test_window_clear_hands_back_the_unconfirmed_in_order_and_restarts_numbering():
-    w = ConfirmWindow()
+def test_tracker_return_of_a_message_not_covered_by_the_next_ack_fails_nothing_else():
+    w = Tracker()
+    w.add("a", ("ex", "q", "m1", hash(b"x")))
+    w.returned(commands.Basic.Return(312, "NO_ROUTE", "ex", "other"), "m9", b"y")
+    assert w.confirm(ack(1)) == [("a", None)]
+
+
+def test_tracker_lost_hands_back_the_unconfirmed_in_order_and_restarts_numbering():
+    w = Tracker()
     for i in range(1, 5):
         w.add(i)
     w.confirm(ack(2))
-    assert w.clear() == [1, 3, 4]
+    assert w.lost() == [1, 3, 4]
     assert len(w) == 0 and w.add("x") == 1
 
 
-def test_window_drop_oldest_while_stops_at_the_first_that_does_not_match():
-    w = ConfirmWindow()
+def test_tracker_drop_oldest_while_stops_at_the_first_that_does_not_match():
+    w = Tracker()
     for i in range(1, 6):
         w.add(i)
     w.confirm(ack(1))
     assert w.drop_oldest_while(lambda t: t < 4) == [2, 3]
     assert w.confirm(ack(3, True)) == []  # late acks for dropped ones settle nothing
-    assert [t for _, t, _ in w.confirm(ack(5, True))] == [4, 5]
+    assert [t for t, _ in w.confirm(ack(5, True))] == [4, 5]
 
 
 def test_signal_wakes_its_waiter_and_a_set_without_a_waiter_is_kept_once():
-    s = _Signal()
+    s = Signal()
     assert not s.wait(0.01)
     s.set()
     s.set()  # setting twice is harmless
@@ -131,11 +141,12 @@ def test_signal_wakes_its_waiter_and_a_set_without_a_waiter_is_kept_once():
 def test_batch_signals_when_enough_are_settled():
     b = _Batch()
     b.need = 3
-    b.settle(None)  # type: ignore[arg-type]
-    b.settle(None)  # type: ignore[arg-type]
+    msg = Outgoing("", "q", json_header("m", 1), b"x", "m")
+    b(msg, None)
+    b(msg, Nacked("no"))
     assert not b.signal.wait(0)
-    b.settle(None)  # type: ignore[arg-type]
-    assert b.signal.wait(0) and b.settled == 3
+    b(msg, None)
+    assert b.signal.wait(0) and b.settled == 3 and [f.reason for f in b.failed] == ["nack"]
 
 
 def test_batch_result_reports_exactly_what_failed():
@@ -145,3 +156,37 @@ def test_batch_result_reports_exactly_what_failed():
     with pytest.raises(PublishError, match="1 of 3"):
         r.raise_on_failure()
     assert BatchResult(["a"], []).raise_on_failure().ok
+
+
+def test_raised_is_a_fresh_publish_error_per_sender_and_keeps_the_kind():
+    shared = ConnectionLost("the broker went away")
+    a, b = raised(shared), raised(shared)
+    assert a is not b and a is not shared
+    assert isinstance(a, PublishError) and isinstance(a, ConnectionLost) and str(a) == str(shared)
+    closed = ChannelClosed(1, 404, "NOT_FOUND")
+    c = raised(closed)
+    assert isinstance(c, PublishError) and isinstance(c, ChannelClosed) and c.code == 404
+    t = raised(BrokerTimeout("slow"))
+    assert isinstance(t, BrokerTimeout) and isinstance(t, PublishError)
+    n = Nacked("refused")
+    assert type(raised(n)) is Nacked and raised(n) is not n
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf"), 10 * 365 * 86400.0])
+def test_delays_that_can_never_be_sent_are_refused_before_sending(bad):
+    with pytest.raises(ValueError):
+        check_delay(bad)
+
+
+def test_delays_that_can_be_sent():
+    assert check_delay(None) is None and check_delay(0) is None and check_delay(1.5) == 1.5
+    with pytest.raises(TypeError):
+        check_delay("5")
+
+
+@pytest.mark.parametrize("size", [0, 10, 9000, 300_000])
+def test_reframe_for_a_smaller_frame_max_is_what_encoding_for_it_makes(size):
+    body = bytes(range(256)) * (size // 256) + b"q" * (size % 256)
+    header = json_header("m", len(body))
+    big = encode_content(publish_method("ex", "rk", True), header, body, 131072)
+    assert reframe(big, 8192) == encode_content(publish_method("ex", "rk", True), header, body, 8192)
