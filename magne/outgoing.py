@@ -126,7 +126,7 @@ def check_delay(delay: Any) -> float | None:
     if math.isnan(delay) or delay < 0:
         raise ValueError(f"delay must be a number of seconds >= 0, got {delay!r}")
     if delay > MAX_DELAY:
-        raise ValueError(f"delay of {delay!r}s is longer than the longest a message can wait on RabbitMQ "
+        raise ValueError(f"delay of {delay!r}s is longer than the maximum a message can wait on RabbitMQ "
                          f"({MAX_DELAY:.0f}s, about {MAX_DELAY / 86400:.0f} days)")
     return float(delay) or None
 
