@@ -210,12 +210,7 @@ class Sender:
         return d if d != math.inf else None
 
     def _open(self, now: float) -> None:
-        conn = Connection(self.nodes.current, self.name, heartbeat=self.heartbeat)
-        conn.on_open = self._on_open
-        conn.on_frame = self._on_frame
-        conn.on_content = self._on_return
-        conn.on_channel_close = self._on_channel_close
-        conn.on_blocked = self._on_blocked
+        conn = self.wire(Connection(self.nodes.current, self.name, heartbeat=self.heartbeat))
         self.conn, self.ready, self.last_used = conn, False, now
         self.prepared.clear()
         self.preparing.clear()
@@ -224,6 +219,15 @@ class Sender:
             conn.start(now)
         except AMQPError as exc:
             self.failed(exc, now)
+
+    def wire(self, conn: Connection) -> Connection:
+        """Set this sender's handlers on a connection (loop thread)."""
+        conn.on_open = self._on_open
+        conn.on_frame = self._on_frame
+        conn.on_content = self._on_return
+        conn.on_channel_close = self._on_channel_close
+        conn.on_blocked = self._on_blocked
+        return conn
 
     def _on_open(self) -> None:
         conn = self.conn
@@ -237,7 +241,8 @@ class Sender:
         self.opened += 1
         self.unreachable_since = 0.0
         self.reconnector.opened(time.monotonic())
-        log.info("%s connection open on %s", self.name, self.nodes.current.safe_url(), event="sender_open")
+        log.info("opened the publishing connection (%s) to %s", self.name, self.nodes.current.safe_url(),
+                 event="sender_open")
         self.pump(time.monotonic())
 
     # -- publishing -----------------------------------------------------------------------------------------
@@ -444,7 +449,7 @@ class Sender:
         if exc.permanent or (self.give_up_after and now - self.unreachable_since >= self.give_up_after):
             self.fail_all(exc)
             self.unreachable_since = 0.0
-        log.warning("%s connection failed: %s; %d messages wait, reconnecting in %.1fs", self.name, exc,
+        log.warning("publishing connection failed (%s): %s; %d messages wait, reconnecting in %.1fs", self.name, exc,
                     len(self.queue), delay, event="sender_connection_lost")
 
     def _dropped(self) -> None:

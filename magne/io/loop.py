@@ -1,6 +1,6 @@
 """The worker's I/O thread: the engine loop (magne/engine/loop.py) with the worker's two endpoints.
 
-The loop watches the consuming connection (io/consumer.py), the publishing link (io/link.py)
+The loop watches the consuming connection (io/consumer.py), the publishing link (an engine Sender)
 and the Waker. Worker threads hand outcomes back with `report()`: append to a deque and, if
 no wake-up is pending, wake the loop once; the I/O thread clears the flag before draining, so
 a batch of outcomes costs one wake-up (about 4 us/msg here, against 18 us/msg for one wake-up
@@ -33,14 +33,15 @@ from magne.delivery import Delivery
 from magne.engine.connection import Connection, State
 from magne.engine.loop import Loop
 from magne.engine.reconnect import Reconnector
+from magne.engine.sender import Sender
 from magne.io.consumer import Consumer, Phase
-from magne.io.link import PublishLink
 from magne.io.settle import Settlement
 from magne.io.stats import Stats, Tally
 
 log = logs.Log("magne.io")
 
 CLOSE_GRACE = 5.0  # how long a stop waits for the broker's close-oks
+LINK_STALL = 120.0  # seconds without a confirm (while not blocked) after which the publishing link is given up
 
 
 class Stop(enum.IntEnum):
@@ -72,8 +73,12 @@ class IOThread(threading.Thread):
         self.loop = Loop()
         self._wake = self.loop.waker.wake
         self._stopping = Stop.RUNNING
-        self.link = PublishLink(self.nodes, f"magne worker publisher [{', '.join(queues)}]", lambda *_: None)
-        self.settlement = Settlement(self.link, self.stats)
+        # The publishing link: the engine's Sender on a connection of its own (a broker alarm blocks a connection that
+        # publishes, and acks must go on), opened when there are copies to make; heartbeats off (it may sit blocked for
+        # as long as an alarm lasts), a confirm overdue LINK_STALL seconds while not blocked means it is dead.
+        self.link = Sender(self.nodes, f"magne worker publisher [{', '.join(queues)}]", heartbeat=0, window=65535,
+                           stall_timeout=LINK_STALL)
+        self.settlement = Settlement(self.link, self.stats, copy_frame_max)
         if tally is not None:
             self.link.on_latency = tally.confirm.observe
         self.consumer = Consumer(self.nodes, f"magne worker [{', '.join(queues)}]", queues, prefetch, queue_types or {},
@@ -206,7 +211,7 @@ class IOThread(threading.Thread):
         return min(wakes) if wakes else None
 
     def _link_busy(self) -> bool:
-        return bool(self.settlement.unsent or (self.link.conn is not None and not self.link.ready))
+        return self.link.busy() or bool(self.settlement.waiting)
 
     # -- stopping ----------------------------------------------------------------------------------------
     def _stop_step(self, now: float) -> bool:
@@ -233,7 +238,7 @@ class IOThread(threading.Thread):
         if self._close_deadline and now >= self._close_deadline:
             log.warning("broker did not answer the close within %gs; dropping the connection", CLOSE_GRACE)
             return True
-        return c.conn.state is State.CLOSED and not self.link.is_open
+        return c.conn.state is State.CLOSED and self.link.conn is None
 
 
 def loss_cause(exc: AMQPError) -> str:
@@ -291,7 +296,7 @@ class _LinkEnd:
         return self.io._link_tick(now)
 
     def failed(self, exc: AMQPError, now: float) -> None:
-        self.io.settlement.link_failed(exc, now)
+        self.io.link.failed(exc, now)
 
     def busy(self) -> bool:
         return self.io._link_busy()

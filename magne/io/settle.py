@@ -3,19 +3,24 @@
 Runs on the I/O thread only. Acks go through the eager coalescer (magne.acks);
 requeues are written here and only here (`_requeue`: the frame, the coalescer's
 note that the tag is settled, the count). A retry or dead letter is a copy to
-publish on the link first; its original is acked only once the broker confirmed
-the copy, so a crash in between can duplicate but never lose.
+publish first, through the engine's Sender (the worker's publishing link: its own
+connection, opened when there are copies to make); its original is acked only once
+the broker confirmed the copy, so a crash in between can duplicate but never lose.
 
-Copies the link cannot take yet wait in `unsent`. When the link fails, the copies it
-had not confirmed go back to the front of `unsent`, and the oldest one is blamed
-(the broker processes frames in order, so a copy it refuses by closing the link is
-the oldest unconfirmed one). A blamed copy is then published alone, so it cannot
-hold up the others; twice blamed, it goes without its declare and with its headers
-cut to magne's own; after MAX_BLAME its original is requeued and the failure logged.
+A copy the broker refuses (nacked by a full delay or dead-letter queue, returned,
+refused with the channel) is published again with backoff, and the warning names the
+message and the queue; its original stays unacked meanwhile and its task is never run
+again for it: its failure is only waiting to be recorded. From the second refusal the
+copy goes with magne's headers only (the publisher's may be what the broker refuses),
+and after a refused declaration of its queue, without the declaration. (RabbitMQ 3.x's
+consumer_timeout, 30 min by default, may close the consuming channel meanwhile: the
+original then comes back and runs again; 3.12+ honours the worker's x-consumer-timeout.)
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import time
 from collections import deque
 
@@ -24,42 +29,57 @@ from pamqp import commands
 from magne import logs, wire
 from magne.acks import AckCoalescer
 from magne.amqp import codec, properties
-from magne.amqp.errors import ChannelClosed, ConnectionClosed
+from magne.amqp.errors import FrameError, MagneError
 from magne.amqp.outbox import Outbox
 from magne.backoff import Backoff
 from magne.delivery import Delivery, Outcome
-from magne.io.link import PublishLink
+from magne.engine.sender import Outgoing, Prep, Sender
 from magne.io.stats import Stats
 
 log = logs.Log("magne.io")
 
 CH = 1
-MAX_BLAME = 4
+REDECLARE = 10.0  # a delay queue's declaration is repeated after this long (its x-expires counts from it)
+MAX_COPY_BACKOFF = 60.0
+ALERT_AFTER = 3  # refusals of one copy after which the warning becomes an error
+
+
+class Copy(Outgoing):
+    """The retry or dead-letter copy of a delivery, on its way through the Sender."""
+
+    __slots__ = ("d",)
 
 
 class Settlement:
-    def __init__(self, link: PublishLink, stats: Stats) -> None:
-        self.link = link
+    def __init__(self, sender: Sender, stats: Stats, frame_max: int) -> None:
+        self.sender = sender
         self.stats = stats
+        self.frame_max = frame_max
         self.gen = 0
         self.out: Outbox | None = None  # the consuming connection's outbox, for this generation
         self.acks = AckCoalescer()
-        self.unsent: deque[Delivery] = deque()
-        self.backoff = Backoff(1.0, 30.0)
-        self.retry_at = 0.0
+        self.waiting: list[tuple[float, int, Delivery]] = []  # (when to publish again, tie-break, copy): refused ones
+        self._seq = 0
+        self._preps: dict[str, Prep] = {}  # copy_to -> its declaration (bounded: queues and rounded delays)
         self.accepting = True  # False once the channel is closing: nothing more is written on it
-        link.on_confirm = self._on_confirm
 
     def reset(self, gen: int, out: Outbox | None) -> None:
         """A new channel generation: fresh tags. Copies of the old one are dropped (their originals come back)."""
         self.gen, self.out, self.acks, self.accepting = gen, out, AckCoalescer(), out is not None
-        stale = [d for d in self.unsent if d.gen != gen]
-        if stale:
-            self.stats.stale += len(stale)
-            self.unsent = deque(d for d in self.unsent if d.gen == gen)
+        stale = [c for c in self.sender.queue if isinstance(c, Copy) and c.d.gen != gen]
+        stale_waiting = [w for w in self.waiting if w[2].gen != gen]
+        if stale or stale_waiting:
+            self.stats.stale += len(stale) + len(stale_waiting)
+            self.sender.queue = deque(c for c in self.sender.queue if not (isinstance(c, Copy) and c.d.gen != gen))
+            self.waiting = [w for w in self.waiting if w[2].gen == gen]
+            heapq.heapify(self.waiting)
+
+    @property
+    def unsent(self) -> bool:
+        return bool(self.sender.queue or self.waiting)
 
     def pending_copies(self) -> int:
-        return len(self.unsent) + len(self.link.confirms)
+        return len(self.waiting) + self.sender.pending()
 
     # -- outcomes from the pool ----------------------------------------------------------
     def drain(self, outcomes: deque[Delivery], now: float) -> int:
@@ -130,7 +150,7 @@ class Settlement:
 
     # -- copies ----------------------------------------------------------------------------
     def copy(self, d: Delivery) -> None:
-        """A retry or dead letter: queue its copy for the link; the original is acked when the copy is confirmed."""
+        """A retry or dead letter: hand its copy to the sender; the original is acked when the copy is confirmed."""
         err = d.error or {}
         what = f"{d.reason} ({err.get('type')}: {logs.clean(err.get('message', ''))})" if err else d.reason
         task = logs.clean(d.task or "?", 100)
@@ -142,68 +162,49 @@ class Settlement:
             log.warning("message %s (task %s) from queue %s failed: %s; dead-lettering it to %s",
                         d.message_id(), task, d.queue, what, d.copy_to,
                         event="dead_letter", task=task, queue=d.queue, reason=d.reason, outcome="dead")
-        self.unsent.append(d)
+        self._publish(d)
 
-    def service(self, now: float) -> float | None:
-        """Publish waiting copies when the link can take them; open it when needed. Returns the next wake-up."""
-        if not self.unsent or now < self.retry_at:
-            return self.retry_at if self.unsent else None
-        link = self.link
-        if not link.is_open:
-            link.open(now)
-            return now + 0.05
-        if not link.ready:
-            return None  # the selector wakes us as it opens
-        while self.unsent:
-            d = self.unsent[0]
-            if d.blame and link.confirms:
-                return None  # a suspect copy goes alone, once everything before it is confirmed
-            self.unsent.popleft()
-            if d.blame >= 2:
-                d.copy_declare = None
+    def _publish(self, d: Delivery) -> None:
+        """Make the copy's frames (falling back to magne's headers only if the copy's header cannot be framed)."""
+        preps: tuple[Prep, ...] = ()
+        if d.copy_declare is not None:
+            prep = self._preps.get(d.copy_to)
+            if prep is None:
+                ttl = REDECLARE if d.outcome is Outcome.RETRY else None
+                prep = self._preps[d.copy_to] = Prep(("copy", d.copy_to), [(d.copy_declare, commands.Queue.DeclareOk)],
+                                                     ttl=ttl, what=d.copy_to)
+            preps = (prep,)
+        try:
+            c = Copy("", d.copy_to, d.copy_header, d.body, _message_id(d.copy_header), preps, math.inf, self.frame_max,
+                     self._copied)
+        except Exception as exc:  # a header that cannot be framed: contain it to this copy
+            log.error("copy of message %s cannot be framed (%s: %s); sending it with magne's headers only",
+                      d.message_id(), type(exc).__name__, exc, event="copy_unframable")
+            _strip_user_headers(d)
             try:
-                link.publish(d, now)
-            except Exception as exc:  # contain it to this copy (a header that cannot be framed, say)
-                log.error("copy of message %s cannot be written (%s: %s); requeueing the original",
-                          d.message_id(), type(exc).__name__, exc)
+                c = Copy("", d.copy_to, d.copy_header, d.body, _message_id(d.copy_header), preps, math.inf,
+                         self.frame_max, self._copied)
+            except Exception:
                 self.stats.copy_failures += 1
                 self._copy_failed(d)
-                continue
-            if d.blame:
-                return None
-        self.backoff.reset()
-        return None
+                return
+        c.d = d
+        self.sender.put(c)
 
-    def link_failed(self, exc: BaseException, now: float) -> None:
-        unconfirmed = self.link.fail()
-        pending = [d for d in unconfirmed if d.gen == self.gen]
-        self.stats.stale += len(unconfirmed) - len(pending)  # their originals come back redelivered
-        # Blame the oldest copy only when the broker refused something we sent (a channel error, or a
-        # 5xx connection error such as 501 FRAME_ERROR); not for a node shutting down (320) or a lost socket.
-        refused = isinstance(exc, ChannelClosed) or (isinstance(exc, ConnectionClosed) and 500 <= exc.code < 600)
-        if pending and refused:
-            suspect = pending[0]
-            suspect.blame += 1
-            if suspect.blame >= 2:
-                _strip_user_headers(suspect)
-            if suspect.blame >= MAX_BLAME:
-                pending.pop(0)
-                log.error("the broker keeps refusing the copy of message %s (%s); requeueing the original",
-                          suspect.message_id(), exc, event="copy_refused")
-                self.stats.copy_failures += 1
-                self._copy_failed(suspect)
-        self.unsent.extendleft(reversed(pending))
-        delay = self.backoff.next()
-        self.retry_at = now + delay
-        log.warning("publishing connection failed: %s; %d copies will be published again in %.1fs "
-                    "(their originals stay unacked until then)", exc, len(self.unsent), delay, event="link_failed")
+    def service(self, now: float) -> float | None:
+        """Copies refused earlier whose backoff ran out go to the sender again. Returns the next wake-up."""
+        waiting = self.waiting
+        while waiting and waiting[0][0] <= now:
+            self._publish(heapq.heappop(waiting)[2])
+        return waiting[0][0] if waiting else None
 
-    def _on_confirm(self, d: Delivery, ok: bool, why: str) -> None:
-        """From the link: the broker has (or refused) the copy; now the original can be settled."""
+    def _copied(self, c: Outgoing, error: MagneError | None) -> None:
+        """From the sender (I/O thread): the broker has, or refused, the copy; now the original can be settled."""
+        d = c.d  # type: ignore[attr-defined]
         if d.gen != self.gen or not self.accepting:
             self.stats.stale += 1  # its channel is gone: the original comes back redelivered
             return
-        if ok:
+        if error is None:
             tally = self.stats.tally
             if d.outcome is Outcome.RETRY:
                 self.stats.retried += 1
@@ -217,20 +218,33 @@ class Settlement:
             return
         self.stats.copy_failures += 1
         d.blame += 1
-        if d.blame >= MAX_BLAME:
-            log.error("copy of message %s to %s was %s %d times; requeueing the original",
-                      d.message_id(), d.copy_to, why, d.blame, event="copy_refused")
-            self._copy_failed(d)
-            return
-        delay = self.backoff.next()
-        self.retry_at = max(self.retry_at, time.monotonic() + delay)
-        log.warning("copy of message %s to %s was %s; publishing it again in %.1fs (the original stays unacked)",
-                    d.message_id(), d.copy_to, why, delay, event="copy_failed")
-        self.unsent.append(d)
+        if d.blame >= 2 or isinstance(error, FrameError):
+            _strip_user_headers(d)
+        if getattr(error, "permanent", False):
+            d.copy_declare = None  # its queue exists with other arguments: publish to it as it is
+        backoff = Backoff(1.0, MAX_COPY_BACKOFF)
+        backoff.attempt = d.blame - 1  # the copy's refusals so far set how long it waits
+        delay = backoff.next()
+        self._seq += 1
+        heapq.heappush(self.waiting, (time.monotonic() + delay, self._seq, d))
+        where = "dead-letter queue" if d.outcome is Outcome.DEAD else "delay queue"
+        (log.error if d.blame >= ALERT_AFTER else log.warning)(
+            "copy of message %s to %s %s was refused %d times (%s); publishing it again in %.1fs. The original stays "
+            "unacked and its task does not run again meanwhile", d.message_id(), where, d.copy_to, d.blame, error,
+            delay, event="copy_refused", queue=d.queue)
 
     def _copy_failed(self, d: Delivery) -> None:
-        """Give up on a copy: the original goes back to its queue (counted as a delivery: it ran)."""
+        """Give up on a copy that can never be made: the original goes back to its queue (counted: it ran)."""
         self._requeue(d.tag, counts=True, d=d)
+
+
+def _message_id(header: bytes) -> str | None:
+    """A copy's message id, as a basic.return of it will carry it (cold path: copies only)."""
+    try:
+        mid = codec.decode_properties(header).message_id
+    except Exception:
+        return None
+    return mid if isinstance(mid, str) else None
 
 
 def _strip_user_headers(d: Delivery) -> None:
@@ -240,3 +254,4 @@ def _strip_user_headers(d: Delivery) -> None:
         d.copy_header = properties.splice(d.copy_header, note, lambda k: not wire.is_magne_header(k))
     except Exception:
         d.copy_header = codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers=note), len(d.body))
+

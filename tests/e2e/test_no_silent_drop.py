@@ -326,8 +326,6 @@ def test_a_library_user_gets_every_record_and_no_false_stuck_line(library):
 
 
 # -- N: a process forked by a task does not keep the worker's connection alive ----------------------------------
-@pytest.mark.xfail(strict=True, reason="issue 20: processes forked by tasks inherit the worker's socket; its "
-                                       "unacked message comes back only when the helper exits")
 def test_a_helper_forked_by_a_task_does_not_delay_redelivery_after_kill_9(broker, redis, names, pub, start_worker):
     p = names["MAGNE_TEST_PREFIX"]
     q = f"{p}.forks"

@@ -241,6 +241,6 @@ def test_publishing_connection_closed_while_copies_are_in_flight(broker, redis, 
     assert "publishing connection failed" in log
     assert log.count("opened the publishing connection") == 2
     assert w.proc.poll() is None
-    republished = re.findall(r"publishing connection failed: .*?; (\d+) copies will be published again", log)
+    republished = re.findall(r"publishing connection failed \(.*?\): .*?; (\d+) messages wait", log)
     print(f"\nFAULT publishing connection closed mid-stream: {n} dead letters, none missing; "
           f"unconfirmed copies published again: {republished[0]}")

@@ -356,6 +356,8 @@ def test_unsent_copy_of_an_old_generation_is_not_published_after_reconnect(rig):
     link.send(commands.Channel.OpenOk(), channel=1)
     link.expect(commands.Confirm.Select, channel=1)
     link.send(commands.Confirm.SelectOk(), channel=1)
+    link.expect(commands.Channel.Open, channel=2)  # the declarations' own channel
+    link.send(commands.Channel.OpenOk(), channel=2)
     wait_for(lambda: io.link.ready, what="the link ready")
     assert quiet(link, 0.5) == [], "a copy of the old generation was published"
     assert quiet(c2, 0.0) == []
@@ -778,9 +780,12 @@ def test_reconnect_reusing_the_fd_of_a_link_that_just_closed(rig):
     link.send(commands.Channel.OpenOk(), channel=1)
     link.expect(commands.Confirm.Select, channel=1)
     link.send(commands.Confirm.SelectOk(), channel=1)
-    link.expect(commands.Queue.Declare, channel=1)
+    link.expect(commands.Channel.Open, channel=2)
+    link.send(commands.Channel.OpenOk(), channel=2)
+    declare = link.expect(commands.Queue.Declare, channel=2)  # the dead-letter queue, on the declarations' channel
+    link.send(commands.Queue.DeclareOk(declare.queue, 0, 0), channel=2)
     link.expect(commands.Basic.Publish, channel=1)
-    wait_for(lambda: io.link.conn is not None and io.link.conn.sock is not None and bool(io.link.confirms), what="link")
+    wait_for(lambda: io.link.conn is not None and io.link.conn.sock is not None and bool(io.link.tracker), what="link")
     link_fd = io.link.conn.sock.fileno()
 
     c1.close()

@@ -1,8 +1,8 @@
-"""magne.io.settle.Settlement: outcomes from the pool become frames on the consuming channel.
+"""magne.io.settle.Settlement: outcomes from the pool become frames on the consuming channel, copies go
+through the engine's Sender.
 
-The consuming channel is a real Outbox whose bytes are decoded with pamqp; the
-publishing link is a fake (or a real PublishLink on an unstarted Connection), so
-every case runs without a socket.
+The consuming channel is a real Outbox whose bytes are decoded with pamqp; the publishing link is a real
+Sender on an unstarted Connection whose channels are marked open, so every case runs without a socket.
 """
 
 from __future__ import annotations
@@ -16,50 +16,19 @@ from pamqp import frame as pframe
 
 from magne import wire
 from magne.amqp import codec
-from magne.amqp.errors import ChannelClosed, ConnectionClosed, ConnectionLost
+from magne.amqp.errors import ConnectionClosed, ConnectionLost
 from magne.amqp.outbox import Outbox
+from magne.amqp.protocol import ChannelPhase, Phase
 from magne.amqp.url import Nodes, parse_url
 from magne.delivery import Delivery, Outcome
 from magne.engine.connection import Connection
+from magne.engine.sender import ADMIN, MAX_CHARGES, PUB, Outgoing, Prep, Sender
 from magne.io import settle
-from magne.io.link import PublishLink
-from magne.io.settle import MAX_BLAME, Settlement
+from magne.io.settle import Settlement
 from magne.io.stats import Stats
 from magne.policy import Failure, RetryPolicy, decide
 
 Ack, Nack, Reject = commands.Basic.Ack, commands.Basic.Nack, commands.Basic.Reject
-
-
-class FakeLink:
-    """What Settlement uses of PublishLink: open/ready, publish, confirms, fail."""
-
-    def __init__(self) -> None:
-        self.on_confirm = None
-        self.confirms: dict[int, tuple[Delivery, float]] = {}
-        self.is_open = True
-        self.ready = True
-        self.published: list[Delivery] = []
-        self.seq = 0
-        self.opens = 0
-
-    def open(self, now: float) -> None:
-        self.opens += 1
-        self.is_open = True
-
-    def publish(self, d: Delivery, now: float) -> None:
-        self.seq += 1
-        self.confirms[self.seq] = (d, now)
-        self.published.append(d)
-
-    def fail(self) -> list[Delivery]:
-        pending = [d for d, _ in self.confirms.values()]
-        self.confirms.clear()
-        return pending
-
-    def confirm(self, d: Delivery, ok: bool = True) -> None:
-        seq = next(s for s, (x, _) in self.confirms.items() if x is d)
-        del self.confirms[seq]
-        self.on_confirm(d, ok, "" if ok else "refused by the broker (basic.nack)")
 
 
 def frames_of(out: Outbox) -> list[tuple[int, object]]:
@@ -116,11 +85,41 @@ class Broker:
             (self.acked if kind == "ack" else self.requeued).update(covered)
 
 
-def make(gen: int = 1) -> tuple[Settlement, FakeLink, Outbox, Stats]:
-    link, stats, out = FakeLink(), Stats(), Outbox()
-    s = Settlement(link, stats)  # type: ignore[arg-type]
+def open_sender() -> tuple[Sender, Connection]:
+    sender = Sender(Nodes([parse_url("amqp://127.0.0.1:1/")], start=0), "unit link", heartbeat=0)
+    conn = sender.wire(Connection(sender.nodes.current, "unit link", heartbeat=0))
+    p = conn.protocol
+    p.phase = Phase.OPEN
+    p._set(PUB, ChannelPhase.OPEN)
+    p._set(ADMIN, ChannelPhase.OPEN)
+    sender.conn, sender.ready = conn, True
+    return sender, conn
+
+
+def make(gen: int = 1) -> tuple[Settlement, Sender, Outbox, Stats, Connection]:
+    sender, conn = open_sender()
+    stats, out = Stats(), Outbox()
+    s = Settlement(sender, stats, 131072)
     s.reset(gen, out)
-    return s, link, out, stats
+    return s, sender, out, stats, conn
+
+
+def answer(conn: Connection, channel: int, frame: object) -> None:
+    """A frame from the broker, as the connection would dispatch it."""
+    conn.protocol._dispatch_frame(channel, frame)
+
+
+def published(conn: Connection) -> list[tuple[int, str, object]]:
+    """What the sender wrote: (channel, kind, routing key or queue)."""
+    out = []
+    for ch, f in frames_of(conn.outbox):
+        if isinstance(f, commands.Basic.Publish):
+            out.append((ch, "publish", f.routing_key))
+        elif isinstance(f, commands.Queue.Declare):
+            out.append((ch, "declare", f.queue))
+        elif isinstance(f, commands.Channel.Open | commands.Confirm.Select):
+            out.append((ch, type(f).__name__, None))
+    return out
 
 
 def dl(tag: int, outcome: Outcome = Outcome.ACK, gen: int = 1, queue: str = "q") -> Delivery:
@@ -139,7 +138,7 @@ def dl(tag: int, outcome: Outcome = Outcome.ACK, gen: int = 1, queue: str = "q")
 
 # -- acks -------------------------------------------------------------------------------------------------
 def test_acks_are_coalesced_and_valid_for_the_broker():
-    s, _link, out, stats = make()
+    s, _link, out, stats, _conn = make()
     broker = Broker(8)
     assert s.drain(deque([dl(3), dl(1), dl(2), dl(5)]), 0.0) == 4
     events = settled(out)
@@ -158,7 +157,7 @@ def test_acks_are_coalesced_and_valid_for_the_broker():
 
 
 def test_outcomes_of_an_old_generation_are_stale_and_write_nothing():
-    s, _link, out, stats = make(gen=2)
+    s, _sender, out, stats, _conn = make(gen=2)
     assert s.drain(deque([dl(1, gen=1), dl(2, Outcome.GIVE_BACK, gen=1), dl(3, Outcome.DEAD, gen=1)]), 0.0) == 0
     assert stats.stale == 3 and not out and not s.unsent
     s.drain(deque([dl(1, gen=2)]), 0.0)
@@ -166,7 +165,7 @@ def test_outcomes_of_an_old_generation_are_stale_and_write_nothing():
 
 
 def test_nothing_is_written_once_the_channel_is_closing():
-    s, _link, out, stats = make()
+    s, _link, out, stats, _conn = make()
     s.accepting = False
     s.drain(deque([dl(1), dl(2, Outcome.REQUEUE)]), 0.0)
     s.give_back([3])
@@ -174,7 +173,7 @@ def test_nothing_is_written_once_the_channel_is_closing():
 
 
 def test_give_back_is_a_nack_and_requeue_is_a_reject():
-    s, _link, out, stats = make()
+    s, _link, out, stats, _conn = make()
     broker = Broker(4)
     s.drain(deque([dl(1, Outcome.GIVE_BACK), dl(2, Outcome.REQUEUE), dl(4), dl(3)]), 0.0)
     events = settled(out)
@@ -188,7 +187,7 @@ def test_give_back_is_a_nack_and_requeue_is_a_reject():
 
 
 def test_nack_and_reject_frames_match_pamqp():
-    s, _link, out, _stats = make()
+    s, _sender, out, _stats, _conn = make()
     s.drain(deque([dl(9, Outcome.GIVE_BACK), dl(10, Outcome.REQUEUE)]), 0.0)
     (_, nack), (_, reject) = frames_of(out)
     assert isinstance(nack, Nack) and (nack.delivery_tag, nack.multiple, nack.requeue) == (9, False, True)
@@ -196,134 +195,158 @@ def test_nack_and_reject_frames_match_pamqp():
 
 
 # -- copies -------------------------------------------------------------------------------------------------
-def test_a_copy_is_acked_only_after_its_confirm():
-    s, link, out, stats = make()
-    d = dl(1, Outcome.RETRY)
+def decided(tag: int, policy: RetryPolicy | None) -> Delivery:
+    d = dl(tag)
+    decide(d, Failure("task raised", ValueError("boom")), policy, 131072)
+    return d
+
+
+def test_a_copy_is_declared_then_published_and_acked_only_after_its_confirm():
+    s, sender, out, stats, conn = make()
+    d = decided(1, RetryPolicy(max_retries=3))
     s.drain(deque([d, dl(2)]), 0.0)
     assert settled(out) == [("ack", 2, False)]  # 1 is not settled yet: 2 goes singly
-    assert list(s.unsent) == [d] and s.pending_copies() == 1
-    assert s.service(0.0) is None
-    assert link.published == [d] and not s.unsent and s.pending_copies() == 1
+    sender.pump(0.0)
+    assert published(conn) == [(ADMIN, "declare", d.copy_to)]  # its delay queue first, on its own channel
+    answer(conn, ADMIN, commands.Queue.DeclareOk(d.copy_to, 0, 0))
+    sender.pump(0.0)
+    assert published(conn) == [(PUB, "publish", d.copy_to)] and s.pending_copies() == 1
     assert not out  # published, not confirmed: no ack
-    link.confirm(d, ok=True)
+    sender._on_frame(PUB, Ack(delivery_tag=1, multiple=False))
     assert settled(out) == [("ack", 1, True)]
     assert stats.retried == 1 and stats.dead == 0 and stats.acked == 1  # the copy counts as retried, not acked
-    dead = dl(3, Outcome.DEAD)
-    s.drain(deque([dead]), 0.0)
-    s.service(0.0)
-    link.confirm(dead, ok=True)
-    assert settled(out) == [("ack", 3, True)] and stats.dead == 1
 
 
-def test_a_refused_copy_is_never_acked_and_is_published_again():
-    s, link, out, stats = make()
-    d = dl(1, Outcome.DEAD)
+def test_a_refused_copy_is_never_acked_never_requeued_and_is_published_again_with_backoff():
+    s, sender, out, stats, conn = make()
+    d = dl(1, Outcome.DEAD)  # no declaration: published at once
     s.drain(deque([d]), 0.0)
-    s.service(0.0)
-    link.confirm(d, ok=False)
-    assert not out
-    assert list(s.unsent) == [d] and d.blame == 1 and stats.copy_failures == 1
-    assert s.retry_at > time.monotonic()
-    # not before the backoff
-    assert s.service(time.monotonic()) == s.retry_at and link.published == [d]
-    s.service(s.retry_at)
-    assert link.published == [d, d]
-    link.confirm(d, ok=True)
-    assert settled(out) == [("ack", 1, True)]
+    for n in range(1, 6):
+        sender.pump(0.0)
+        assert [k for _ch, k, _q in published(conn)] == ["publish"]
+        sender._on_frame(PUB, Nack(delivery_tag=n, multiple=False))
+        assert not out and d.blame == n and stats.copy_failures == n and stats.requeued == 0
+        due = s.waiting[0][0]
+        assert due > time.monotonic() - 1
+        assert s.service(due - 0.001) == due and not sender.queue  # not before its backoff
+        s.service(due)
+    assert d.blame >= 2 and wire.DROPPED in (codec.decode_properties(d.copy_header).headers or {})
+    sender.pump(0.0)
+    sender._on_frame(PUB, Ack(delivery_tag=6, multiple=False))
+    assert settled(out) == [("ack", 1, True)] and stats.dead == 1
 
 
-def test_a_copy_refused_max_blame_times_requeues_the_original():
-    s, link, out, stats = make()
-    d = dl(1, Outcome.RETRY)
+def test_a_returned_copy_is_declared_again_once_and_is_never_an_ack():
+    s, sender, out, stats, conn = make()
+    d = decided(1, None)
     s.drain(deque([d]), 0.0)
-    for i in range(MAX_BLAME):
-        s.service(s.retry_at)
-        assert len(link.published) == i + 1
-        link.confirm(d, ok=False)
-        if i < MAX_BLAME - 1:
-            assert not out
-    assert settled(out) == [("reject", 1, True)]
-    assert not s.unsent and stats.requeued == 1
-    assert s.service(s.retry_at + 100) is None and len(link.published) == MAX_BLAME
+    for seq in (1, 2):
+        sender.pump(0.0)
+        assert published(conn) == [(ADMIN, "declare", d.copy_to)]  # declared again after the first return
+        answer(conn, ADMIN, commands.Queue.DeclareOk(d.copy_to, 0, 0))
+        sender.pump(0.0)
+        assert published(conn) == [(PUB, "publish", d.copy_to)]
+        sender._on_return(PUB, commands.Basic.Return(312, "NO_ROUTE", "", d.copy_to), d.copy_header, d.body)
+        sender._on_frame(PUB, Ack(delivery_tag=seq, multiple=False))  # the broker acks a returned message too
+    assert not out and d.blame == 1 and len(s.waiting) == 1 and stats.copy_failures == 1
 
 
-def test_copy_failures_count_each_refusal_once():
-    s, link, _out, stats = make()
-    d = dl(1, Outcome.RETRY)
-    s.drain(deque([d]), 0.0)
-    for _ in range(MAX_BLAME):
-        s.service(s.retry_at)
-        link.confirm(d, ok=False)
-    assert stats.copy_failures == MAX_BLAME
-
-
-def test_link_failure_blames_the_oldest_copy_and_gives_up_after_max_blame():
-    s, link, out, stats = make()
-    d1, d2, d3 = dl(1, Outcome.DEAD), dl(2, Outcome.RETRY), dl(3, Outcome.DEAD)
-    s.drain(deque([d1, d2, d3]), 0.0)
-    s.service(0.0)
-    assert link.published == [d1, d2, d3]
-    refused = ChannelClosed(1, 406, "PRECONDITION_FAILED - inequivalent arg")
-    rounds = 0
-    while d1.blame < MAX_BLAME:
-        rounds += 1
-        assert rounds <= MAX_BLAME, "the link keeps failing on the same copy: no end"
-        s.link_failed(refused, 10.0 * rounds)
-        assert d2.blame == 0 and d3.blame == 0
-        if d1.blame < MAX_BLAME:
-            assert list(s.unsent) == [d1, d2, d3]
-            assert s.retry_at > 10.0 * rounds
-            link.published.clear()
-            s.service(s.retry_at)
-            assert link.published == [d1]  # a suspect copy goes alone
-        if d1.blame >= 2:
-            headers = codec.decode_properties(d1.copy_header).headers
-            assert "user" not in headers and wire.DROPPED in headers and headers[wire.REASON] == "task raised"
-    assert settled(out) == [("reject", 1, True)]  # given up: the original goes back to its queue
-    assert list(s.unsent) == [d2, d3] and stats.copy_failures == 1
-    link.published.clear()
-    s.service(s.retry_at)
-    assert link.published == [d2, d3]
-    link.confirm(d2)
-    link.confirm(d3)
-    assert settled(out) == [("ack", 2, True), ("ack", 3, True)]
-
-
-def test_a_lost_link_blames_nobody():
-    s, link, out, _stats = make()
-    d1, d2 = dl(1, Outcome.DEAD), dl(2, Outcome.DEAD)
-    s.drain(deque([d1, d2]), 0.0)
-    s.service(0.0)
-    s.link_failed(ConnectionLost("reset"), 1.0)
-    assert d1.blame == 0 and list(s.unsent) == [d1, d2] and not out
-    s.service(s.retry_at)
-    assert link.published[-2:] == [d1, d2]
-
-
-def test_connection_closed_also_blames():
-    s, link, _out, _stats = make()
-    d1 = dl(1, Outcome.DEAD)
-    s.drain(deque([d1]), 0.0)
-    s.service(0.0)
-    s.link_failed(ConnectionClosed(541, "INTERNAL_ERROR"), 1.0)
-    assert d1.blame == 1
+def test_nack_multiple_fails_exactly_what_it_covers():
+    s, sender, out, _stats, conn = make()
+    ds = [dl(t, Outcome.DEAD) for t in (1, 2, 3)]
+    s.drain(deque(ds), 0.0)
+    sender.pump(0.0)
+    sender._on_frame(PUB, Nack(delivery_tag=2, multiple=True))
+    assert not out and [d.blame for d in ds] == [1, 1, 0]
+    sender._on_frame(PUB, Ack(delivery_tag=3, multiple=False))
+    assert settled(out) == [("ack", 3, False)]
 
 
 def test_a_new_generation_drops_old_copies_and_their_confirms_are_stale():
-    s, link, out, stats = make(gen=1)
-    published, waiting = dl(1, Outcome.DEAD), dl(2, Outcome.DEAD)
-    s.drain(deque([published]), 0.0)
-    s.service(0.0)
+    s, sender, out, stats, conn = make(gen=1)
+    on_wire, waiting = dl(1, Outcome.DEAD), dl(2, Outcome.DEAD)
+    s.drain(deque([on_wire]), 0.0)
+    sender.pump(0.0)
     s.drain(deque([waiting]), 0.0)
     new_out = Outbox()
     s.reset(2, new_out)
-    assert not s.unsent and stats.stale == 1
-    link.confirm(published, ok=True)
+    assert not sender.queue and stats.stale == 1
+    sender._on_frame(PUB, Ack(delivery_tag=1, multiple=False))
     assert stats.stale == 2 and not new_out and not out  # never acked on the new channel
 
 
+# -- the sender's blame: only the message that caused a closure is charged ------------------------------------------
+def msg(i: int, settled_with: list, preps: tuple[Prep, ...] = ()) -> Outgoing:
+    return Outgoing("", f"q{i}", codec.header_payload(commands.Basic.Properties(message_id=f"m{i}"), 1), b"x",
+                    f"m{i}", preps, done=lambda m, e: settled_with.append((m.message_id, e)))
+
+
+def test_a_closed_publish_channel_charges_nobody_until_a_message_closes_it_alone():
+    sender, conn = open_sender()
+    got: list = []
+    for i in range(3):
+        sender.put(msg(i, got))
+    sender.pump(0.0)
+    assert [q for _c, k, q in published(conn) if k == "publish"] == ["q0", "q1", "q2"]
+    answer(conn, PUB, commands.Channel.Close(406, "PRECONDITION_FAILED - message size", 60, 40))
+    assert not got and len(sender.queue) == 3 and all(m.charged == 0 for m in sender.queue)
+    answer(conn, PUB, commands.Channel.OpenOk())
+    answer(conn, PUB, commands.Confirm.SelectOk())
+    sender.pump(0.0)
+    assert [q for _c, k, q in published(conn) if k == "publish"] == ["q0"]  # one at a time now
+    sender._on_frame(PUB, Ack(delivery_tag=1))
+    assert [q for _c, k, q in published(conn) if k == "publish"] == ["q1"]
+    for attempt in range(MAX_CHARGES):  # q1 closes the channel while alone: it, and only it, is charged
+        answer(conn, PUB, commands.Channel.Close(406, "PRECONDITION_FAILED", 60, 40))
+        answer(conn, PUB, commands.Channel.OpenOk())
+        answer(conn, PUB, commands.Confirm.SelectOk())
+        sender.pump(0.0)
+        if attempt < MAX_CHARGES - 1:
+            assert [q for _c, k, q in published(conn) if k == "publish"] == ["q1"]
+            sender.tracker.seq = 0  # the channel numbers from 1 again
+    assert got[0][0] == "m0" and got[0][1] is None
+    assert got[1][0] == "m1" and "406" in str(got[1][1])
+    assert [q for _c, k, q in published(conn) if k == "publish"] == ["q2"]
+    sender._on_frame(PUB, Ack(delivery_tag=1))
+    assert got[2] == ("m2", None)
+
+
+def test_a_refused_declaration_fails_only_the_messages_that_needed_it():
+    sender, conn = open_sender()
+    got: list = []
+    check = Prep(("check", "missing"), [(commands.Queue.Declare(queue="missing", passive=True),
+                                         commands.Queue.DeclareOk)], passive=True, what="missing")
+    healthy = Prep(("declare", "ok"), [(commands.Queue.Declare(queue="ok"), commands.Queue.DeclareOk)], what="ok")
+    sender.put(msg(0, got, (check,)))
+    sender.put(msg(1, got, (check,)))
+    sender.pump(0.0)
+    assert published(conn) == [(ADMIN, "declare", "missing")]
+    answer(conn, ADMIN, commands.Channel.Close(404, "NOT_FOUND - no queue 'missing'", 50, 10))
+    assert [(m, type(e).__name__) for m, e in got] == [("m0", "NoSuchQueue"), ("m1", "NoSuchQueue")]
+    sender.put(msg(2, got, (healthy,)))
+    answer(conn, ADMIN, commands.Channel.OpenOk())
+    sender.pump(0.0)
+    assert [k for _c, k, _q in published(conn)] == ["Open", "declare"]
+    answer(conn, ADMIN, commands.Queue.DeclareOk("ok", 0, 0))
+    sender.pump(0.0)
+    sender._on_frame(PUB, Ack(delivery_tag=1))
+    assert got[2] == ("m2", None)
+
+
+@pytest.mark.parametrize("exc", [ConnectionLost("reset"), ConnectionClosed(320, "CONNECTION_FORCED")])
+def test_a_lost_connection_charges_nobody_and_keeps_the_order(exc):
+    sender, conn = open_sender()
+    got: list = []
+    for i in range(3):
+        sender.put(msg(i, got))
+    sender.pump(0.0)
+    sender.failed(exc, 1.0)
+    assert not got and [m.message_id for m in sender.queue] == ["m0", "m1", "m2"]
+    assert all(m.charged == 0 for m in sender.queue) and not sender.suspects and sender.conn is None
+
+
 def test_settling_errors_are_contained_to_their_message():
-    s, _link, out, stats = make()
+    s, _sender, out, stats, _conn = make()
     bad_error = dl(2, Outcome.RETRY)
     bad_error.error = "not a dict"  # type: ignore[assignment]  # copy() formats it: AttributeError
 
@@ -352,64 +375,3 @@ def test_settling_errors_are_contained_to_their_message():
     assert not s.unsent and stats.requeued == 3
 
 
-# -- with the real PublishLink --------------------------------------------------------------------------------
-def real_link() -> tuple[Settlement, PublishLink, Outbox, Stats, Connection]:
-    link = PublishLink(Nodes([parse_url("amqp://127.0.0.1:1/")]), "unit link", lambda *_: None)
-    stats, out = Stats(), Outbox()
-    s = Settlement(link, stats)
-    s.reset(1, out)
-    conn = Connection(link.nodes.current, "unit link", heartbeat=0)
-    link.conn, link.ready = conn, True
-    return s, link, out, stats, conn
-
-
-def decided(tag: int, policy: RetryPolicy | None) -> Delivery:
-    d = dl(tag)
-    decide(d, Failure("task raised", ValueError("boom")), policy, 131072)
-    return d
-
-
-def test_real_link_confirm_acks_the_original():
-    s, link, out, stats, conn = real_link()
-    d = decided(1, RetryPolicy(max_retries=3))
-    s.drain(deque([d]), 0.0)
-    s.service(0.0)
-    written = frames_of(conn.outbox)
-    kinds = [type(f).__name__ for _, f in written]
-    assert kinds == ["Declare", "Publish", "ContentHeader", "ContentBody"]  # the delay queue first
-    assert written[1][1].routing_key == d.copy_to and written[1][1].mandatory is True
-    assert not out
-    link._on_frame(1, Ack(delivery_tag=1, multiple=False))
-    assert settled(out) == [("ack", 1, True)] and stats.retried == 1
-
-
-def test_real_link_returned_copy_is_not_an_ack():
-    s, link, out, stats, conn = real_link()
-    d = decided(1, None)
-    s.drain(deque([d]), 0.0)
-    s.service(0.0)
-    link._on_return(1, commands.Basic.Return(312, "NO_ROUTE", "", d.copy_to), b"", b"")
-    link._on_frame(1, Ack(delivery_tag=1, multiple=False))  # the broker acks a returned message too
-    assert not out and d.blame == 1 and list(s.unsent) == [d] and stats.copy_failures == 1
-
-
-def test_real_link_nack_multiple():
-    s, link, out, _stats, conn = real_link()
-    ds = [decided(t, None) for t in (1, 2, 3)]
-    s.drain(deque(ds), 0.0)
-    s.service(0.0)
-    link._on_frame(1, Nack(delivery_tag=2, multiple=True))
-    assert not out and [d.blame for d in ds] == [1, 1, 0]
-    link._on_frame(1, Ack(delivery_tag=3, multiple=False))
-    assert settled(out) == [("ack", 3, False)]
-
-
-@pytest.mark.parametrize("exc", [ChannelClosed(1, 406, "x"), ConnectionLost("y")])
-def test_real_link_fail_returns_unconfirmed_copies(exc):
-    s, link, _out, _stats, _conn = real_link()
-    ds = [decided(t, None) for t in (1, 2)]
-    s.drain(deque(ds), 0.0)
-    s.service(0.0)
-    s.link_failed(exc, 1.0)
-    assert list(s.unsent) == ds and link.conn is None and not link.confirms
-    assert ds[0].blame == (1 if isinstance(exc, ChannelClosed) else 0)
