@@ -26,6 +26,9 @@ DEFAULT_DELIVERY_LIMIT = 20
 # reject-publish overflow.
 AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 Declaration = tuple[Any, type]
+# The longest delay (and retry backoff), in seconds: RabbitMQ refuses an x-message-ttl or x-expires above
+# 2^32 - 1 ms (about 49.7 days), and a delay queue expires 10% after its TTL (declare_delay).
+MAX_DELAY = 3_900_000.0  # 45.1 days; delay_ms() keeps it at 3,900,000,000 ms, whose x-expires is 4,290,000,000
 
 
 def default_queue(task_name: str) -> str:
@@ -74,7 +77,8 @@ def dead_declaration(queue: str, queue_type: str = "classic") -> Declaration:
 
 def delay_ms(seconds: float) -> int:
     """The delay rounded up to two significant digits (1234 ms → 1300 ms), so that a
-    jittered backoff makes tens of delay queues per decade, not thousands."""
+    jittered backoff makes tens of delay queues per decade, not thousands. Never shorter than asked (at most
+    10% longer); at most MAX_DELAY (callers refuse longer delays)."""
     ms = max(1, math.ceil(seconds * 1000))
     if ms < 100:
         return ms

@@ -280,8 +280,8 @@ def test_two_retries_then_dead():
         warnings = decide(d, Failure("task raised", ValueError(f"boom {attempt}")), policy, FRAME_MAX, now=1000 + attempt)
         assert warnings == []
         assert d.outcome is Outcome.RETRY
-        ceiling = min(60.0, 2.0 ** (attempt - 1))
-        assert ceiling / 2 <= d.delay <= ceiling
+        ceiling = min(60.0, 2.0 ** attempt)  # the first retry waits between min_backoff and twice that
+        assert max(1.0, ceiling / 2) <= d.delay <= ceiling
         ms = topology.delay_ms(d.delay)
         assert d.copy_to == f"q.delay.{ms}" == topology.delay_queue("q", ms)
         assert isinstance(d.copy_declare, commands.Queue.Declare) and d.copy_declare.queue == d.copy_to
@@ -393,7 +393,7 @@ def test_retry_on_and_max_retries_end_to_end(threads):
     assert {a["error-type"] for a in conn.attempts} == {"ConnectionError"} and conn.headers[wire.RETRIES] == 2
     assert value.retries == 0 and len(value.attempts) == 1  # not in retry_on: dead-lettered at once
     assert [r.delay for r in w.retried] == [pytest.approx(r.delay) for r in w.retried]
-    assert all(0.5 <= r.delay <= 1.0 for r in w.retried) and 1.0 <= w.clock <= 2.0  # max_backoff 1, equal jitter
+    assert all(r.delay == 1.0 for r in w.retried) and w.clock == 2.0  # min_backoff = max_backoff = 1: exactly 1 s
 
 
 # -- --min-backoff is a minimum (issue 20) --------------------------------------------------------------------
