@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from urllib.parse import urlsplit
 
 from magne import logs, topology, wire
+from magne.amqp.url import query_warnings, resolve_urls
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, MagneError
 from magne.pidfile import pid_file
 
@@ -16,6 +18,8 @@ log = logs.Log("magne")
 def _positive(kind: type) -> object:
     def parse(text: str) -> object:
         value = kind(text)
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text}")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
@@ -23,19 +27,28 @@ def _positive(kind: type) -> object:
     return parse
 
 
+def _log_options(p: argparse.ArgumentParser, default: object) -> None:
+    """--log-level and --log-format, before the subcommand (with their defaults) and after it (default=SUPPRESS, so
+    that one left out there keeps what was given before it)."""
+    p.add_argument("--log-level", default=default if default is not None else "info",
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default=default if default is not None else "text", choices=["text", "json"],
+                   help="text (default) or json: one object per line with stable field names")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="magne", description="RabbitMQ task worker: one connection, one channel, one I/O thread per process."
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"],
-                   help="text (default) or json: one object per line with stable field names")
+    _log_options(p, None)
+    logging_opts = argparse.ArgumentParser(add_help=False)
+    _log_options(logging_opts, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     url_help = ("broker URL; several nodes of a cluster: repeat --url, or separate URLs with ',' or ';' "
                 "(default: $MAGNE_URL, else amqp://guest:guest@localhost:5672/%%2F). Prefer MAGNE_URL: `ps` shows argv")
 
-    w = sub.add_parser("worker", help="run a worker for the tasks in MODULE")
+    w = sub.add_parser("worker", parents=[logging_opts], help="run a worker for the tasks in MODULE")
     w.add_argument("modules", nargs="+", metavar="MODULE",
                    help="module(s) defining @task functions, imported with the current directory on sys.path")
     w.add_argument("--url", action="append", help=url_help)
@@ -55,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-retries", type=int, default=0,
                    help="default retries of a task that raised or ran past its time limit (default 0: dead-letter "
                         "at once); @task(max_retries=...) overrides")
-    w.add_argument("--min-backoff", type=_positive(float), default=1.0, help="first retry delay in seconds (default 1)")
+    w.add_argument("--min-backoff", type=_positive(float), default=1.0,
+                   help="shortest retry delay in seconds; the first retry waits 1-2 x this (default 1)")
     w.add_argument("--max-backoff", type=_positive(float), default=300.0, help="longest retry delay (default 300)")
     w.add_argument("--processes", type=_positive(int), default=1,
                    help="worker processes under one supervisor (default 1). Threads share one GIL: use about one "
@@ -78,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "127.0.0.1, :PORT on every interface, port 0 picks a free one). Under --processes one endpoint "
                         "shows every process and their sums")
 
-    s = sub.add_parser("send", help="publish one task message (confirmed)")
+    s = sub.add_parser("send", parents=[logging_opts], help="publish one task message (confirmed)")
     s.add_argument("task", help="task name")
     s.add_argument("--args", default="[]", help="JSON array of positional arguments")
     s.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
@@ -91,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --declare: the type to declare, the same as the worker's (default classic)")
     s.add_argument("--url", help=url_help)
 
-    dead = sub.add_parser("dead", help="inspect, replay or purge a queue's dead letters")
+    dead = sub.add_parser("dead", parents=[logging_opts], help="inspect, replay or purge a queue's dead letters")
     dead_sub = dead.add_subparsers(dest="dead_command", required=True)
     for name, text in (("list", "count and the newest dead letters with their reasons"),
                        ("replay", "move dead letters back to the task queue (confirmed, then removed)"),
                        ("purge", "delete every dead letter of the queue")):
-        c = dead_sub.add_parser(name, help=text)
+        c = dead_sub.add_parser(name, parents=[logging_opts], help=text)
         c.add_argument("queue", metavar="QUEUE", help="the task queue (or its .dead queue)")
         c.add_argument("--url", help=url_help)
         if name == "list":
@@ -104,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "replay":
             c.add_argument("--limit", type=_positive(int), default=None, help="replay at most this many")
 
-    st = sub.add_parser("status", help="ready, unacked, consumers and rates of the task queues, their dead-letter and "
+    st = sub.add_parser("status", parents=[logging_opts],
+                        help="ready, unacked, consumers and rates of the task queues, their dead-letter and "
                         "delay queues, and (with --metrics) what each worker process is doing")
     st.add_argument("modules", nargs="*", metavar="MODULE", help="task module(s) whose queues to show")
     st.add_argument("--queues", nargs="+", metavar="QUEUE", help="these queues (instead of, or besides, a module's)")
@@ -122,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refresh in place every SECONDS (default 2) until Ctrl-C")
     st.add_argument("--format", choices=["text", "json"], default="text", help="json: one object per refresh")
 
-    d = sub.add_parser("demo", help="start a worker, send a demo batch, print what ran, stop the worker")
+    d = sub.add_parser("demo", parents=[logging_opts], help="start a worker, send a demo batch, print what ran, stop the worker")
     d.add_argument("--count", type=_positive(int), default=2000)
     d.add_argument("--threads", type=_positive(int), default=8)
     d.add_argument("--url", help=url_help)
@@ -136,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     if urls and any(_has_password(u) for u in ([urls] if isinstance(urls, str) else urls)):
         log.warning("--url carries a password, which every user of this machine can read in `ps`; "
                     "put the URL in MAGNE_URL instead", event="password_in_argv")
+    if args.command != "status" or urls:  # status without --url may never touch AMQP
+        for u in resolve_urls(urls):
+            for line in query_warnings(u):
+                log.warning("%s", line, event="url_parameter_unknown")
     try:
         if args.command == "worker":
             return _worker(args)
