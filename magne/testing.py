@@ -27,7 +27,7 @@ from pamqp import commands
 from magne import publisher, topology, wire
 from magne.amqp import codec
 from magne.delivery import Delivery, Outcome
-from magne.errors import BadMessage
+from magne.errors import BadMessage, RegistryError
 from magne.policy import Failure, RetryPolicy
 from magne.pool import Pool
 from magne.publisher import BatchResult
@@ -133,6 +133,10 @@ class Worker:
 
     def __enter__(self) -> Worker:
         tasks = dict(REGISTRY)
+        for t in tasks.values():  # @task checked these; a Task made by hand meets the worker's rule here too
+            why = topology.queue_name_problem(t.queue)
+            if why is not None:
+                raise RegistryError(f"task {t.name!r}: queue name {str(t.queue)[:60]!r} {why}")
         types = {t.queue: t.queue_type or "classic" for t in tasks.values()}
         pool = self.pool = _Pool(self.threads, tasks, self._work, self._report, self.time_limit, self.lost_after,
                                  self.retry, types)
@@ -170,6 +174,9 @@ class Worker:
     def publish(self, queue: str, body: bytes, properties: commands.Basic.Properties | bytes, exchange: str | None = None,
                 delay: float | None = None, queue_type: str | None = None, declare: bool = True) -> None:
         """Publisher.publish into memory: while active, the worker is the default publisher, so every send lands here."""
+        why = topology.queue_name_problem(queue)
+        if why is not None:  # what a worker could never declare or consume is refused, not run
+            raise ValueError(f"queue name {str(queue)[:60]!r} {why}")
         header = properties if isinstance(properties, bytes) else codec.header_payload(properties, len(body))
         task, args, kwargs = _decoded(body)
         with self._cond:

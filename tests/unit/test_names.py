@@ -111,3 +111,12 @@ def test_the_connection_name_is_bounded_even_for_one_very_long_non_ascii_queue()
     name = connection_name("magne worker publisher", ["é" * 119, "名" * 79])
     assert len(name.encode()) <= MAX_CONNECTION_NAME
     name.encode("utf-8")  # never cut inside a character
+
+
+def test_a_consumer_tag_stays_a_short_string_for_the_longest_queue_name():
+    from magne.naming import consumer_tag
+
+    longest = "é" * (topology.MAX_QUEUE_BYTES // 2)
+    tag = consumer_tag(longest, 4194304, 12, 123456)
+    assert len(tag.encode()) <= 255 and tag.startswith("magne.éé") and tag.endswith(".4194304.12.123456")
+    assert consumer_tag("Q", 1, 2, 3) == "magne.Q.1.2.3"
