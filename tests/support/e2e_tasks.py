@@ -140,3 +140,8 @@ def die(n):
     """A poison message: it kills the worker process every time it runs."""
     r.hincrby(f"{PREFIX}:started", str(n), 1)
     os._exit(1)
+
+
+_HANG_FILE = os.environ.get("MAGNE_TEST_HANG_FILE")  # "hang" in this file: the import never finishes (a reload test)
+if _HANG_FILE and os.path.exists(_HANG_FILE) and open(_HANG_FILE).read().strip() == "hang":
+    time.sleep(3600)
