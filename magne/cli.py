@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "process per core for CPU-bound tasks; for I/O-bound tasks 1-2 processes per core, each "
                         "with more threads. Every process holds exactly one broker connection")
     w.add_argument("--pid-file", help="write the supervisor's (or the single worker's) pid here")
+    w.add_argument("--ready-timeout", type=_positive(float), default=60.0, metavar="SECONDS",
+                   help="under --processes: seconds a worker process has to connect and report ready (default 60); "
+                        "one that misses it is killed and reported (then restarted, or its reload fails)")
     w.add_argument("--lost-after", type=_positive(float), default=10.0,
                    help="seconds after a time-limit interrupt before a thread that did not stop is replaced, and after "
                         "a time limit's cancel before an async task that did not stop is abandoned (default 10)")
@@ -196,7 +199,7 @@ def _worker(args: argparse.Namespace) -> int:
         if args.processes > 1:
             from magne.supervisor import Supervisor
 
-            sup = Supervisor(opts, args.processes, args.log_level, args.log_format)
+            sup = Supervisor(opts, args.processes, args.log_level, args.log_format, args.ready_timeout)
             sup.install_signals()
             return sup.run()
         worker = Worker(opts, import_tasks(opts.modules))
