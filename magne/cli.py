@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from magne import logs, topology, wire
 from magne.amqp.url import query_warnings, resolve_urls
-from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, MagneError
+from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, MagneError
 from magne.pidfile import pid_file
+
+if TYPE_CHECKING:
+    from magne.publisher import TaskLike
 
 log = logs.Log("magne")
 
@@ -95,17 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "127.0.0.1, :PORT on every interface, port 0 picks a free one). Under --processes one endpoint "
                         "shows every process and their sums")
 
-    s = sub.add_parser("send", parents=[logging_opts], help="publish one task message (confirmed)")
+    s = sub.add_parser("send", parents=[logging_opts], help="publish one task message (confirmed)",
+                       description="Publish task messages. The task's queue: --queue, else the one its @task names in "
+                                   "--module, else the task name in upper case (the @task default).")
     s.add_argument("task", help="task name")
     s.add_argument("--args", default="[]", help="JSON array of positional arguments")
     s.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
-    s.add_argument("--queue", help="queue of the task (default: the task name in upper case)")
+    s.add_argument("--module", action="append", metavar="MODULE",
+                   help="import this task module (repeatable) and send to the queue, queue type and priority its "
+                        "@task gives the task; without it the queue is --queue or the task name in upper case, which "
+                        "is not where a task declared with @task(queue=...) listens")
+    s.add_argument("--queue", help="queue of the task (default: from --module, else the task name in upper case)")
     s.add_argument("--count", type=_positive(int), default=1, help="publish this many copies")
     s.add_argument("--declare", action="store_true",
                    help="declare the queue, its exchange and dead-letter queue if missing (default: publish only to a "
                         "queue that exists, so that a typo creates nothing)")
-    s.add_argument("--queue-type", choices=["classic", "quorum"], default="classic",
-                   help="with --declare: the type to declare, the same as the worker's (default classic)")
+    s.add_argument("--queue-type", choices=["classic", "quorum"], default=None,
+                   help="with --declare: the type to declare, the same as the worker's (default: the task's with "
+                        "--module, else classic)")
     s.add_argument("--url", help=url_help)
 
     dead = sub.add_parser("dead", parents=[logging_opts], help="inspect, replay or purge a queue's dead letters")
@@ -210,7 +221,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _send(args: argparse.Namespace) -> int:
     """`magne send`: --count copies in one pipelined batch (Publisher.send_many); prints each confirmed id.
     Exit 1 if any copy failed (each failure on stderr), 2 if the queue does not exist (without --declare)."""
-    from magne.publisher import NoSuchQueue, Publisher, Target
+    from magne.publisher import NoSuchQueue, Publisher
 
     try:
         call_args = wire.loads(args.args)
@@ -221,8 +232,8 @@ def _send(args: argparse.Namespace) -> int:
     if type(call_args) is not list or type(call_kwargs) is not dict:
         print("magne send: --args must be a JSON array and --kwargs a JSON object", file=sys.stderr)
         return EXIT_CONFIG
-    target = Target(args.task, args.queue or topology.default_queue(args.task), args.queue_type)
-    pub = Publisher(args.url, queue_type=args.queue_type)
+    target = _target(args)
+    pub = Publisher(args.url, queue_type=target.queue_type or args.queue_type or "classic")
     try:
         result = pub.send_many(((target, call_args, call_kwargs) for _ in range(args.count)), declare=args.declare)
     finally:
@@ -237,6 +248,26 @@ def _send(args: argparse.Namespace) -> int:
     for f in result.failed:
         print(f"magne send: message {f.message_id} was not published ({f.reason}): {f.error}", file=sys.stderr)
     return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def _target(args: argparse.Namespace) -> TaskLike:
+    """The task to send to: its queue and type from --queue/--queue-type, else from its @task in --module (then
+    the task itself, so its priority and max_priority apply too)."""
+    from magne.publisher import Target
+
+    if not args.module:
+        return Target(args.task, args.queue or topology.default_queue(args.task), args.queue_type or "classic")
+    from magne.registry import REGISTRY
+    from magne.worker import import_tasks
+
+    import_tasks(args.module)
+    task = REGISTRY.get(args.task)
+    if task is None:
+        raise ConfigError(f"no task named {args.task!r} in {', '.join(args.module)}; its tasks: "
+                          f"{', '.join(sorted(REGISTRY))}")
+    if args.queue is None and args.queue_type is None:
+        return task
+    return Target(task.name, args.queue or task.queue, args.queue_type or task.queue_type or "classic")
 
 
 def _status(args: argparse.Namespace) -> int:
