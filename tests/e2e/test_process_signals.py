@@ -172,3 +172,17 @@ def test_a_child_that_hangs_at_its_first_import_is_killed_and_reported(names, st
     wait_for(lambda: len(w.events("ready")) == 2, 60, what="the restarted children, now importing fine")
     w.signal(signal.SIGTERM)
     assert w.wait(60) == 0, w.log()
+
+
+def test_a_thread_started_at_import_in_a_supervised_child_does_not_inherit_blocked_signals(redis, names, start_worker):
+    w = start_worker("--processes", "2", "--threads", "1", env={"MAGNE_TEST_RECORD_MASK": "1"})
+    wait_for(lambda: len(w.events("ready")) == 2, 30, what="two ready workers")
+    key = f"{names['MAGNE_TEST_PREFIX']}:mask"
+    try:
+        masks = {k.decode(): v.decode() for k, v in redis.hgetall(key).items()}
+        assert set(masks) == {"1", "2"}
+        assert not any("SIGTERM" in m or "SIGINT" in m for m in masks.values()), masks  # its helpers must stop
+    finally:
+        redis.delete(key)
+    w.signal(signal.SIGTERM)
+    assert w.wait(60) == 0, w.log()
