@@ -2,12 +2,12 @@
 
 A child starts with its stop and status signals blocked (SIGTERM, SIGINT, SIGQUIT,
 SIGHUP, SIGUSR1): the mask survives exec, and magne.signals.Signals unblocks them once
-the worker's handlers are installed. Between exec and that moment (the interpreter
-starting, the task modules importing: a few hundred ms, or forever for a module that
-hangs) a signal waits instead of killing the child with the default action, so a stop
-sent right after a (re)spawn is a warm stop too. A child that never gets that far
-(hung at import) therefore ignores SIGTERM: the supervisor kills it at its readiness
-timeout (`kill_hung`).
+the worker's handlers are installed, before it imports the task modules
+(magne.worker.worker_signals). Between exec and that moment (the interpreter starting,
+magne importing: some hundred ms) a signal waits instead of killing the child with the
+default action, so a stop sent right after a (re)spawn is a warm stop too. A child
+hung at import only notes a SIGTERM (its main loop never runs): the supervisor kills
+it at its readiness timeout (`kill_hung`).
 """
 
 from __future__ import annotations
@@ -86,14 +86,14 @@ class Child:
             now - self.started > ready_timeout
 
     def kill_hung(self) -> None:
-        """SIGKILL a child that missed its readiness timeout: it may still hold SIGTERM blocked (hung at import)."""
+        """SIGKILL a child that missed its readiness timeout: hung at import, it would only note a SIGTERM."""
         self.hung = True
         if self.alive():
             self.proc.kill()
 
     def stop(self, timeout: float) -> None:
         """SIGTERM, wait up to `timeout`, then SIGKILL. A child that never became ready is killed at once: it may be
-        hung with SIGTERM still blocked."""
+        hung at import, where a SIGTERM is only noted."""
         if not self.alive():
             return
         if not self.ready:

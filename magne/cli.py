@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -198,7 +199,7 @@ def _has_password(url: str) -> bool:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from magne.worker import Options, Worker, import_tasks
+    from magne.worker import Options, Worker, import_tasks, worker_signals
 
     opts = Options(modules=args.modules, url=args.url, threads=args.threads, prefetch=args.prefetch,
                    queues=args.queues, shutdown_timeout=args.shutdown_timeout,
@@ -213,8 +214,9 @@ def _worker(args: argparse.Namespace) -> int:
             sup = Supervisor(opts, args.processes, args.log_level, args.log_format, args.ready_timeout)
             sup.install_signals()
             return sup.run()
+        early = worker_signals() if os.environ.get("MAGNE_READY_FD") else None  # a supervised child: see worker_signals
         worker = Worker(opts, import_tasks(opts.modules))
-        worker.install_signals()
+        worker.install_signals(early)
         return worker.run()
 
 
