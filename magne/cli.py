@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if urls and any(_has_password(u) for u in ([urls] if isinstance(urls, str) else urls)):
         log.warning("--url carries a password, which every user of this machine can read in `ps`; "
                     "put the URL in MAGNE_URL instead", event="password_in_argv")
-    if args.command != "status" or urls:  # status without --url may never touch AMQP
+    # status without --url may never touch AMQP; a supervised child's supervisor warned already
+    if (args.command != "status" or urls) and not os.environ.get("MAGNE_READY_FD"):
         for u in resolve_urls(urls):
             for line in query_warnings(u):
                 log.warning("%s", line, event="url_parameter_unknown")
