@@ -224,6 +224,8 @@ class Supervisor:
             lived = time.monotonic() - c.started
             backoff = self.backoffs.setdefault(slot, Backoff(0.5, MAX_BACKOFF, jitter=False))
             if code == EXIT_CONFIG:
+                if c.ready and lived >= QUICK_DEATH:
+                    backoff.reset()  # it served a while: this is a new run of errors
                 delay = backoff.next()
                 alive = sum(1 for o in self.children.values() if o is not c and o.alive())
                 log.error("worker process %d (pid %d) stopped with a permanent error (exit code 2: permissions revoked, "
