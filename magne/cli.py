@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from magne import logs, topology, wire
-from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, MagneError
+from magne.amqp.url import query_warnings, resolve_urls
+from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, MagneError
 from magne.pidfile import pid_file
+
+if TYPE_CHECKING:
+    from magne.publisher import TaskLike
 
 log = logs.Log("magne")
 
@@ -16,6 +23,8 @@ log = logs.Log("magne")
 def _positive(kind: type) -> object:
     def parse(text: str) -> object:
         value = kind(text)
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text}")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
@@ -23,19 +32,28 @@ def _positive(kind: type) -> object:
     return parse
 
 
+def _log_options(p: argparse.ArgumentParser, default: object) -> None:
+    """--log-level and --log-format, before the subcommand (with their defaults) and after it (default=SUPPRESS, so
+    that one left out there keeps what was given before it)."""
+    p.add_argument("--log-level", default=default if default is not None else "info",
+                   choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default=default if default is not None else "text", choices=["text", "json"],
+                   help="text (default) or json: one object per line with stable field names")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="magne", description="RabbitMQ task worker: one connection, one channel, one I/O thread per process."
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"],
-                   help="text (default) or json: one object per line with stable field names")
+    _log_options(p, None)
+    logging_opts = argparse.ArgumentParser(add_help=False)
+    _log_options(logging_opts, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     url_help = ("broker URL; several nodes of a cluster: repeat --url, or separate URLs with ',' or ';' "
                 "(default: $MAGNE_URL, else amqp://guest:guest@localhost:5672/%%2F). Prefer MAGNE_URL: `ps` shows argv")
 
-    w = sub.add_parser("worker", help="run a worker for the tasks in MODULE")
+    w = sub.add_parser("worker", parents=[logging_opts], help="run a worker for the tasks in MODULE")
     w.add_argument("modules", nargs="+", metavar="MODULE",
                    help="module(s) defining @task functions, imported with the current directory on sys.path")
     w.add_argument("--url", action="append", help=url_help)
@@ -55,13 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-retries", type=int, default=0,
                    help="default retries of a task that raised or ran past its time limit (default 0: dead-letter "
                         "at once); @task(max_retries=...) overrides")
-    w.add_argument("--min-backoff", type=_positive(float), default=1.0, help="first retry delay in seconds (default 1)")
+    w.add_argument("--min-backoff", type=_positive(float), default=1.0,
+                   help="shortest retry delay in seconds; the first retry waits 1-2 x this (default 1)")
     w.add_argument("--max-backoff", type=_positive(float), default=300.0, help="longest retry delay (default 300)")
     w.add_argument("--processes", type=_positive(int), default=1,
                    help="worker processes under one supervisor (default 1). Threads share one GIL: use about one "
                         "process per core for CPU-bound tasks; for I/O-bound tasks 1-2 processes per core, each "
                         "with more threads. Every process holds exactly one broker connection")
     w.add_argument("--pid-file", help="write the supervisor's (or the single worker's) pid here")
+    w.add_argument("--ready-timeout", type=_positive(float), default=60.0, metavar="SECONDS",
+                   help="under --processes: seconds a worker process has to connect and report ready (default 60); "
+                        "one that misses it is killed and reported (then restarted, or its reload fails)")
     w.add_argument("--lost-after", type=_positive(float), default=10.0,
                    help="seconds after a time-limit interrupt before a thread that did not stop is replaced, and after "
                         "a time limit's cancel before an async task that did not stop is abandoned (default 10)")
@@ -78,25 +100,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "127.0.0.1, :PORT on every interface, port 0 picks a free one). Under --processes one endpoint "
                         "shows every process and their sums")
 
-    s = sub.add_parser("send", help="publish one task message (confirmed)")
+    s = sub.add_parser("send", parents=[logging_opts], help="publish one task message (confirmed)",
+                       description="Publish task messages. The task's queue: --queue, else the one its @task names in "
+                                   "--module, else the task name in upper case (the @task default).")
     s.add_argument("task", help="task name")
     s.add_argument("--args", default="[]", help="JSON array of positional arguments")
     s.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
-    s.add_argument("--queue", help="queue of the task (default: the task name in upper case)")
+    s.add_argument("--module", action="append", metavar="MODULE",
+                   help="import this task module (repeatable) and send to the queue, queue type and priority its "
+                        "@task gives the task; without it the queue is --queue or the task name in upper case, which "
+                        "is not where a task declared with @task(queue=...) listens")
+    s.add_argument("--queue", help="queue of the task (default: from --module, else the task name in upper case)")
     s.add_argument("--count", type=_positive(int), default=1, help="publish this many copies")
     s.add_argument("--declare", action="store_true",
                    help="declare the queue, its exchange and dead-letter queue if missing (default: publish only to a "
                         "queue that exists, so that a typo creates nothing)")
-    s.add_argument("--queue-type", choices=["classic", "quorum"], default="classic",
-                   help="with --declare: the type to declare, the same as the worker's (default classic)")
+    s.add_argument("--queue-type", choices=["classic", "quorum"], default=None,
+                   help="with --declare: the type to declare, the same as the worker's (default: the task's with "
+                        "--module, else classic)")
     s.add_argument("--url", help=url_help)
 
-    dead = sub.add_parser("dead", help="inspect, replay or purge a queue's dead letters")
+    dead = sub.add_parser("dead", parents=[logging_opts], help="inspect, replay or purge a queue's dead letters")
     dead_sub = dead.add_subparsers(dest="dead_command", required=True)
     for name, text in (("list", "count and the newest dead letters with their reasons"),
                        ("replay", "move dead letters back to the task queue (confirmed, then removed)"),
                        ("purge", "delete every dead letter of the queue")):
-        c = dead_sub.add_parser(name, help=text)
+        c = dead_sub.add_parser(name, parents=[logging_opts], help=text)
         c.add_argument("queue", metavar="QUEUE", help="the task queue (or its .dead queue)")
         c.add_argument("--url", help=url_help)
         if name == "list":
@@ -104,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "replay":
             c.add_argument("--limit", type=_positive(int), default=None, help="replay at most this many")
 
-    st = sub.add_parser("status", help="ready, unacked, consumers and rates of the task queues, their dead-letter and "
+    st = sub.add_parser("status", parents=[logging_opts],
+                        help="ready, unacked, consumers and rates of the task queues, their dead-letter and "
                         "delay queues, and (with --metrics) what each worker process is doing")
     st.add_argument("modules", nargs="*", metavar="MODULE", help="task module(s) whose queues to show")
     st.add_argument("--queues", nargs="+", metavar="QUEUE", help="these queues (instead of, or besides, a module's)")
@@ -122,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refresh in place every SECONDS (default 2) until Ctrl-C")
     st.add_argument("--format", choices=["text", "json"], default="text", help="json: one object per refresh")
 
-    d = sub.add_parser("demo", help="start a worker, send a demo batch, print what ran, stop the worker")
+    d = sub.add_parser("demo", parents=[logging_opts], help="start a worker, send a demo batch, print what ran, stop the worker")
     d.add_argument("--count", type=_positive(int), default=2000)
     d.add_argument("--threads", type=_positive(int), default=8)
     d.add_argument("--url", help=url_help)
@@ -136,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     if urls and any(_has_password(u) for u in ([urls] if isinstance(urls, str) else urls)):
         log.warning("--url carries a password, which every user of this machine can read in `ps`; "
                     "put the URL in MAGNE_URL instead", event="password_in_argv")
+    # status without --url may never touch AMQP; a supervised child's supervisor warned already
+    if (args.command != "status" or urls) and not os.environ.get("MAGNE_READY_FD"):
+        for u in resolve_urls(urls):
+            for line in query_warnings(u):
+                log.warning("%s", line, event="url_parameter_unknown")
     try:
         if args.command == "worker":
             return _worker(args)
@@ -165,7 +200,7 @@ def _has_password(url: str) -> bool:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from magne.worker import Options, Worker, import_tasks
+    from magne.worker import Options, Worker, import_tasks, worker_signals
 
     opts = Options(modules=args.modules, url=args.url, threads=args.threads, prefetch=args.prefetch,
                    queues=args.queues, shutdown_timeout=args.shutdown_timeout,
@@ -177,18 +212,19 @@ def _worker(args: argparse.Namespace) -> int:
         if args.processes > 1:
             from magne.supervisor import Supervisor
 
-            sup = Supervisor(opts, args.processes, args.log_level, args.log_format)
+            sup = Supervisor(opts, args.processes, args.log_level, args.log_format, args.ready_timeout)
             sup.install_signals()
             return sup.run()
+        early = worker_signals() if os.environ.get("MAGNE_READY_FD") else None  # a supervised child: see worker_signals
         worker = Worker(opts, import_tasks(opts.modules))
-        worker.install_signals()
+        worker.install_signals(early)
         return worker.run()
 
 
 def _send(args: argparse.Namespace) -> int:
     """`magne send`: --count copies in one pipelined batch (Publisher.send_many); prints each confirmed id.
     Exit 1 if any copy failed (each failure on stderr), 2 if the queue does not exist (without --declare)."""
-    from magne.publisher import NoSuchQueue, Publisher, Target
+    from magne.publisher import NoSuchQueue, Publisher
 
     try:
         call_args = wire.loads(args.args)
@@ -199,8 +235,8 @@ def _send(args: argparse.Namespace) -> int:
     if type(call_args) is not list or type(call_kwargs) is not dict:
         print("magne send: --args must be a JSON array and --kwargs a JSON object", file=sys.stderr)
         return EXIT_CONFIG
-    target = Target(args.task, args.queue or topology.default_queue(args.task), args.queue_type)
-    pub = Publisher(args.url, queue_type=args.queue_type)
+    target = _target(args)
+    pub = Publisher(args.url, queue_type=target.queue_type or args.queue_type or "classic")
     try:
         result = pub.send_many(((target, call_args, call_kwargs) for _ in range(args.count)), declare=args.declare)
     finally:
@@ -215,6 +251,26 @@ def _send(args: argparse.Namespace) -> int:
     for f in result.failed:
         print(f"magne send: message {f.message_id} was not published ({f.reason}): {f.error}", file=sys.stderr)
     return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def _target(args: argparse.Namespace) -> TaskLike:
+    """The task to send to: its queue and type from --queue/--queue-type, else from its @task in --module (then
+    the task itself, so its priority and max_priority apply too)."""
+    from magne.publisher import Target
+
+    if not args.module:
+        return Target(args.task, args.queue or topology.default_queue(args.task), args.queue_type or "classic")
+    from magne.registry import REGISTRY
+    from magne.worker import import_tasks
+
+    import_tasks(args.module)
+    task = REGISTRY.get(args.task)
+    if task is None:
+        raise ConfigError(f"no task named {args.task!r} in {', '.join(args.module)}; its tasks: "
+                          f"{', '.join(sorted(REGISTRY))}")
+    if args.queue is None and args.queue_type is None:
+        return task
+    return Target(task.name, args.queue or task.queue, args.queue_type or task.queue_type or "classic")
 
 
 def _status(args: argparse.Namespace) -> int:

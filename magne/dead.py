@@ -14,7 +14,7 @@ from typing import Any
 from pamqp import commands
 
 from magne import topology, wire
-from magne.amqp import properties
+from magne.amqp import names, properties
 from magne.amqp.codec import decode_properties
 from magne.amqp.errors import AMQPError, ChannelClosed, PublishError
 from magne.amqp.url import Nodes, parse_urls
@@ -153,6 +153,6 @@ def dead_purge(url: str | None, queue: str) -> int:
     _, dq = _names(queue)
     client = _client(url)
     try:
-        return client.rpc(commands.Queue.Purge(queue=dq), commands.Queue.PurgeOk).message_count
+        return client.rpc(names.QueuePurge(queue=dq), commands.Queue.PurgeOk).message_count
     finally:
         client.close()

@@ -1,5 +1,7 @@
 """`magne demo`: start a worker, send a demo batch, print what ran, stop the worker.
 
+Its queue starts empty (deleted first) and its dead letters stay afterwards, for `magne dead list magne.demo`.
+
 The module doubles as the demo's task module (the worker imports `magne.demo`).
 """
 
@@ -96,9 +98,9 @@ def run_demo(count: int, threads: int, url: str | None) -> int:
             print("  " + line.split("magne.io: ", 1)[-1])
     left, dead_n = _ready(admin, QUEUE), _ready(admin, dead)
     print(f"  queue {QUEUE}: {left} left; {dead} holds {dead_n} dead letters with their reasons")
-    for q in (QUEUE, dead):
-        admin.rpc(commands.Queue.Delete(queue=q), commands.Queue.DeleteOk)
-    admin.rpc(commands.Exchange.Delete(exchange=QUEUE), commands.Exchange.DeleteOk)
+    # The dead letters stay (the next demo starts afresh): they are the point of the last lines.
+    print(f"  look at them:  magne dead list {QUEUE}    (reason, error, attempts and body of each)")
+    print(f"  remove them:   magne dead purge {QUEUE}")
     admin.close()
     ok = code == 0 and left == 0 and dead_n == failing + len(bad) and stats is not None and f"acked={good} " in log
     print("magne demo: OK" if ok else "magne demo: FAILED")

@@ -419,7 +419,7 @@ class _Child:
         self.slot, self.pid, self.port = slot, pid, port
         self.values: dict[Key, float] = {}
         self.owner: dict[Key, str] = {}
-        self.at = 0.0  # when `values` was last refreshed (0: never)
+        self.at = 0.0  # when the request whose answer `values` holds was sent (0: never)
 
 
 class SupervisorMetrics(Collector):
@@ -527,12 +527,16 @@ class SupervisorMetrics(Collector):
                 self.offset_owner[key] = fam.name
 
     def refresh(self) -> None:
-        """Fetch every live child's metrics (outside the lock); keep the last good answer of each. Any of our threads."""
+        """Fetch every live child's metrics (outside the lock); keep the newest good answer of each. The poller and
+        the HTTP server's threads (a scrape) call it, possibly at once: an answer is kept only if its request began
+        after the one of the answer it would replace, so a slow older scrape never takes a counter backwards."""
         with self._lock:
             self._apply_events()
             targets = [(c.pid, c.port) for c in self.children.values()]
         got: dict[int, tuple[dict[str, _Family], dict[Key, float], dict[Key, str]]] = {}
+        asked: dict[int, float] = {}
         for pid, port in targets:
+            asked[pid] = time.monotonic()
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=CHILD_TIMEOUT) as resp:
                     got[pid] = parse(resp.read().decode("utf-8"))
@@ -542,10 +546,10 @@ class SupervisorMetrics(Collector):
             self._apply_events()  # a child that went away meanwhile is retired with its previous values
             for pid, (families, values, owner) in got.items():
                 child = self.children.get(pid)
-                if child is None:
-                    continue
+                if child is None or asked[pid] <= child.at:
+                    continue  # gone, or another thread kept a newer answer meanwhile
                 self.families.update(families)
-                child.values, child.owner, child.at = values, owner, time.monotonic()
+                child.values, child.owner, child.at = values, owner, asked[pid]
 
     def merged(self, own: Iterable[Metric] = ()) -> tuple[dict[str, _Family], dict[str, dict[Key, float]]]:
         """(families, family name -> {(sample, labels with process): value}): each child's series with its slot as

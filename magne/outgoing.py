@@ -22,9 +22,7 @@ from magne.engine.sender import Prep
 
 log = logs.Log("magne.publisher")
 
-# The longest delay a message can wait on the broker: a delay queue's TTL and x-expires are 32-bit unsigned
-# milliseconds in RabbitMQ, and x-expires is the TTL plus a margin (topology.declare_delay).
-MAX_DELAY = (2**32 - 1 - topology.MAX_EXPIRES_MARGIN_MS) / 1000.0
+MAX_DELAY = topology.MAX_DELAY  # the longest a message can wait on the broker (32-bit TTL and x-expires, in ms)
 
 
 class TaskLike(Protocol):

@@ -37,6 +37,9 @@ class RetryPolicy:
             raise ValueError("max_retries must be >= 0")
         if not 0 < self.min_backoff <= self.max_backoff:
             raise ValueError("backoff needs 0 < min_backoff <= max_backoff")
+        if self.max_backoff > topology.MAX_DELAY:
+            raise ValueError(f"max_backoff must be at most {topology.MAX_DELAY:g}s (about "
+                             f"{topology.MAX_DELAY / 86400:.0f} days: RabbitMQ's longest message TTL and queue expiry)")
 
     def should_retry(self, exc: BaseException, retries_done: int) -> bool:
         if retries_done >= self.max_retries:
@@ -46,9 +49,11 @@ class RetryPolicy:
         return isinstance(exc, self.retry_on)
 
     def backoff(self, retries_done: int) -> float:
-        """Exponential with equal jitter: between half and all of min * 2^n, capped."""
-        ceiling = min(self.max_backoff, self.min_backoff * 2 ** min(retries_done, 64))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        """Exponential with equal jitter, never below min_backoff nor above max_backoff: the n-th retry (n from 0)
+        waits between half and all of min * 2^(n+1), so the first waits between min and 2 x min. With
+        min = max every retry waits exactly that. (The delay queue then rounds it up: topology.delay_ms.)"""
+        ceiling = min(self.max_backoff, self.min_backoff * 2 ** min(retries_done + 1, 64))
+        return random.uniform(max(self.min_backoff, ceiling / 2), ceiling)
 
 
 @dataclasses.dataclass(frozen=True)

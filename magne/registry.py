@@ -172,7 +172,14 @@ def task(
     """
 
     def register(f: Callable[..., Any]) -> Task:
-        tname = name or getattr(f, "__name__", None) or type(f).__name__  # a partial or a callable object has none
+        tname = name if name is not None else getattr(f, "__name__", None) or type(f).__name__  # a partial has none
+        if not isinstance(tname, str) or not tname:
+            raise RegistryError(f"a task name must be a non-empty string, got {tname!r}")
+        tqueue = queue if queue is not None else topology.default_queue(tname)
+        why = topology.queue_name_problem(tqueue)
+        if why is not None:  # now, at import: not a worker that dies at its first declare (a crash loop)
+            origin = "" if queue is not None else " (its task name in upper case; give it queue=...)"
+            raise RegistryError(f"task {tname!r}: queue name {str(tqueue)[:60]!r}{origin} {why}")
         if inspect.isasyncgenfunction(f) or inspect.isgeneratorfunction(f):
             # Calling it would only make a generator: the body would never run and the message would be acked.
             raise RegistryError(f"task {tname}: a generator function cannot be a task (its body would never run); "
@@ -195,8 +202,7 @@ def task(
             RetryPolicy(**{**dict(max_backoff=max(RetryPolicy.max_backoff, min_backoff or 0)), **retry_options})
         except ValueError as exc:
             raise RegistryError(f"task {tname}: {exc}") from None
-        t = Task(f, tname, queue or topology.default_queue(tname), time_limit, retry_options, queue_type, priority,
-                 max_priority)
+        t = Task(f, tname, tqueue, time_limit, retry_options, queue_type, priority, max_priority)
         old = REGISTRY.get(tname)
         if old is not None and _origin(old.fn) != _origin(f):
             raise RegistryError(

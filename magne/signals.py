@@ -17,7 +17,8 @@ from types import FrameType
 
 
 class Signals:
-    """Counts of received signals, and a wait that wakes when one arrives. Main thread only."""
+    """Counts of received signals, and a wait that wakes when one arrives. Made on the main thread (it installs the
+    handlers and unblocks the signals there); the rest main thread only too."""
 
     def __init__(self, *signums: int) -> None:
         self.counts: Counter[int] = Counter()
@@ -27,6 +28,9 @@ class Signals:
         os.set_blocking(self._w, False)
         for s in signums:
             signal.signal(s, self._handler)
+        # A worker started by the supervisor holds these blocked until now (magne.children): a stop that arrived
+        # while it was importing is delivered here, to the handler, instead of killing it.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
 
     def _handler(self, signum: int, _frame: FrameType | None) -> None:
         self.counts[signum] += 1

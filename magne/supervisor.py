@@ -7,29 +7,36 @@ in their own session so a terminal's Ctrl-C reaches only the supervisor, and wit
 PR_SET_PDEATHSIG so they stop warmly if the supervisor is killed.
 
 Signals (magne.signals): SIGTERM or a first SIGINT → warm stop of every child; a
-second SIGINT or SIGQUIT → cold (SIGQUIT to the children); SIGHUP → reload: start
-P children with freshly imported code, and once all of them report ready stop the
-old ones warmly. For that moment both generations consume (2P connections); a
-reload whose new code fails to start leaves the old children running. A child
-that exits with the configuration exit code before it was ever ready (a task
-module that does not import, a wrong password, an unknown vhost) stops the
-supervisor with that code: restarting cannot fix it.
+second SIGINT or SIGQUIT → cold (SIGQUIT to the children); SIGUSR1 → a status line
+(and each ready child logs its own); SIGHUP → reload: start P children with freshly
+imported code, and once all of them report ready stop the old ones warmly. For that
+moment both generations consume (2P connections); a reload whose new code fails to
+start, or misses the readiness timeout, leaves the old children running, and a
+SIGHUP during a reload starts it over. Children hold their stop signals until their
+handlers are installed (magne.children), so a stop right after a spawn is warm too.
+
+Exit codes and permanent errors: a child that exits with the configuration exit
+code at the fleet's first start (a task module that does not import, a wrong
+password, an unknown vhost) stops the supervisor with that code: restarting cannot
+fix it. The same error from a child whose slot was ready before (permissions
+revoked, the vhost at its connection limit) is retried with backoff while its
+siblings keep serving (event `child_permanent_error`). A stop the supervisor was
+asked to make exits 0 unless a child failed on its own.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from typing import TYPE_CHECKING
 
-from magne import logs
+from magne import children, logs
 from magne.backoff import Backoff
+from magne.children import Child, describe_exit
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from magne.signals import Signals
 from magne.worker import Options
@@ -39,84 +46,17 @@ if TYPE_CHECKING:
 
 log = logs.Log("magne.supervisor")
 
-PR_SET_PDEATHSIG = 1
 QUICK_DEATH = 10.0  # a child that dies sooner than this after its start counts towards a crash loop
 MAX_BACKOFF = 60.0
 STOP_WAIT = 10.0  # how long a failed reload waits for its other new children to stop
 
 
-try:  # looked up here, not in the child: between fork and exec only async-signal-safe work is safe
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux: children outlive a killed supervisor
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class Child:
-    def __init__(self, slot: int, proc: subprocess.Popen[bytes], ready_fd: int) -> None:
-        self.slot = slot
-        self.proc = proc
-        self.ready_fd = ready_fd
-        self.started = time.monotonic()
-        self.ready = False
-        self.died = False  # exited without being asked to (then restarted, unless the supervisor is stopping)
-        self.metrics_port = 0  # where the child serves its metrics (127.0.0.1), once it said so
-        self.announced = False  # the metrics side knows this child (SupervisorMetrics.child_up)
-        self._buf = b""
-
-    def poll_ready(self) -> bool:
-        """Read what the child wrote on its pipe (main thread, never blocks): lines `m<port>`, then `r` (ready)."""
-        if not self.ready and self.ready_fd >= 0:
-            try:
-                data = os.read(self.ready_fd, 256)
-            except (BlockingIOError, OSError):
-                data = b""
-            if data:
-                self._buf += data
-                *lines, self._buf = self._buf.split(b"\n")
-                for line in lines:
-                    if line.startswith(b"m") and line[1:].isdigit():
-                        self.metrics_port = int(line[1:])
-                    elif line == b"r":
-                        self.ready = True
-        return self.ready
-
-    def stop(self, timeout: float) -> None:
-        """SIGTERM, wait up to `timeout`, then SIGKILL."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def close(self) -> None:
-        """Close the pipe; never read it again (its fd number may soon belong to another child's pipe)."""
-        fd, self.ready_fd = self.ready_fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
 class Supervisor:
-    def __init__(self, opts: Options, processes: int, log_level: str = "info", log_format: str = "text") -> None:
+    def __init__(self, opts: Options, processes: int, log_level: str = "info", log_format: str = "text",
+                 ready_timeout: float = 60.0) -> None:
         self.opts = opts
+        self.ready_timeout = ready_timeout  # seconds a child has to report ready (0: no limit)
+        self.was_ready: set[int] = set()  # slots that had a ready child: a permanent error there is retried
         self.processes = processes
         self.log_level = log_level
         self.log_format = log_format
@@ -157,14 +97,13 @@ class Supervisor:
             env[FINAL_ENV] = self.metrics.final_dir
         if self.opts.url:  # the environment, not argv: `ps` shows argv to every user
             env["MAGNE_URL"] = ",".join([self.opts.url] if isinstance(self.opts.url, str) else self.opts.url)
-        proc = subprocess.Popen(self.child_argv(), env=env, pass_fds=(w,), start_new_session=True,
-                                preexec_fn=_die_with_parent)
+        proc = children.start(self.child_argv(), env, w)
         os.close(w)
         log.info("started worker process %d (pid %d)", slot, proc.pid, event="child_started")
         return Child(slot, proc, r)
 
     def install_signals(self) -> None:
-        self.signals = Signals(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+        self.signals = Signals(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1)
 
     def _all(self) -> list[Child]:
         return [*self.children.values(), *self.old, *self.pending.values()]
@@ -232,6 +171,9 @@ class Supervisor:
                 self._signal_all(signal.SIGQUIT)
             if sig.take(signal.SIGHUP) and not stopping:
                 self._start_reload()
+            if sig.take(signal.SIGUSR1):
+                self._log_status()
+            self._check_readiness(stopping)
             fatal = self._reap(stopping) or fatal
             if fatal and not stopping:
                 stopping = True
@@ -250,6 +192,8 @@ class Supervisor:
         log.info("supervisor stopped; worker exit codes %s", codes, event="supervisor_stopped")
         if fatal:
             return fatal
+        if sig.stops() or sig.cold():  # asked to stop: a child ended by a signal of that stop stopped as asked
+            return EXIT_OK if all(c <= 0 for c in codes) else EXIT_FAILED
         return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
 
     def _reap(self, stopping: bool) -> int:
@@ -263,13 +207,7 @@ class Supervisor:
         for slot, c in list(self.pending.items()):
             code = c.proc.poll()
             if code is not None and not stopping:
-                log.error("reload failed: new worker process %d (pid %d) did not start (%s); "
-                          "keeping the running workers on the old code", slot, c.proc.pid, describe_exit(code),
-                          event="reload_failed")
-                for other in self.pending.values():
-                    other.stop(STOP_WAIT)
-                    other.close()
-                self.pending.clear()
+                self._abandon_reload(f"new worker process {slot} (pid {c.pid}) did not start ({describe_exit(code)})")
                 break
         for slot, c in self.children.items():
             c.poll_ready()
@@ -277,14 +215,29 @@ class Supervisor:
             if code is None or c.died or stopping:
                 continue
             c.died = True
-            if code == EXIT_CONFIG and not c.ready:
+            healthy_before = c.ready or slot in self.was_ready
+            if code == EXIT_CONFIG and not healthy_before:
                 log.error("worker process %d (pid %d) cannot start: configuration error or permanent broker error (see "
                           "its log above); the supervisor stops instead of restarting it", slot, c.proc.pid,
                           event="child_config_error")
                 return EXIT_CONFIG
             lived = time.monotonic() - c.started
             backoff = self.backoffs.setdefault(slot, Backoff(0.5, MAX_BACKOFF, jitter=False))
-            if lived >= QUICK_DEATH:
+            if code == EXIT_CONFIG:
+                if c.ready and lived >= QUICK_DEATH:
+                    backoff.reset()  # it served a while: this is a new run of errors
+                delay = backoff.next()
+                alive = sum(1 for o in self.children.values() if o is not c and o.alive())
+                log.error("worker process %d (pid %d) stopped with a permanent error (exit code 2: permissions revoked, "
+                          "vhost or user removed, connection limit? see its log above); this slot served before, so it is "
+                          "retried in %.1fs (attempt %d) while %d other worker processes keep serving", slot, c.pid,
+                          delay, backoff.attempt, alive, event="child_permanent_error")
+                c.close()
+                self.restart_at[slot] = time.monotonic() + delay
+                continue
+            if c.hung:
+                delay = backoff.next()
+            elif lived >= QUICK_DEATH:
                 backoff.reset()
                 delay = 0.5
             else:
@@ -297,6 +250,47 @@ class Supervisor:
             self.restart_at[slot] = time.monotonic() + delay
         return 0
 
+    def _check_readiness(self, stopping: bool) -> None:
+        """Kill and report children that missed the readiness timeout (main thread). A current child is then reaped
+        and restarted with backoff like a crash; a reload's new child fails the reload (old children keep serving)."""
+        now = time.monotonic()
+        for c in [*self.children.values(), *self.pending.values()]:
+            if c.poll_ready():
+                self.was_ready.add(c.slot)
+            elif c.overdue(now, self.ready_timeout):
+                log.error("worker process %d (pid %d) did not report ready within %gs of its start (a task module that "
+                          "hangs at import? a broker that does not answer?); killing it", c.slot, c.pid,
+                          self.ready_timeout, event="child_not_ready")
+                c.kill_hung()
+        if not stopping and any(c.hung for c in self.pending.values()):
+            self._abandon_reload(f"a new worker process did not report ready within {self.ready_timeout:g}s")
+
+    def _abandon_reload(self, why: str) -> None:
+        log.error("reload failed: %s; keeping the running workers on the old code (send SIGHUP again to retry)", why,
+                  event="reload_failed")
+        for c in self.pending.values():
+            c.stop(STOP_WAIT)
+            c.close()
+        self.pending.clear()
+
+    def _log_status(self) -> None:
+        """SIGUSR1 (main thread): one line for the tree, and each ready child logs its own (USR1 forwarded)."""
+        now = time.monotonic()
+        for c in self._all():
+            c.poll_ready()  # a child may have said so since the last turn
+        parts = [c.status(now) for c in self.children.values() if c.alive()]
+        parts += [f"process {slot} restarting in {max(0.0, at - now):.1f}s" for slot, at in sorted(self.restart_at.items())]
+        if self.pending:
+            parts.append(f"reload in progress ({sum(c.poll_ready() for c in self.pending.values())} of "
+                         f"{len(self.pending)} new processes ready)")
+        if self.old:
+            parts.append(f"{len(self.old)} old processes stopping after a reload")
+        log.info("status: supervisor pid %d, %d worker processes: %s", os.getpid(), self.processes, "; ".join(parts),
+                 event="supervisor_status")
+        for c in self._all():
+            if c.alive() and c.ready:
+                c.proc.send_signal(signal.SIGUSR1)
+
     def _restart_due(self) -> None:
         now = time.monotonic()
         for slot, when in list(self.restart_at.items()):
@@ -307,9 +301,13 @@ class Supervisor:
                     self.metrics.restarted(slot)
 
     def _start_reload(self) -> None:
-        if self.pending:
-            log.warning("reload already in progress; ignoring SIGHUP")
-            return
+        if self.pending:  # the operator may have fixed the code since: start over with what is there now
+            log.warning("SIGHUP during a reload: abandoning its %d new worker processes and starting over",
+                        len(self.pending), event="reload_restarted")
+            for c in self.pending.values():
+                c.stop(STOP_WAIT)
+                c.close()
+            self.pending.clear()
         log.info("reload: starting %d worker processes with freshly imported code", self.processes, event="reload")
         for slot in range(1, self.processes + 1):
             self.pending[slot] = self.spawn(slot)

@@ -11,13 +11,14 @@ is: `from magne.testing import magne_worker  # noqa: F401` in conftest.py (PEP 5
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import heapq
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from queue import Empty, SimpleQueue
 from typing import Any
 
@@ -26,9 +27,10 @@ from pamqp import commands
 from magne import publisher, topology, wire
 from magne.amqp import codec
 from magne.delivery import Delivery, Outcome
-from magne.errors import BadMessage
+from magne.errors import BadMessage, RegistryError
 from magne.policy import Failure, RetryPolicy
 from magne.pool import Pool
+from magne.publisher import BatchResult
 from magne.registry import REGISTRY, Task
 
 _OUTCOMES = {Outcome.ACK: "succeeded", Outcome.RETRY: "retried", Outcome.DEAD: "dead"}
@@ -131,6 +133,10 @@ class Worker:
 
     def __enter__(self) -> Worker:
         tasks = dict(REGISTRY)
+        for t in tasks.values():  # @task checked these; a Task made by hand meets the worker's rule here too
+            why = topology.queue_name_problem(t.queue)
+            if why is not None:
+                raise RegistryError(f"task {t.name!r}: queue name {str(t.queue)[:60]!r} {why}")
         types = {t.queue: t.queue_type or "classic" for t in tasks.values()}
         pool = self.pool = _Pool(self.threads, tasks, self._work, self._report, self.time_limit, self.lost_after,
                                  self.retry, types)
@@ -166,11 +172,36 @@ class Worker:
     def publish(self, queue: str, body: bytes, properties: commands.Basic.Properties | bytes, exchange: str | None = None,
                 delay: float | None = None, queue_type: str | None = None, declare: bool = True) -> None:
         """Publisher.publish into memory: while active, the worker is the default publisher, so every send lands here."""
+        why = topology.queue_name_problem(queue)
+        if why is not None:  # what a worker could never declare or consume is refused, not run
+            raise ValueError(f"queue name {str(queue)[:60]!r} {why}")
         header = properties if isinstance(properties, bytes) else codec.header_payload(properties, len(body))
         task, args, kwargs = _decoded(body)
         with self._cond:
             self._sent.append(Sent(task, args, kwargs, wire.read_state(header).message_id, queue, delay, body))
             self._enqueue(Delivery(next(self._seq), 0, queue, body, header, False), self.clock + _seconds(delay))
+
+    def send(self, task: publisher.TaskLike, args: Any = (), kwargs: dict[str, Any] | None = None,
+             delay: float | None = None, message_id: str | None = None, declare: bool = True,
+             priority: int | None = None) -> str:
+        """Publisher.send into memory (the README's `default_publisher().send(...)` in a test): the message id."""
+        mid = message_id or wire.new_id()
+        props = wire.properties_for(mid)
+        props.priority = priority if priority is not None else getattr(task, "priority", None)
+        self.publish(task.queue, wire.encode(task.name, args, kwargs, mid), props, delay=delay,
+                     queue_type=task.queue_type, declare=declare)
+        return mid
+
+    def send_many(self, items: Iterable[tuple[Any, ...]], declare: bool = True) -> BatchResult:
+        """Publisher.send_many into memory: every item is taken (no broker to refuse one), ids in input order."""
+        return BatchResult([self.send(i[0], i[1], i[2] if len(i) > 2 else None, declare=declare) for i in items], [])
+
+    def send_async(self, task: publisher.TaskLike, args: Any = (), kwargs: dict[str, Any] | None = None,
+                   delay: float | None = None, message_id: str | None = None, declare: bool = True) -> Awaitable[str]:
+        """Publisher.send_async into memory: a future of the running loop, already done with the message id."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        future.set_result(self.send(task, args, kwargs, delay, message_id, declare))
+        return future
 
     def close(self) -> None:
         """magne.publisher.configure() closes the default publisher: nothing to close here."""

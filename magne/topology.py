@@ -9,7 +9,9 @@ TTL is that delay and whose dead-letter target is the task queue. One queue per
 delay value, so a short delay never waits behind a longer one.
 
 Declarations are returned as (method, reply type) pairs, so the blocking client
-can call them one by one and the I/O thread can pipeline them.
+can call them one by one and the I/O thread can pipeline them. Their methods are
+magne.amqp.names's, which take every name RabbitMQ takes (pamqp's own refuse
+non-ASCII names and exchange names over 127 characters).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 from pamqp import commands
 
+from magne.amqp import names
+
 QUEUE_TYPES = ("classic", "quorum")
 DEFAULT_DELIVERY_LIMIT = 20
 # Broker-side dead-lettering of a quorum queue is at-most-once by default: a message the target
@@ -26,11 +30,36 @@ DEFAULT_DELIVERY_LIMIT = 20
 # reject-publish overflow.
 AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 Declaration = tuple[Any, type]
-MAX_EXPIRES_MARGIN_MS = 86_400_000  # a delay queue outlives its TTL by at most a day (x-expires fits 32 bits)
+# The longest delay (and retry backoff), in seconds: RabbitMQ refuses an x-message-ttl or x-expires above
+# 2^32 - 1 ms (about 49.7 days), and a delay queue expires 10% after its TTL (declare_delay).
+MAX_DELAY = 3_900_000.0  # 45.1 days; delay_ms() keeps it at 3,900,000,000 ms, whose x-expires is 4,290,000,000
 
 
 def default_queue(task_name: str) -> str:
     return task_name.upper()
+
+
+# A task queue's name leaves room for its longest derived name, `<queue>.delay.<ms>` with the longest delay.
+MAX_QUEUE_BYTES = names.MAX_BYTES - len(".delay.") - len(str(int(MAX_DELAY * 1000)))
+
+
+def queue_name_problem(queue: object) -> str | None:
+    """Why `queue` cannot be a task queue, or None. RabbitMQ takes any UTF-8 name of up to 255 bytes except the
+    empty one (the broker would make up a name) and `amq.*` (reserved: 403 ACCESS_REFUSED); magne also needs
+    room for `<queue>.delay.<ms>` (MAX_QUEUE_BYTES) and uses the name as the queue's exchange too."""
+    why = names.name_problem(queue)
+    if why is not None:
+        return why
+    assert isinstance(queue, str)
+    if not queue:
+        return "is empty"
+    if queue.startswith("amq."):
+        return "starts with 'amq.', which RabbitMQ reserves for its own queues and exchanges"
+    size = len(queue.encode("utf-8"))
+    if size > MAX_QUEUE_BYTES:
+        return (f"is {size} bytes of UTF-8; a task queue takes at most {MAX_QUEUE_BYTES}, so that its delay queue "
+                f"(<queue>.delay.<ms>) stays within RabbitMQ's 255")
+    return None
 
 
 def dead_queue(queue: str) -> str:
@@ -59,23 +88,24 @@ def queue_arguments(queue: str, queue_type: str = "classic", dead: bool = False,
 def declarations(queue: str, queue_type: str = "classic", max_priority: int | None = None) -> list[Declaration]:
     """A task queue, its exchange and binding, and its dead-letter queue."""
     return [
-        (commands.Exchange.Declare(exchange=queue, exchange_type="direct", durable=True), commands.Exchange.DeclareOk),
-        (commands.Queue.Declare(queue=queue, durable=True, arguments=queue_arguments(queue, queue_type,
-                                                                                    max_priority=max_priority)),
+        (names.ExchangeDeclare(exchange=queue, exchange_type="direct", durable=True), commands.Exchange.DeclareOk),
+        (names.QueueDeclare(queue=queue, durable=True, arguments=queue_arguments(queue, queue_type,
+                                                                                max_priority=max_priority)),
          commands.Queue.DeclareOk),
-        (commands.Queue.Bind(queue=queue, exchange=queue, routing_key=queue), commands.Queue.BindOk),
+        (names.QueueBind(queue=queue, exchange=queue, routing_key=queue), commands.Queue.BindOk),
         dead_declaration(queue, queue_type),
     ]
 
 
 def dead_declaration(queue: str, queue_type: str = "classic") -> Declaration:
-    return (commands.Queue.Declare(queue=dead_queue(queue), durable=True,
+    return (names.QueueDeclare(queue=dead_queue(queue), durable=True,
                                    arguments=queue_arguments(queue, queue_type, dead=True)), commands.Queue.DeclareOk)
 
 
 def delay_ms(seconds: float) -> int:
     """The delay rounded up to two significant digits (1234 ms → 1300 ms), so that a
-    jittered backoff makes tens of delay queues per decade, not thousands."""
+    jittered backoff makes tens of delay queues per decade, not thousands. Never shorter than asked (at most
+    10% longer); at most MAX_DELAY (callers refuse longer delays)."""
     ms = max(1, math.ceil(seconds * 1000))
     if ms < 100:
         return ms
@@ -100,8 +130,8 @@ def declare_delay(queue: str, ms: int, queue_type: str = "classic") -> commands.
         "x-message-ttl": ms,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": queue,
-        "x-expires": ms + max(60_000, min(ms // 10, MAX_EXPIRES_MARGIN_MS)),
+        "x-expires": ms + max(60_000, ms // 10),
     }
     if queue_type == "quorum":
         args.update({"x-queue-type": "quorum", **AT_LEAST_ONCE})
-    return commands.Queue.Declare(queue=delay_queue(queue, ms), durable=True, arguments=args)
+    return names.QueueDeclare(queue=delay_queue(queue, ms), durable=True, arguments=args)

@@ -209,9 +209,9 @@ class Worker:
                             "the async tasks their own queue (@task(queue=...)) to keep the two apart", q, both,
                             event="mixed_queue", queue=q)
 
-    def install_signals(self) -> None:
-        """Main thread, before run()."""
-        self.signals = Signals(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
+    def install_signals(self, early: Signals | None = None) -> None:
+        """Main thread, before run(); `early`: the handlers installed before the task modules were imported."""
+        self.signals = early or worker_signals()
 
     def status(self) -> dict[str, object]:
         out = {**self.io.stats.as_dict(), "threads_live": self.pool.alive(), "threads_busy": self.pool.busy(),
@@ -291,6 +291,14 @@ class Worker:
             if sig.take(signal.SIGUSR1):
                 log.info("status: node %s; %s; %s", io.node, self.tasks_status(), io.stats.line(), event="status",
                          url=io.node, counters=self.status())
+            if sig.take(signal.SIGHUP):
+                # Reloading means new processes taking over from old ones: the supervisor's job. Dying of the
+                # signal's default action would cut running tasks; keep running instead, and say so.
+                where = (f"send SIGHUP to the supervisor (pid {os.getppid()})" if os.environ.get("MAGNE_PROCESS_SLOT")
+                         else "run it under the supervisor (--processes 2 or more) and send SIGHUP there, or restart it "
+                              "(SIGTERM stops it warmly)")
+                log.warning("SIGHUP: a worker process cannot reload its own code; it keeps running (%d tasks running). "
+                            "To reload, %s", self.busy(), where, event="reload_unsupported")
             if self.aio is not None and self.aio.dead() and not warm_deadline and not loop_died:
                 # Cannot happen by design (AsyncPool._serve re-enters the loop after anything task code does); if it
                 # does, its async messages would wait forever: stop, so a supervisor starts a fresh process.
@@ -357,6 +365,14 @@ class Worker:
         while self.busy() and time.monotonic() < deadline and not sig.cold():
             sig.wait(0.1)
             self.check(time.monotonic())
+
+
+def worker_signals() -> Signals:
+    """The worker's handlers (main thread). Under the supervisor they are installed before the task modules are
+    imported: the child holds these signals blocked until then (magne.children), and a thread a module starts at
+    import inherits the mask of the moment, which must not be the blocked one (a process it starts would ignore
+    SIGTERM). Alone, after the import, so that Ctrl-C still interrupts an import that hangs."""
+    return Signals(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGHUP)
 
 
 def _tell_supervisor(line: bytes, last: bool = False) -> None:

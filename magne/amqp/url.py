@@ -11,6 +11,7 @@ error raised here ever contains the URL's user-info.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import random
 import ssl
@@ -21,8 +22,8 @@ from magne.amqp.errors import URLError
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
 ENV_TLS = {"cacertfile": "MAGNE_TLS_CACERTFILE", "certfile": "MAGNE_TLS_CERTFILE", "keyfile": "MAGNE_TLS_KEYFILE"}
 
-__all__ = ["DEFAULT_URL", "Nodes", "Params", "URLError", "parse_url", "parse_urls", "resolve_url", "resolve_urls",
-           "split_urls", "tls_context"]
+__all__ = ["DEFAULT_URL", "KNOWN_QUERY", "Nodes", "Params", "URLError", "parse_url", "parse_urls", "query_warnings",
+           "resolve_url", "resolve_urls", "split_urls", "tls_context"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +112,42 @@ class Nodes:
         self.failures = 0
 
 
+# The query parameters magne reads (RabbitMQ's URI names; connect_timeout is an alias of connection_timeout).
+KNOWN_QUERY = ("heartbeat", "connection_timeout", "connect_timeout", "frame_max", "channel_max", "cacertfile",
+               "certfile", "keyfile", "verify", "server_name_indication", "auth_mechanism")
+# (lowest, highest, what the number is) of each numeric parameter: the AMQP field it goes into bounds it.
+_RANGES = {"heartbeat": (0, 65535, "whole seconds, 0 for none"),
+           "connection_timeout": (1, 2**31 - 1, "milliseconds, at least 1"),
+           "frame_max": (0, 2**32 - 1, "bytes, 0 for the broker's limit"),
+           "channel_max": (0, 65535, "channels, 0 for the broker's limit")}
+
+
 def _int(key: str, value: str) -> int:
+    low, high, what = _RANGES["connection_timeout" if key == "connect_timeout" else key]
     try:
-        return int(value)
+        n = int(value)
     except ValueError:
-        raise URLError(f"broker URL query {key}={value[:40]!r} is not a number") from None
+        n = None
+    if n is None or not low <= n <= high:
+        raise URLError(f"broker URL query {key}={value[:40]!r}: must be an integer from {low} to {high} ({what})")
+    return n
+
+
+def query_warnings(url: str) -> list[str]:
+    """One line per query parameter of `url` that magne does not read (ignored, as the URI spec has clients do),
+    naming the closest known one when it looks misspelt. For the command line to log; never raises."""
+    try:
+        keys = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    except ValueError:
+        return []
+    out = []
+    for key in keys:
+        if key in KNOWN_QUERY:
+            continue
+        close = difflib.get_close_matches(key, KNOWN_QUERY, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (magne reads {', '.join(KNOWN_QUERY)})"
+        out.append(f"broker URL query parameter {key[:40]!r} is not one magne knows and is ignored{hint}")
+    return out
 
 
 def parse_url(url: str) -> Params:

@@ -163,3 +163,16 @@ def test_send_cli_publishes_exact_big_integers(broker, redis, names, start_worke
     w.wait_ready()
     wait_for(lambda: runs(redis, names).get("18446744073709551616") == 1, 20, what="the exact big integer")
     assert wire  # the body format under test is magne.wire's
+
+
+def test_send_with_module_reads_the_tasks_queue(broker, redis, names, start_worker):
+    w = start_worker()
+    w.wait_ready()
+    env = {**ENV, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "support"),
+           **{k: v for k, v in names.items() if k.startswith("MAGNE_")}}
+    out = magne("send", "record", "--module", "e2e_tasks", "--args", '["via-module"]', env=env)
+    assert out.returncode == 0, out.stderr  # today: "unrecognized arguments: --module"
+    wait_for(lambda: runs(redis, names).get("via-module") == 1, 20, what="the task sent to the queue its module names")
+    unknown = magne("send", "no_such_task", "--module", "e2e_tasks", env=env)
+    assert unknown.returncode == 2 and "no_such_task" in unknown.stderr and "record" in unknown.stderr, unknown.stderr
+    assert "--module" in magne("send", "--help").stdout

@@ -140,3 +140,20 @@ def die(n):
     """A poison message: it kills the worker process every time it runs."""
     r.hincrby(f"{PREFIX}:started", str(n), 1)
     os._exit(1)
+
+
+_HANG_FILE = os.environ.get("MAGNE_TEST_HANG_FILE")  # "hang" in this file: the import never finishes (a reload test)
+if _HANG_FILE and os.path.exists(_HANG_FILE) and open(_HANG_FILE).read().strip() == "hang":
+    time.sleep(3600)
+
+
+if os.environ.get("MAGNE_TEST_RECORD_MASK"):
+    import signal
+    import threading
+
+    def _record_mask():
+        """A thread a task module starts at import: which signals does it (and any process it starts) block?"""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        r.hset(f"{PREFIX}:mask", os.environ.get("MAGNE_PROCESS_SLOT", "-"), ",".join(sorted(s.name for s in blocked)))
+
+    threading.Thread(target=_record_mask, daemon=True).start()

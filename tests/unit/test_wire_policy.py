@@ -280,8 +280,8 @@ def test_two_retries_then_dead():
         warnings = decide(d, Failure("task raised", ValueError(f"boom {attempt}")), policy, FRAME_MAX, now=1000 + attempt)
         assert warnings == []
         assert d.outcome is Outcome.RETRY
-        ceiling = min(60.0, 2.0 ** (attempt - 1))
-        assert ceiling / 2 <= d.delay <= ceiling
+        ceiling = min(60.0, 2.0 ** attempt)  # the first retry waits between min_backoff and twice that
+        assert max(1.0, ceiling / 2) <= d.delay <= ceiling
         ms = topology.delay_ms(d.delay)
         assert d.copy_to == f"q.delay.{ms}" == topology.delay_queue("q", ms)
         assert isinstance(d.copy_declare, commands.Queue.Declare) and d.copy_declare.queue == d.copy_to
@@ -393,4 +393,31 @@ def test_retry_on_and_max_retries_end_to_end(threads):
     assert {a["error-type"] for a in conn.attempts} == {"ConnectionError"} and conn.headers[wire.RETRIES] == 2
     assert value.retries == 0 and len(value.attempts) == 1  # not in retry_on: dead-lettered at once
     assert [r.delay for r in w.retried] == [pytest.approx(r.delay) for r in w.retried]
-    assert all(0.5 <= r.delay <= 1.0 for r in w.retried) and 1.0 <= w.clock <= 2.0  # max_backoff 1, equal jitter
+    assert all(r.delay == 1.0 for r in w.retried) and w.clock == 2.0  # min_backoff = max_backoff = 1: exactly 1 s
+
+
+# -- --min-backoff is a minimum (issue 20) --------------------------------------------------------------------
+@pytest.mark.parametrize(("low", "high"), [(1.0, 1.0), (1.0, 300.0), (0.1, 0.2), (5.0, 7.0)])
+def test_a_backoff_is_never_below_min_backoff_nor_above_max_backoff(low, high):
+    policy = RetryPolicy(max_retries=50, min_backoff=low, max_backoff=high)
+    for done in range(20):
+        for _ in range(50):
+            assert low <= policy.backoff(done) <= high, (done, policy.backoff(done))
+
+
+def test_min_backoff_equal_to_max_backoff_is_exactly_that_delay():
+    assert {RetryPolicy(3, 1.0, 1.0).backoff(n) for n in range(3) for _ in range(20)} == {1.0}
+
+
+def test_a_delay_is_rounded_up_to_its_delay_queue_step_never_down():
+    for seconds in (0.0005, 0.05, 0.1234, 1.0, 1.234, 59.99, 300.0, 12345.6):
+        ms = topology.delay_ms(seconds)
+        assert ms >= seconds * 1000 and ms <= max(1, seconds * 1000) * 1.1 + 1
+
+
+def test_the_longest_delay_fits_rabbitmqs_ttl_and_expiry_limit():
+    ms = topology.delay_ms(topology.MAX_DELAY)
+    declare = topology.declare_delay("q", ms)
+    assert declare.arguments["x-message-ttl"] <= 2**32 - 1 and declare.arguments["x-expires"] <= 2**32 - 1
+    with pytest.raises(ValueError, match="max_backoff"):
+        RetryPolicy(1, 1.0, topology.MAX_DELAY * 2)
