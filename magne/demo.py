@@ -18,6 +18,7 @@ import time
 from pamqp import commands
 
 from magne import wire
+from magne.amqp import names
 from magne.amqp.url import parse_url, resolve_url
 from magne.engine.client import Client
 from magne.publisher import Publisher
@@ -47,7 +48,7 @@ def run_demo(count: int, threads: int, url: str | None) -> int:
     admin = Client(params, "magne demo").open()
     dead = QUEUE + ".dead"
     for q in (QUEUE, dead):
-        admin.rpc(commands.Queue.Delete(queue=q), commands.Queue.DeleteOk)
+        admin.rpc(names.QueueDelete(queue=q), commands.Queue.DeleteOk)
 
     bad = [b"{not json", wire.encode("no_such_task", [1]), wire.encode("demo_work", [1, 2, 3])]
     failing = 5

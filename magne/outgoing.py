@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from pamqp import commands
 
 from magne import hooks, logs, topology, wire
-from magne.amqp import codec
+from magne.amqp import codec, names
 from magne.amqp.confirms import Nacked, Returned
 from magne.amqp.errors import MagneError, PublishError
 from magne.engine.sender import Prep
@@ -186,8 +186,8 @@ def preps_for(queue: str, queue_type: str, declare: bool, max_priority: int | No
                         what=queue),)
         else:
             got = (Prep(("check", queue), [
-                (commands.Queue.Declare(queue=queue, passive=True), commands.Queue.DeclareOk),
-                (commands.Exchange.Declare(exchange=queue, passive=True), commands.Exchange.DeclareOk)],
+                (names.QueueDeclare(queue=queue, passive=True), commands.Queue.DeclareOk),
+                (names.ExchangeDeclare(exchange=queue, passive=True), commands.Exchange.DeclareOk)],
                 passive=True, what=queue),)
         cache[key] = got
     return got

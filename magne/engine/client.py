@@ -25,7 +25,7 @@ from typing import Any
 from pamqp import commands
 
 from magne import logs
-from magne.amqp import codec
+from magne.amqp import codec, names
 from magne.amqp.errors import AMQPError, BrokerTimeout, ChannelClosed, ConnectionLost, MagneError
 from magne.amqp.url import Nodes, Params
 from magne.backoff import Backoff
@@ -257,7 +257,7 @@ class Client:
 
     def get(self, queue: str) -> tuple[int, bytes, bytes] | None:
         """basic.get without auto-ack: (delivery tag, header payload, body), or None when empty."""
-        got = self.call(commands.Basic.Get(queue=queue, no_ack=False), commands.Basic.GetOk, commands.Basic.GetEmpty)
+        got = self.call(names.BasicGet(queue=queue, no_ack=False), commands.Basic.GetOk, commands.Basic.GetEmpty)
         return None if isinstance(got, commands.Basic.GetEmpty) else got
 
     def ack(self, tag: int) -> None:
@@ -267,7 +267,7 @@ class Client:
 
     def queue_counts(self, queue: str) -> tuple[int, int]:
         """(ready messages, consumers) of an existing queue (passive declare; ChannelClosed 404 if there is none)."""
-        ok = self.call(commands.Queue.Declare(queue=queue, passive=True), commands.Queue.DeclareOk)
+        ok = self.call(names.QueueDeclare(queue=queue, passive=True), commands.Queue.DeclareOk)
         return ok.message_count, ok.consumer_count
 
     def submit(self, fn: Callable[[], None]) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from pamqp import commands
 
 from magne import logs, topology
+from magne.amqp import names
 from magne.amqp.errors import ChannelClosed
 from magne.amqp.url import Nodes
 from magne.backoff import Backoff
@@ -34,6 +35,7 @@ from magne.engine.connection import Connection, State
 from magne.errors import BadMessage
 from magne.io.settle import Settlement
 from magne.io.stats import Stats, Tally
+from magne.naming import consumer_tag
 from magne.policy import Failure, dead_letter_plainly, decide
 
 log = logs.Log("magne.io")
@@ -136,7 +138,7 @@ class Consumer:
 
     def _consume(self, queue: str) -> None:
         assert self.conn is not None
-        ctag = f"magne.{queue}.{os.getpid()}.{self.gen}.{next(self._ctag_seq)}"
+        ctag = consumer_tag(queue, os.getpid(), self.gen, next(self._ctag_seq))
         self.ctags[ctag.encode()] = queue  # deliveries may arrive before the consume-ok
         # x-consumer-timeout: RabbitMQ 3.12+ applies it per consumer (3.10 accepts and ignores it),
         # so a long task is not cut by the broker's default delivery-ack timeout.
@@ -146,7 +148,7 @@ class Consumer:
         if prefetch != self._qos:
             self.conn.call(CH, commands.Basic.Qos(prefetch_count=prefetch), (commands.Basic.QosOk,))
             self._qos = prefetch
-        self.conn.call(CH, commands.Basic.Consume(queue=queue, consumer_tag=ctag, arguments=args),
+        self.conn.call(CH, names.BasicConsume(queue=queue, consumer_tag=ctag, arguments=args),
                        (commands.Basic.ConsumeOk,), lambda _ok: self._on_consume_ok(queue))
 
     def _on_consume_ok(self, queue: str) -> None:

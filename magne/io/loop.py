@@ -37,6 +37,7 @@ from magne.engine.sender import Sender
 from magne.io.consumer import Consumer, Phase
 from magne.io.settle import Settlement
 from magne.io.stats import Stats, Tally
+from magne.naming import connection_name
 
 log = logs.Log("magne.io")
 
@@ -76,12 +77,12 @@ class IOThread(threading.Thread):
         # The publishing link: the engine's Sender on a connection of its own (a broker alarm blocks a connection that
         # publishes, and acks must go on), opened when there are copies to make; heartbeats off (it may sit blocked for
         # as long as an alarm lasts), a confirm overdue LINK_STALL seconds while not blocked means it is dead.
-        self.link = Sender(self.nodes, f"magne worker publisher [{', '.join(queues)}]", heartbeat=0, window=65535,
+        self.link = Sender(self.nodes, connection_name("magne worker publisher", queues), heartbeat=0, window=65535,
                            stall_timeout=LINK_STALL)
         self.settlement = Settlement(self.link, self.stats, copy_frame_max)
         if tally is not None:
             self.link.on_latency = tally.confirm.observe
-        self.consumer = Consumer(self.nodes, f"magne worker [{', '.join(queues)}]", queues, prefetch, queue_types or {},
+        self.consumer = Consumer(self.nodes, connection_name("magne worker", queues), queues, prefetch, queue_types or {},
                                  work, self.settlement, self.stats, max_body, copy_frame_max, self._on_consuming,
                                  consumer_timeouts or {})
         self.reconnector = Reconnector(self.nodes, Backoff())

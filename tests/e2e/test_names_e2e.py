@@ -14,7 +14,6 @@ MODULE = ("names_tasks",)
 # consumer tag, connection name (magne/io/loop.py) and the publisher's basic.publish (magne/amqp/codec.py,
 # client.py, publisher.py) are in the engine being rewritten: they need magne.amqp.names and magne.naming there
 # (the lead's change). Strict: once that lands these pass, and the markers must go.
-NEEDS_ENGINE = pytest.mark.xfail(strict=True, reason="needs magne.amqp.names / magne.naming in the engine's files")
 
 
 def _queues(prefix: str) -> dict[str, str]:
@@ -22,7 +21,6 @@ def _queues(prefix: str) -> dict[str, str]:
             "long": f"{prefix}." + "x" * 150}
 
 
-@NEEDS_ENGINE
 def test_a_worker_runs_tasks_on_queues_with_spaces_non_ascii_and_long_names(broker, redis, names, start_worker):
     queues = _queues(names["MAGNE_TEST_PREFIX"])
     broker.track(*queues.values())
@@ -48,7 +46,6 @@ def test_a_worker_runs_tasks_on_queues_with_spaces_non_ascii_and_long_names(brok
 
 
 @pytest.mark.slow
-@NEEDS_ENGINE
 def test_one_worker_consumes_a_thousand_queues(broker, redis, names, start_worker):
     prefix = names["MAGNE_TEST_PREFIX"]
     many = [f"{prefix}.many.{i:04d}" for i in range(1000)]
