@@ -197,10 +197,11 @@ class Worker:
         return BatchResult([self.send(i[0], i[1], i[2] if len(i) > 2 else None, declare=declare) for i in items], [])
 
     def send_async(self, task: publisher.TaskLike, args: Any = (), kwargs: dict[str, Any] | None = None,
-                   delay: float | None = None, message_id: str | None = None, declare: bool = True) -> Awaitable[str]:
+                   delay: float | None = None, message_id: str | None = None, declare: bool = True,
+                   priority: int | None = None) -> Awaitable[str]:
         """Publisher.send_async into memory: a future of the running loop, already done with the message id."""
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        future.set_result(self.send(task, args, kwargs, delay, message_id, declare))
+        future.set_result(self.send(task, args, kwargs, delay, message_id, declare, priority))
         return future
 
     def close(self) -> None:

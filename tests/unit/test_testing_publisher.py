@@ -13,7 +13,7 @@ from magne.cli import build_parser
 from magne.publisher import BatchResult, Publisher, Target, default_publisher
 from magne.testing import Worker, worker
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "testing.md"  # the manual's page on magne.testing
 
 
 @task
