@@ -8,6 +8,7 @@ test's own thread, as the worker's main thread calls it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections.abc import Iterator
@@ -82,7 +83,7 @@ class Setup:
         self.work: SimpleQueue[Delivery | None] = SimpleQueue()
         self.pool = Pool(threads, TASKS, self.work, self.report, time_limit=5.0, lost_after=lost_after,
                          hooks=HookSet(hook_list))
-        self.aio = self.pool.aio = AsyncPool(self.pool, 10)
+        self.aio = self.pool.aio = AsyncPool(self.pool.runner, self.work.put, 10)
         self.stop = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, daemon=True)
         self.on_report: list[Any] = []
@@ -250,13 +251,15 @@ def test_hooks_of_async_runs_run_off_the_loop_and_before_the_outcome_is_reported
 
 
 def test_async_runs_without_hooks_start_no_hook_threads(setup_factory: Any) -> None:
+    before = {t for t in threading.enumerate() if "hook" in t.name}  # other tests' may still be ending
     s = setup_factory([])
     s.pool.start()
     s.aio.start()
     for i in range(5):
         s.aio.put(delivery("rt_count", f"n{i}"))
     assert {d.outcome for d in s.outcomes(5)} == {Outcome.ACK}
-    assert not [t for t in threading.enumerate() if "hook" in t.name]
+    assert s.aio.hook_threads is None
+    assert not [t for t in threading.enumerate() if "hook" in t.name and t not in before]
 
 
 def test_a_cold_stop_cancels_an_async_run_whose_before_hook_is_slow(setup_factory: Any) -> None:
@@ -293,3 +296,73 @@ def test_sync_mode_async_task_with_hooks_still_runs(setup_factory: Any) -> None:
     assert out.outcome is Outcome.ACK and bodies["inline"] == 1
     assert ("success", "rt_count") in rec.seen
     asyncio.run(asyncio.sleep(0))
+
+
+def test_hooks_of_an_async_run_share_its_context_with_the_coroutine(setup_factory: Any) -> None:
+    """What before_task sets in the context (a tracing span made current: magne.tracing) the coroutine sees, and the
+    after-hook can reset it with its token, although the hooks run on a hook thread."""
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("rt_span", default="none")
+    seen: list[str] = []
+    reset: list[str] = []
+
+    async def rt_read(label: str) -> None:
+        seen.append(f"{label}:{var.get()}")
+
+    class Span(hooks.Hook):
+        def before_task(self, run: hooks.TaskRun) -> None:
+            run.state[self] = var.set(f"span-{run.args[0]}")
+
+        def after_success(self, run: hooks.TaskRun) -> None:
+            try:
+                var.reset(run.state.pop(self))
+                reset.append("ok")
+            except ValueError as exc:  # "created in a different Context"
+                reset.append(str(exc))
+
+    TASKS["rt_read"] = Task(rt_read, "rt_read", "RT")
+    try:
+        s = setup_factory([Span()])
+        s.pool.start()
+        s.aio.start()
+        for label in ("a", "b"):
+            s.aio.put(delivery("rt_read", label))
+        assert {d.outcome for d in s.outcomes(2)} == {Outcome.ACK}
+    finally:
+        del TASKS["rt_read"]
+    assert sorted(seen) == ["a:span-a", "b:span-b"]
+    assert reset == ["ok", "ok"]
+
+
+def test_a_cold_stop_gives_back_runs_the_loop_took_but_never_started(setup_factory: Any) -> None:
+    """A cold stop while a coroutine holds the loop: the runs behind it that had not begun go back unstarted (their
+    bodies never run), the one holding the loop is requeued."""
+    s = setup_factory([], lost_after=5.0)
+    s.pool.start()
+    s.aio.put(delivery("rt_block", "blocker", 1.0))
+    for i in range(2):
+        s.aio.put(delivery("rt_count", f"cold{i}"))
+    s.aio.start()
+    deadline = time.monotonic() + 5
+    while s.aio.guard.clock is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s.aio.interrupt_all()
+    outs = s.outcomes(3)
+    assert sorted((d.task, d.outcome.name) for d in outs) == [
+        ("rt_block", "REQUEUE"), ("rt_count", "GIVE_BACK"), ("rt_count", "GIVE_BACK")]
+    assert not [k for k in bodies if k.startswith("cold")]
+
+
+def test_an_async_run_with_wrong_arguments_is_dead_lettered_once(setup_factory: Any) -> None:
+    """Binding the arguments is the run's first step: a TypeError there is the run's failure, not a run that never
+    began (which would go back to the broker, and come back, forever)."""
+    rec = Recorder()
+    s = setup_factory([rec])
+    s.pool.start()
+    s.aio.start()
+    s.aio.put(delivery("rt_count", "a", "b", "c"))
+    [d] = s.outcomes(1)
+    assert d.outcome is Outcome.DEAD and d.reason == "wrong arguments"
+    assert ("run", "rt_count:dead") in rec.seen and ("failure", "rt_count:dead") in rec.seen
+    s.aio.stop()
+    s.aio.join(2.0)
+    assert s.reported.empty()
