@@ -77,7 +77,8 @@ class Hook:
         """The worker process stopped its pool and is about to exit. Main thread."""
 
     def before_task(self, run: TaskRun) -> None:
-        """A registered task is about to run (its message decoded, its arguments known). Pool thread."""
+        """A registered task is about to run (its message decoded, its arguments known). Pool thread (a hook
+        thread for an `async def` task, in the run's own context: what it sets there, the coroutine sees)."""
 
     def after_run(self, task: str, outcome: str, seconds: float) -> None:
         """Every run of a registered task's code: its name, its outcome ("success", "retry", "dead", "requeue") and
@@ -85,7 +86,7 @@ class Hook:
         after_failure, and a pool whose hooks override only this one builds no TaskRun at all (about 0.3 us a
         message instead of 1 us). magne.metrics.TaskMetrics uses it. Pool thread.
 
-        A hook may also define `bind_thread()`, called once on each pool thread as it starts, returning the
+        A hook may also define `bind_thread()`, called once on each pool (or hook) thread as it starts, returning the
         callable to use instead of after_run on that thread, with the thread's own state bound in: per-thread
         state without a lock and without a thread-local lookup per message (TaskMetrics does this)."""
 
@@ -95,7 +96,8 @@ class Hook:
     def after_failure(self, run: TaskRun) -> None:
         """The task failed, or its message could not run at all (`run.task` is None then: an unknown task, a body
         that is not a task). `run.decision` is "retry", "dead" or "requeue" (a cold stop cut it short);
-        `run.exception`, `run.reason`, `run.delay` (a retry's wait) say the rest. Pool thread."""
+        `run.exception`, `run.reason`, `run.delay` (a retry's wait) say the rest (an async run a cold stop cut before it
+        began is "requeue" too). Pool thread."""
 
     def on_dead_letter(self, run: TaskRun) -> None:
         """The message is being dead-lettered (after after_failure, with the same run). Pool thread."""
