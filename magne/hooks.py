@@ -14,9 +14,11 @@ registered before the worker starts:
     hooks.add(SlowTasks())
 
 Where each method runs, and why there:
-- `before_task`, `after_success`, `after_failure`, `on_dead_letter`: on the pool thread that
-  runs the task ("hooks run where the task runs": user code runs there anyway, so a hook can
-  take the locks task code takes). They run outside the task's time limit: the watchdog
+- `before_task`, `after_run`, `after_success`, `after_failure`, `on_dead_letter`: on the pool
+  thread that runs the task ("hooks run where the task runs": user code runs there anyway, so a
+  hook can take the locks task code takes). For an `async def` task they run on a small pool of
+  hook threads beside the event loop (magne.asyncrun), never on the loop itself, where a slow
+  hook would stall every coroutine. They run outside the task's time limit: the watchdog
   raises its interrupt only while the task's own code runs, so an interrupt can never land
   inside a hook (and, say, leave a lock held that the hook took). The after-hooks run before
   the outcome goes back to the I/O thread: a slow hook delays that message's ack, never
@@ -36,8 +38,10 @@ belongs to the I/O thread once the after-hooks returned).
 
 Not seen by hooks: messages the I/O thread decides alone (a body over --max-body-size is
 dead-lettered without reaching a pool thread; prefetched messages given back at a stop), and
-the message of a thread the watchdog abandoned (the thread is stuck in C or a system call; the
-main thread decides its message, and runs no user code). `magne.metrics` counts all of them.
+the message of a run the watchdog abandoned (a thread stuck in C or a system call, a coroutine
+that ignored its cancel): the main thread decides its message and runs no user code, and if the
+run comes back later no hook sees it either (its message was decided already, it is no
+success). `magne.metrics` counts all of them.
 
 magne's own metrics (magne/metrics.py, `TaskMetrics`) and tracing (magne/tracing.py) are
 built on these hooks: both are examples to copy.
@@ -47,13 +51,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from magne import logs
-from magne.delivery import Delivery, Outcome
-
-if TYPE_CHECKING:
-    from magne.registry import Task
+from magne.delivery import Outcome
+from magne.taskrun import TaskRun
 
 __all__ = ["Hook", "Outgoing", "TaskRun", "WorkerInfo", "add", "clear", "registered", "remove"]
 
@@ -75,7 +77,8 @@ class Hook:
         """The worker process stopped its pool and is about to exit. Main thread."""
 
     def before_task(self, run: TaskRun) -> None:
-        """A registered task is about to run (its message decoded, its arguments known). Pool thread."""
+        """A registered task is about to run (its message decoded, its arguments known). Pool thread (a hook
+        thread for an `async def` task, in the run's own context: what it sets there, the coroutine sees)."""
 
     def after_run(self, task: str, outcome: str, seconds: float) -> None:
         """Every run of a registered task's code: its name, its outcome ("success", "retry", "dead", "requeue") and
@@ -83,7 +86,7 @@ class Hook:
         after_failure, and a pool whose hooks override only this one builds no TaskRun at all (about 0.3 us a
         message instead of 1 us). magne.metrics.TaskMetrics uses it. Pool thread.
 
-        A hook may also define `bind_thread()`, called once on each pool thread as it starts, returning the
+        A hook may also define `bind_thread()`, called once on each pool (or hook) thread as it starts, returning the
         callable to use instead of after_run on that thread, with the thread's own state bound in: per-thread
         state without a lock and without a thread-local lookup per message (TaskMetrics does this)."""
 
@@ -93,7 +96,8 @@ class Hook:
     def after_failure(self, run: TaskRun) -> None:
         """The task failed, or its message could not run at all (`run.task` is None then: an unknown task, a body
         that is not a task). `run.decision` is "retry", "dead" or "requeue" (a cold stop cut it short);
-        `run.exception`, `run.reason`, `run.delay` (a retry's wait) say the rest. Pool thread."""
+        `run.exception`, `run.reason`, `run.delay` (a retry's wait) say the rest (an async run a cold stop cut before it
+        began is "requeue" too). Pool thread."""
 
     def on_dead_letter(self, run: TaskRun) -> None:
         """The message is being dead-lettered (after after_failure, with the same run). Pool thread."""
@@ -118,94 +122,6 @@ class WorkerInfo:
         return f"<worker pid={self.pid} node={self.node} queues={self.queues}>"
 
 
-class TaskRun:
-    """One run of a message, as hooks see it. Made by the pool thread; valid during the hook calls.
-
-    `task` is the registered Task (None when the message names no registered task); `task_name`
-    its name, or what the message claimed (escaped, cut), or "" if the body could not be read.
-    `headers`, `message_id`, `retries` are decoded from the message's properties on first use
-    (about 10 us), so hooks that do not read them do not pay for them.
-    """
-
-    __slots__ = ("task", "task_name", "args", "kwargs", "started", "duration", "exception", "_d", "_state", "_props")
-
-    def __init__(self, task: Task | None, d: Delivery, args: Any, kwargs: Any) -> None:
-        self.task = task
-        self.task_name = task.name if task is not None else logs.clean(d.task, 100)
-        self.args = args
-        self.kwargs = kwargs
-        self.started = 0.0  # time.monotonic() when the task's code started (0: it never started)
-        self.duration = 0.0  # seconds the task's code ran (set before the after-hooks)
-        self.exception: BaseException | None = None  # what the task raised (after_failure)
-        self._d = d
-        self._state: dict[Any, Any] | None = None
-        self._props: Any = None
-
-    @property
-    def queue(self) -> str:
-        return self._d.queue
-
-    @property
-    def redelivered(self) -> bool:
-        """The broker delivered this message before (to this or another worker) and it was not acked."""
-        return self._d.redelivered
-
-    @property
-    def decision(self) -> str:
-        """"success", or after a failure: "retry", "dead" (dead letter) or "requeue"."""
-        return _DECISIONS[self._d.outcome]
-
-    @property
-    def reason(self) -> str:
-        """Why it failed: "task raised", "time limit", "wrong arguments", "bad message" ("" on success)."""
-        return self._d.reason
-
-    @property
-    def delay(self) -> float:
-        """A retry's wait on the broker, in seconds (0 unless the decision is "retry")."""
-        return self._d.delay if self._d.outcome is _RETRY else 0.0
-
-    @property
-    def state(self) -> dict[Any, Any]:
-        """A dict for hooks' own per-run state, from before_task to the after-hooks (key it by your hook)."""
-        if self._state is None:
-            self._state = {}
-        return self._state
-
-    def _properties(self) -> Any:
-        if self._props is None:
-            from magne.amqp.codec import decode_properties
-
-            try:
-                self._props = decode_properties(self._d.header)
-            except Exception:
-                from pamqp import commands
-
-                self._props = commands.Basic.Properties()
-        return self._props
-
-    @property
-    def headers(self) -> dict[str, Any]:
-        """The message's application headers (as the publisher set them; magne's x-magne-* included)."""
-        h = self._properties().headers
-        return h if isinstance(h, dict) else {}
-
-    @property
-    def message_id(self) -> str | None:
-        mid = self._properties().message_id
-        return mid if isinstance(mid, str) else None
-
-    @property
-    def retries(self) -> int:
-        """Retries already made before this run (its x-magne-retries, validated)."""
-        from magne import wire
-
-        return wire.read_state(self._d.header).retries
-
-    def __repr__(self) -> str:
-        return f"<run {self.task_name or '?'} queue={self.queue} decision={self.decision}>"
-
-
 class Outgoing:
     """A task message about to be published, as before_send sees it. Set `headers` entries to add them."""
 
@@ -218,9 +134,7 @@ class Outgoing:
         self.headers: dict[str, Any] = {}
 
 
-_DECISIONS = {Outcome.ACK: "success", Outcome.RETRY: "retry", Outcome.DEAD: "dead", Outcome.REQUEUE: "requeue",
-              Outcome.GIVE_BACK: "requeue"}
-_RETRY, _DEAD = Outcome.RETRY, Outcome.DEAD
+_DEAD = Outcome.DEAD
 
 
 # -- the registry -------------------------------------------------------------------------

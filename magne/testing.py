@@ -28,7 +28,7 @@ from magne import publisher, topology, wire
 from magne.amqp import codec
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, RegistryError
-from magne.policy import Failure, RetryPolicy
+from magne.policy import RetryPolicy
 from magne.pool import Pool
 from magne.publisher import BatchResult
 from magne.registry import REGISTRY, Task
@@ -75,18 +75,6 @@ class Run:
     exception: BaseException | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
-class _Pool(Pool):
-    """The production Pool, keeping each failure's exception object so that raise_on_failure can re-raise it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.exceptions: dict[Delivery, BaseException] = {}
-
-    def _fail(self, d: Delivery, failure: Failure) -> None:
-        super()._fail(d, failure)
-        self.exceptions[d] = failure.exc
-
-
 def _decoded(body: bytes) -> tuple[str | None, list[Any] | None, dict[str, Any] | None]:
     try:
         return wire.decode(body)
@@ -118,7 +106,7 @@ class Worker:
         self.time_limit, self.lost_after = time_limit, lost_after
         self.raise_on_failure, self.max_messages = raise_on_failure, max_messages
         self.clock = 0.0  # simulated seconds since the block started
-        self.pool: _Pool | None = None
+        self.pool: Pool | None = None
         self._cond = threading.Condition()
         self._due: list[tuple[float, int, Delivery]] = []  # a heap of (due time, seq, delivery)
         self._seq = itertools.count(1)
@@ -138,8 +126,9 @@ class Worker:
             if why is not None:
                 raise RegistryError(f"task {t.name!r}: queue name {str(t.queue)[:60]!r} {why}")
         types = {t.queue: t.queue_type or "classic" for t in tasks.values()}
-        pool = self.pool = _Pool(self.threads, tasks, self._work, self._report, self.time_limit, self.lost_after,
-                                 self.retry, types)
+        pool = self.pool = Pool(self.threads, tasks, self._work, self._report, self.time_limit, self.lost_after,
+                                self.retry, types)
+        pool.runner.failures = {}  # each failure's exception object, so that raise_on_failure can re-raise it
         if self.threads:
             pool.start()
             tick = min(0.25, max(0.02, min([t.time_limit or self.time_limit for t in tasks.values()],
@@ -164,6 +153,11 @@ class Worker:
                 self._watchdog.join()
         finally:
             publisher.set_default(self._saved)
+
+    def _exception(self, d: Delivery) -> BaseException | None:
+        """The exception a failed delivery's run raised (kept by the runner for raise_on_failure), taken once."""
+        failures = self.pool.runner.failures if self.pool is not None else None
+        return failures.pop(d, None) if failures is not None else None
 
     def _watch(self, pool: Pool, tick: float) -> None:  # magne.worker's watchdog: time limits, lost threads
         while not self._stop.wait(tick):
@@ -231,7 +225,7 @@ class Worker:
             run = Run(d.task or name or "", args, kwargs, before.message_id, d.queue,
                       _OUTCOMES.get(d.outcome, d.outcome.name), d.reason, err.get("type", ""), err.get("message", ""),
                       err.get("traceback", ""), before.retries, attempts, headers, delay, self.clock,
-                      self.pool.exceptions.pop(d, None))
+                      self._exception(d))
             with self._cond:
                 self._runs.append(run)
                 if d.outcome is Outcome.RETRY:  # the copy the broker routes back once the delay queue's TTL passed

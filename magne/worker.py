@@ -194,7 +194,8 @@ class Worker:
         tasks are all async straight from the I/O thread, with a prefetch that follows --async-concurrency. A
         queue shared by both kinds goes to the pool, whose threads hand its async tasks over."""
         opts = self.opts
-        aio = self.aio = self.pool.aio = AsyncPool(self.pool, opts.async_concurrency, opts.event_loop)
+        aio = self.aio = self.pool.aio = AsyncPool(self.pool.runner, self.work.put, opts.async_concurrency,
+                                                     opts.event_loop)
         consumer = self.io.consumer
         consumer.unstarted_elsewhere.append(aio.take_unstarted)
         for q, kind in queue_kinds(self.tasks, self.queues).items():

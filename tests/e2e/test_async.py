@@ -308,6 +308,30 @@ def test_coroutine_blocked_in_c_past_its_time_limit_is_decided_and_the_loop_resu
     assert w.counters()["acked"] == 1 and w.counters()["dead"] == 1
 
 
+def test_runs_taken_behind_a_loop_held_in_c_are_not_abandoned_and_run_once(broker, redis, names, aq, start_async):
+    """Issue 20: one coroutine holds the loop in C (6 s, time limit 1 s) while three runs the loop had already taken
+    (time limit 1 s, max_retries 1) wait for their first step. Their clocks start at that step: none is abandoned,
+    retried or dead-lettered, and each body runs exactly once (it used to run twice: abandoned, retried, and the
+    abandoned run started anyway when the loop turned)."""
+    q = aq["aio"]
+    first = start_async("aio")  # declares the queue
+    assert first.stop() == 0
+    publish(broker, q, "a_block_in_c", "c", 6)
+    for i in range(3):
+        publish(broker, q, "a_bystander", f"b{i}")
+    w = start_async("aio", args=("--lost-after", "1"), ready=False)  # one turn of the loop takes all four
+    wait_for(lambda: started(redis, aq).get("c") == 1, 15, what="the blocking task to start")
+    wait_for(lambda: queue_counts(q) == (0, 0), 20, interval=0.2, what="every message settled")
+    dl = dead_letters(broker, q, 1)
+    assert set(dl) == {"c"}, "only the run holding the loop is decided without it"
+    wait_for(lambda: all(runs(redis, names).get(f"b{i}") for i in range(3)), 10, what="the three bystanders")
+    assert w.stop() == 0
+    assert {f"b{i}": runs(redis, names).get(f"b{i}") for i in range(3)} == {"b0": 1, "b1": 1, "b2": 1}
+    assert [e["task"] for e in w.events("task_abandoned")] == ["a_block_in_c"]
+    counters = w.counters()
+    assert counters["acked"] == 3 and counters["dead"] == 1 and counters["retried"] == 0
+
+
 def test_metrics_count_async_tasks(broker, redis, names, aq, start_async):
     from support.scrape import Scrape, metrics_url
 

@@ -128,3 +128,26 @@ def test_time_limit_is_retried_like_any_failure(broker, redis, names, start_work
     assert [e["reason"] for e in props.headers["x-magne-history"]] == ["time limit", "time limit"]
     started = redis.hget(f"{names['MAGNE_TEST_PREFIX']}:started", "r")
     assert started == b"2"
+
+
+def test_abandoned_thread_coming_back_is_not_counted_a_success(broker, redis, names, start_worker):
+    """Its message was dead-lettered when the thread was abandoned: when the call returns and the body ends as if it
+    succeeded, neither the hooks (--metrics counts by them) nor anything else may call that run a success."""
+    from support.scrape import Scrape, metrics_url
+
+    q = names["slow"]
+    w = start_worker("--threads", "2", "--lost-after", "1", "--metrics", "127.0.0.1:0")
+    w.wait_ready()
+    url = metrics_url(w)
+    broker.publish(q, q, task_body("stuck_then_swallow", "s", 4))
+    wait_for(lambda: "abandoning it" in w.log(), 20, what="the stuck thread to be abandoned")
+    dl = dead_letters(broker, q, 1)
+    assert dl["s"]["x-magne-reason"] == "time limit"
+    wait_for(lambda: runs(redis, names).get("s") == 1, 10, what="the abandoned call to return")
+    wait_for(lambda: "came back" in w.log(), 10, what="the late return to be logged")
+    s = Scrape(url)
+    assert s.get("magne_task_duration_seconds_count", task="stuck_then_swallow", outcome="success") == 0
+    assert s.get("magne_task_duration_seconds_count", task="stuck_then_swallow", outcome="dead") == 0, \
+        "the abandoned run's own timing is not a run's outcome either: the main thread decided it"
+    assert w.stop() == 0
+    assert w.counters()["dead"] == 1 and w.counters()["acked"] == 0

@@ -212,6 +212,12 @@ async def a_block_in_c(n, seconds):
     _done(n)
 
 
+@task(queue=AIO, time_limit=1, max_retries=1, min_backoff=0.1, max_backoff=0.2)
+async def a_bystander(n):
+    """Counts each run of its body: queued behind a coroutine that holds the loop, it must still run exactly once."""
+    _done(n)
+
+
 if os.environ.get("MAGNE_TEST_ASYNC_HOOKS"):
     # Lifecycle hooks around async runs (they are called on the event loop's thread); only for the hooks test, so
     # that the other tests keep the pool's path without hooks.

@@ -48,6 +48,18 @@ def stuck(n):
 
 
 @task(queue=f"{PREFIX}.slow", time_limit=1)
+def stuck_then_swallow(n, seconds):
+    """Stuck in C past its time limit and --lost-after (abandoned), then swallows the interrupt that lands when the
+    call returns and comes back as if it succeeded."""
+    r.hincrby(f"{PREFIX}:started", str(n), 1)
+    try:
+        time.sleep(seconds)
+    except BaseException:  # noqa: B036 - on purpose
+        pass
+    r.hincrby(KEY, str(n), 1)
+
+
+@task(queue=f"{PREFIX}.slow", time_limit=1)
 def swallow(n):
     """Tries to swallow the time limit with `except Exception`: it must not manage."""
     try:

@@ -81,7 +81,7 @@ class Harness:
         self.work: SimpleQueue[Delivery | None] = SimpleQueue()
         self.pool = Pool(2, tasks or TASKS, self.work, self.reported.put, time_limit=5.0, lost_after=lost_after,
                          hooks=HookSet([]))
-        self.aio = self.pool.aio = AsyncPool(self.pool, concurrency)
+        self.aio = self.pool.aio = AsyncPool(self.pool.runner, self.work.put, concurrency)
         self.tags = iter(range(1, 10**6))
         self.stop = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, daemon=True)
@@ -254,9 +254,9 @@ def test_without_a_loop_the_pool_runs_an_async_task_to_the_end_itself() -> None:
 def test_settings_are_checked() -> None:
     pool = Pool(1, TASKS, SimpleQueue(), lambda d: None, hooks=HookSet([]))
     with pytest.raises(ConfigError, match="async-concurrency"):
-        AsyncPool(pool, 0)
+        AsyncPool(pool.runner, pool.work.put, 0)
     with pytest.raises(ConfigError, match="event-loop"):
-        AsyncPool(pool, 1, "trio")
+        AsyncPool(pool.runner, pool.work.put, 1, "trio")
 
 
 def test_generator_functions_are_refused_and_async_ones_registered() -> None:
@@ -394,7 +394,7 @@ async def _double(x: int) -> int:
 
 
 def test_a_failing_after_run_hook_does_not_hide_the_failure_from_after_failure() -> None:
-    """The failure hooks of both kinds go through Pool._failed_hooked: a raising after_run must not lose the
+    """The failure hooks of both kinds go through Runner.after_failure: a raising after_run must not lose the
     run's exception on its way to after_failure (an `except ... as exc` in the hook loop used to unbind it)."""
     from magne import hooks
 
