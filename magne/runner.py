@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from magne import logs, wire
-from magne.amqp.connection import DEFAULT_FRAME_MAX
+from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, ColdShutdown, Interrupt, TimeLimitExceeded
 from magne.hooks import HookSet, registered
