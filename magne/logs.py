@@ -13,6 +13,11 @@ handlers. If a handler is wedged, only the writer waits; past MAX_PENDING record
 new ones are dropped and counted, and a line goes straight to fd 2. The pool also
 releases logging locks that an interrupted task left held (`release_leaked_locks`).
 
+The writer starts with the first record, whoever makes it: the CLI (`setup()`), or an
+application that uses magne as a library (its own logging configuration then gets magne's
+records, "publishing connection failed" included). A forked child starts its own writer
+on its first record and drops what the parent had not written yet (the parent writes it).
+
 Everything that came from a message (task names, ids, error texts) goes through
 `clean()` before it reaches a log line: control characters are escaped, so a
 publisher cannot forge log lines with newlines. `--log-format json` writes one
@@ -27,7 +32,6 @@ import json
 import logging
 import os
 import re
-import select
 import sys
 import threading
 import time
@@ -35,16 +39,17 @@ from typing import Any
 
 import orjson
 
+from magne.engine.waker import Waker
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s [%(process)d %(threadName)s] %(name)s: %(message)s"
 JSON_FIELDS = ("event", "task", "queue", "message_id", "outcome", "attempt", "duration_ms", "reason", "url", "counters")
 MAX_PENDING = 10_000
 
 _pending: collections.deque[logging.LogRecord] = collections.deque()
-_wake_r, _wake_w = os.pipe()
-os.set_blocking(_wake_r, False)
-os.set_blocking(_wake_w, False)
+_waker = Waker()
 _dropped = 0
 _writer: threading.Thread | None = None
+_writer_pid = 0
 _idle = threading.Event()
 _idle.set()
 
@@ -88,10 +93,9 @@ class Log:
             record.__dict__.update(fields)
         _pending.append(record)
         _idle.clear()
-        try:
-            os.write(_wake_w, b"x")
-        except BlockingIOError:
-            pass  # plenty of wake-ups pending
+        if _writer_pid != os.getpid():  # the first record of this process: start its writer (no lock taken)
+            start_writer()
+        _waker.wake()
 
     def debug(self, msg: str, *args: Any, **fields: Any) -> None:
         self._emit(logging.DEBUG, msg, args, **fields)
@@ -119,12 +123,7 @@ def _raw(text: str) -> None:
 def _write_loop() -> None:
     """The `magne-log` thread: the only one of magne's threads that enters logging handlers."""
     while True:
-        select.select([_wake_r], [], [], 0.5)
-        try:
-            while os.read(_wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
+        _waker.wait(0.5)
         while _pending:
             record = _pending.popleft()
             try:
@@ -135,10 +134,27 @@ def _write_loop() -> None:
 
 
 def start_writer() -> None:
-    global _writer
-    if _writer is None or not _writer.is_alive():
+    """Start this process's writer thread if it has none. Whichever thread logs first; two racing here at most
+    start two writers, which share the deque (each record is popped once)."""
+    global _writer, _writer_pid
+    if _writer is None or not _writer.is_alive() or _writer_pid != os.getpid():
+        _writer_pid = os.getpid()
         _writer = threading.Thread(target=_write_loop, name="magne-log", daemon=True)
         _writer.start()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no writer thread: it starts one with its first record; the parent's unwritten records
+    are the parent's to write."""
+    global _waker, _writer
+    _pending.clear()
+    _waker.close()  # this process's copy of the parent's fds (the parent's stay open)
+    _waker = Waker()
+    _writer = None
+    _idle.set()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def flush(timeout: float = 2.0) -> None:

@@ -449,7 +449,8 @@ class Sender:
         if exc.permanent or (self.give_up_after and now - self.unreachable_since >= self.give_up_after):
             self.fail_all(exc)
             self.unreachable_since = 0.0
-        log.warning("publishing connection failed (%s): %s; %d messages wait, reconnecting in %.1fs", self.name, exc,
+        log.warning("publishing connection failed (%s, connection lost): %s; %d messages wait, reconnecting in %.1fs",
+                    self.name, exc,
                     len(self.queue), delay, event="sender_connection_lost")
 
     def _dropped(self) -> None:

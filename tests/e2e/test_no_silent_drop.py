@@ -304,21 +304,16 @@ def library(tmp_path: Path, broker: Any, names: dict[str, str]) -> Any:
     return run
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: magne's log records are never written when magne is a library")
 def test_a_library_user_sees_publisher_connection_lost_in_its_handler(library):
     got, stderr = library("lost")
     assert got["seen"], f"no 'publisher connection lost' record reached the application's handler:\n{stderr[-2000:]}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: magne's log records are never written when magne is a library, "
-                                       "nor in a forked child")
 def test_a_forked_child_of_a_library_user_sees_its_own_records(library):
     got, stderr = library("fork")
     assert got == {"parent": True, "child": True}, stderr[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: magne's log records are never written when magne is a library; "
-                                       "a false 'log writer is stuck' line after 10,000 records")
 def test_a_library_user_gets_every_record_and_no_false_stuck_line(library):
     got, stderr = library("flood")
     assert "stuck" not in stderr, [line for line in stderr.splitlines() if "stuck" in line]
