@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from magne import logs, topology, wire
+from magne import limits, logs, topology, wire
 from magne.amqp.url import query_warnings, resolve_urls
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, MagneError
 from magne.pidfile import pid_file
@@ -239,6 +239,8 @@ def _send(args: argparse.Namespace) -> int:
     pub = Publisher(args.url, queue_type=target.queue_type or args.queue_type or "classic")
     try:
         result = pub.send_many(((target, call_args, call_kwargs) for _ in range(args.count)), declare=args.declare)
+        if args.declare:
+            limits.warn(pub.params, [target.queue])  # a drop-head limit would drop what was just confirmed
     finally:
         pub.close()
     for f in result.failed:

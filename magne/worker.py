@@ -22,7 +22,7 @@ import time
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
-from magne import logs
+from magne import limits, logs
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.asyncpool import AsyncPool
@@ -276,6 +276,7 @@ class Worker:
         if self.aio is not None:
             self.aio.start()
         _tell_supervisor(b"r\n", last=True)
+        limits.warn_in_background(self.params, self.queues)
         own = io.consumer.prefetches  # async and mixed queues' own prefetch
         prefetch = f"{opts.effective_prefetch} per queue" + (
             f" ({', '.join(f'{q}: {n}' for q, n in own.items())})" if own else "")
