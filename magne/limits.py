@@ -1,5 +1,11 @@
 """Queue length limits that drop messages in silence: found and said out loud.
 
+(Two cases. A length limit with drop-head loses the oldest messages of the queue itself. And on a
+classic queue any length limit loses delayed messages and retry copies that fall due while it is
+full: they reach it by dead-lettering from their delay queue, which RabbitMQ does at most once for a
+classic queue. Quorum delay queues dead-letter at least once: the broker keeps such a message and
+tries again, every 3 minutes by default.)
+
 A queue limited with `overflow: drop-head` (by its arguments or by a policy; it is RabbitMQ's default when a
 length limit names no overflow) takes every
 publish and throws the oldest message away when it is full: the publisher's confirm says
@@ -27,10 +33,16 @@ from magne.status import Management, default_management_url
 log = logs.Log("magne.limits")
 
 
+def overflow(d: dict[str, Any], prefix: str = "") -> str | None:
+    """A length limit's overflow behaviour (`drop-head` when none is given: RabbitMQ's default), or None: no limit."""
+    if not (d.get(f"{prefix}max-length") or d.get(f"{prefix}max-length-bytes")):
+        return None
+    return str(d.get(f"{prefix}overflow", "drop-head"))
+
+
 def _limited(d: dict[str, Any], prefix: str = "") -> bool:
-    """A length limit whose overflow drops the oldest: `drop-head`, or no overflow given (RabbitMQ's default)."""
-    return d.get(f"{prefix}overflow", "drop-head") == "drop-head" and bool(d.get(f"{prefix}max-length")
-                                                                            or d.get(f"{prefix}max-length-bytes"))
+    """A length limit whose overflow drops the oldest."""
+    return overflow(d, prefix) == "drop-head"
 
 
 def effective(policies: list[dict[str, Any]], queue: str) -> dict[str, Any] | None:
@@ -51,14 +63,14 @@ def effective(policies: list[dict[str, Any]], queue: str) -> dict[str, Any] | No
     return best
 
 
-def check(params: Params, queues: list[str], management: str | None = None) -> list[tuple[str, str]]:
-    """(queue, where the limit comes from) for each of `queues` limited with drop-head. [] if the management API does
-    not answer (logged at debug level)."""
+def check(params: Params, queues: list[str], management: str | None = None) -> list[tuple[str, str, str]]:
+    """(queue, its overflow, where the limit comes from) for each of `queues` that has a length limit. [] if the
+    management API does not answer (logged at debug level)."""
     api = Management(management or default_management_url(params), params)
     try:
         policies = list(api.get(f"/api/policies/{api.vhost}"))
     except Exception as exc:  # no management plugin, no permission: nothing to say
-        log.debug("cannot check for drop-head limits through the management API: %s", exc)
+        log.debug("cannot check for queue length limits through the management API: %s", exc)
         return []
     try:
         policies += [{**p, "operator": True} for p in api.get(f"/api/operator-policies/{api.vhost}")]
@@ -69,26 +81,36 @@ def check(params: Params, queues: list[str], management: str | None = None) -> l
         user = effective([p for p in policies if not p.get("operator")], q)
         operator = effective([p for p in policies if p.get("operator")], q)
         for pol in (user, operator):
-            if pol is not None and _limited(pol.get("definition") or {}):
-                found.append((q, f"{'operator ' if pol.get('operator') else ''}policy {pol.get('name')}"))
+            how = overflow(pol.get("definition") or {}) if pol is not None else None
+            if how is not None:
+                assert pol is not None
+                found.append((q, how, f"{'operator ' if pol.get('operator') else ''}policy {pol.get('name')}"))
                 break
         else:
             try:
-                if _limited(api.queue(q).get("arguments") or {}, "x-"):
-                    found.append((q, "its arguments"))
+                how = overflow(api.queue(q).get("arguments") or {}, "x-")
             except Exception:  # a queue the statistics do not show yet
-                pass
+                how = None
+            if how is not None:
+                found.append((q, how, "its arguments"))
     return found
 
 
-def warn(params: Params, queues: list[str]) -> None:
-    """Log a warning for each drop-head queue. The calling thread."""
-    for q, where in check(params, queues):
-        log.warning("queue %s is limited with overflow drop-head (%s): when it is full RabbitMQ drops its oldest "
-                    "messages in silence, confirmed sends and retries included; use overflow reject-publish (a full "
-                    "queue then refuses, and magne reports or retries)", q, where, event="drop_head", queue=q)
+def warn(params: Params, queues: list[str], queue_types: dict[str, str] | None = None) -> None:
+    """Log a warning for each queue whose length limit can lose messages in silence. The calling thread."""
+    for q, how, where in check(params, queues):
+        if how == "drop-head":
+            log.warning("queue %s is limited with overflow drop-head (%s): when it is full RabbitMQ drops its oldest "
+                        "messages in silence, confirmed sends and retries included; use overflow reject-publish (a full "
+                        "queue then refuses, and magne reports or retries)", q, where, event="drop_head", queue=q)
+        elif (queue_types or {}).get(q, "classic") == "classic":
+            log.warning("queue %s has a length limit (%s, overflow %s): a delayed message or a retry copy that falls "
+                        "due while it is full is dropped by RabbitMQ (a classic delay queue dead-letters at most once); "
+                        "direct sends are refused and reported. Give magne's task queues no length limit, or use "
+                        "quorum queues (their delay queues dead-letter at least once)", q, where, how,
+                        event="length_limit", queue=q)
 
 
-def warn_in_background(params: Params, queues: list[str]) -> None:
+def warn_in_background(params: Params, queues: list[str], queue_types: dict[str, str]) -> None:
     """The worker, once ready: check on a thread of its own (an HTTP call must not hold the main thread)."""
-    threading.Thread(target=warn, args=(params, queues), name="magne-limits", daemon=True).start()
+    threading.Thread(target=warn, args=(params, queues, queue_types), name="magne-limits", daemon=True).start()

@@ -276,7 +276,7 @@ class Worker:
         if self.aio is not None:
             self.aio.start()
         _tell_supervisor(b"r\n", last=True)
-        limits.warn_in_background(self.params, self.queues)
+        limits.warn_in_background(self.params, self.queues, self.io.consumer.queue_types)
         own = io.consumer.prefetches  # async and mixed queues' own prefetch
         prefetch = f"{opts.effective_prefetch} per queue" + (
             f" ({', '.join(f'{q}: {n}' for q, n in own.items())})" if own else "")
