@@ -5,6 +5,9 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+from magne.amqp.codec import decode_properties
+from magne.logs import clean
+
 
 class Outcome(enum.IntEnum):
     """What the I/O thread does with a delivery once the pool is done with it."""
@@ -54,9 +57,6 @@ class Delivery:
 
     def message_id(self) -> str:
         """For log lines: the message id, decoded from the properties only on this cold path, escaped."""
-        from magne.amqp.codec import decode_properties
-        from magne.logs import clean
-
         try:
             mid = decode_properties(self.header).message_id
         except Exception:

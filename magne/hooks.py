@@ -43,7 +43,7 @@ that ignored its cancel): the main thread decides its message and runs no user c
 run comes back later no hook sees it either (its message was decided already, it is no
 success). `magne.metrics` counts all of them.
 
-magne's own metrics (magne/metrics.py, `TaskMetrics`) and tracing (magne/tracing.py) are
+magne's own metrics (magne/metrics/tasks.py, `TaskMetrics`) and tracing (magne/tracing.py) are
 built on these hooks: both are examples to copy.
 """
 

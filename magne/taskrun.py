@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from magne import logs
+from pamqp import commands
+
+from magne import logs, wire
+from magne.amqp.codec import decode_properties
 from magne.delivery import Delivery, Outcome
 
 
@@ -80,13 +83,9 @@ class TaskRun:
 
     def _properties(self) -> Any:
         if self._props is None:
-            from magne.amqp.codec import decode_properties
-
             try:
                 self._props = decode_properties(self._d.header)
             except Exception:
-                from pamqp import commands
-
                 self._props = commands.Basic.Properties()
         return self._props
 
@@ -104,8 +103,6 @@ class TaskRun:
     @property
     def retries(self) -> int:
         """Retries already made before this run (its x-magne-retries, validated)."""
-        from magne import wire
-
         return wire.read_state(self._d.header).retries
 
     def __repr__(self) -> str:
