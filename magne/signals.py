@@ -1,19 +1,19 @@
-"""Signals for the worker and the supervisor, one way: handlers set flags and write a pipe.
+"""Signals for the worker and the supervisor, one way: handlers set flags and wake the main thread's Waker.
 
-Why a pipe: a handler runs on the main thread between two bytecodes, possibly
-while that thread holds a lock; `Event.set()` from a handler deadlocked one
-cold-shutdown test run in three when the signal landed inside the Event's own
-lock. A handler here only counts the signal and writes one byte; the main loop
-waits on the pipe with `wait()` and acts on the counts.
+Why a Waker (magne.engine.waker: one write of a few bytes, no lock): a handler runs on the
+main thread between two bytecodes, possibly while that thread holds a lock; `Event.set()`
+from a handler deadlocked one cold-shutdown test run in three when the signal landed inside
+the Event's own lock. A handler here only counts the signal and wakes; the main loop waits
+with `wait()` and acts on the counts.
 """
 
 from __future__ import annotations
 
-import os
-import select
 import signal
 from collections import Counter
 from types import FrameType
+
+from magne.engine.waker import Waker
 
 
 class Signals:
@@ -23,9 +23,7 @@ class Signals:
     def __init__(self, *signums: int) -> None:
         self.counts: Counter[int] = Counter()
         self.order: list[int] = []  # arrival order, for "second SIGINT means cold"
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)
+        self._waker = Waker()
         for s in signums:
             signal.signal(s, self._handler)
         # A worker started by the supervisor holds these blocked until now (magne.children): a stop that arrived
@@ -38,10 +36,8 @@ class Signals:
         self.wake()
 
     def wake(self) -> None:
-        try:
-            os.write(self._w, b"x")
-        except BlockingIOError:
-            pass  # plenty of wake-ups pending
+        """A handler, or another thread (the I/O thread once it is consuming)."""
+        self._waker.wake()
 
     def request_stop(self) -> None:
         """The worker stopping itself (main thread): counts as a SIGTERM, a warm stop."""
@@ -50,11 +46,7 @@ class Signals:
 
     def wait(self, seconds: float) -> None:
         """Sleep up to `seconds`, less if a signal arrives."""
-        if select.select([self._r], [], [], max(0.0, seconds))[0]:
-            try:
-                os.read(self._r, 4096)
-            except BlockingIOError:
-                pass
+        self._waker.wait(seconds)
 
     def take(self, signum: int) -> bool:
         """True (once per arrival) if `signum` arrived since the last take."""

@@ -94,7 +94,7 @@ class IOThread(threading.Thread):
 
     # -- called from other threads -----------------------------------------------------------
     def report(self, d: Delivery) -> None:
-        """Pool threads: hand back a finished delivery (lock-free: deque + flag + eventfd)."""
+        """Pool threads: hand back a finished delivery (lock-free: deque + flag + the loop's Waker)."""
         self.outcomes.append(d)
         if not self._wake_pending:
             self._wake_pending = True
