@@ -210,6 +210,6 @@ def test_unconfirmed_copies_are_published_again_when_the_publishing_connection_d
     wait_for(lambda: queue_counts(q) == (0, 0), 60, interval=0.3, what="every original acked")
     got = [orjson.loads(b)["args"][0] for _, b in broker.get_all(dq)]
     assert set(got) == set(range(20))
-    again = int(re.findall(r"publishing connection failed: .*?; (\d+) copies will be published again", w.log())[0])
+    again = int(re.findall(r"publishing connection failed \(.*?\): .*?; (\d+) messages wait", w.log())[0])
     assert again >= 1
     assert w.stop() == 0
