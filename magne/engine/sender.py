@@ -442,11 +442,12 @@ class Sender:
                 self.suspects.add(msg)
             again.append(msg)
         self.queue.extendleft(reversed(again))
-        delay, _round = self.reconnector.failed(exc, now, was_open)
+        delay, round_failed = self.reconnector.failed(exc, now, was_open)
         self.reconnect_at = now + delay
         if not self.unreachable_since:
             self.unreachable_since = now
-        if exc.permanent or (self.give_up_after and now - self.unreachable_since >= self.give_up_after):
+        never_opened = self.give_up_after and not self.opened and round_failed  # a first connect: say so at once
+        if exc.permanent or never_opened or (self.give_up_after and now - self.unreachable_since >= self.give_up_after):
             self.fail_all(exc)
             self.unreachable_since = 0.0
         log.warning("publishing connection failed (%s, connection lost): %s; %d messages wait, reconnecting in %.1fs",
