@@ -228,11 +228,15 @@ class IOThread(threading.Thread):
             log.info("stopping: consumers cancelled, %d prefetched messages given back, waiting for %d running tasks",
                      back, c.inflight, event="stopping")
         if c.phase is Phase.CANCELLING:
-            copies = self.settlement.pending_copies()
+            # Copies on their way are waited for; copies the broker refused (waiting for their backoff) are not: they
+            # could hold a stop forever. Their originals go back to the queue unacked (they will run again).
+            copies = self.link.pending()
+            refused = len(self.settlement.waiting)
             if self._stopping is Stop.COLD or (c.inflight <= 0 and not copies):
-                if c.inflight > 0 or copies:
-                    log.warning("closing with %d tasks unfinished and %d copies unconfirmed; the broker requeues "
-                                "their messages", c.inflight, copies, event="closing_unfinished")
+                if c.inflight > 0 or copies or refused:
+                    log.warning("closing with %d tasks unfinished, %d copies unconfirmed and %d copies refused by the "
+                                "broker; the broker requeues their messages", c.inflight, copies, refused,
+                                event="closing_unfinished")
                 c.close_channel()
                 self.link.close(now)
                 self._close_deadline = now + CLOSE_GRACE
