@@ -38,12 +38,11 @@ from pamqp import commands
 from magne import wire
 from magne.amqp import codec
 from magne.amqp.confirms import Nacked, Returned
-from magne.amqp.errors import BrokerTimeout, MagneError
+from magne.amqp.errors import BrokerTimeout
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.engine.client import Client
 from magne.engine.sender import NoSuchQueue, Outgoing
-from magne.engine.waker import Signal
 from magne.outgoing import (
     BatchResult,
     Failed,
@@ -55,9 +54,9 @@ from magne.outgoing import (
     json_header,
     preps_for,
     raised,
-    reason_of,
     task_header,
 )
+from magne.waiters import Async, Batch, One, wake
 
 __all__ = ["BatchResult", "Failed", "Message", "Nacked", "NoSuchQueue", "Publisher", "Returned", "Target", "configure",
            "default_publisher", "json_header", "set_default"]
@@ -68,71 +67,6 @@ SLICE = 0.2  # every wait of a sending thread, in slices this long
 WINDOW = 1000
 BATCH_STEP = 64  # a batch hands messages over this many at a time
 GRACE = 5.0  # a sender waits this long past the confirm timeout without progress before giving up on the loop
-
-
-class _One:
-    """The waiter of one blocking send: the loop's thread settles it, the sending thread waits on its signal."""
-
-    __slots__ = ("signal", "error", "done")
-
-    def __init__(self) -> None:
-        self.signal = Signal()
-        self.error: MagneError | None = None
-        self.done = False
-
-    def __call__(self, _msg: Outgoing, error: MagneError | None) -> None:
-        self.error, self.done = error, True
-        self.signal.set()
-
-
-class _Batch:
-    """The waiter of a send_many: counts settlements and keeps only the failures (each message's frames go as soon
-    as it is settled). The loop's thread writes `settled` and `failed`; the sending thread `need`."""
-
-    __slots__ = ("signal", "settled", "need", "failed")
-
-    def __init__(self) -> None:
-        self.signal = Signal()
-        self.settled = 0
-        self.need = 1
-        self.failed: list[Failed] = []
-
-    def __call__(self, msg: Outgoing, error: MagneError | None) -> None:
-        if error is not None:
-            self.failed.append(Failed(msg.index, msg.message_id or "", reason_of(error), error))
-        self.settled += 1
-        if self.settled >= self.need:
-            self.signal.set()
-
-
-class _Async:
-    """The waiter of an asyncio send: completes the loop's future from the engine's thread, thread-safely."""
-
-    __slots__ = ("loop", "future")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[str]) -> None:
-        self.loop, self.future = loop, future
-
-    def __call__(self, msg: Outgoing, error: MagneError | None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(_complete, self.future, msg.message_id or "", error)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
-
-
-def _complete(future: asyncio.Future[str], message_id: str, error: MagneError | None) -> None:
-    """On the event loop's thread (scheduled by _Async)."""
-    if future.done():  # cancelled by the awaiting side
-        return
-    if error is None:
-        future.set_result(message_id)
-    else:
-        future.set_exception(raised(error))
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 _publishers: weakref.WeakSet[Publisher] = weakref.WeakSet()
@@ -254,7 +188,7 @@ class Publisher:
 
     def _wait_one(self, msg: Outgoing) -> None:
         """Hand `msg` over and wait for its outcome in slices. The sending thread."""
-        waiter = _One()
+        waiter = One()
         msg.done = waiter
         client = self._running()
         client.publish(msg)
@@ -295,7 +229,7 @@ class Publisher:
     def _batch(self, messages: Iterable[Outgoing]) -> BatchResult:
         """Feed the client in chunks while at most 2 x window messages are outstanding, then wait for the rest.
         The sending thread; encoding happens here, lazily."""
-        batch = _Batch()
+        batch = Batch()
         ids: list[str] = []
         chunk: list[Outgoing] = []
         limit = 2 * self.window
@@ -332,7 +266,7 @@ class Publisher:
         client.publish_many(chunk)
         return client
 
-    def _wait_batch(self, batch: _Batch, need: int) -> None:
+    def _wait_batch(self, batch: Batch, need: int) -> None:
         """Wait until `need` messages of the batch are settled, giving up if none is for too long."""
         batch.need = need
         last, since = batch.settled, time.monotonic()
@@ -358,12 +292,12 @@ class Publisher:
         client = self._running()
         while not client.has_room(2 * self.window):
             room: asyncio.Future[None] = loop.create_future()
-            client.when_room(2 * self.window, lambda f=room: loop.call_soon_threadsafe(_wake, f))
+            client.when_room(2 * self.window, lambda f=room: loop.call_soon_threadsafe(wake, f))
             await room
         mid = message_id or wire.new_id()
         msg = self._task_message(task, args, kwargs, delay, mid, declare, priority)
         future: asyncio.Future[str] = loop.create_future()
-        msg.done = _Async(loop, future)
+        msg.done = Async(loop, future)
         self._running().publish(msg)
         return await future
 

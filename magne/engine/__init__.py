@@ -5,6 +5,7 @@
 - `waker.py`: the one way a thread wakes another that waits on a selector.
 - `loop.py`: the one loop: a thread, a selector, timers, a waker, the connections it drives.
 - `reconnect.py`: the one reconnect policy (nodes of a cluster, backoff).
-- `sender.py`: confirmed publishing (declarations on their own channel, the confirm tracker).
+- `sender.py`: confirmed publishing (declarations on their own channel, the confirm tracker);
+  `message.py`: a message on its way and the declarations it needs.
 - `client.py`: an application's connection on its own loop: publish, declare, get, consume.
 """

@@ -25,9 +25,8 @@ A message may carry a deadline (an application's confirm timeout): past it, it f
 waits in line or for its confirm. A worker's copies have none; a connection whose oldest confirm
 is `stall_timeout` overdue while not blocked is given up and opened again.
 
-Loop thread only, except `Outgoing` objects, which the sending thread makes.
+Loop thread only; the messages (magne/engine/message.py) are made by the sending thread.
 """
-
 from __future__ import annotations
 
 import math
@@ -42,85 +41,19 @@ from magne import logs
 from magne.amqp import codec
 from magne.amqp.confirms import Returned, Tracker
 from magne.amqp.errors import AMQPError, BrokerTimeout, ChannelClosed, ConnectionClosed, ConnectionLost, MagneError, PublishError
-from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes
 from magne.backoff import Backoff
 from magne.engine.connection import Connection, State
+from magne.engine.message import ADMIN, PUB, NoSuchQueue, Outgoing, Prep, reframe
 from magne.engine.reconnect import Reconnector
+
+__all__ = ["ADMIN", "MAX_CHARGES", "PUB", "NoSuchQueue", "Outgoing", "Prep", "Sender", "reframe"]
 
 log = logs.Log("magne.sender")
 
-PUB, ADMIN = 1, 2
 MAX_CHARGES = 2  # closures a message may cause before it fails
 IDLE_CLOSE = 60.0
 MAX_OUTBOX = 4 << 20  # bytes queued for the socket before the sender stops taking more
-
-
-class Prep:
-    """What must exist before a message may go to its destination: declarations, or passive checks (`passive`:
-    a refusal then means the destination does not exist). `ttl`: declared again after this many seconds (a delay
-    queue's x-expires counts from its last declaration). Made by the sending side, shared, never changed."""
-
-    __slots__ = ("key", "methods", "passive", "ttl", "what")
-
-    def __init__(self, key: Any, methods: list[tuple[Any, type]], passive: bool = False, ttl: float | None = None,
-                 what: str = "") -> None:
-        self.key, self.methods, self.passive, self.ttl, self.what = key, methods, passive, ttl, what
-
-
-class NoSuchQueue(PublishError):
-    """A passive check found no such queue or exchange (a send with declare=False, `magne send` without --declare)."""
-
-    permanent = True
-
-
-class Outgoing:
-    """One message on its way: made by the sending thread, then owned by the loop's thread until settled.
-
-    Holds its frames (`data`) and what a basic.return is matched on, not the body and header a second time.
-    `done(error)` is called exactly once, on the loop's thread (None: confirmed)."""
-
-    __slots__ = ("data", "exchange", "routing_key", "message_id", "body_hash", "preps", "deadline", "done", "charged",
-                 "rerouted", "settled", "frame_max", "index")
-
-    def __init__(self, exchange: str, routing_key: str, header: bytes, body: bytes, message_id: str | None,
-                 preps: tuple[Prep, ...] = (), deadline: float = math.inf, frame_max: int = DEFAULT_FRAME_MAX,
-                 done: Callable[[Outgoing, MagneError | None], None] | None = None) -> None:
-        self.data = codec.encode_content(codec.publish_method(exchange, routing_key, True, PUB), header, body, frame_max,
-                                         PUB)
-        self.exchange, self.routing_key, self.message_id = exchange, routing_key, message_id
-        self.body_hash = hash(body)
-        self.preps, self.deadline, self.frame_max = preps, deadline, frame_max
-        self.done = done
-        self.charged = 0  # closures of the publish channel this message caused
-        self.rerouted = False  # a 312 NO_ROUTE already made us declare its queue again
-        self.settled = False
-        self.index = 0  # its place in a batch (send_many)
-
-    def settle(self, error: MagneError | None) -> None:
-        """Loop thread: the outcome, once."""
-        if self.settled:
-            return
-        self.settled = True
-        self.data = b""
-        if self.done is not None:
-            try:
-                self.done(self, error)
-            except Exception:  # a waiter's failure must not take the loop down
-                pass
-
-
-def reframe(data: bytes, frame_max: int) -> bytes:
-    """A publish encoded for a larger frame_max, framed again for a smaller one (a reconnect to a node that
-    negotiated less). Cold path."""
-    pos, parts = 0, []
-    while pos < len(data):
-        size = int.from_bytes(data[pos + 3 : pos + 7], "big")
-        parts.append(data[pos : pos + 8 + size])
-        pos += 8 + size
-    method, header = parts[0], parts[1][7:-1]
-    body = b"".join(p[7:-1] for p in parts[2:])
-    return codec.encode_content(method, header, body, frame_max, PUB)
 
 
 class Sender:

@@ -16,7 +16,7 @@ from magne.amqp.errors import BrokerTimeout, ChannelClosed, ConnectionLost, Fram
 from magne.engine.sender import Outgoing, reframe
 from magne.engine.waker import Signal
 from magne.outgoing import BatchResult, Failed, check_delay, json_header, raised
-from magne.publisher import _Batch
+from magne.waiters import Batch as _Batch
 
 
 @pytest.mark.parametrize("mid", ["0" * 32, "x", "é-ünïcode", "a" * 255])
