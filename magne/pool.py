@@ -61,6 +61,7 @@ class Pool:
         self.slots: list[Slot] = []
         self.lost = 0
         self.replaced = 0
+        self.stopping = False  # stop() was called: threads end on purpose
         self.time_limits: dict[str, int] = {}  # task -> time-limit interrupts fired (main thread writes, scrapes read)
         self._names = itertools.count(1)
         self._aio: Any = None
@@ -90,7 +91,9 @@ class Pool:
         return slot
 
     def stop(self) -> None:
-        """Let every thread finish its current task, then exit."""
+        """Let every thread finish its current task, then exit (main thread). From here on a thread that ended is not
+        replaced: it ended because it was told to."""
+        self.stopping = True
         for _ in self.slots:
             self.work.put(None)
 
@@ -116,7 +119,8 @@ class Pool:
         lost_after = self.lost_after
         for i, s in enumerate(self.slots):
             if s.thread is not None and not s.thread.is_alive() and not s.abandoned:
-                self.slots[i] = self._replace_dead(s)
+                if not self.stopping:
+                    self.slots[i] = self._replace_dead(s)
                 continue
             if s.clock is None:  # idle (a racy read; the guard checks again under its lock)
                 continue

@@ -28,6 +28,7 @@ from magne import publisher, topology, wire
 from magne.amqp import codec
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, RegistryError
+from magne.outgoing import check_delay
 from magne.policy import RetryPolicy
 from magne.pool import Pool
 from magne.publisher import BatchResult
@@ -169,6 +170,7 @@ class Worker:
         why = topology.queue_name_problem(queue)
         if why is not None:  # what a worker could never declare or consume is refused, not run
             raise ValueError(f"queue name {str(queue)[:60]!r} {why}")
+        delay = check_delay(delay)  # the real publisher's rule: NaN, negative, infinite, too long are refused
         header = properties if isinstance(properties, bytes) else codec.header_payload(properties, len(body))
         task, args, kwargs = _decoded(body)
         with self._cond:

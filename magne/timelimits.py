@@ -177,6 +177,7 @@ class Slot(Guard):
         self.delivery = d
         self.limit = limit
         self.started = 0.0
+        self.finished = False  # the slot is the clock of every run of its thread: nothing of the last run carries over
         self.enter(self)  # type: ignore[arg-type]
 
     @property

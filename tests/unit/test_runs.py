@@ -207,6 +207,21 @@ def test_an_abandoned_thread_that_comes_back_is_neither_a_success_nor_hooked(set
     assert s.reported.empty()
 
 
+def test_a_thread_is_abandoned_also_when_the_stuck_run_is_not_its_first(setup_factory: Any) -> None:
+    """A pool thread's Slot is the clock of every run it makes: nothing a finished run left on it may keep the watchdog
+    from abandoning a later run of that thread."""
+    s = setup_factory([], lost_after=0.2)
+    s.pool.start()
+    s.watchdog.start()
+    s.work.put(delivery("rt_quick", "first"))
+    [first] = s.outcomes(1)
+    assert first.outcome is Outcome.ACK
+    s.work.put(delivery("rt_stuck", "second", 1.0))
+    [d] = s.outcomes(1)  # decided by the watchdog, before the thread comes back
+    assert d.outcome is Outcome.DEAD and d.reason == "time limit" and "abandoned" in d.error["message"]
+    assert came_back.wait(5.0)
+
+
 # -- c. the hooks of async runs do not run on the event loop -------------------------------------------------------
 def test_hooks_of_async_runs_run_off_the_loop_and_before_the_outcome_is_reported(setup_factory: Any) -> None:
     """A hook of one async run that waits for another coroutine must not stall it: the hooks promise that a slow
