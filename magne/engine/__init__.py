@@ -7,5 +7,6 @@
 - `reconnect.py`: the one reconnect policy (nodes of a cluster, backoff).
 - `sender.py`: confirmed publishing (declarations on their own channel, the confirm tracker);
   `message.py`: a message on its way and the declarations it needs.
-- `client.py`: an application's connection on its own loop: publish, declare, get, consume.
+- `session.py`: a client's channel for calls, gets and consumers (re-subscribed after a reconnect).
+- `client.py`: an application's connection on its own loop: publish, call, get, consume.
 """

@@ -3,8 +3,9 @@
 A `Client` runs one engine loop (magne/engine/loop.py) on its own thread, `magne-publisher`,
 with two endpoints, each connecting on first use and reconnecting by its Reconnector:
 - a Sender (magne/engine/sender.py): confirmed publishing, declarations on their own channel;
-- a Session: one channel for the calls of commands and tools (`call`, `get`, `ack`,
-  `queue_counts`): `magne dead`, `magne demo`, `magne status`.
+- a Session (magne/engine/session.py): one channel for calls (`call`, `get`, `ack`, `queue_counts`:
+  `magne dead`, `magne demo`, `magne status`) and consumers (`consume`: what reads replies,
+  results, control messages, leases), subscribed again after a reconnect.
 Other threads never touch a socket: they hand messages over through a deque and the loop's
 Waker (`publish`, the hot path: one append and at most one wake-up per burst), or submit a call
 and wait for its reply (`call`, on a magne.engine.waker.Signal), in slices, so a waiting thread stays interruptible.
@@ -15,6 +16,7 @@ client never runs application code on its thread.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -26,137 +28,19 @@ from pamqp import commands
 
 from magne import logs
 from magne.amqp import codec, names
-from magne.amqp.errors import AMQPError, BrokerTimeout, ChannelClosed, ConnectionLost, MagneError
+from magne.amqp.errors import BrokerTimeout, ConnectionLost, MagneError
 from magne.amqp.url import Nodes, Params
-from magne.backoff import Backoff
-from magne.engine.connection import Connection, State
+from magne.engine.connection import State
 from magne.engine.loop import Loop
-from magne.engine.reconnect import Reconnector
 from magne.engine.sender import Outgoing, Sender
+from magne.engine.session import CH, Call, Delivered, Session, Subscription
 from magne.engine.waker import Signal
 
 log = logs.Log("magne.client")
 
 SLICE = 0.2  # every wait of a calling thread, in slices this long
+_TAGS = itertools.count(1)
 GIVE_UP_AFTER = 10.0  # messages fail once every node was unreachable this long (each also has its own deadline)
-CH = 1
-
-
-class Call:
-    """One synchronous call of a waiting thread: the loop's thread fills it and signals."""
-
-    __slots__ = ("method", "replies", "signal", "result", "error", "cancelled")
-
-    def __init__(self, method: Any, replies: tuple[type, ...] = ()) -> None:
-        self.method, self.replies = method, replies
-        self.signal = Signal()
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.cancelled = False
-
-    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        """The loop's thread."""
-        self.result, self.error = result, error
-        self.signal.set()
-
-
-class Session:
-    """One connection with one channel for synchronous calls (an engine endpoint; loop thread only)."""
-
-    def __init__(self, nodes: Nodes, name: str, heartbeat: int | None) -> None:
-        self.nodes, self.name, self.heartbeat = nodes, name, heartbeat
-        self.reconnector = Reconnector(nodes, Backoff(0.05, 2.0))
-        self.conn: Connection | None = None
-        self.open_ch = False
-        self.waiting: deque[Call] = deque()
-        self.inflight: deque[Call] = deque()
-
-    def busy(self) -> bool:
-        return bool(self.waiting) or (self.conn is not None and not self.open_ch)
-
-    def submit(self, call: Call) -> None:
-        self.waiting.append(call)
-        self._pump()
-
-    def write(self, data: bytes) -> None:
-        """Frames that expect no reply (acks) on the session's channel, once it is open."""
-        if self.conn is not None and self.open_ch:
-            self.conn.outbox.write(data)
-
-    def tick(self, now: float) -> float | None:
-        if self.conn is None:
-            if not self.waiting:
-                return None
-            self._open(now)
-            return now + 0.05
-        wake = self.conn.tick(now)
-        if self.conn is not None and self.conn.state is State.CLOSED:
-            self.conn, self.open_ch = None, False
-        self._pump()
-        return wake
-
-    def _open(self, now: float) -> None:
-        conn = Connection(self.nodes.current, self.name, heartbeat=self.heartbeat)
-        conn.on_open = lambda: conn.call(CH, commands.Channel.Open(), (commands.Channel.OpenOk,), self._ready)
-        conn.on_channel_close = self._channel_closed
-        conn.on_content = self._content
-        self.conn, self.open_ch = conn, False
-        try:
-            conn.start(now)
-        except AMQPError as exc:
-            self.failed(exc, now)
-
-    def _ready(self, _f: Any) -> None:
-        self.open_ch = True
-        self.reconnector.opened(time.monotonic())
-        self._pump()
-
-    def _pump(self) -> None:
-        conn = self.conn
-        if conn is None or not self.open_ch:
-            return
-        while self.waiting:
-            call = self.waiting.popleft()
-            if call.cancelled:
-                continue
-            if call.method is None:  # open(): the channel is open, that is all it asked
-                call.finish(True)
-                continue
-            self.inflight.append(call)
-            conn.call(CH, call.method, call.replies, self._answer)
-
-    def _answer(self, frame: Any) -> None:
-        self.inflight.popleft().finish(frame)
-
-    def _content(self, _ch: int, method: Any, header: bytes, body: bytes) -> None:
-        """basic.get-ok comes with its message, through the content path: it answers the call at the head."""
-        if isinstance(method, commands.Basic.GetOk) and self.inflight and self.conn is not None:
-            self.conn.answered(CH)
-            self.inflight.popleft().finish((method.delivery_tag, header, body))
-
-    def _channel_closed(self, _ch: int, exc: ChannelClosed) -> None:
-        """The call at the head was refused (a 404 for a queue that does not exist, say): it and those pipelined
-        after it fail; the channel opens again for the next call."""
-        self.open_ch = False
-        while self.inflight:
-            self.inflight.popleft().finish(error=exc)
-        assert self.conn is not None
-        self.conn.call(CH, commands.Channel.Open(), (commands.Channel.OpenOk,), self._ready)
-
-    def failed(self, exc: AMQPError, now: float) -> None:
-        if self.conn is not None:
-            self.conn.abort()
-        self.conn, self.open_ch = None, False
-        for call in self.inflight:
-            call.finish(error=exc)
-        self.inflight.clear()
-        if exc.permanent or self.reconnector.failed(exc, now, False)[1]:
-            while self.waiting:
-                self.waiting.popleft().finish(error=exc)
-
-    def close(self, now: float) -> None:
-        if self.conn is not None:
-            self.conn.close(now)
 
 
 class Client:
@@ -216,12 +100,16 @@ class Client:
         (the channel opens again for the next call), BrokerTimeout after `timeout`. Any thread but the loop's."""
         call = Call(method, replies)
         self.loop.submit(lambda: self.session.submit(call))
+        return self._wait(call, timeout, "/".join(r.__name__ for r in replies))
+
+    def _wait(self, call: Call, timeout: float | None, what: str) -> Any:
+        """Wait for `call` in slices (the calling thread stays interruptible)."""
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while not call.signal.wait(SLICE):
             if time.monotonic() >= deadline:
                 call.cancelled = True
-                raise BrokerTimeout(f"no {'/'.join(r.__name__ for r in replies)} from the broker within {limit:g}s")
+                raise BrokerTimeout(f"no {what} from the broker within {limit:g}s")
             if not self.thread.is_alive():
                 raise ConnectionLost("the client's loop thread has ended")
         if call.error is not None:
@@ -260,10 +148,29 @@ class Client:
         got = self.call(names.BasicGet(queue=queue, no_ack=False), commands.Basic.GetOk, commands.Basic.GetEmpty)
         return None if isinstance(got, commands.Basic.GetEmpty) else got
 
-    def ack(self, tag: int) -> None:
-        """Ack a message got with `get` (on the session's channel, where its tag belongs)."""
-        data = codec.encode_ack(CH, tag, False)
-        self.loop.submit(lambda: self.session.write(data))
+    def ack(self, tag: int, gen: int | None = None, multiple: bool = False) -> None:
+        """Ack a message got with `get` or delivered to a consumer (`gen`: its Delivered.gen; an ack of an older
+        channel's tag is dropped). Any thread."""
+        data = codec.encode_ack(CH, tag, multiple)
+        self.loop.submit(lambda: self.session.write(data, gen))
+
+    def consume(self, queue: str, on_message: Callable[[Delivered], None], prefetch: int = 100,
+                arguments: dict[str, Any] | None = None, no_ack: bool = False,
+                on_cancel: Callable[[], None] | None = None, timeout: float | None = None) -> str:
+        """Consume `queue` (a stream too: arguments={"x-stream-offset": ...}); returns the consumer tag once the
+        broker confirmed it (ChannelClosed if it refused, 404 for a queue that does not exist). `on_message` gets
+        each message (Delivered) on the client's loop thread, in order, and must not block; ack with
+        `ack(m.tag, m.gen)`. The consumer is subscribed again after a reconnect. Any thread but the loop's."""
+        tag = f"magne.{os.getpid()}.{next(_TAGS)}"
+        sub = Subscription(tag, queue, on_message, prefetch, arguments, no_ack, on_cancel)
+        call = Call(None)
+        self.loop.submit(lambda: self.session.subscribe(sub, call))
+        self._wait(call, timeout, "consume-ok")
+        return tag
+
+    def cancel(self, tag: str) -> None:
+        """Stop a consumer (its unacked messages go back when the channel closes, or with a nack). Any thread."""
+        self.loop.submit(lambda: self.session.unsubscribe(tag))
 
     def queue_counts(self, queue: str) -> tuple[int, int]:
         """(ready messages, consumers) of an existing queue (passive declare; ChannelClosed 404 if there is none)."""

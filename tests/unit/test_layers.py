@@ -21,7 +21,7 @@ INNER_ALLOWED = {
 LARGE = {
     "magne.engine.sender": 450, "magne.publisher": 360, "magne.worker": 420,
     "magne.status": 400, "magne.amqp.protocol": 400, "magne.io.consumer": 370, "magne.testing": 345,
-    "magne.engine.client": 345, "magne.supervisor": 340, "magne.io.loop": 320, "magne.cli": 320,
+    "magne.supervisor": 340, "magne.io.loop": 320, "magne.cli": 320,
 }
 
 
