@@ -119,11 +119,18 @@ class Loop:
         """Turn until `turn(now)` returns True. `timers(now)`: the owner's own timers, run with the endpoints'."""
         watcher = Watcher(self.waker.fileno())
         endpoints, calls, waker_fd = self.endpoints, self._calls, self.waker.fileno()
+        busy = [ep.busy for ep in endpoints]  # bound once: asked on every turn
         timers_at = 0.0
         try:
             while True:
                 now = time.monotonic()
-                if now >= timers_at or any(ep.busy() for ep in endpoints):
+                due = now >= timers_at
+                if not due:
+                    for is_busy in busy:
+                        if is_busy():
+                            due = True
+                            break
+                if due:
                     if self.on_lag is not None and timers_at and now >= timers_at:
                         self.on_lag(now - timers_at)
                     wake = self._timers(now, timers)

@@ -203,10 +203,6 @@ class IOThread(threading.Thread):
             return now if c.conn is None else None
         return c.tick(now)
 
-    def _consumer_busy(self) -> bool:
-        c = self.consumer
-        return bool(self._stopping or c.conn is None or c.phase is not Phase.CONSUMING)
-
     def _link_tick(self, now: float) -> float | None:
         wakes = [w for w in (self.link.tick(now), self.settlement.service(now)) if w is not None]
         return min(wakes) if wakes else None
@@ -284,7 +280,9 @@ class _ConsumerEnd:
         self.io._consumer_failed(exc, now)
 
     def busy(self) -> bool:
-        return self.io._consumer_busy()
+        io = self.io
+        c = io.consumer
+        return bool(io._stopping or c.conn is None or c.phase is not Phase.CONSUMING)
 
 
 class _LinkEnd:
