@@ -201,7 +201,7 @@ class Publisher:
             client.close(self.confirm_timeout + GRACE)
 
     # -- making messages --------------------------------------------------------------------------------------------
-    def _make(self, queue: str, body: bytes, header: bytes, mid: str, exchange: str | None, delay: float | None,
+    def _make(self, queue: str, body: bytes, header: bytes, mid: str | None, exchange: str | None, delay: float | None,
               queue_type: str | None, declare: bool, max_priority: int | None = None) -> Outgoing:
         qtype = queue_type or self.queue_type
         delay = check_delay(delay)
@@ -229,9 +229,9 @@ class Publisher:
                           task.queue_type, declare, getattr(task, "max_priority", None))
 
     def _from_message(self, m: Message) -> Outgoing:
-        mid = m.properties.message_id
+        mid = m.properties.message_id  # None when it has none: what a basic.return of it carries (its tracker key)
         return self._make(m.queue, m.body, codec.header_payload(m.properties, len(m.body)),
-                          mid if isinstance(mid, str) else "", m.exchange, m.delay, m.queue_type, m.declare)
+                          mid if isinstance(mid, str) else None, m.exchange, m.delay, m.queue_type, m.declare)
 
     # -- sending: blocking --------------------------------------------------------------------------------------------
     def publish(self, queue: str, body: bytes, properties: commands.Basic.Properties, exchange: str | None = None,

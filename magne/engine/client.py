@@ -240,7 +240,9 @@ class Client:
                           properties: commands.Basic.Properties | bytes, timeout: float | None = None) -> None:
         """Publish one message, mandatory, and wait for its confirm; PublishError if nacked or unroutable."""
         header = properties if isinstance(properties, bytes) else codec.header_payload(properties, len(body))
-        mid = None if isinstance(properties, bytes) else properties.message_id
+        # The id a basic.return of it will carry (the tracker matches the return on it): the header's own.
+        mid = (codec.decode_properties(header) if isinstance(properties, bytes) else properties).message_id
+        mid = mid if isinstance(mid, str) else None
         signal, outcome = Signal(), []
 
         def done(_m: Outgoing, error: MagneError | None) -> None:

@@ -23,17 +23,12 @@ def pub():
     p.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review: a publish without a message_id is matched to its basic.return by '' "
-                                       "against None: an unroutable message is reported confirmed")
 def test_an_unroutable_publish_without_a_message_id_raises_returned(broker, names, pub):
     props = commands.Basic.Properties(delivery_mode=2)  # no message_id: publish() takes any properties
     with pytest.raises(Returned):
         pub.publish("no-such-binding", b"lost", props, exchange="amq.direct")
 
 
-@pytest.mark.xfail(strict=True, reason="review: publish_confirmed with a ready header keys the return with "
-                                       "message_id None, the return carries the real id: a replay into a queue that "
-                                       "does not exist is reported confirmed and the dead letter is acked (lost)")
 def test_dead_replay_into_a_missing_task_queue_keeps_the_dead_letter(broker, names):
     q = names["main"]  # never declared: no worker ever ran for it (or it was deleted)
     dq = q + ".dead"
