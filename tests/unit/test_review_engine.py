@@ -1,0 +1,98 @@
+"""Review of the engine (issue 19), without a socket: the Sender's suspects, the Tracker's return matching, the
+protocol's channel-close table, and what the worker's copies keep after a permanent error of the link.
+
+Driven as tests/unit/test_settle.py drives them: a real Sender on an unstarted Connection whose channels are
+marked open, frames dispatched as the connection would.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+from pamqp import commands
+from test_protocol import frames, opened, sent
+from test_settle import answer, decided, dl, make, published
+
+from magne.amqp.confirms import Returned, Tracker
+from magne.amqp.errors import ConnectionClosed
+from magne.amqp.outbox import Outbox
+from magne.amqp.protocol import ChannelPhase
+from magne.delivery import Outcome
+from magne.engine.sender import PUB
+from magne.policy import RetryPolicy
+
+Ack = commands.Basic.Ack
+
+
+def publishes(conn) -> list[str]:
+    return [q for _c, k, q in published(conn) if k == "publish"]
+
+
+@pytest.mark.xfail(strict=True, reason="review: copies a new generation drops from the sender's queue stay in "
+                                       "Sender.suspects, never settled: the link publishes one at a time forever")
+def test_copies_dropped_by_a_new_generation_do_not_keep_the_link_one_at_a_time():
+    s, sender, _out, _stats, conn = make(gen=1)
+    s.drain(deque([dl(1, Outcome.DEAD), dl(2, Outcome.DEAD)]), 0.0)
+    sender.pump(0.0)
+    assert publishes(conn) == ["q.dead", "q.dead"]
+    # The broker refuses one of them by closing the publish channel: both are suspects now, back in line...
+    answer(conn, PUB, commands.Channel.Close(406, "PRECONDITION_FAILED", 60, 40))
+    assert len(sender.suspects) == 2 and len(sender.queue) == 2
+    # ...and the consuming connection is lost meanwhile: their originals come back, the copies are dropped.
+    s.reset(2, Outbox())
+    assert not sender.queue
+    answer(conn, PUB, commands.Channel.OpenOk())
+    answer(conn, PUB, commands.Confirm.SelectOk())
+    published(conn)
+    s.drain(deque([dl(t, Outcome.DEAD, gen=2) for t in (1, 2, 3)]), 0.0)
+    sender.pump(0.0)
+    assert publishes(conn) == ["q.dead"] * 3  # nothing of theirs is on the wire: no reason to go one at a time
+
+
+@pytest.mark.xfail(strict=True, reason="review: a permanent connection error of the link (530 at the vhost's "
+                                       "connection limit) makes every copy drop its queue's declaration for good")
+def test_a_permanent_connection_error_of_the_link_keeps_the_copies_declarations():
+    s, sender, _out, _stats, _conn = make()
+    d = decided(1, RetryPolicy(max_retries=3))  # a retry: its delay queue is declared before the copy goes
+    assert d.copy_declare is not None
+    s.drain(deque([d]), 0.0)
+    sender.failed(ConnectionClosed(530, "NOT_ALLOWED - access to vhost '/' refused for user 'guest': connection "
+                                        "limit (2) is reached"), 0.0)
+    assert d.blame == 1 and s.waiting  # failed by the link, waiting for its backoff
+    s.service(s.waiting[0][0])
+    [copy] = sender.queue
+    assert copy.preps, "the copy goes to a delay queue that may have expired, without declaring it"
+
+
+@pytest.mark.xfail(strict=True, reason="review: Tracker drops a basic.return at the first ack, even one that does "
+                                       "not cover its publish: the unroutable message is then reported confirmed")
+def test_a_return_waits_for_the_ack_that_covers_its_publish():
+    t = Tracker()
+    t.add("routed", ("", "q", "m1", hash(b"a")))
+    t.add("unroutable", ("amq.direct", "nowhere", "m2", hash(b"b")))
+    # AMQP only says the return comes before the ack of its publish; another ack may come in between.
+    t.returned(commands.Basic.Return(312, "NO_ROUTE", "amq.direct", "nowhere"), "m2", b"b")
+    assert t.confirm(Ack(delivery_tag=1)) == [("routed", None)]
+    [(token, error)] = t.confirm(Ack(delivery_tag=2))
+    assert token == "unroutable" and isinstance(error, Returned)
+
+
+@pytest.mark.xfail(strict=True, reason="review: when our channel.close and the broker's cross, RabbitMQ answers "
+                                       "ours with close-ok after its own close; the protocol calls that a ProtocolError")
+def test_crossing_channel_closes_end_with_the_close_ok():
+    p = opened()
+    closed: list = []
+    p.on_channel_close = lambda ch, exc: closed.append((ch, exc.code))
+    p.call(1, commands.Channel.Open(), (commands.Channel.OpenOk,))
+    p.receive(frames(1, commands.Channel.OpenOk()), 1.0)
+    done: list = []
+    p.call(1, commands.Channel.Close(200, "stopping", 0, 0), (commands.Channel.CloseOk,), done.append)
+    sent(p)
+    assert p.channels[1] is ChannelPhase.CLOSING
+    # The broker closed the channel before it saw our close (a consumer_timeout, say): it answers ours after it.
+    p.receive(frames(1, commands.Channel.Close(406, "PRECONDITION_FAILED - delivery acknowledgement timed out",
+                                               60, 80)), 1.1)
+    assert [type(f).__name__ for _c, f in sent(p)] == ["CloseOk"]
+    p.receive(frames(1, commands.Channel.CloseOk()), 1.2)
+    assert done and 1 not in p.channels
