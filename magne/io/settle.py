@@ -71,6 +71,7 @@ class Settlement:
         if stale or stale_waiting:
             self.stats.stale += len(stale) + len(stale_waiting)
             self.sender.queue = deque(c for c in self.sender.queue if not (isinstance(c, Copy) and c.d.gen != gen))
+            self.sender.suspects.difference_update(stale)  # never settled now: a suspect left would keep it one at a time
             self.waiting = [w for w in self.waiting if w[2].gen == gen]
             heapq.heapify(self.waiting)
 

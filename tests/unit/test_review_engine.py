@@ -29,8 +29,6 @@ def publishes(conn) -> list[str]:
     return [q for _c, k, q in published(conn) if k == "publish"]
 
 
-@pytest.mark.xfail(strict=True, reason="review: copies a new generation drops from the sender's queue stay in "
-                                       "Sender.suspects, never settled: the link publishes one at a time forever")
 def test_copies_dropped_by_a_new_generation_do_not_keep_the_link_one_at_a_time():
     s, sender, _out, _stats, conn = make(gen=1)
     s.drain(deque([dl(1, Outcome.DEAD), dl(2, Outcome.DEAD)]), 0.0)
