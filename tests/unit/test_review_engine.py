@@ -48,8 +48,6 @@ def test_copies_dropped_by_a_new_generation_do_not_keep_the_link_one_at_a_time()
     assert publishes(conn) == ["q.dead"] * 3  # nothing of theirs is on the wire: no reason to go one at a time
 
 
-@pytest.mark.xfail(strict=True, reason="review: a permanent connection error of the link (530 at the vhost's "
-                                       "connection limit) makes every copy drop its queue's declaration for good")
 def test_a_permanent_connection_error_of_the_link_keeps_the_copies_declarations():
     s, sender, _out, _stats, _conn = make()
     d = decided(1, RetryPolicy(max_retries=3))  # a retry: its delay queue is declared before the copy goes
