@@ -61,8 +61,6 @@ def test_a_permanent_connection_error_of_the_link_keeps_the_copies_declarations(
     assert copy.preps, "the copy goes to a delay queue that may have expired, without declaring it"
 
 
-@pytest.mark.xfail(strict=True, reason="review: Tracker drops a basic.return at the first ack, even one that does "
-                                       "not cover its publish: the unroutable message is then reported confirmed")
 def test_a_return_waits_for_the_ack_that_covers_its_publish():
     t = Tracker()
     t.add("routed", ("", "q", "m1", hash(b"a")))
