@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import deque
 
-import pytest
 from pamqp import commands
 from test_protocol import frames, opened, sent
 from test_settle import answer, decided, dl, make, published
@@ -72,8 +71,6 @@ def test_a_return_waits_for_the_ack_that_covers_its_publish():
     assert token == "unroutable" and isinstance(error, Returned)
 
 
-@pytest.mark.xfail(strict=True, reason="review: when our channel.close and the broker's cross, RabbitMQ answers "
-                                       "ours with close-ok after its own close; the protocol calls that a ProtocolError")
 def test_crossing_channel_closes_end_with_the_close_ok():
     p = opened()
     closed: list = []
