@@ -7,18 +7,24 @@ marked open, frames dispatched as the connection would.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import deque
 
+import pytest
 from pamqp import commands
 from test_protocol import frames, opened, sent
 from test_settle import answer, decided, dl, make, published
 
+from magne.amqp import codec
 from magne.amqp.confirms import Returned, Tracker
 from magne.amqp.errors import ConnectionClosed
 from magne.amqp.outbox import Outbox
 from magne.amqp.protocol import ChannelPhase
+from magne.amqp.url import parse_url
 from magne.delivery import Outcome
-from magne.engine.sender import PUB
+from magne.engine.client import Client
+from magne.engine.sender import PUB, Outgoing
 from magne.policy import RetryPolicy
 
 Ack = commands.Basic.Ack
@@ -87,3 +93,21 @@ def test_crossing_channel_closes_end_with_the_close_ok():
     assert [type(f).__name__ for _c, f in sent(p)] == ["CloseOk"]
     p.receive(frames(1, commands.Channel.CloseOk()), 1.2)
     assert done and 1 not in p.channels
+
+
+@pytest.mark.xfail(strict=True, reason="review: a when_room callback that raises (send_async's, once its event loop "
+                                       "is closed) ends the shared client's loop thread and fails every thread's sends")
+def test_a_closed_event_loop_waiting_for_room_does_not_end_the_shared_client():
+    client = Client(parse_url("amqp://guest:guest@127.0.0.1:1/"), "unit client", timeout=30.0)
+    try:
+        outcome: list = []
+        other = Outgoing("", "q", codec.header_payload(commands.Basic.Properties(message_id="m"), 1), b"x", "m",
+                         deadline=time.monotonic() + 30.0, done=lambda _m, e: outcome.append(e))
+        client.publish(other)  # another thread's send, waiting for the broker
+        gone = asyncio.new_event_loop()
+        gone.close()  # an asyncio.run() that ended while its send_async waited for room
+        client.when_room(1 << 30, lambda: gone.call_soon_threadsafe(lambda: None))
+        time.sleep(0.5)
+        assert client.alive and not outcome
+    finally:
+        client.close(2.0)
