@@ -308,7 +308,10 @@ class Client:
             sender.pump(now)  # not connected yet: the sender is busy() and its timers connect it
         room = self.room
         while room and self.has_room(room[0][0]):
-            room.popleft()[1]()
+            try:
+                room.popleft()[1]()
+            except Exception:  # its event loop is closed (an asyncio.run() that ended): nobody waits any more
+                pass
         self.sleeping = True
         if requests:  # appended after we looked: go round again without sleeping
             self.sleeping = False

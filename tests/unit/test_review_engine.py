@@ -11,7 +11,6 @@ import asyncio
 import time
 from collections import deque
 
-import pytest
 from pamqp import commands
 from test_protocol import frames, opened, sent
 from test_settle import answer, decided, dl, make, published
@@ -95,8 +94,6 @@ def test_crossing_channel_closes_end_with_the_close_ok():
     assert done and 1 not in p.channels
 
 
-@pytest.mark.xfail(strict=True, reason="review: a when_room callback that raises (send_async's, once its event loop "
-                                       "is closed) ends the shared client's loop thread and fails every thread's sends")
 def test_a_closed_event_loop_waiting_for_room_does_not_end_the_shared_client():
     client = Client(parse_url("amqp://guest:guest@127.0.0.1:1/"), "unit client", timeout=30.0)
     try:
