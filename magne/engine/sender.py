@@ -149,6 +149,7 @@ class Sender:
         self.reconnect_at = 0.0
         self.unreachable_since = 0.0
         self.last_error: MagneError | None = None
+        self.closed = False  # close() was called (a stop): no new connection for what is left in line
         self.opened = 0  # connections made (a worker's link reports it)
         self.on_latency: Callable[[float], None] | None = None  # --metrics: confirm latency of each message
 
@@ -170,7 +171,7 @@ class Sender:
         self._expire(now)
         conn = self.conn
         if conn is None:
-            if not self.queue:
+            if not self.queue or self.closed:
                 return None
             if now < self.reconnect_at:
                 return self.reconnect_at
@@ -488,7 +489,8 @@ class Sender:
 
     def close(self, now: float) -> None:
         """Polite close without waiting. A blocked connection is dropped instead: during an alarm the broker does
-        not read it, so its close-ok would never come."""
+        not read it, so its close-ok would never come. No new connection is made after it."""
+        self.closed = True
         if self.conn is not None:
             self.ready = False
             if self.conn.blocked:

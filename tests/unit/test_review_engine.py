@@ -11,7 +11,6 @@ import asyncio
 import time
 from collections import deque
 
-import pytest
 from pamqp import commands
 from test_protocol import frames, opened, sent
 from test_settle import answer, decided, dl, make, published
@@ -111,9 +110,6 @@ def test_a_closed_event_loop_waiting_for_room_does_not_end_the_shared_client():
         client.close(2.0)
 
 
-@pytest.mark.xfail(strict=True, reason="review: after Sender.close() (the worker's cold stop) the sender opens a new "
-                                       "connection for the copies still in line: their originals are being requeued, "
-                                       "and the stop waits out CLOSE_GRACE for a link that will not go")
 def test_a_closed_sender_does_not_connect_again_for_what_is_left_in_line():
     s, sender, _out, _stats, conn = make()
     s.drain(deque([dl(1, Outcome.DEAD)]), 0.0)  # a copy not yet published (its link is not ready, say)
