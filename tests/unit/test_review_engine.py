@@ -11,10 +11,12 @@ import asyncio
 import time
 from collections import deque
 
+import pytest
 from pamqp import commands
 from test_protocol import frames, opened, sent
 from test_settle import answer, decided, dl, make, published
 
+from magne import limits, topology
 from magne.amqp import codec
 from magne.amqp.confirms import Returned, Tracker
 from magne.amqp.errors import ConnectionClosed
@@ -122,3 +124,30 @@ def test_a_closed_sender_does_not_connect_again_for_what_is_left_in_line():
     for t in (1.1, 1.2, 1.3):
         sender.tick(t)
     assert sender.conn is None and not opens
+
+
+class _Api:
+    """The management API as magne.limits reads it: one policy that caps length without naming an overflow."""
+
+    vhost = "%2F"
+
+    def __init__(self, *_args: object) -> None:
+        pass
+
+    def get(self, path: str) -> list[dict]:
+        if "operator" in path:
+            return []
+        return [{"name": "cap", "pattern": ".*", "apply-to": "queues", "priority": 0,
+                 "definition": {"max-length": 100_000}}]
+
+    def queue(self, name: str) -> dict:
+        return {"name": name, "arguments": topology.queue_arguments(name, "quorum")}  # x-overflow: reject-publish
+
+
+@pytest.mark.xfail(strict=True, reason="review: a policy that caps length without an overflow is taken for drop-head "
+                                       "although the queue's own x-overflow (reject-publish on every magne quorum queue) "
+                                       "applies: a false 'drops its oldest messages in silence' warning")
+def test_a_length_policy_over_a_reject_publish_queue_is_not_drop_head(monkeypatch):
+    monkeypatch.setattr(limits, "Management", _Api)
+    assert topology.queue_arguments("jobs", "quorum")["x-overflow"] == "reject-publish"
+    assert limits.check(parse_url("amqp://127.0.0.1/"), ["jobs"], "http://127.0.0.1:15672") == []
