@@ -11,7 +11,6 @@ import asyncio
 import time
 from collections import deque
 
-import pytest
 from pamqp import commands
 from test_protocol import frames, opened, sent
 from test_settle import answer, decided, dl, make, published
@@ -144,9 +143,6 @@ class _Api:
         return {"name": name, "arguments": topology.queue_arguments(name, "quorum")}  # x-overflow: reject-publish
 
 
-@pytest.mark.xfail(strict=True, reason="review: a policy that caps length without an overflow is taken for drop-head "
-                                       "although the queue's own x-overflow (reject-publish on every magne quorum queue) "
-                                       "applies: a false 'drops its oldest messages in silence' warning")
 def test_a_length_policy_over_a_reject_publish_queue_is_not_drop_head(monkeypatch):
     monkeypatch.setattr(limits, "Management", _Api)
     assert topology.queue_arguments("jobs", "quorum")["x-overflow"] == "reject-publish"
