@@ -11,14 +11,17 @@ import asyncio
 import time
 from collections import deque
 
+import pytest
 from pamqp import commands
+from pamqp import frame as pframe
+from pamqp import header as pheader
 from test_protocol import frames, opened, sent
 from test_settle import answer, decided, dl, make, published
 
 from magne import limits, topology
 from magne.amqp import codec
 from magne.amqp.confirms import Returned, Tracker
-from magne.amqp.errors import ConnectionClosed
+from magne.amqp.errors import ConnectionClosed, FrameError
 from magne.amqp.outbox import Outbox
 from magne.amqp.protocol import ChannelPhase
 from magne.amqp.url import parse_url
@@ -148,3 +151,15 @@ def test_a_length_policy_over_a_reject_publish_queue_is_not_drop_head(monkeypatc
     assert topology.queue_arguments("jobs", "quorum")["x-overflow"] == "reject-publish"
     [(queue, how, _where)] = limits.check(parse_url("amqp://127.0.0.1/"), ["jobs"], "http://127.0.0.1:15672")
     assert (queue, how) == ("jobs", "reject-publish")
+
+
+@pytest.mark.xfail(strict=True, reason="review: a content header may announce any body size (up to 2^64): a broker or "
+                                       "proxy streaming body frames makes the decoder buffer until memory runs out")
+def test_a_body_larger_than_rabbitmq_can_hold_is_refused_at_its_header():
+    p = opened()
+    p.call(1, commands.Channel.Open(), (commands.Channel.OpenOk,))
+    p.receive(frames(1, commands.Channel.OpenOk()), 1.0)
+    deliver = frames(1, commands.Basic.Deliver("ctag", 1, False, "", "q"))
+    header = pframe.marshal(pheader.ContentHeader(1, 1 << 40, commands.Basic.Properties()), 1)  # a 1 TiB body
+    with pytest.raises(FrameError):
+        p.receive(deliver + header, 1.1)
