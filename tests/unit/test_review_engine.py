@@ -153,8 +153,6 @@ def test_a_length_policy_over_a_reject_publish_queue_is_not_drop_head(monkeypatc
     assert (queue, how) == ("jobs", "reject-publish")
 
 
-@pytest.mark.xfail(strict=True, reason="review: a content header may announce any body size (up to 2^64): a broker or "
-                                       "proxy streaming body frames makes the decoder buffer until memory runs out")
 def test_a_body_larger_than_rabbitmq_can_hold_is_refused_at_its_header():
     p = opened()
     p.call(1, commands.Channel.Open(), (commands.Channel.OpenOk,))
