@@ -21,7 +21,7 @@ from test_settle import answer, decided, dl, make, published
 from magne import limits, topology
 from magne.amqp import codec
 from magne.amqp.confirms import Returned, Tracker
-from magne.amqp.errors import ConnectionClosed, FrameError
+from magne.amqp.errors import ConnectionClosed, ConnectionLost, FrameError
 from magne.amqp.outbox import Outbox
 from magne.amqp.protocol import ChannelPhase
 from magne.amqp.url import parse_url
@@ -29,6 +29,7 @@ from magne.delivery import Outcome
 from magne.engine.client import Client
 from magne.engine.sender import PUB, Outgoing
 from magne.policy import RetryPolicy
+from magne.publisher import Publisher
 
 Ack = commands.Basic.Ack
 
@@ -161,3 +162,15 @@ def test_a_body_larger_than_rabbitmq_can_hold_is_refused_at_its_header():
     header = pframe.marshal(pheader.ContentHeader(1, 1 << 40, commands.Basic.Properties()), 1)  # a 1 TiB body
     with pytest.raises(FrameError):
         p.receive(deliver + header, 1.1)
+
+
+@pytest.mark.xfail(strict=True, reason="review: a header larger than frame_max raises FrameError from send/publish: a "
+                                       "ConnectionLost (a caller retrying on those retries forever), neither the "
+                                       "documented PublishError nor a ValueError for what can never be sent")
+def test_a_header_that_can_never_be_framed_is_a_value_error_before_anything_is_sent():
+    pub = Publisher("amqp://guest:guest@127.0.0.1:1/")  # nothing may be sent: no broker needed
+    props = commands.Basic.Properties(message_id="m", headers={"h": "y" * 140_000})  # over frame_max 131072
+    with pytest.raises(ValueError, match="frame_max") as info:
+        pub.publish("q", b"x", props)
+    assert not isinstance(info.value, ConnectionLost)
+    assert pub._client is None  # refused before a connection was even started
