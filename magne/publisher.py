@@ -38,7 +38,7 @@ from pamqp import commands
 from magne import wire
 from magne.amqp import codec
 from magne.amqp.confirms import Nacked, Returned
-from magne.amqp.errors import BrokerTimeout, MagneError
+from magne.amqp.errors import BrokerTimeout, FrameError, MagneError
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.engine.client import Client
@@ -216,8 +216,11 @@ class Publisher:
             routing_key, dprep = delay_prep(queue, delay, qtype)
             preps += (dprep,)
             exchange = ""
-        return Outgoing(exchange, routing_key, header, body, mid, preps, time.monotonic() + self.confirm_timeout,
-                        self._frame_max)
+        try:
+            return Outgoing(exchange, routing_key, header, body, mid, preps, time.monotonic() + self.confirm_timeout,
+                            self._frame_max)
+        except FrameError as exc:  # a header over frame_max: an argument that can never be sent, not a lost connection
+            raise ValueError(f"{exc} (the message's properties are too large to send)") from None
 
     def _task_message(self, task: TaskLike, args: Any, kwargs: dict[str, Any] | None, delay: float | None, mid: str,
                       declare: bool, priority: int | None = None) -> Outgoing:

@@ -164,9 +164,6 @@ def test_a_body_larger_than_rabbitmq_can_hold_is_refused_at_its_header():
         p.receive(deliver + header, 1.1)
 
 
-@pytest.mark.xfail(strict=True, reason="review: a header larger than frame_max raises FrameError from send/publish: a "
-                                       "ConnectionLost (a caller retrying on those retries forever), neither the "
-                                       "documented PublishError nor a ValueError for what can never be sent")
 def test_a_header_that_can_never_be_framed_is_a_value_error_before_anything_is_sent():
     pub = Publisher("amqp://guest:guest@127.0.0.1:1/")  # nothing may be sent: no broker needed
     props = commands.Basic.Properties(message_id="m", headers={"h": "y" * 140_000})  # over frame_max 131072
