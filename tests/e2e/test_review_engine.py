@@ -14,6 +14,7 @@ from pamqp import commands
 
 from magne.amqp.confirms import Returned
 from magne.amqp.errors import PublishError
+from magne.amqp.url import parse_url
 from magne.dead import dead_replay
 from magne.engine.client import Client
 from magne.publisher import Publisher, Target
@@ -87,3 +88,18 @@ def test_send_async_hands_the_message_over_at_the_call(broker, names, pub):
         warnings.simplefilter("ignore", RuntimeWarning)  # "coroutine ... was never awaited"
         asyncio.run(handler())
     wait_for(lambda: _ready(q) == 1, 10, interval=0.5, what="the message in its queue")
+
+
+@pytest.mark.xfail(strict=True, reason="review: Client.call marshals the method on the loop thread: one that cannot "
+                                       "be encoded raises there and ends the client (every thread's sends fail)")
+def test_a_call_that_cannot_be_encoded_fails_alone_and_the_client_goes_on(broker, names):
+    client = Client(parse_url(URL), "review client", timeout=5.0).open()
+    try:
+        bad = commands.Queue.Declare(queue=names["main"], passive=True, arguments={"x-bad": object()})
+        with pytest.raises(TypeError):
+            client.call(bad, commands.Queue.DeclareOk)
+        assert client.alive
+        broker.ch.queue_declare(names["main"], durable=True)
+        assert client.queue_counts(names["main"]) == (0, 0)
+    finally:
+        client.close(5.0)
