@@ -213,7 +213,10 @@ class Client:
 
     def call(self, method: Any, *replies: type, timeout: float | None = None) -> Any:
         """A synchronous method on the session's channel; its reply. ChannelClosed if the broker refused it
-        (the channel opens again for the next call), BrokerTimeout after `timeout`. Any thread but the loop's."""
+        (the channel opens again for the next call), BrokerTimeout after `timeout`; a method pamqp cannot encode
+        raises its TypeError/ValueError at once. Any thread but the loop's."""
+        if method is not None:
+            codec.encode(CH, method)  # raises here, on the caller's thread, for a method that cannot be encoded
         call = Call(method, replies)
         self.loop.submit(lambda: self.session.submit(call))
         limit = self.timeout if timeout is None else timeout

@@ -90,8 +90,6 @@ def test_send_async_hands_the_message_over_at_the_call(broker, names, pub):
     wait_for(lambda: _ready(q) == 1, 10, interval=0.5, what="the message in its queue")
 
 
-@pytest.mark.xfail(strict=True, reason="review: Client.call marshals the method on the loop thread: one that cannot "
-                                       "be encoded raises there and ends the client (every thread's sends fail)")
 def test_a_call_that_cannot_be_encoded_fails_alone_and_the_client_goes_on(broker, names):
     client = Client(parse_url(URL), "review client", timeout=5.0).open()
     try:
