@@ -216,6 +216,11 @@ class Sender:
         self.prepared.clear()
         self.preparing.clear()
         self._admin.clear()
+        # The broker numbers the new channel's publishes from 1: so must the tracker. After a polite close (idle, or
+        # a stop) it still counted the old connection's, and no confirm ever matched a publish again. Whatever it had
+        # not confirmed (nothing, normally) goes back in line first.
+        self.queue.extendleft(reversed(self.tracker.lost()))
+        self.sent_at.clear()
         try:
             conn.start(now)
         except AMQPError as exc:

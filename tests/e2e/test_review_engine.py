@@ -103,9 +103,6 @@ def test_a_call_that_cannot_be_encoded_fails_alone_and_the_client_goes_on(broker
         client.close(5.0)
 
 
-@pytest.mark.xfail(strict=True, reason="review: after the idle close the tracker keeps numbering from the last "
-                                       "connection's count while the broker numbers the new channel from 1: no confirm "
-                                       "ever matches, every send after an idle minute times out")
 def test_a_send_after_the_idle_close_is_confirmed(broker, names):
     pub = Publisher(URL, confirm_timeout=5.0)
     try:
