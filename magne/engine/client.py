@@ -308,6 +308,9 @@ class Client:
         if requests:
             while requests:
                 sender.queue.append(requests.popleft())
+            # A message handed over while the client closes: it connects again for it (it ends only once nothing is
+            # pending), unlike a worker's link, which stays closed after Sender.close().
+            sender.closed = False
             sender.pump(now)  # not connected yet: the sender is busy() and its timers connect it
         room = self.room
         while room and self.has_room(room[0][0]):

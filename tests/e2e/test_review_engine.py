@@ -7,6 +7,7 @@ Every queue is unique to the test (magne-test-...) and deleted at the end by the
 from __future__ import annotations
 
 import asyncio
+import time
 import warnings
 
 import pytest
@@ -115,3 +116,20 @@ def test_a_send_after_the_idle_close_is_confirmed(broker, names):
         assert broker.ready(names["main"]) == 2
     finally:
         pub.close()
+
+
+def test_a_message_handed_to_a_closing_client_is_still_sent(broker, names):
+    """Sender.close() keeps a worker's link closed at a stop; a client that is closing still sends what it is handed
+    (it ends only once nothing is pending)."""
+    pub = Publisher(URL, confirm_timeout=10.0)
+    try:
+        task = Target("t", names["main"])
+        pub.send(task, [0])
+        client = pub._running()
+        client.submit(lambda: client.sender.close(time.monotonic()))  # what the client's stop does first
+        wait_for(lambda: client.sender.conn is None, 10, what="the sender's connection to close")
+        pub.send(task, [1])  # another thread's send, handed to the client that is closing
+        assert broker.ready(names["main"]) == 2
+    finally:
+        pub.close()
+
