@@ -80,20 +80,29 @@ def check(params: Params, queues: list[str], management: str | None = None) -> l
     for q in queues:
         user = effective([p for p in policies if not p.get("operator")], q)
         operator = effective([p for p in policies if p.get("operator")], q)
+        try:
+            args = api.queue(q).get("arguments") or {}
+        except Exception:  # a queue the statistics do not show yet
+            args = {}
+        how = applied_overflow((user or {}).get("definition") or {}, args)
         for pol in (user, operator):
-            how = overflow(pol.get("definition") or {}) if pol is not None else None
-            if how is not None:
-                assert pol is not None
+            if pol is not None and overflow(pol.get("definition") or {}) is not None:
                 found.append((q, how, f"{'operator ' if pol.get('operator') else ''}policy {pol.get('name')}"))
                 break
         else:
-            try:
-                how = overflow(api.queue(q).get("arguments") or {}, "x-")
-            except Exception:  # a queue the statistics do not show yet
-                how = None
-            if how is not None:
+            if overflow(args, "x-") is not None:
                 found.append((q, how, "its arguments"))
     return found
+
+
+def applied_overflow(policy: dict[str, Any], args: dict[str, Any]) -> str:
+    """The overflow RabbitMQ applies to a queue: the (user) policy's or the queue's own x-overflow, whichever is given
+    (an operator policy cannot set one); given by both, a quorum queue takes the policy's and a classic queue its
+    argument's; by neither, drop-head. A length limit from a policy does not bring drop-head with it."""
+    pol, arg = policy.get("overflow"), args.get("x-overflow")
+    if pol and arg:
+        return str(pol if args.get("x-queue-type") == "quorum" else arg)
+    return str(pol or arg or "drop-head")
 
 
 def warn(params: Params, queues: list[str], queue_types: dict[str, str] | None = None) -> None:

@@ -38,7 +38,7 @@ from pamqp import commands
 from magne import wire
 from magne.amqp import codec
 from magne.amqp.confirms import Nacked, Returned
-from magne.amqp.errors import BrokerTimeout
+from magne.amqp.errors import BrokerTimeout, FrameError
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.engine.client import Client
@@ -135,7 +135,7 @@ class Publisher:
             client.close(self.confirm_timeout + GRACE)
 
     # -- making messages --------------------------------------------------------------------------------------------
-    def _make(self, queue: str, body: bytes, header: bytes, mid: str, exchange: str | None, delay: float | None,
+    def _make(self, queue: str, body: bytes, header: bytes, mid: str | None, exchange: str | None, delay: float | None,
               queue_type: str | None, declare: bool, max_priority: int | None = None) -> Outgoing:
         qtype = queue_type or self.queue_type
         delay = check_delay(delay)
@@ -150,8 +150,11 @@ class Publisher:
             routing_key, dprep = delay_prep(queue, delay, qtype)
             preps += (dprep,)
             exchange = ""
-        return Outgoing(exchange, routing_key, header, body, mid, preps, time.monotonic() + self.confirm_timeout,
-                        self._frame_max)
+        try:
+            return Outgoing(exchange, routing_key, header, body, mid, preps, time.monotonic() + self.confirm_timeout,
+                            self._frame_max)
+        except FrameError as exc:  # a header over frame_max: an argument that can never be sent, not a lost connection
+            raise ValueError(f"{exc} (the message's properties are too large to send)") from None
 
     def _task_message(self, task: TaskLike, args: Any, kwargs: dict[str, Any] | None, delay: float | None, mid: str,
                       declare: bool, priority: int | None = None) -> Outgoing:
@@ -163,9 +166,9 @@ class Publisher:
                           task.queue_type, declare, getattr(task, "max_priority", None))
 
     def _from_message(self, m: Message) -> Outgoing:
-        mid = m.properties.message_id
+        mid = m.properties.message_id  # None when it has none: what a basic.return of it carries (its tracker key)
         return self._make(m.queue, m.body, codec.header_payload(m.properties, len(m.body)),
-                          mid if isinstance(mid, str) else "", m.exchange, m.delay, m.queue_type, m.declare)
+                          mid if isinstance(mid, str) else None, m.exchange, m.delay, m.queue_type, m.declare)
 
     # -- sending: blocking --------------------------------------------------------------------------------------------
     def publish(self, queue: str, body: bytes, properties: commands.Basic.Properties, exchange: str | None = None,

@@ -29,6 +29,9 @@ FRAME_BODY = 3
 FRAME_HEARTBEAT = 8
 FRAME_END = 0xCE
 FRAME_OVERHEAD = 8  # type (1) + channel (2) + size (4) + end (1)
+# The largest message RabbitMQ takes (its max_message_size cannot be set higher): a content header announcing more
+# is not from RabbitMQ, and its body would be buffered whole before anything could refuse it.
+MAX_BODY = 512 << 20
 
 _frame_head = struct.Struct(">BHI").unpack_from
 _u32 = struct.Struct(">I").unpack_from
@@ -218,6 +221,9 @@ class Decoder:
                     raise FrameError(f"unexpected content header on channel {channel}")
                 self._header = buf[start:end]
                 self._size = _content_head(buf, start)[2]
+                if self._size > MAX_BODY:
+                    raise FrameError(f"content header announces a body of {self._size} bytes (RabbitMQ takes at most "
+                                     f"{MAX_BODY})")
                 if self._size == 0:
                     self._complete(b"")
             elif ftype == FRAME_BODY:

@@ -8,7 +8,7 @@ publishing channel (magne.engine.sender feeds it the frames).
 
 Returns: RabbitMQ sends a mandatory message's `basic.return` just before the ack that covers
 it, but the frame carries no sequence number, and an ack may be `multiple`. So a return is
-held until the next ack and matched there, among the publishes that ack covers, to the oldest
+held until an ack covers a publish it matches, and matched there, among the publishes that ack covers, to the oldest
 one with the same exchange, routing key, message id and body (by its hash). Two messages with all four
 equal are interchangeable; a publish that was routed is never failed for another's return.
 
@@ -107,12 +107,21 @@ class Tracker:
 
     def _match_returns(self, covered: list[int]) -> dict[int, Any]:
         matched: dict[int, Any] = {}
+        left = []
         for method, key in self._returns:
             for seq in covered:
                 if seq not in matched and self._pending[seq][1] == key:
                     matched[seq] = method
                     break
-        self._returns = []
+            else:
+                left.append((method, key))
+        if left:
+            # AMQP only says a return comes before the ack of its publish: an ack of others may come in between. Keep
+            # a return while a publish it may belong to still waits (never more of them than publishes waiting).
+            now_covered = set(covered)
+            waiting = {k for seq, (_t, k) in self._pending.items() if seq not in now_covered}
+            left = [r for r in left if r[1] in waiting][: len(self._pending)]
+        self._returns = left
         return matched
 
     def oldest(self) -> Any:

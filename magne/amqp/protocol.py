@@ -18,8 +18,9 @@ for the others): a frame the table does not allow in the current state is a
 our `channel.open` to its open-ok, OPEN, then CLOSING from our `channel.close` to its
 close-ok (frames the broker sent before it saw our close are dropped then, as AMQP
 says); a `channel.close` from the broker is answered with close-ok here and handed to
-`on_channel_close`. `call()` keeps a FIFO of expected replies per channel (AMQP answers a
-channel's synchronous methods in order, so several can be pipelined).
+`on_channel_close` (one that crosses our own close is only answered: our close-ok follows
+it). `call()` keeps a FIFO of expected replies per channel (AMQP answers a channel's
+synchronous methods in order, so several can be pipelined).
 """
 
 from __future__ import annotations
@@ -204,6 +205,8 @@ class Protocol:
             raise ProtocolError(f"{frame.name} on channel {channel}, which is not open")
         if isinstance(frame, commands.Channel.Close):
             self.send(channel, commands.Channel.CloseOk())
+            if state is ChannelPhase.CLOSING:
+                return  # both sides closed at once: the broker answers ours with close-ok next, which ends it
             self._forget(channel)
             self.on_channel_close(channel, ChannelClosed(channel, frame.reply_code, frame.reply_text))
             return

@@ -97,7 +97,10 @@ class Client:
 
     def call(self, method: Any, *replies: type, timeout: float | None = None) -> Any:
         """A synchronous method on the session's channel; its reply. ChannelClosed if the broker refused it
-        (the channel opens again for the next call), BrokerTimeout after `timeout`. Any thread but the loop's."""
+        (the channel opens again for the next call), BrokerTimeout after `timeout`; a method pamqp cannot encode
+        raises its TypeError/ValueError at once. Any thread but the loop's."""
+        if method is not None:
+            codec.encode(CH, method)  # raises here, on the caller's thread, for a method that cannot be encoded
         call = Call(method, replies)
         self.loop.submit(lambda: self.session.submit(call))
         return self._wait(call, timeout, "/".join(r.__name__ for r in replies))
@@ -128,7 +131,9 @@ class Client:
                           properties: commands.Basic.Properties | bytes, timeout: float | None = None) -> None:
         """Publish one message, mandatory, and wait for its confirm; PublishError if nacked or unroutable."""
         header = properties if isinstance(properties, bytes) else codec.header_payload(properties, len(body))
-        mid = None if isinstance(properties, bytes) else properties.message_id
+        # The id a basic.return of it will carry (the tracker matches the return on it): the header's own.
+        mid = (codec.decode_properties(header) if isinstance(properties, bytes) else properties).message_id
+        mid = mid if isinstance(mid, str) else None
         signal, outcome = Signal(), []
 
         def done(_m: Outgoing, error: MagneError | None) -> None:
@@ -210,10 +215,16 @@ class Client:
         if requests:
             while requests:
                 sender.queue.append(requests.popleft())
+            # A message handed over while the client closes: it connects again for it (it ends only once nothing is
+            # pending), unlike a worker's link, which stays closed after Sender.close().
+            sender.closed = False
             sender.pump(now)  # not connected yet: the sender is busy() and its timers connect it
         room = self.room
         while room and self.has_room(room[0][0]):
-            room.popleft()[1]()
+            try:
+                room.popleft()[1]()
+            except Exception:  # its event loop is closed (an asyncio.run() that ended): nobody waits any more
+                pass
         self.sleeping = True
         if requests:  # appended after we looked: go round again without sleeping
             self.sleeping = False

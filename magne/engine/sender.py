@@ -82,6 +82,7 @@ class Sender:
         self.reconnect_at = 0.0
         self.unreachable_since = 0.0
         self.last_error: MagneError | None = None
+        self.closed = False  # close() was called (a stop): no new connection for what is left in line
         self.opened = 0  # connections made (a worker's link reports it)
         self.on_latency: Callable[[float], None] | None = None  # --metrics: confirm latency of each message
 
@@ -103,7 +104,7 @@ class Sender:
         self._expire(now)
         conn = self.conn
         if conn is None:
-            if not self.queue:
+            if not self.queue or self.closed:
                 return None
             if now < self.reconnect_at:
                 return self.reconnect_at
@@ -148,6 +149,11 @@ class Sender:
         self.prepared.clear()
         self.preparing.clear()
         self._admin.clear()
+        # The broker numbers the new channel's publishes from 1: so must the tracker. After a polite close (idle, or
+        # a stop) it still counted the old connection's, and no confirm ever matched a publish again. Whatever it had
+        # not confirmed (nothing, normally) goes back in line first.
+        self.queue.extendleft(reversed(self.tracker.lost()))
+        self.sent_at.clear()
         try:
             conn.start(now)
         except AMQPError as exc:
@@ -421,7 +427,8 @@ class Sender:
 
     def close(self, now: float) -> None:
         """Polite close without waiting. A blocked connection is dropped instead: during an alarm the broker does
-        not read it, so its close-ok would never come."""
+        not read it, so its close-ok would never come. No new connection is made after it."""
+        self.closed = True
         if self.conn is not None:
             self.ready = False
             if self.conn.blocked:

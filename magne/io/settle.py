@@ -29,7 +29,7 @@ from pamqp import commands
 from magne import logs, wire
 from magne.acks import AckCoalescer
 from magne.amqp import codec, properties
-from magne.amqp.errors import FrameError, MagneError
+from magne.amqp.errors import FrameError, MagneError, PublishError
 from magne.amqp.outbox import Outbox
 from magne.backoff import Backoff
 from magne.delivery import Delivery, Outcome
@@ -71,6 +71,7 @@ class Settlement:
         if stale or stale_waiting:
             self.stats.stale += len(stale) + len(stale_waiting)
             self.sender.queue = deque(c for c in self.sender.queue if not (isinstance(c, Copy) and c.d.gen != gen))
+            self.sender.suspects.difference_update(stale)  # never settled now: a suspect left would keep it one at a time
             self.waiting = [w for w in self.waiting if w[2].gen == gen]
             heapq.heapify(self.waiting)
 
@@ -220,8 +221,10 @@ class Settlement:
         d.blame += 1
         if d.blame >= 2 or isinstance(error, FrameError):
             _strip_user_headers(d)
-        if getattr(error, "permanent", False):
-            d.copy_declare = None  # its queue exists with other arguments: publish to it as it is
+        if isinstance(error, PublishError) and error.permanent:
+            # Its declaration was refused (the queue exists with other arguments): publish to it as it is. Not for a
+            # permanent error of the link's connection (a vhost at its connection limit): that says nothing of the queue.
+            d.copy_declare = None
         backoff = Backoff(1.0, MAX_COPY_BACKOFF)
         backoff.attempt = d.blame - 1  # the copy's refusals so far set how long it waits
         delay = backoff.next()
