@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from pamqp import commands
@@ -283,26 +283,55 @@ class Publisher:
                                            "(the publisher's loop is stuck)"))
 
     # -- sending: asyncio -------------------------------------------------------------------------------------------
-    async def send_async(self, task: TaskLike, args: Any = (), kwargs: dict[str, Any] | None = None,
-                         delay: float | None = None, message_id: str | None = None, declare: bool = True,
-                         priority: int | None = None) -> str:
+    def send_async(self, task: TaskLike, args: Any = (), kwargs: dict[str, Any] | None = None,
+                   delay: float | None = None, message_id: str | None = None, declare: bool = True,
+                   priority: int | None = None) -> Awaitable[str]:
         """`await publisher.send_async(task, args)`: the message id once the broker confirmed it.
 
-        Never blocks the event loop: encoding is all that happens on the loop's thread, and while two windows of
-        messages are outstanding it awaits room. Cancelling the await does not unsend a message already handed
-        over. Call on the event loop's thread."""
+        Never blocks the event loop: encoding is all that happens on the loop's thread. The message is handed over
+        at the call (as before: a caller that does not await still sends), unless two windows of messages are
+        outstanding: then the awaitable waits for room first and hands the message over when awaited (what keeps a
+        stalled broker from piling up every call in memory). Cancelling the await does not unsend a message already
+        handed over. Arguments that can never be sent raise at the call. Call on the event loop's thread."""
         loop = asyncio.get_running_loop()
         client = self._running()
+        mid = message_id or wire.new_id()
+        if client.has_room(2 * self.window):
+            msg = self._task_message(task, args, kwargs, delay, mid, declare, priority)
+            future: asyncio.Future[str] = loop.create_future()
+            msg.done = Async(loop, future)
+            client.publish(msg)
+            return loop.create_task(self._outcome(msg, future, client))  # a task: awaited or not, it completes
+        return self._send_when_room(loop, client, task, args, kwargs, delay, mid, declare, priority)
+
+    async def _send_when_room(self, loop: asyncio.AbstractEventLoop, client: Client, task: TaskLike, args: Any,
+                              kwargs: dict[str, Any] | None, delay: float | None, mid: str, declare: bool,
+                              priority: int | None) -> str:
+        """send_async under backpressure: wait for room (the engine's loop wakes this event loop), then send."""
         while not client.has_room(2 * self.window):
             room: asyncio.Future[None] = loop.create_future()
             client.when_room(2 * self.window, lambda f=room: loop.call_soon_threadsafe(wake, f))
             await room
-        mid = message_id or wire.new_id()
+            client = self._running()
         msg = self._task_message(task, args, kwargs, delay, mid, declare, priority)
         future: asyncio.Future[str] = loop.create_future()
         msg.done = Async(loop, future)
-        self._running().publish(msg)
-        return await future
+        client.publish(msg)
+        return await self._outcome(msg, future, client)
+
+    async def _outcome(self, msg: Outgoing, future: asyncio.Future[str], client: Client) -> str:
+        """Await a handed-over message's outcome. If the client ended before it took the message (another thread's
+        close() won the race), the next client takes it over, as a blocking send's wait does."""
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), SLICE * 5)
+            except TimeoutError:
+                if not client.alive and not msg.settled:
+                    client = self._running()
+                    client.publish(msg)
+                if time.monotonic() > msg.deadline + GRACE and not future.done():
+                    raise raised(BrokerTimeout(f"no outcome for the message to {msg.routing_key!r} within "
+                                               f"{self.confirm_timeout + GRACE:g}s (the publisher's loop is stuck)")) from None
 
 
 def _after_fork_in_child() -> None:

@@ -20,22 +20,28 @@ FIRST_PAUSE = 0.2  # after losing an open connection, the first retry on the sam
 
 
 class Reconnector:
-    __slots__ = ("nodes", "backoff", "opened_at")
+    """`moves`: whether a failure moves `nodes` on to the next node. A connection that follows another one's node (a
+    worker's publishing link follows its consuming connection, whose Reconnector moves the shared Nodes) does not:
+    it backs off and tries again wherever the leader is, so two failures of one node never move it twice."""
 
-    def __init__(self, nodes: Nodes, backoff: Backoff | None = None) -> None:
+    __slots__ = ("nodes", "backoff", "opened_at", "moves")
+
+    def __init__(self, nodes: Nodes, backoff: Backoff | None = None, moves: bool = True) -> None:
         self.nodes = nodes
         self.backoff = backoff or Backoff()
         self.opened_at = 0.0
+        self.moves = moves
 
     def opened(self, now: float) -> None:
         """The connection is up (and usable)."""
         self.opened_at = now
-        self.nodes.succeeded()
+        if self.moves:
+            self.nodes.succeeded()
 
     def failed(self, exc: AMQPError, now: float, was_open: bool) -> tuple[float, bool]:
         """The connection failed (while open, or while connecting): move on. Returns the delay before the next
         attempt (0: another node is there, go now) and whether every node has now failed in a row."""
-        round_failed = self.nodes.failed()
+        round_failed = self.nodes.failed() if self.moves else True
         if was_open and self.opened_at and now - self.opened_at > STABLE_AFTER:
             self.backoff.reset()
         self.opened_at = 0.0

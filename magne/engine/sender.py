@@ -60,7 +60,8 @@ class Sender:
     """An engine endpoint (conn, tick, failed, busy). `on_settle` hooks are the Outgoing's own `done`."""
 
     def __init__(self, nodes: Nodes, name: str, heartbeat: int | None = None, window: int = 1000,
-                 stall_timeout: float = 0.0, idle_close: float = IDLE_CLOSE, give_up_after: float = 0.0) -> None:
+                 stall_timeout: float = 0.0, idle_close: float = IDLE_CLOSE, give_up_after: float = 0.0,
+                 follows: bool = False) -> None:
         self.nodes = nodes
         self.name = name
         self.heartbeat = heartbeat
@@ -68,7 +69,9 @@ class Sender:
         self.stall_timeout = stall_timeout  # 0: none (messages have deadlines instead)
         self.idle_close = idle_close
         self.give_up_after = give_up_after  # >0: fail what waits once the broker was unreachable this long
-        self.reconnector = Reconnector(nodes, Backoff(0.05, 2.0))
+        # `follows`: this connection goes wherever another one sharing `nodes` is (a worker's link follows its
+        # consuming connection): its failures back off but never move the shared node pointer.
+        self.reconnector = Reconnector(nodes, Backoff(0.05, 2.0), moves=not follows)
         self.conn: Connection | None = None
         self.ready = False  # PUB open in confirm mode, ADMIN open
         self.queue: deque[Outgoing] = deque()  # waiting to be published, in order

@@ -78,7 +78,7 @@ class IOThread(threading.Thread):
         # publishes, and acks must go on), opened when there are copies to make; heartbeats off (it may sit blocked for
         # as long as an alarm lasts), a confirm overdue LINK_STALL seconds while not blocked means it is dead.
         self.link = Sender(self.nodes, connection_name("magne worker publisher", queues), heartbeat=0, window=65535,
-                           stall_timeout=LINK_STALL)
+                           stall_timeout=LINK_STALL, follows=True)
         self.settlement = Settlement(self.link, self.stats, copy_frame_max)
         if tally is not None:
             self.link.on_latency = tally.confirm.observe

@@ -45,9 +45,6 @@ def test_dead_replay_into_a_missing_task_queue_keeps_the_dead_letter(broker, nam
     assert broker.ready(dq) == 1  # the dead letter stays where it was
 
 
-@pytest.mark.xfail(strict=True, reason="review: a send_async handed to a client whose loop ended just before (another "
-                                       "thread's close() won the race) stays in Client.requests and its await never "
-                                       "returns; the blocking send republishes in that case, send_async does not")
 def test_send_async_handed_to_a_client_that_just_ended_does_not_hang(broker, names, pub, monkeypatch):
     real = Client.publish
     raced: list[bool] = []
@@ -75,9 +72,6 @@ def _ready(queue: str) -> int:
         return 0
 
 
-@pytest.mark.xfail(strict=True, reason="review: send_async became an `async def`: a call that is not awaited sends "
-                                       "nothing (the old send_async, and magne.testing's stand-in still, hand the "
-                                       "message over at the call)")
 def test_send_async_hands_the_message_over_at_the_call(broker, names, pub):
     q = names["main"]
 

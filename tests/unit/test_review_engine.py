@@ -174,14 +174,11 @@ def test_a_header_that_can_never_be_framed_is_a_value_error_before_anything_is_s
     assert pub._client is None  # refused before a connection was even started
 
 
-@pytest.mark.xfail(strict=True, reason="review: the worker's link (a Sender) and its consuming connection move one "
-                                       "shared Nodes: a link failure on node A moves the consumer's pointer to B, and the "
-                                       "consumer's own failure on A then moves it back to A, the node both just lost")
 def test_a_link_failure_does_not_send_the_consumer_back_to_the_node_it_lost():
     a, b = parse_url("amqp://127.0.0.1:1/"), parse_url("amqp://127.0.0.2:1/")
     nodes = Nodes([a, b], start=0)  # one Nodes, as IOThread gives its consumer's Reconnector and its link
     consumer = Reconnector(nodes)
-    link = Sender(nodes, "unit link", heartbeat=0)
+    link = Sender(nodes, "unit link", heartbeat=0, follows=True)  # as IOThread makes its link
     link.failed(ConnectionLost("node A went away"), 1.0)  # the link on A notices first
     consumer.failed(ConnectionLost("node A went away"), 1.1, was_open=True)  # then the consumer on A
     assert nodes.current is b  # the consumer's next attempt: not A again
