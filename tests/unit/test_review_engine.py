@@ -23,10 +23,11 @@ from magne.amqp import codec
 from magne.amqp.confirms import Returned, Tracker
 from magne.amqp.errors import ConnectionClosed, ConnectionLost, FrameError
 from magne.amqp.outbox import Outbox
-from magne.amqp.protocol import ChannelPhase
+from magne.amqp.protocol import ChannelPhase, Phase
 from magne.amqp.url import Nodes, parse_url
 from magne.delivery import Outcome
 from magne.engine.client import Client
+from magne.engine.connection import Connection
 from magne.engine.reconnect import Reconnector
 from magne.engine.sender import PUB, Outgoing, Sender
 from magne.policy import RetryPolicy
@@ -182,3 +183,29 @@ def test_a_link_failure_does_not_send_the_consumer_back_to_the_node_it_lost():
     link.failed(ConnectionLost("node A went away"), 1.0)  # the link on A notices first
     consumer.failed(ConnectionLost("node A went away"), 1.1, was_open=True)  # then the consumer on A
     assert nodes.current is b  # the consumer's next attempt: not A again
+
+
+def test_a_new_connection_after_a_polite_close_numbers_publishes_from_1(monkeypatch):
+    """The worker's link closes when idle (60 s) and opens again for the next copy: the broker numbers that channel's
+    publishes from 1, and so must the tracker, or no confirm matches (the copy waited LINK_STALL, then went twice)."""
+    _s, sender, _out, _stats, conn = make()
+    got: list = []
+
+    def mk(i: int) -> Outgoing:
+        return Outgoing("", f"q{i}", codec.header_payload(commands.Basic.Properties(message_id=f"m{i}"), 1), b"x",
+                        f"m{i}", done=lambda m, e: got.append((m.message_id, e)))
+
+    sender.put(mk(0))
+    sender.pump(0.0)
+    sender._on_frame(PUB, Ack(delivery_tag=1))
+    sender._dropped()  # the idle close's close-ok
+    monkeypatch.setattr(Connection, "start", lambda self, now: None)
+    sender.put(mk(1))
+    sender._open(70.0)
+    p = sender.conn.protocol
+    p.phase = Phase.OPEN
+    p._set(PUB, ChannelPhase.OPEN)
+    sender.ready = True
+    sender.pump(70.0)
+    sender._on_frame(PUB, Ack(delivery_tag=1))  # the new channel's first publish
+    assert got == [("m0", None), ("m1", None)]
