@@ -17,7 +17,7 @@ from pamqp import commands
 from magne import hooks, logs, topology, wire
 from magne.amqp import codec, names
 from magne.amqp.confirms import Nacked, Returned
-from magne.amqp.errors import MagneError, PublishError
+from magne.amqp.errors import MagneError, PublishError, as_publish_error
 from magne.engine.sender import Prep
 
 log = logs.Log("magne.publisher")
@@ -95,22 +95,8 @@ def reason_of(error: Any) -> str:
     return getattr(error, "reason", "error") if isinstance(error, Nacked | Returned) else "error"
 
 
-# -- errors a sending thread raises ---------------------------------------------------------------------------
-_AS_PUBLISH: dict[type, type] = {}
-
-
-def raised(error: MagneError) -> PublishError:
-    """The exception a sending thread raises for `error`: always a PublishError (a lost connection becomes one
-    that is also a ConnectionLost, and so on), and a fresh object per thread: one fault fails many senders, and
-    one object raised in all of them would collect every thread's frames in its traceback and keep their
-    locals alive."""
-    cls = type(error)
-    if not issubclass(cls, PublishError):
-        cls = _AS_PUBLISH.get(cls) or _AS_PUBLISH.setdefault(cls, type(f"Publish{cls.__name__}", (PublishError, cls), {}))
-    fresh = cls.__new__(cls)
-    fresh.__dict__.update(error.__dict__)
-    fresh.args = error.args
-    return fresh
+# -- errors a sending thread raises ------------------------------------------------------------------------------
+raised = as_publish_error  # one fresh PublishError per sending thread (magne.amqp.errors)
 
 
 # -- delays --------------------------------------------------------------------------------------------------

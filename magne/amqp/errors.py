@@ -72,3 +72,20 @@ class ChannelClosed(AMQPError):
 
 class PublishError(AMQPError):
     """The broker did not take a published message: nacked, returned as unroutable, or no confirm in time."""
+
+
+_AS_PUBLISH: dict[type, type] = {}
+
+
+def as_publish_error(error: MagneError) -> PublishError:
+    """The exception a sending thread raises for `error`: always a PublishError (a lost connection becomes one
+    that is also a ConnectionLost, and so on), and a fresh object per thread: one fault fails many senders, and
+    one object raised in all of them would collect every thread's frames in its traceback and keep their
+    locals alive."""
+    cls = type(error)
+    if not issubclass(cls, PublishError):
+        cls = _AS_PUBLISH.get(cls) or _AS_PUBLISH.setdefault(cls, type(f"Publish{cls.__name__}", (PublishError, cls), {}))
+    fresh = cls.__new__(cls)
+    fresh.__dict__.update(error.__dict__)
+    fresh.args = error.args
+    return fresh

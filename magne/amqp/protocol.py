@@ -262,6 +262,8 @@ class Protocol:
 
     def _on_tune(self, frame: commands.Connection.Tune) -> None:
         p = self.params
+        if frame.frame_max and frame.frame_max < 4096:  # AMQP 0-9-1's minimum: below it no content header fits
+            raise ProtocolError(f"broker asked for frame_max {frame.frame_max}, below AMQP's minimum of 4096")
         self.channel_max = negotiate(p.channel_max, frame.channel_max, 65535)
         ours = max(MIN_FRAME_MAX, p.frame_max) if p.frame_max else 0  # 0: no limit of ours
         self.frame_max = negotiate(ours, frame.frame_max, DEFAULT_FRAME_MAX)

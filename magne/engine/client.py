@@ -28,7 +28,7 @@ from pamqp import commands
 
 from magne import logs
 from magne.amqp import codec, names
-from magne.amqp.errors import BrokerTimeout, ConnectionLost, MagneError
+from magne.amqp.errors import BrokerTimeout, ConnectionLost, MagneError, as_publish_error
 from magne.amqp.url import Nodes, Params
 from magne.engine.connection import State
 from magne.engine.loop import Loop
@@ -146,7 +146,7 @@ class Client:
             if not self.thread.is_alive():
                 raise ConnectionLost("the client's loop thread has ended")
         if outcome[0] is not None:
-            raise outcome[0]
+            raise as_publish_error(outcome[0])
 
     def get(self, queue: str) -> tuple[int, bytes, bytes] | None:
         """basic.get without auto-ack: (delivery tag, header payload, body), or None when empty."""

@@ -252,3 +252,11 @@ def test_decoder_only_check_costs_one_lookup_per_delivery():
            + pframe.marshal(pheader.ContentHeader(0, len(body), commands.Basic.Properties()), 1)
            + pframe.marshal(pbody.ContentBody(body), 1))
     assert got and got[0][1][1] == 5 and got[0][3] == body
+
+
+def test_a_tune_below_amqps_minimum_frame_size_is_a_protocol_error():
+    p = Protocol(parse_url("amqp://u:pw@127.0.0.1/"), "unit")
+    p.start(0.0)
+    p.receive(frames(0, commands.Connection.Start(mechanisms="PLAIN")), 0.1)
+    with pytest.raises(ProtocolError, match="4096"):
+        p.receive(frames(0, commands.Connection.Tune(channel_max=0, frame_max=512, heartbeat=0)), 0.2)
