@@ -1,6 +1,7 @@
 """python -m bench: magne vs dramatiq vs celery (and taskiq, async-latency only) on the local RabbitMQ.
 
-Workloads and peer settings: ../shared/benchmarks.md (publish: bench/publish.py; async-latency: its peers
+Workloads and peer settings: ../shared/benchmarks.md (publish: bench/publish.py, and the Node.js amqplib ceiling
+and floor in bench/node_peers.py, installed with npm on first use; async-latency: its peers
 in bench/peers.py, timed from the worker's first consumer, see bench/measure.py). Peers alternate (A B C A B C),
 3 runs each by default; medians with min-max. Writes bench/results/results.json and
 bench/results/chart.png, and prints the table the README quotes.
@@ -51,7 +52,8 @@ def workloads(scale: float) -> dict[str, dict[str, Any]]:
         # Enqueueing only (bench/publish.py): each peer's own API, the same 20,000 throughput messages.
         "publish": {"task": "incr", "args": [[] for _ in range(max(8, int(20000 * scale)))], "prefetch": [None],
                     "peers": ["dramatiq", "celery", "dramatiq-confirm", "magne", "magne-8t", "magne-many",
-                              "bare-publish", "bare-w8", *[f"{b}{t}" for b in base for t in ("", "-8t")]]},
+                              "bare-publish", "bare-w8", "amqplib-w1000", "amqplib-w1",
+                              *[f"{b}{t}" for b in base for t in ("", "-8t", "-many")]]},
     }
 
 
@@ -125,7 +127,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 def publish_targets(rows: list[dict[str, Any]]) -> str:
     """The publish workload against issue 13's targets, from the medians of this run."""
     med = {r["peer"]: r["median"] for r in rows if r["workload"] == "publish"}
-    checks = [("magne send_many >= 2 x dramatiq's send (unconfirmed)", "magne-many", "dramatiq", 2.0),
+    checks = [("magne send_many >= 90 % of Node.js amqplib, confirm channel, window 1,000 (issue 19)", "magne-many",
+               "amqplib-w1000", 0.9),
+              ("magne send() loop, 1 thread, >= 90 % of amqplib with a window of 1 (issue 19)", "magne", "amqplib-w1", 0.9),
+              ("magne send_many >= 2 x dramatiq's send (unconfirmed)", "magne-many", "dramatiq", 2.0),
               ("magne send() from 8 threads >= dramatiq's send, 1 thread (unconfirmed)", "magne-8t", "dramatiq", 1.0),
               ("magne send_many >= 80 % of the bare pipelined-confirms loop", "magne-many", "bare-publish", 0.8),
               ("magne send() from 8 threads vs the bare loop with 8 in flight (its ceiling)", "magne-8t", "bare-w8", 0.8)]
@@ -155,7 +160,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     colors = {"magne": "#2a7", "magne-p2": "#7c5", "dramatiq": "#c63", "celery": "#46a", "bare-loop": "#999",
               "redis-only": "#bbb", "magne-8t": "#5b9", "magne-many": "#183", "dramatiq-confirm": "#e96",
               "bare-publish": "#999", "bare-w8": "#bbb", "magne-async": "#2a7", "dramatiq-async": "#c63",
-              "taskiq": "#a5c"}
+              "taskiq": "#a5c", "amqplib-w1000": "#777", "amqplib-w1": "#aaa"}
     for ax, (wl, pf) in zip(axes[0], panels, strict=True):
         rs = [r for r in rows if r["workload"] == wl and r["prefetch"] in (pf, "n/a")]
         names = [r["peer"] for r in rs]
@@ -219,6 +224,8 @@ def main() -> None:
                                       timeout=spec.get("timeout", 900))
                     results.append(res)
                     extra = f" {res.ratio_to_min:.3f}x min" if wl in RATIO_WORKLOADS else ""
+                    if res.setup_s:
+                        extra += f" (its connection took {res.setup_s * 1000:.0f} ms more, untimed)"
                     if spec.get("from_consumer"):
                         extra += (f" ({res.elapsed:.3f}s from the first consumer, which came {res.consumer_after:.2f}s"
                                   f" and {res.startup_cpu_s:.2f} CPU-s after the launch)")

@@ -46,6 +46,8 @@ class Result:
     # cpu_s are then from that moment to the counter's reaching N.
     consumer_after: float = 0.0
     startup_cpu_s: float = 0.0
+    # publish, the Node peers: the seconds their connection took to open, outside the timed span.
+    setup_s: float = 0.0
 
 
 def rabbitmqctl(*args: str) -> str:
@@ -231,7 +233,7 @@ def run_publish(name: str, n: int, run: int) -> Result:
     import json
     import sys
 
-    from bench import peers
+    from bench import node_peers, peers
 
     peer = peers.ALL[PUBLISH_QUEUES.get(name, "magne")]()
     res = Result("publish", name, "n/a", run, n)
@@ -240,7 +242,9 @@ def run_publish(name: str, n: int, run: int) -> Result:
     if name == "dramatiq-confirm":
         env["BENCH_DRAMATIQ_CONFIRM"] = "1"
     cmd = [sys.executable, "-m", "bench.publish", name, str(n)]
-    if name.startswith("magne-base"):  # the same sends on the code of another commit (see peers.magne_base)
+    if node_peers.is_node_peer(name):  # the Node.js ceiling and floor, into magne's queue
+        cmd = node_peers.command(name, n, peer.queue)
+    elif name.startswith("magne-base"):  # the same sends on the code of another commit (see peers.magne_base)
         env["BENCH_MAGNE_BASE"] = os.environ["BENCH_MAGNE_BASE"]
         cmd = [sys.executable, "-m", "bench.base", "bench.publish", name.replace("-base", ""), str(n)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -249,6 +253,7 @@ def run_publish(name: str, n: int, run: int) -> Result:
         return res
     data = json.loads(out.stdout.strip().splitlines()[-1])
     res.elapsed, res.cpu_s, res.peak_rss_mb = data["elapsed"], data["cpu_s"], data["peak_rss_mb"]
+    res.setup_s = data.get("connect_s", 0.0)
     res.rate = n / res.elapsed
     res.connections = res.channels = 0
     deadline = time.monotonic() + 60  # unconfirmed peers: what they wrote may still be on its way in

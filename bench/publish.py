@@ -17,6 +17,8 @@ Peers:
   magne's messages encoded by hand inside the timed loop, a window of 1,000 unconfirmed.
 - bare-w8: the same loop with a window of 8: what any 8 senders that each wait for their own
   confirm could reach at best (persistent messages are confirmed after the broker's disk write).
+The Node.js ceiling and floor (amqplib-w1000, amqplib-w1) are not run here but by node itself:
+bench/node_peers.py and bench/node/publish.js, which print the same JSON line.
 """
 
 from __future__ import annotations
