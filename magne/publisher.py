@@ -30,6 +30,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Iterable
 from typing import Any
 
@@ -56,7 +57,7 @@ from magne.outgoing import (
     raised,
     task_header,
 )
-from magne.waiters import Async, Batch, One, wake
+from magne.waiters import Async, Batch, One
 
 __all__ = ["BatchResult", "Failed", "Message", "Nacked", "NoSuchQueue", "Publisher", "Returned", "Target", "configure",
            "default_publisher", "json_header", "set_default"]
@@ -95,6 +96,8 @@ class Publisher:
         self._frame_max = self.params.frame_max or DEFAULT_FRAME_MAX
         self._pid = os.getpid()
         self._client: Client | None = None
+        # send_async calls waiting for room, per event loop: (future, task, args, ...), not encoded messages.
+        self._backlogs: dict[asyncio.AbstractEventLoop, deque[tuple[Any, ...]]] = {}
         _publishers.add(self)
 
     # -- the client's lifecycle ------------------------------------------------------------------------------------
@@ -120,6 +123,7 @@ class Publisher:
         """In a fork's child: drop the parent's client without touching the parent's connection."""
         client, self._client = self._client, None
         self._lock = threading.Lock()  # the parent's may have been held by a thread that does not exist here
+        self._backlogs = {}  # the parent's event loops are not this process's
         self._pid = os.getpid()
         if client is not None:
             client.loop.waker.close()
@@ -289,35 +293,54 @@ class Publisher:
         """`await publisher.send_async(task, args)`: the message id once the broker confirmed it.
 
         Never blocks the event loop: encoding is all that happens on the loop's thread. The message is handed over
-        at the call (as before: a caller that does not await still sends), unless two windows of messages are
-        outstanding: then the awaitable waits for room first and hands the message over when awaited (what keeps a
-        stalled broker from piling up every call in memory). Cancelling the await does not unsend a message already
-        handed over. Arguments that can never be sent raise at the call. Call on the event loop's thread."""
+        at the call (a caller that does not await still sends) while fewer than two windows of messages are
+        outstanding; past that, the call joins this event loop's backlog (its arguments and a future, not an encoded
+        message: a stalled broker does not pile up every call's frames in memory), and the backlog is encoded and
+        handed over as the broker confirms what is in flight. Cancelling the await before a message was handed over
+        keeps it from being sent; after, it does not unsend it. Arguments that can never be sent raise at the call
+        (under backpressure: from the await). Call on the event loop's thread."""
         loop = asyncio.get_running_loop()
         client = self._running()
         mid = message_id or wire.new_id()
-        if client.has_room(2 * self.window):
-            msg = self._task_message(task, args, kwargs, delay, mid, declare, priority)
-            future: asyncio.Future[str] = loop.create_future()
-            msg.done = Async(loop, future)
-            client.publish(msg)
-            return loop.create_task(self._outcome(msg, future, client))  # a task: awaited or not, it completes
-        return self._send_when_room(loop, client, task, args, kwargs, delay, mid, declare, priority)
+        backlog = self._backlogs.get(loop)
+        if not backlog and client.has_room(2 * self.window):
+            return loop.create_task(self._hand(loop, client, task, args, kwargs, delay, mid, declare, priority))
+        future: asyncio.Future[str] = loop.create_future()
+        if backlog is None:
+            backlog = self._backlogs[loop] = deque()
+        backlog.append((future, task, args, kwargs, delay, mid, declare, priority))
+        if len(backlog) == 1:
+            client.when_room(2 * self.window, lambda: loop.call_soon_threadsafe(self._drain_backlog, loop))
+        return future
 
-    async def _send_when_room(self, loop: asyncio.AbstractEventLoop, client: Client, task: TaskLike, args: Any,
-                              kwargs: dict[str, Any] | None, delay: float | None, mid: str, declare: bool,
-                              priority: int | None) -> str:
-        """send_async under backpressure: wait for room (the engine's loop wakes this event loop), then send."""
-        while not client.has_room(2 * self.window):
-            room: asyncio.Future[None] = loop.create_future()
-            client.when_room(2 * self.window, lambda f=room: loop.call_soon_threadsafe(wake, f))
-            await room
-            client = self._running()
+    def _hand(self, loop: asyncio.AbstractEventLoop, client: Client, task: TaskLike, args: Any,
+              kwargs: dict[str, Any] | None, delay: float | None, mid: str, declare: bool,
+              priority: int | None) -> Any:
+        """Encode and hand over one message; the coroutine that awaits its outcome. The event loop's thread."""
         msg = self._task_message(task, args, kwargs, delay, mid, declare, priority)
         future: asyncio.Future[str] = loop.create_future()
         msg.done = Async(loop, future)
         client.publish(msg)
-        return await self._outcome(msg, future, client)
+        return self._outcome(msg, future, client)
+
+    def _drain_backlog(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop's thread, woken by the engine once there is room: hand over what waits, while room lasts."""
+        backlog = self._backlogs.get(loop)
+        client = self._running()
+        while backlog and client.has_room(2 * self.window):
+            future, task, args, kwargs, delay, mid, declare, priority = backlog.popleft()
+            if future.done():  # cancelled by its caller before it was handed over: not sent
+                continue
+            try:
+                outcome = self._hand(loop, client, task, args, kwargs, delay, mid, declare, priority)
+            except Exception as exc:  # arguments that can never be sent: that caller's error, the others go on
+                future.set_exception(exc)
+                continue
+            loop.create_task(outcome).add_done_callback(lambda t, f=future: _chain(t, f))
+        if backlog:
+            client.when_room(2 * self.window, lambda: loop.call_soon_threadsafe(self._drain_backlog, loop))
+        else:
+            self._backlogs.pop(loop, None)
 
     async def _outcome(self, msg: Outgoing, future: asyncio.Future[str], client: Client) -> str:
         """Await a handed-over message's outcome. If the client ended before it took the message (another thread's
@@ -332,6 +355,18 @@ class Publisher:
                 if time.monotonic() > msg.deadline + GRACE and not future.done():
                     raise raised(BrokerTimeout(f"no outcome for the message to {msg.routing_key!r} within "
                                                f"{self.confirm_timeout + GRACE:g}s (the publisher's loop is stuck)")) from None
+
+
+def _chain(task: asyncio.Task[str], future: asyncio.Future[str]) -> None:
+    """A backlogged send's outcome to the future its caller holds (the event loop's thread)."""
+    if future.done():
+        return
+    if task.cancelled():
+        future.cancel()
+    elif task.exception() is not None:
+        future.set_exception(task.exception())  # type: ignore[arg-type]
+    else:
+        future.set_result(task.result())
 
 
 def _after_fork_in_child() -> None:

@@ -19,7 +19,7 @@ INNER_ALLOWED = {
 # Modules over ~300 lines, each with the reason it is one room (a number well above the line count: a check that it
 # does not keep growing).
 LARGE = {
-    "magne.engine.sender": 450, "magne.publisher": 390, "magne.worker": 420,
+    "magne.engine.sender": 450, "magne.publisher": 420, "magne.worker": 420,
     "magne.status": 400, "magne.amqp.protocol": 400, "magne.io.consumer": 370, "magne.testing": 345,
     "magne.supervisor": 340, "magne.io.loop": 320, "magne.cli": 320,
 }
