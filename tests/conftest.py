@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from support import Broker, WorkerProc, unique
+from magne.publisher import Publisher
+from support import URL, Broker, WorkerProc, unique
 
 # Tests are grouped by what they need: tests/unit runs in seconds with no broker;
 # tests/e2e and tests/faults talk to the real RabbitMQ (and Redis) on this machine.
@@ -41,6 +42,14 @@ def broker() -> Iterator[Broker]:
     b = Broker()
     yield b
     b.cleanup()
+
+
+@pytest.fixture
+def pub() -> Iterator[Publisher]:
+    """A magne Publisher on the test broker, closed at the end of the test."""
+    p = Publisher(URL)
+    yield p
+    p.close()
 
 
 @pytest.fixture

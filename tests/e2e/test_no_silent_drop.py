@@ -26,7 +26,6 @@ from typing import Any
 import pika
 import pytest
 
-import magne
 from support import ROOT, URL, rabbitmqctl, runs, wait_for
 
 
@@ -53,13 +52,6 @@ def dead_lettered(broker: Any, queue: str, message_id: str) -> bool:
         broker.reopen()
         return False
     return any(p.message_id == message_id and queue in json.dumps(p.headers or {}, default=str) for p, _ in got)
-
-
-@pytest.fixture
-def pub() -> Iterator[magne.Publisher]:
-    p = magne.Publisher(URL)
-    yield p
-    p.close()
 
 
 @pytest.fixture

@@ -41,13 +41,6 @@ def full_queue(broker, name: str) -> str:
     return name
 
 
-@pytest.fixture
-def pub():
-    p = Publisher(URL)
-    yield p
-    p.close()
-
-
 def test_a_nack_and_a_return_in_the_middle_of_a_batch_fail_exactly_those_messages(broker, names, pub):
     q = names["main"]
     full = full_queue(broker, f"{names['MAGNE_TEST_PREFIX']}.full")

@@ -22,13 +22,6 @@ from magne.publisher import Publisher, Target
 from support import URL, queue_counts, wait_for
 
 
-@pytest.fixture
-def pub():
-    p = Publisher(URL)
-    yield p
-    p.close()
-
-
 def test_an_unroutable_publish_without_a_message_id_raises_returned(broker, names, pub):
     props = commands.Basic.Properties(delivery_mode=2)  # no message_id: publish() takes any properties
     with pytest.raises(Returned):

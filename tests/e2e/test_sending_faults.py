@@ -62,13 +62,6 @@ def queues_with_prefix(prefix: str) -> dict[str, int]:
 
 
 @pytest.fixture
-def pub() -> Iterator[magne.Publisher]:
-    p = magne.Publisher(URL)
-    yield p
-    p.close()
-
-
-@pytest.fixture
 def proxy() -> Iterator[Proxy]:
     p = Proxy()
     yield p
