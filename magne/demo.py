@@ -17,7 +17,7 @@ import time
 
 from pamqp import commands
 
-from magne import wire
+from magne import topology, wire
 from magne.amqp import names
 from magne.amqp.url import parse_url, resolve_url
 from magne.engine.client import Client
@@ -47,7 +47,7 @@ def run_demo(count: int, threads: int, url: str | None) -> int:
     pub = Publisher(url)
     admin = Client(params, "magne demo").open()
     dead = QUEUE + ".dead"
-    for q in (QUEUE, dead):
+    for q in (QUEUE, dead, topology.due_queue(QUEUE)):
         admin.rpc(names.QueueDelete(queue=q), commands.Queue.DeleteOk)
 
     bad = [b"{not json", wire.encode("no_such_task", [1]), wire.encode("demo_work", [1, 2, 3])]

@@ -1,10 +1,11 @@
 """Queue length limits that drop messages in silence: found and said out loud.
 
-(Two cases. A length limit with drop-head loses the oldest messages of the queue itself. And on a
-classic queue any length limit loses delayed messages and retry copies that fall due while it is
-full: they reach it by dead-lettering from their delay queue, which RabbitMQ does at most once for a
-classic queue. Quorum delay queues dead-letter at least once: the broker keeps such a message and
-tries again, every 3 minutes by default.)
+(Two cases. A length limit with drop-head loses the oldest messages of the queue itself. And a
+length limit on a due queue, `<queue>.due` (set by a policy whose pattern also matches it), loses
+delayed messages and retry copies that fall due while it is full: they reach it by dead-lettering
+from their wait queue, which RabbitMQ does at most once for a classic queue. A limit on the task
+queue itself no longer does (magne.topology: delays fall due into `.due`); quorum wait queues
+dead-letter at least once.)
 
 A queue limited with `overflow: drop-head` (by its arguments or by a policy; it is RabbitMQ's default when a
 length limit names no overflow) takes every
@@ -26,7 +27,7 @@ import re
 import threading
 from typing import Any
 
-from magne import logs
+from magne import logs, topology
 from magne.amqp.url import Params
 from magne.status import Management, default_management_url
 
@@ -106,18 +107,20 @@ def applied_overflow(policy: dict[str, Any], args: dict[str, Any]) -> str:
 
 
 def warn(params: Params, queues: list[str], queue_types: dict[str, str] | None = None) -> None:
-    """Log a warning for each queue whose length limit can lose messages in silence. The calling thread."""
-    for q, how, where in check(params, queues):
+    """Log a warning for each queue (or its due queue) whose length limit can lose messages in silence. The calling
+    thread."""
+    due = {topology.due_queue(q): q for q in queues}
+    for q, how, where in check(params, [*queues, *due]):
         if how == "drop-head":
             log.warning("queue %s is limited with overflow drop-head (%s): when it is full RabbitMQ drops its oldest "
                         "messages in silence, confirmed sends and retries included; use overflow reject-publish (a full "
                         "queue then refuses, and magne reports or retries)", q, where, event="drop_head", queue=q)
-        elif (queue_types or {}).get(q, "classic") == "classic":
-            log.warning("queue %s has a length limit (%s, overflow %s): a delayed message or a retry copy that falls "
-                        "due while it is full is dropped by RabbitMQ (a classic delay queue dead-letters at most once); "
-                        "direct sends are refused and reported. Give magne's task queues no length limit, or use "
-                        "quorum queues (their delay queues dead-letter at least once)", q, where, how,
-                        event="length_limit", queue=q)
+        elif q in due and (queue_types or {}).get(due[q], "classic") == "classic":
+            log.warning("queue %s, where the delayed messages and retry copies of queue %s fall due, has a length limit "
+                        "(%s, overflow %s): one that falls due while it is full is dropped by RabbitMQ (a classic wait "
+                        "queue dead-letters at most once). Scope the policy to the task queue's exact name, or use "
+                        "quorum queues (their wait queues dead-letter at least once)", q, due[q], where, how,
+                        event="length_limit", queue=due[q])
 
 
 def warn_in_background(params: Params, queues: list[str], queue_types: dict[str, str]) -> None:

@@ -183,8 +183,11 @@ REDECLARE = 10.0  # a delay queue is declared again after this long (its x-expir
 
 
 def delay_prep(queue: str, delay: float, queue_type: str) -> tuple[str, Prep]:
-    """(routing key, declaration) of the delay queue a message waits in for `delay` seconds."""
+    """(routing key, declarations) of the wait queue a message waits in for `delay` seconds, and of the due queue it
+    falls into (which must exist when the delay runs out, even if no worker ever declared it: the broker drops a
+    message dead-lettered to a queue that does not exist)."""
     ms = topology.delay_ms(delay)
     dq = topology.delay_queue(queue, ms)
-    return dq, Prep(("delay", dq), [(topology.declare_delay(queue, ms, queue_type), commands.Queue.DeclareOk)],
+    return dq, Prep(("delay", dq), [topology.due_declaration(queue, queue_type),
+                                    (topology.declare_delay(queue, ms, queue_type), commands.Queue.DeclareOk)],
                     ttl=REDECLARE, what=dq)

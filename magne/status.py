@@ -176,9 +176,12 @@ def from_http(api: Management, names: list[str]) -> list[QueueStatus]:
                         "consumer_tag": c.get("consumer_tag"), "active": c.get("active", True)})
         dq = everything.get(topology.dead_queue(name))
         st.dead = {"exists": False} if dq is None else {"exists": True, "ready": int(dq.get("messages_ready") or 0)}
-        prefix = f"{name}.delay."
-        delays = [v for k, v in everything.items() if k.startswith(prefix) and k[len(prefix):].isdigit()]
-        st.delayed = {"queues": len(delays), "ready": sum(int(v.get("messages_ready") or 0) for v in delays)}
+        # The wait queues (and the earlier `.delay.` ones), and the due queue: fallen due, about to run.
+        delays = [v for k, v in everything.items() for prefix in (f"{name}.wait.", f"{name}.delay.")
+                  if k.startswith(prefix) and k[len(prefix):].isdigit()]
+        due = everything.get(topology.due_queue(name))
+        st.delayed = {"queues": len(delays), "ready": sum(int(v.get("messages_ready") or 0) for v in delays),
+                      "due": int(due.get("messages_ready") or 0) if due else 0}
         out.append(st)
     return out
 
@@ -327,6 +330,8 @@ def render(r: Report) -> str:
         if r.source == "http":
             rates = q.rates or {}
             delayed = f"{q.delayed['ready']:,} in {q.delayed['queues']}" if q.delayed and q.delayed["queues"] else "0"
+            if q.delayed and q.delayed.get("due"):
+                delayed += f", {q.delayed['due']:,} due"
             rows.append((q.name, _n(q.ready), _n(q.unacked), _n(q.consumers), f"{rates.get('publish', 0):.1f}",
                          f"{rates.get('deliver_get', 0):.1f}", f"{rates.get('ack', 0):.1f}", dead, delayed))
         else:
@@ -344,7 +349,7 @@ def render(r: Report) -> str:
                          f"{'' if c.get('active', True) else ' (inactive)'}")
     if r.source == "http":
         lines.append("(rates: the broker's, averaged over its statistics interval; delayed: messages waiting in the "
-                     "queue's delay queues)")
+                     "queue's wait queues, and those fallen due in <queue>.due, about to run)")
     if r.workers:
         lines += ["", "workers:"]
         for w in r.workers:

@@ -4,9 +4,18 @@ Compatible with the original magne: a task `name` with no explicit queue lives i
 durable queue `NAME`, bound to a durable direct exchange `NAME` with routing key
 `NAME`. Failed messages go to the durable queue `<queue>.dead`, published there
 through the default exchange. Delayed messages (delays, retry backoff) wait on the
-broker, never unacked in a worker: in `<queue>.delay.<ms>`, a queue whose message
-TTL is that delay and whose dead-letter target is the task queue. One queue per
-delay value, so a short delay never waits behind a longer one.
+broker, never unacked in a worker: in `<queue>.wait.<ms>`, a queue whose message
+TTL is that delay. One queue per delay value, so a short delay never waits behind a
+longer one.
+
+A wait queue dead-letters into `<queue>.due`, not into the task queue: a queue with no
+length limit of magne's that the worker consumes beside `<queue>` and treats as the same
+queue. Broker-side dead-lettering out of a classic queue is at-most-once, so a delayed
+message falling due into a task queue that is full (`x-max-length` with
+`reject-publish`, often set by an operator's policy) would be dropped in silence; `.due`
+takes it whatever the task queue holds. (The earlier `<queue>.delay.<ms>` queues, which
+dead-letter into the task queue, are left alone: redeclaring them with another target
+would be refused with 406, and they expire once unused.)
 
 Declarations are returned as (method, reply type) pairs, so the blocking client
 can call them one by one and the I/O thread can pipeline them. Their methods are
@@ -39,14 +48,15 @@ def default_queue(task_name: str) -> str:
     return task_name.upper()
 
 
-# A task queue's name leaves room for its longest derived name, `<queue>.delay.<ms>` with the longest delay.
+# A task queue's name leaves room for its longest derived name, `<queue>.wait.<ms>` with the longest delay (the
+# room kept is that of the earlier, longer `.delay.`, so that no name valid before becomes invalid).
 MAX_QUEUE_BYTES = names.MAX_BYTES - len(".delay.") - len(str(int(MAX_DELAY * 1000)))
 
 
 def queue_name_problem(queue: object) -> str | None:
     """Why `queue` cannot be a task queue, or None. RabbitMQ takes any UTF-8 name of up to 255 bytes except the
     empty one (the broker would make up a name) and `amq.*` (reserved: 403 ACCESS_REFUSED); magne also needs
-    room for `<queue>.delay.<ms>` (MAX_QUEUE_BYTES) and uses the name as the queue's exchange too."""
+    room for `<queue>.wait.<ms>` (MAX_QUEUE_BYTES) and uses the name as the queue's exchange too."""
     why = names.name_problem(queue)
     if why is not None:
         return why
@@ -58,12 +68,17 @@ def queue_name_problem(queue: object) -> str | None:
     size = len(queue.encode("utf-8"))
     if size > MAX_QUEUE_BYTES:
         return (f"is {size} bytes of UTF-8; a task queue takes at most {MAX_QUEUE_BYTES}, so that its delay queue "
-                f"(<queue>.delay.<ms>) stays within RabbitMQ's 255")
+                f"(<queue>.wait.<ms>) stays within RabbitMQ's 255")
     return None
 
 
 def dead_queue(queue: str) -> str:
     return f"{queue}.dead"
+
+
+def due_queue(queue: str) -> str:
+    """Where the wait queues of `queue` hand their messages back (module docstring): consumed as `queue` itself."""
+    return f"{queue}.due"
 
 
 def queue_arguments(queue: str, queue_type: str = "classic", dead: bool = False,
@@ -86,15 +101,24 @@ def queue_arguments(queue: str, queue_type: str = "classic", dead: bool = False,
 
 
 def declarations(queue: str, queue_type: str = "classic", max_priority: int | None = None) -> list[Declaration]:
-    """A task queue, its exchange and binding, and its dead-letter queue."""
+    """A task queue, its exchange and binding, its due queue and its dead-letter queue."""
     return [
         (names.ExchangeDeclare(exchange=queue, exchange_type="direct", durable=True), commands.Exchange.DeclareOk),
         (names.QueueDeclare(queue=queue, durable=True, arguments=queue_arguments(queue, queue_type,
                                                                                 max_priority=max_priority)),
          commands.Queue.DeclareOk),
         (names.QueueBind(queue=queue, exchange=queue, routing_key=queue), commands.Queue.BindOk),
+        due_declaration(queue, queue_type),
         dead_declaration(queue, queue_type),
     ]
+
+
+def due_declaration(queue: str, queue_type: str = "classic") -> Declaration:
+    """The due queue: the task queue's arguments without a priority (declared the same way by the worker, by
+    `send --declare` and before every delayed publish, so that the three never disagree and draw a 406); a quorum
+    task's is quorum, taking its delivery limit and its dead-lettering into `<queue>.dead`."""
+    return (names.QueueDeclare(queue=due_queue(queue), durable=True, arguments=queue_arguments(queue, queue_type)),
+            commands.Queue.DeclareOk)
 
 
 def dead_declaration(queue: str, queue_type: str = "classic") -> Declaration:
@@ -114,7 +138,7 @@ def delay_ms(seconds: float) -> int:
 
 
 def delay_queue(queue: str, ms: int) -> str:
-    return f"{queue}.delay.{ms}"
+    return f"{queue}.wait.{ms}"
 
 
 def declare_delay(queue: str, ms: int, queue_type: str = "classic") -> commands.Queue.Declare:
@@ -122,14 +146,14 @@ def declare_delay(queue: str, ms: int, queue_type: str = "classic") -> commands.
 
     Redeclared before every publish into it: x-expires (which removes the queue once
     unused) counts from the last declare, and exceeds the TTL, so a waiting message
-    always expires into the task queue before its wait queue can go away. The wait
+    always expires into the due queue before its wait queue can go away. The wait
     queue of a quorum task is quorum too, dead-lettering at-least-once, so a delayed
     retry survives the loss of a node.
     """
     args: dict[str, Any] = {
         "x-message-ttl": ms,
         "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": queue,
+        "x-dead-letter-routing-key": due_queue(queue),
         "x-expires": ms + max(60_000, ms // 10),
     }
     if queue_type == "quorum":

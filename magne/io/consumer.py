@@ -137,9 +137,9 @@ class Consumer:
             self._check_ready()
 
     def _consume(self, queue: str) -> None:
+        """Consume `queue` and its due queue (magne.topology: where its delayed messages and retry copies come
+        back), both as `queue`: a delivery of either is the same task's, settled the same way."""
         assert self.conn is not None
-        ctag = consumer_tag(queue, os.getpid(), self.gen, next(self._ctag_seq))
-        self.ctags[ctag.encode()] = queue  # deliveries may arrive before the consume-ok
         # x-consumer-timeout: RabbitMQ 3.12+ applies it per consumer (3.10 accepts and ignores it),
         # so a long task is not cut by the broker's default delivery-ack timeout.
         timeout = self.consumer_timeouts.get(queue)
@@ -148,14 +148,17 @@ class Consumer:
         if prefetch != self._qos:
             self.conn.call(CH, commands.Basic.Qos(prefetch_count=prefetch), (commands.Basic.QosOk,))
             self._qos = prefetch
-        self.conn.call(CH, names.BasicConsume(queue=queue, consumer_tag=ctag, arguments=args),
-                       (commands.Basic.ConsumeOk,), lambda _ok: self._on_consume_ok(queue))
+        for physical in (queue, topology.due_queue(queue)):
+            ctag = consumer_tag(physical, os.getpid(), self.gen, next(self._ctag_seq))
+            self.ctags[ctag.encode()] = queue  # deliveries may arrive before the consume-ok
+            self.conn.call(CH, names.BasicConsume(queue=physical, consumer_tag=ctag, arguments=args),
+                           (commands.Basic.ConsumeOk,), lambda _ok, due=physical != queue: self._on_consume_ok(queue, due))
 
-    def _on_consume_ok(self, queue: str) -> None:
+    def _on_consume_ok(self, queue: str, due: bool = False) -> None:
         self.consuming.add(queue)
         if self.phase is Phase.CONNECTING:
             self._check_ready()
-        elif self.phase is Phase.CONSUMING:
+        elif self.phase is Phase.CONSUMING and not due:
             self.reconsume.pop(queue, None)
             log.info("consuming queue %s again", queue, event="reconsumed", queue=queue)
 
@@ -228,9 +231,15 @@ class Consumer:
             log.debug("ignoring %s on the consuming connection", frame.name)
 
     def _on_basic_cancel(self, frame: commands.Basic.Cancel) -> None:
+        """The broker cancelled one of a queue's two consumers: cancel the other too, so that consuming the queue
+        again (both, after its declarations are checked) never leaves a second consumer on one of them."""
         queue = self.ctags.pop(frame.consumer_tag.encode(), None)
         if queue is None:
             return
+        assert self.conn is not None
+        for ctag in [t for t, q in self.ctags.items() if q == queue]:
+            del self.ctags[ctag]  # what it still delivers is given back (_on_content: no such consumer)
+            self.conn.call(CH, commands.Basic.Cancel(consumer_tag=ctag.decode()), (commands.Basic.CancelOk,))
         self.consuming.discard(queue)
         self.stats.cancels += 1
         backoff = Backoff(0.5, 30.0)

@@ -2,7 +2,8 @@
 
 Delayed messages and retry copies meeting a full queue, a dead-letter queue that refuses copies, drop-head
 limits, magne's log records when magne is a library, and a helper process forked by a task holding the
-worker's socket. Each test is marked xfail(strict=True) until the fix lands (the mark comes off with it).
+worker's socket. A delayed message or retry copy falls due into `<queue>.due` (magne.topology), never into
+the full task queue itself.
 
 Limits are set with RabbitMQ policies scoped to the test's exact queue name (the worker's own declarations
 still match), cleared at the end; the tasks are in tests/support/silent_tasks.py; runs are counted in Redis.
@@ -106,11 +107,6 @@ def ran_or_dead(broker: Any, redis: Any, names: dict[str, str], queue: str, arg:
     assert runs(redis, names).get(arg, 0) <= 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20, still open: a classic delay queue dead-letters at most once, so a "
-                                       "delayed message falling due into a full classic queue is dropped; the worker "
-                                       "now warns of the length limit at start (magne.limits). "
-                                       "Was: a delayed message is dropped in silence when its queue is full "
-                                       "(reject-publish) as the delay runs out")
 def test_a_delayed_message_meeting_a_full_queue_runs_once_there_is_room(broker, redis, names, pub, policy,
                                                                           start_worker):
     p = names["MAGNE_TEST_PREFIX"]
@@ -127,9 +123,6 @@ def test_a_delayed_message_meeting_a_full_queue_runs_once_there_is_room(broker, 
     ran_or_dead(broker, redis, names, q, "delayed", mid, "the delayed message")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20, still open: as above, for a retry copy (warned at start). "
-                                       "Was: a retry copy is dropped in silence when its queue is full "
-                                       "(reject-publish) as the backoff runs out")
 def test_a_retry_copy_meeting_a_full_queue_runs_once_there_is_room(broker, redis, names, pub, policy, start_worker):
     p = names["MAGNE_TEST_PREFIX"]
     q = f"{p}.full"
@@ -143,7 +136,7 @@ def test_a_retry_copy_meeting_a_full_queue_runs_once_there_is_room(broker, redis
     failed_at = time.monotonic()
     w.signal(signal.SIGTERM)  # no worker while the retry copy waits (about 5 s)
     assert w.wait(20) == 0, w.log()
-    delays = {k: v for k, v in queue_messages(p).items() if ".delay." in k}
+    delays = {k: v for k, v in queue_messages(p).items() if ".wait." in k}
     assert sum(delays.values()) == 1, f"the retry copy is not waiting in a delay queue: {delays}\n{w.log()}"
     pub.send(target("record", q), ("filler",))  # the queue is full now
     time.sleep(max(0.0, failed_at + 7 - time.monotonic()))  # the backoff runs out meanwhile (the broker's timer)

@@ -86,7 +86,7 @@ def test_delays_wait_on_the_broker_and_a_short_one_overtakes_a_long_one(broker, 
     assert 1.0 <= at["short"] - sent["short"] < 2.5
     assert 3.0 <= at["three"] - sent["three"] < 4.5
     assert "long" not in runs(redis, names), "the 60 s one is still waiting, on the broker"
-    assert broker.ready(f"{names['main']}.delay.60000") == 1
+    assert broker.ready(f"{names['main']}.wait.60000") == 1
     # Nothing waits unacked in the worker: the task queue is empty.
     assert queue_counts(names["main"]) == (0, 0)
 

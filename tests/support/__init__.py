@@ -103,7 +103,7 @@ class Broker:
     def track(self, *queues: str) -> None:
         """Remember queues (and their .dead and exchanges) to delete at the end."""
         for q in queues:
-            self.queues.update({q, f"{q}.dead"})
+            self.queues.update({q, f"{q}.dead", f"{q}.due"})
             self.exchanges.add(q)
 
     def publish(self, exchange: str, routing_key: str, body: bytes, **props: Any) -> None:

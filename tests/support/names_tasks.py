@@ -30,7 +30,7 @@ for _kind, _queue in QUEUES.items():
 
 @task(name="envoyer_été_flaky", queue=QUEUES["accent"], max_retries=1, min_backoff=0.1, max_backoff=0.1)
 def flaky(n):
-    """Fails its first run, so its retry goes through `<queue>.delay.<ms>` of a non-ASCII queue."""
+    """Fails its first run, so its retry goes through `<queue>.wait.<ms>` of a non-ASCII queue."""
     if r.hincrby(f"{PREFIX}:attempts", str(n), 1) == 1:
         raise RuntimeError("first attempt fails on purpose")
     _record("flaky", n)

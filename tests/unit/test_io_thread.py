@@ -122,26 +122,34 @@ def read_setup(c: Peer, queues: tuple[str, ...], prefetch: int = 10) -> dict[str
         assert (qd.queue, qd.durable) == (q, True)
         bind = c.expect(commands.Queue.Bind, channel=2)
         assert (bind.queue, bind.exchange, bind.routing_key) == (q, q, q)
+        due = c.expect(commands.Queue.Declare, channel=2)
+        assert (due.queue, due.durable) == (f"{q}.due", True)
         dead = c.expect(commands.Queue.Declare, channel=2)
         assert (dead.queue, dead.durable) == (f"{q}.dead", True)
         c.send(*probe_replies(q), channel=2)
-        consume = c.expect(commands.Basic.Consume, channel=1)
-        assert consume.queue == q and not consume.no_ack and not consume.exclusive
-        ctags[q] = consume.consumer_tag
+        for physical in (q, f"{q}.due"):  # the task queue and its due queue, both consumed as the queue
+            consume = c.expect(commands.Basic.Consume, channel=1)
+            assert consume.queue == physical and not consume.no_ack and not consume.exclusive
+            ctags[physical] = consume.consumer_tag
         c.expect(commands.Channel.Close, channel=2)
         c.send(commands.Channel.CloseOk(), channel=2)
-    assert len(set(ctags.values())) == len(queues), f"consumer tags are not distinct: {ctags}"
+    assert len(set(ctags.values())) == 2 * len(queues), f"consumer tags are not distinct: {ctags}"
     return ctags
 
 
 def probe_replies(q: str) -> list[Any]:
     """The answers to one queue's declarations on the probe channel."""
     return [commands.Channel.OpenOk(), commands.Exchange.DeclareOk(), commands.Queue.DeclareOk(q, 0, 0),
-            commands.Queue.BindOk(), commands.Queue.DeclareOk(f"{q}.dead", 0, 0)]
+            commands.Queue.BindOk(), commands.Queue.DeclareOk(f"{q}.due", 0, 0), commands.Queue.DeclareOk(f"{q}.dead", 0, 0)]
+
+
+def consume_oks(ctags: dict[str, str], *queues: str) -> list[Any]:
+    """The consume-oks of each queue's two consumers (the queue's and its due queue's)."""
+    return [commands.Basic.ConsumeOk(ctags[name]) for q in queues for name in (q, f"{q}.due")]
 
 
 def answer_setup(c: Peer, queues: tuple[str, ...], ctags: dict[str, str]) -> None:
-    c.send(*[commands.Basic.ConsumeOk(ctags[q]) for q in queues], channel=1)
+    c.send(*consume_oks(ctags, *queues), channel=1)
 
 
 def open_consuming(rig: Rig, queues: tuple[str, ...] = ("A",), prefetch: int = 10, heartbeat: int = 60,
@@ -229,10 +237,10 @@ def test_setup_is_pipelined_and_ready_after_every_consume_ok(rig):
     handshake(c)
     ctags = read_setup(c, queues, prefetch=7)
     assert not io.ready.is_set()
-    c.send(commands.Basic.ConsumeOk(ctags["A"]), commands.Basic.ConsumeOk(ctags["B"]), channel=1)
+    c.send(*consume_oks(ctags, "A", "B"), channel=1)
     assert not io.ready.wait(0.3), "ready before the last consume-ok"
     assert quiet(c, 0.0) == []
-    c.send(commands.Basic.ConsumeOk(ctags["C"]), channel=1)
+    c.send(*consume_oks(ctags, "C"), channel=1)
     assert io.ready.wait(2), "not ready after every consume-ok"
     assert io.failed is None and io.stats.reconnects == 0
 
@@ -284,7 +292,7 @@ def test_reconnect_failing_between_consumes_leaves_no_stale_delivery(rig):
     c2 = rig.accept()
     handshake(c2)
     ctags = read_setup(c2, ("A", "B"))
-    c2.send(commands.Basic.ConsumeOk(ctags["A"]), channel=1)
+    c2.send(*consume_oks(ctags, "A"), channel=1)
     deliver(c2, ctags["A"], 1, b'{"from": "connection 2"}')
     time.sleep(0.1)  # the I/O thread reads the delivery before the end of the stream
     c2.close()  # before B's consume-ok
@@ -453,12 +461,31 @@ def test_stalled_socket_costs_no_cpu_and_is_lost_after_two_heartbeats(rig):
 
 # -- 7. basic.cancel from the broker ---------------------------------------------------------------------------
 def _probe_frames(c: Peer, queue: str) -> None:
-    """The re-declaration of a cancelled queue on channel 2: open, then its four declarations, pipelined."""
+    """The re-declaration of a cancelled queue on channel 2: open, then its five declarations, pipelined."""
     c.expect(commands.Channel.Open, channel=2)
     assert c.expect(commands.Exchange.Declare, channel=2).exchange == queue
     assert c.expect(commands.Queue.Declare, channel=2).queue == queue
     assert c.expect(commands.Queue.Bind, channel=2).queue == queue
+    assert c.expect(commands.Queue.Declare, channel=2).queue == f"{queue}.due"
     assert c.expect(commands.Queue.Declare, channel=2).queue == f"{queue}.dead"
+
+
+def _sibling_cancelled(c: Peer, ctags: dict[str, str], queue: str) -> None:
+    """After the broker cancelled `queue`'s consumer, magne cancels the queue's other one (its due queue's) on
+    channel 1 before consuming both again; answered here."""
+    ch, f = next_method(c)
+    assert (ch, type(f)) == (1, commands.Basic.Cancel) and f.consumer_tag == ctags[f"{queue}.due"], (ch, f)
+    c.send(commands.Basic.CancelOk(f.consumer_tag), channel=1)
+
+
+def _consumed_again(c: Peer, queue: str) -> commands.Basic.Consume:
+    """The two basic.consume of a queue consumed again on channel 1 (the queue's, then its due queue's); the
+    queue's is returned."""
+    ch, consume = next_method(c)
+    assert (ch, type(consume)) == (1, commands.Basic.Consume), f"expected basic.consume on 1, got {consume!r} on {ch}"
+    ch, due = next_method(c)
+    assert (ch, type(due), due.queue) == (1, commands.Basic.Consume, f"{queue}.due"), (ch, due)
+    return consume
 
 
 def test_broker_cancel_reconsumes_that_queue_on_the_same_connection(rig):
@@ -477,11 +504,11 @@ def test_broker_cancel_reconsumes_that_queue_on_the_same_connection(rig):
     (running,) = rig.take(1)
     c.send(commands.Basic.Cancel(ctags["B"], nowait=True), channel=1)
     t0 = time.monotonic()
+    _sibling_cancelled(c, ctags, "B")
     _probe_frames(c, "B")
     assert time.monotonic() - t0 > 0.4, "re-declared at once: no backoff"
     c.send(*probe_replies("B"), channel=2)
-    ch, consume = next_method(c)
-    assert (ch, type(consume)) == (1, commands.Basic.Consume), f"expected basic.consume on 1, got {consume!r} on {ch}"
+    consume = _consumed_again(c, "B")
     ch, close = next_method(c)
     assert (ch, type(close)) == (2, commands.Channel.Close), f"expected channel.close on 2, got {close!r} on {ch}"
     assert consume.queue == "B" and not consume.no_ack
@@ -512,6 +539,7 @@ def test_cancelled_queue_whose_check_fails_is_retried_without_touching_channel_1
     deliver(c, ctags["A"], 1)
     (running,) = rig.take(1)
     c.send(commands.Basic.Cancel(ctags["B"], nowait=True), channel=1)
+    _sibling_cancelled(c, ctags, "B")
     _probe_frames(c, "B")
     c.send(commands.Channel.OpenOk(), commands.Exchange.DeclareOk(),
            commands.Channel.Close(404, "NOT_FOUND - home node of queue 'B' is down", 50, 10), channel=2)
@@ -526,8 +554,8 @@ def test_cancelled_queue_whose_check_fails_is_retried_without_touching_channel_1
     _probe_frames(c, "B")
     assert time.monotonic() - t_closed > 0.45, "checked again without a backoff"
     c.send(*probe_replies("B"), channel=2)
-    ch, consume = next_method(c)
-    assert ch == 1 and isinstance(consume, commands.Basic.Consume) and consume.queue == "B"
+    consume = _consumed_again(c, "B")
+    assert consume.queue == "B"
     ch, close = next_method(c)
     assert (ch, type(close)) == (2, commands.Channel.Close), f"got {close!r} on channel {ch}"
     assert consume.consumer_tag not in ctags.values()
@@ -599,7 +627,7 @@ def test_warm_stop(rig):
     assert running is not None and running.tag == 1
     io.request_stop()
 
-    got = [next_method(c) for _ in range(4)]
+    got = [next_method(c) for _ in range(6)]  # four consumers (two queues and their due queues), two nacks
     cancels = {f.consumer_tag for ch, f in got if ch == 1 and isinstance(f, commands.Basic.Cancel)}
     nacks = [(f.delivery_tag, f.multiple, f.requeue) for ch, f in got if ch == 1 and isinstance(f, commands.Basic.Nack)]
     assert cancels == set(ctags.values()), got

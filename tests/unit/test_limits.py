@@ -26,3 +26,31 @@ def test_drop_head_needs_a_length_limit():
     assert not _limited({"max-length": 5, "overflow": "reject-publish"})
     assert _limited({"max-length": 5})  # drop-head is RabbitMQ's default overflow
     assert _limited({"x-max-length": 1, "x-overflow": "drop-head"}, "x-")
+
+
+def test_a_reject_publish_limit_is_warned_on_the_due_queue_only(monkeypatch):
+    """A full task queue no longer loses what falls due (it falls due into `<queue>.due`): a reject-publish limit
+    is worth a warning only where it covers the due queue, and the warning names the task queue it serves."""
+    import logging
+
+    from magne import limits, logs
+
+    limited = {"jobs", "jobs.due"}
+    monkeypatch.setattr(limits, "check", lambda _params, queues: [(q, "reject-publish", "policy p") for q in queues
+                                                                  if q in limited])
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    handler = Keep()
+    logging.getLogger("magne").addHandler(handler)
+    try:
+        limits.warn(None, ["jobs", "other"], {"jobs": "classic"})  # type: ignore[arg-type]
+        logs.flush(2.0)
+    finally:
+        logging.getLogger("magne").removeHandler(handler)
+    said = [r.getMessage() for r in seen if r.levelno == logging.WARNING]
+    assert len(said) == 1 and said[0].startswith("queue jobs.due, where the delayed messages and retry copies of queue "
+                                                 "jobs fall due"), said

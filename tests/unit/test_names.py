@@ -52,7 +52,7 @@ def test_a_task_named_like_that_gets_a_default_queue_that_encodes(name, unregist
 @pytest.mark.parametrize(("queue", "why"), [
     ("", "empty"),
     ("amq.mine", "amq."),
-    ("q" * 239, "bytes"),  # its delay queue `<queue>.delay.<ms>` would pass 255 bytes
+    ("q" * 239, "bytes"),  # its delay queue `<queue>.wait.<ms>` (room kept for the longer `.delay.`) would pass 255 bytes
     ("é" * 120, "bytes"),  # 240 bytes of UTF-8 in 120 characters
     ("bad\ud800", "UTF-8"),  # a lone surrogate has no UTF-8 form
 ])

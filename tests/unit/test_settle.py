@@ -130,7 +130,7 @@ def dl(tag: int, outcome: Outcome = Outcome.ACK, gen: int = 1, queue: str = "q")
     if outcome in (Outcome.RETRY, Outcome.DEAD):
         d.reason = "task raised"
         d.error = {"type": "ValueError", "message": "boom"}
-        d.copy_to = "q.dead" if outcome is Outcome.DEAD else "q.delay.1000"
+        d.copy_to = "q.dead" if outcome is Outcome.DEAD else "q.wait.1000"
         d.copy_header = codec.header_payload(commands.Basic.Properties(
             delivery_mode=2, headers={"user": "u", wire.REASON: "task raised"}), len(d.body))
     return d

@@ -283,9 +283,9 @@ def test_two_retries_then_dead():
         ceiling = min(60.0, 2.0 ** attempt)  # the first retry waits between min_backoff and twice that
         assert max(1.0, ceiling / 2) <= d.delay <= ceiling
         ms = topology.delay_ms(d.delay)
-        assert d.copy_to == f"q.delay.{ms}" == topology.delay_queue("q", ms)
+        assert d.copy_to == f"q.wait.{ms}" == topology.delay_queue("q", ms)
         assert isinstance(d.copy_declare, commands.Queue.Declare) and d.copy_declare.queue == d.copy_to
-        assert d.copy_declare.arguments["x-dead-letter-routing-key"] == "q"
+        assert d.copy_declare.arguments["x-dead-letter-routing-key"] == "q.due"  # falls due beside the queue
         h = copy_headers(d)
         assert h[wire.RETRIES] == attempt
         assert [e["attempt"] for e in h[wire.HISTORY]] == list(range(1, attempt + 1))
