@@ -30,6 +30,7 @@ from magne.delivery import Delivery
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, URLError
 from magne.hooks import HookSet, WorkerInfo, registered
 from magne.io.loop import IOThread
+from magne.leader import Scheduler, start_scheduler
 from magne.policy import RetryPolicy
 from magne.pool import Pool
 from magne.registry import REGISTRY, Task, queues_of
@@ -61,6 +62,9 @@ class Options:
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on (magne.metrics); None: off
     async_concurrency: int = 100  # `async def` tasks running at once on the event loop (magne.asyncpool)
     event_loop: str = "asyncio"  # or "uvloop"
+    scheduler: bool = True  # a candidate leader for its tasks' schedules (magne.leader); False: --no-scheduler
+    schedule_grace: float = 300.0
+    schedule_stream: str = "magne.schedule"
 
     @property
     def effective_prefetch(self) -> int:
@@ -185,6 +189,7 @@ class Worker:
         if any(t.is_async for t in tasks.values()):
             self._route_async()
         self.signals: Signals | None = None
+        self.scheduler: Scheduler | None = None
         if any(p.tls and not p.verify for p in self.nodes.all):
             log.warning("TLS certificate checks are off (verify=verify_none): the connection is encrypted but the "
                         "broker is not authenticated", event="tls_unverified")
@@ -276,6 +281,7 @@ class Worker:
         if self.aio is not None:
             self.aio.start()
         _tell_supervisor(b"r\n", last=True)
+        self.scheduler = start_scheduler(opts, self.tasks)
         limits.warn_in_background(self.params, self.queues, self.io.consumer.queue_types)
         own = io.consumer.prefetches  # async and mixed queues' own prefetch
         prefetch = f"{opts.effective_prefetch} per queue" + (
@@ -314,6 +320,7 @@ class Worker:
                 log.info("warm shutdown: no new tasks, waiting up to %gs for %d running ones (signal again to stop cold)",
                          opts.shutdown_timeout, self.busy(), event="warm_shutdown")
                 io.request_stop()
+                self._stop_scheduler()
             cold = sig.cold() or (warm_deadline and now >= warm_deadline)
             if cold and not cold_deadline:
                 if not sig.cold():
@@ -338,6 +345,7 @@ class Worker:
             while self.busy() and time.monotonic() < deadline and not sig.cold():
                 sig.wait(0.1)
                 self.check(time.monotonic())
+        self._stop_scheduler()
         pool.stop()
         if self.aio is not None:
             self.aio.stop()
@@ -346,6 +354,12 @@ class Worker:
         self.hooks.worker_stop(self.info())
         log.info("stopped: %s; %s", io.stats.line(), self.tasks_status(), event="stopped", counters=self.status())
         return EXIT_FAILED if io.failed or loop_died else EXIT_OK
+
+    def _stop_scheduler(self) -> None:
+        """Main thread: give the schedule locks up as the worker begins to stop (another worker leads at once)."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
 
     def _after_io_death(self, sig: Signals) -> None:
         """The I/O thread died: start nothing new, let running tasks finish (their messages come back anyway)."""
