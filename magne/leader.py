@@ -267,6 +267,22 @@ def scheduler_argv(opts: Any) -> list[str]:
     return argv
 
 
+_OWN: dict[str, Publisher] = {}
+
+
+def publisher_for(opts: Any) -> Publisher:
+    """The Publisher whose Client a worker's scheduler and gate ride: the process's default one (under a
+    supervisor MAGNE_URL is the worker's URL), or, for a worker given --url of its own, one for that URL."""
+    if opts.url is None:
+        pub = default_publisher()
+        if isinstance(pub, Publisher):
+            return pub
+    key = repr(opts.url)
+    if key not in _OWN:
+        _OWN[key] = Publisher(opts.url, opts.queue_type)
+    return _OWN[key]
+
+
 def start_scheduler(opts: Any, tasks: dict[str, Task]) -> Scheduler | None:
     """A worker's scheduler, started, if its tasks define schedules and it was not told --no-scheduler. It rides
     the process's default publisher's Client (the worker's own broker under a supervisor, which puts the URL in
@@ -277,9 +293,7 @@ def start_scheduler(opts: Any, tasks: dict[str, Task]) -> Scheduler | None:
             log.info("--no-scheduler: this worker never sends the ticks of %s", ", ".join(t.name for t in scheduled),
                      event="scheduler_off")
         return None
-    pub = default_publisher() if opts.url is None else Publisher(opts.url, opts.queue_type)
-    if not isinstance(pub, Publisher):  # magne.testing's stand-in: it fires schedules on its own clock
-        return None
+    pub = publisher_for(opts)
     sched = Scheduler(pub._running, scheduled, opts.schedule_stream, opts.queue_type, opts.schedule_grace)
     sched.start()
     return sched

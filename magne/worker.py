@@ -22,7 +22,7 @@ import time
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
-from magne import limits, logs
+from magne import gate, limits, logs
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.asyncpool import AsyncPool
@@ -30,7 +30,7 @@ from magne.delivery import Delivery
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, URLError
 from magne.hooks import HookSet, WorkerInfo, registered
 from magne.io.loop import IOThread
-from magne.leader import Scheduler, start_scheduler
+from magne.leader import Scheduler, publisher_for, start_scheduler
 from magne.policy import RetryPolicy
 from magne.pool import Pool
 from magne.registry import REGISTRY, Task, queues_of
@@ -188,6 +188,8 @@ class Worker:
         self.aio: AsyncPool | None = None
         if any(t.is_async for t in tasks.values()):
             self._route_async()
+        pub = publisher_for(opts)  # made here, on the main thread: the gate's and scheduler's Client (lazy)
+        self.gate = gate.install(tasks, self.queues, self.io.consumer, self.pool, opts.effective_prefetch, pub._running)
         self.signals: Signals | None = None
         self.scheduler: Scheduler | None = None
         if any(p.tls and not p.verify for p in self.nodes.all):
@@ -222,6 +224,8 @@ class Worker:
     def status(self) -> dict[str, object]:
         out = {**self.io.stats.as_dict(), "threads_live": self.pool.alive(), "threads_busy": self.pool.busy(),
                "threads_lost": self.pool.lost, "threads_replaced": self.pool.replaced}
+        if self.gate is not None:
+            out.update(self.gate.status())
         if self.aio is not None:
             out.update(async_running=self.aio.busy(), async_waiting=len(self.aio.inbox),
                        async_loop_stalls=self.aio.stalls, async_abandoned=self.aio.abandoned)
@@ -277,6 +281,8 @@ class Worker:
                 return EXIT_CONFIG if io.permanent else EXIT_FAILED
             return EXIT_OK  # stopped by a signal before it connected
         self.hooks.worker_start(self.info())
+        if self.gate is not None:
+            self.gate.start()
         pool.start()
         if self.aio is not None:
             self.aio.start()
@@ -346,6 +352,8 @@ class Worker:
                 sig.wait(0.1)
                 self.check(time.monotonic())
         self._stop_scheduler()
+        if self.gate is not None:
+            self.gate.stop()
         pool.stop()
         if self.aio is not None:
             self.aio.stop()
