@@ -112,8 +112,8 @@ def parse_tick_id(mid: str) -> tuple[str, dt.datetime] | None:
 
 def schedule_of(name: str, every: float | None, cron: str | None, timezone: str | None) -> Schedule | None:
     """The registry's check: None when the task has no schedule; ScheduleError for a bad one."""
+    if timezone is not None and cron is None:
+        raise ScheduleError("timezone= needs cron= (an every= schedule does not depend on a time zone)")
     if every is None and cron is None:
-        if timezone is not None:
-            raise ScheduleError("timezone= needs cron= (an every= schedule does not depend on a time zone)")
         return None
     return Schedule(name, every, cron, timezone or "UTC")
