@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", nargs="?", type=_positive(float), const=2.0, default=None, metavar="SECONDS",
                     help="refresh in place every SECONDS (default 2) until Ctrl-C")
     st.add_argument("--format", choices=["text", "json"], default="text", help="json: one object per refresh")
+    st.add_argument("--schedule-stream", default="magne.schedule", metavar="NAME",
+                    help="the workers' --schedule-stream, to show their periodic tasks (default magne.schedule)")
 
     d = sub.add_parser("demo", parents=[logging_opts], help="start a worker, send a demo batch, print what ran, stop the worker")
     d.add_argument("--count", type=_positive(int), default=2000)
@@ -299,7 +301,9 @@ def _status(args: argparse.Namespace) -> int:
     if not queues:
         print("magne status: name a task module or --queues", file=sys.stderr)
         return EXIT_CONFIG
-    return status.run(queues, args.url, args.source, args.management, args.metrics, args.sample, args.watch, args.format)
+    scheduled = [t for t in REGISTRY.values() if t.schedule is not None]
+    return status.run(queues, args.url, args.source, args.management, args.metrics, args.sample, args.watch, args.format,
+                      scheduled, args.schedule_stream)
 
 
 def _dead(args: argparse.Namespace) -> int:

@@ -198,38 +198,10 @@ class Scheduler:
                 client.call(names.QueueBind(queue=q, exchange=self.stream, routing_key=t.queue), commands.Queue.BindOk)
 
     def _read_tail(self, client: Client, won: list[str], now: dt.datetime) -> dict[str, dt.datetime]:
-        """The last due time recorded in the stream for each schedule of `won`: write a marker, read from far
-        enough back up to it (the stream's end when we looked)."""
+        """The last due time recorded in the stream for each schedule of `won`."""
         back = max(2 * s.period(now) + self.grace + 60.0 for n in won if (s := self.tasks[n].schedule))
-        since = now - dt.timedelta(seconds=min(back, MAX_LOOKBACK))
-        marker = f"magne.marker.{uuid.uuid4().hex}"
-        client.publish_confirmed("", self.stream, b"", commands.Basic.Properties(message_id=marker))
-        found: dict[str, dt.datetime] = {}
-        reached = threading.Event()
-
-        def on_message(m: Delivered) -> None:  # the Client's loop thread: record and ack, nothing else
-            client.ack(m.tag, m.gen)
-            try:
-                mid = codec.decode_properties(m.header).message_id
-            except Exception:
-                return
-            if not isinstance(mid, str):
-                return
-            if mid == marker:
-                reached.set()
-                return
-            tick = parse_tick_id(mid)
-            if tick is not None and (tick[0] not in found or tick[1] > found[tick[0]]):
-                found[tick[0]] = tick[1]
-
-        tag = client.consume(self.stream, on_message, prefetch=1000,
-                             arguments={"x-stream-offset": since.replace(tzinfo=None)})
-        try:
-            if not reached.wait(TAIL_TIMEOUT):
-                raise MagneError(f"the schedule stream {self.stream} did not reach its end within {TAIL_TIMEOUT:g}s")
-        finally:
-            client.cancel(tag)
-        return {n: found[n] for n in won if n in found}
+        found = last_ticks(client, self.stream, now - dt.timedelta(seconds=min(back, MAX_LOOKBACK)))
+        return {n: found[n][0] for n in won if n in found}
 
     def _fire(self, client: Client) -> None:
         now_ts = self.clock()
@@ -255,6 +227,39 @@ class Scheduler:
                     log.info("scheduler: sent %s's tick due %s, %.1fs late", name, due.isoformat(), late,
                              event="tick_late", schedule=name, late=round(late, 3))
                 due = self.led[name] = sched.next_after(due)
+
+
+def last_ticks(client: Client, stream: str, since: dt.datetime) -> dict[str, tuple[dt.datetime, str]]:
+    """Each schedule's last recorded tick in `stream` from `since` on: (due time, who sent it). Writes a marker into
+    the stream and reads up to it (the stream's end when we looked). The calling thread waits; the messages arrive
+    on the Client's loop thread, where the callback only records and acks."""
+    marker = f"magne.marker.{uuid.uuid4().hex}"
+    client.publish_confirmed("", stream, b"", commands.Basic.Properties(message_id=marker))
+    found: dict[str, tuple[dt.datetime, str]] = {}
+    reached = threading.Event()
+
+    def on_message(m: Delivered) -> None:
+        client.ack(m.tag, m.gen)
+        try:
+            props = codec.decode_properties(m.header)
+        except Exception:
+            return
+        mid = props.message_id
+        if mid == marker:
+            reached.set()
+        tick = parse_tick_id(mid) if isinstance(mid, str) else None
+        if tick is not None and (tick[0] not in found or tick[1] > found[tick[0]][0]):
+            who = (props.headers or {}).get("x-magne-scheduler", "?")
+            found[tick[0]] = (tick[1], who if isinstance(who, str) else "?")
+
+    tag = client.consume(stream, on_message, prefetch=1000,
+                         arguments={"x-stream-offset": since.astimezone(UTC).replace(tzinfo=None)})
+    try:
+        if not reached.wait(TAIL_TIMEOUT):
+            raise MagneError(f"the schedule stream {stream} did not reach its end within {TAIL_TIMEOUT:g}s")
+    finally:
+        client.cancel(tag)
+    return found
 
 
 def scheduler_argv(opts: Any) -> list[str]:

@@ -4,11 +4,15 @@ time enqueued exactly once (docs/schedules.md)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 from magne.schedule import parse_tick_id
-from support import wait_for
+from support import ROOT, URL, wait_for
 
 
 def _leaders(workers):
@@ -38,6 +42,14 @@ def test_one_leader_failover_after_kill_9_and_no_due_time_twice_nor_skipped(brok
         [new] = _leaders(workers)
         elected = dt.datetime.fromisoformat(new.events("leader_elected")[-1]["time"]).timestamp()
         gaps.append(elected - killed)
+    env = {**os.environ, "MAGNE_URL": URL, "MAGNE_TEST_PREFIX": prefix, "PYTHONPATH": str(ROOT / "tests" / "support")}
+    out = subprocess.run([sys.executable, "-m", "magne", "status", "schedule_tasks", "--source", "amqp", "--sample", "0",
+                          "--schedule-stream", stream, "--format", "json"], capture_output=True, text=True, env=env,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    [sched] = json.loads(out.stdout)["schedules"]
+    assert sched["task"] == "tick" and sched["led"] is True and sched["schedule"] == "every 1s"
+    assert sched["last_sent_by"].endswith(f"/{new.pid}") and len(sched["next"]) == 3
     before = broker.ready(ticks)
     wait_for(lambda: broker.ready(ticks) >= before + 2, 10, what="ticks after the second failover")
     for w in workers:
