@@ -258,8 +258,11 @@ class Worker:
     def _serve_metrics(self) -> None:
         """Main thread, before connecting: serve --metrics (ConfigError if the address is taken) and tell a
         supervisor the port, so its endpoint can scrape this process."""
+        from magne.metrics import CoordinationCollector
+
         assert self.metrics is not None
         port = self.metrics.start(self.io, self.pool, self.queues)
+        self.metrics.registry.register(CoordinationCollector(lambda: (self.scheduler, self.gate)))
         log.info("serving metrics on %s", self.metrics.url, event="metrics_listening", url=self.metrics.url)
         _tell_supervisor(f"m{port}\n".encode())
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from magne import task
 from magne.errors import RegistryError
-from magne.gate import Limit, Pool, limit_of
+from magne.gate import Gate, Limit, Pool, limit_of
 from magne.leader import lock_name, tick_message
+from magne.metrics import CoordinationCollector
 from magne.schedule import UTC, Schedule, parse_tick_id, tick_id
 from magne.testing import worker
 from magne.wire import read_state
@@ -139,3 +142,18 @@ def test_testing_worker_applies_caps_and_rates_without_failing_or_retrying():
             sl_rated.send(i)
         w.join()
     assert [r.at for r in w.runs] == [0, 0, 0, 1, 1, 1, 2]
+
+
+def test_coordination_metrics_read_the_scheduler_and_the_gate():
+    sched = SimpleNamespace(tasks={"a": 1, "b": 2}, led={"a": None}, sent=7, skipped=1)
+    gate = Gate(lambda: None, {"Q": Limit(2)}, {"Q": lambda d: None}, lambda d: None)
+    gate.held[("Q", 1, 5)] = (1, 1)
+    gate.queues["Q"].items.extend([object(), object(), object()])
+    gate.slot_waits = 4
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(CoordinationCollector(lambda: (sched, gate)))
+    text = generate_latest(reg).decode()
+    for line in ('magne_scheduler_leader{schedule="a"} 1.0', 'magne_scheduler_leader{schedule="b"} 0.0',
+                 "magne_scheduler_ticks_sent_total 7.0", 'magne_limit_slots_in_use{queue="Q"} 1.0',
+                 'magne_limit_waiting{queue="Q"} 3.0', "magne_limit_slot_waits_total 4.0"):
+        assert line in text, text
