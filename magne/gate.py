@@ -115,8 +115,10 @@ class Gate:
     """The worker's gate for its limited queues (built by magne.worker when a task has a limit)."""
 
     def __init__(self, client: Callable[[], Client], limits: dict[str, Limit],
-                 sinks: dict[str, Callable[[Delivery], None]], report: Callable[[Delivery], None]) -> None:
+                 sinks: dict[str, Callable[[Delivery], None]], report: Callable[[Delivery], None],
+                 gen: Callable[[], int] = lambda: 0) -> None:
         self.client, self.after = client, report
+        self.gen = gen  # the consuming channel's generation now (a racy read of an int, from the gate's thread)
         self.queues = {q: _Waiting(q, lim, sinks[q]) for q, lim in limits.items()}
         self.held: dict[tuple[str, int, int], tuple[int, int]] = {}  # (queue, gen, tag) -> its cap token's lease
         self.lock = threading.Lock()  # the waiting deques: the I/O thread appends and takes back, the gate pops
@@ -198,33 +200,42 @@ class Gate:
         client = self.client()
         if not w.ready and not self._ensure(client, w):
             return False
-        lease = None
-        if w.cap is not None:
-            lease = client.lease(w.cap.tokens)
-            if lease is None:
-                self.slot_waits += 1
-                return False
-        if w.rate is not None:
-            token = client.lease(w.rate.tokens)
-            if token is None:
-                if lease is not None:
-                    client.release(*lease)
-                self.rate_waits += 1
-                return False
-            # The token comes back one period from now; only then is this one spent.
-            client.publish_confirmed("", w.rate.wait, b"", TOKEN)
-            client.ack(token[0], token[1], session=client.leases)
+        lease = token = None
+        try:
+            if w.cap is not None:
+                lease = client.lease(w.cap.tokens)
+                if lease is None:
+                    self.slot_waits += 1
+                    return False
+            if w.rate is not None:
+                token = client.lease(w.rate.tokens)
+                if token is None:
+                    self.rate_waits += 1
+                    return self._give_back(client, lease)
+                # The token comes back one period from now; only then is this one spent.
+                client.publish_confirmed("", w.rate.wait, b"", TOKEN)
+                client.ack(token[0], token[1], session=client.leases)
+                token = None
+        except BaseException:  # a broker fault half-way: nothing leased may stay held
+            self._give_back(client, lease, token)
+            raise
         with self.lock:
             d = w.items.popleft() if w.items else None
-        if d is None:  # taken back meanwhile (a stop)
-            if lease is not None:
-                client.release(*lease)
+        if d is None or d.gen != self.gen():  # taken back meanwhile, or its channel is gone (the broker requeued it)
+            self._give_back(client, lease)
             return True
         if lease is not None:
             self.held[(d.queue, d.gen, d.tag)] = lease
         self.admitted += 1
         w.sink(d)
         return True
+
+    @staticmethod
+    def _give_back(client: Client, *leases: tuple[int, int] | None) -> bool:
+        for lease in leases:
+            if lease is not None:
+                client.release(*lease)
+        return False
 
     def _ensure(self, client: Client, w: _Waiting) -> bool:
         """Make sure `w`'s pools exist and were filled exactly once (module docstring); False: not yet."""
@@ -237,34 +248,36 @@ class Gate:
     def _filled(self, client: Client, pool: Pool) -> bool:
         if _exists(client, pool.filled):
             for method in pool.declarations():  # the same arguments: a 406 here means another size was declared
-                client.call(method, commands.Queue.DeclareOk)
+                client.call(method, commands.Queue.DeclareOk, session=client.locks)
             return True
         try:
-            client.call(names.QueueDeclare(queue=pool.init, exclusive=True, durable=False), commands.Queue.DeclareOk)
+            client.call(names.QueueDeclare(queue=pool.init, exclusive=True, durable=False), commands.Queue.DeclareOk,
+                        session=client.locks)
         except ChannelClosed:
             return False  # another worker is filling it (405): ask again shortly
         try:
             if not _exists(client, pool.filled):
                 for method in pool.declarations():
-                    client.call(method, commands.Queue.DeclareOk)
+                    client.call(method, commands.Queue.DeclareOk, session=client.locks)
                 refused = 0
                 for _ in range(pool.size):
                     try:
                         client.publish_confirmed("", pool.tokens, b"", TOKEN)
                     except MagneError:  # reject-publish: left over by a filler that died half-way
                         refused += 1
-                client.call(names.QueueDeclare(queue=pool.filled, durable=True), commands.Queue.DeclareOk)
+                client.call(names.QueueDeclare(queue=pool.filled, durable=True), commands.Queue.DeclareOk,
+                            session=client.locks)
                 log.info("made the token pool %s: %d tokens%s", pool.tokens, pool.size,
                          f" ({refused} were there already)" if refused else "", event="limit_pool_made",
                          queue=pool.tokens)
         finally:
-            client.call(names.QueueDelete(queue=pool.init), commands.Queue.DeleteOk)
+            client.call(names.QueueDelete(queue=pool.init), commands.Queue.DeleteOk, session=client.locks)
         return True
 
 
 def _exists(client: Client, queue: str) -> bool:
     try:
-        client.call(names.QueueDeclare(queue=queue, passive=True), commands.Queue.DeclareOk)
+        client.call(names.QueueDeclare(queue=queue, passive=True), commands.Queue.DeclareOk, session=client.locks)
     except ChannelClosed as exc:
         if exc.code == 404:
             return False
@@ -289,7 +302,7 @@ def install(tasks: dict[str, Any], queues: list[str], consumer: Any, pool: Any, 
         limits[t.queue] = t.limit
     if not limits:
         return None
-    gate = Gate(client, limits, {q: consumer.sinks[q] for q in limits}, pool.report)
+    gate = Gate(client, limits, {q: consumer.sinks[q] for q in limits}, pool.report, lambda: consumer.gen)
     for q, lim in limits.items():
         consumer.sinks[q] = gate.put
         need = (lim.concurrency or 0) + 1 if lim.rate is None else max(lim.concurrency or 0, lim.rate[0]) + 1

@@ -2,7 +2,8 @@
 
 Election: every candidate worker (its task modules define schedules, and it was not started with
 `--no-scheduler`) tries, about once a second, to declare an EXCLUSIVE queue `<stream>.leader.<task>`
-on the process's engine Client (the default Publisher's, magne/engine/client.py). RabbitMQ gives an
+on the process's engine Client (the default Publisher's, magne/engine/client.py; its `locks` session, where
+a refusal disturbs nothing else). RabbitMQ gives an
 exclusive queue to one connection and deletes it the moment that connection dies (`kill -9`, a lost
 node, a network cut once the broker notices); every other candidate is refused with 405
 RESOURCE_LOCKED (a channel close the Session survives). So at any time at most one connection leads
@@ -134,28 +135,32 @@ class Scheduler:
 
     def _turn(self) -> None:
         client = self.client()
-        if self.led and client.session.conn is not self.conn:
+        if self.led and client.locks.conn is not self.conn:
             log.warning("scheduler: the connection holding the leader locks of %s was replaced; they are lost and "
                         "another worker may lead now", ", ".join(self.led), event="leader_lost", schedules=list(self.led))
             self.led.clear()
         unled = [n for n in self.tasks if n not in self.led]
         if unled and time.monotonic() >= self.next_try:
             self.next_try = time.monotonic() + self.retry
-            conn = client.session.conn
+            conn = client.locks.conn
             won = [n for n in unled if self._acquire(client, n)]
-            if won and (client.session.conn is not conn or (self.led and conn is not self.conn)):
+            if won and (client.locks.conn is not conn or (self.led and conn is not self.conn)):
                 self._release(won)  # the connection changed under the calls: do not trust what we think we hold
                 won = []
             if won:
-                self.conn = conn
-                self._take_over(client, won)
+                self.conn = client.locks.conn
+                try:
+                    self._take_over(client, won)
+                except BaseException:
+                    self._release(won)  # never hold a lock without leading: another worker leads it then
+                    raise
         self._fire(client)
 
     def _acquire(self, client: Client, name: str) -> bool:
         try:
             client.call(names.QueueDeclare(queue=lock_name(self.stream, name), durable=False, exclusive=True,
                                            auto_delete=False, arguments={"x-magne-leader": self.who}),
-                        commands.Queue.DeclareOk)
+                        commands.Queue.DeclareOk, session=client.locks)
         except ChannelClosed as exc:
             if exc.code != RESOURCE_LOCKED:
                 log.warning("scheduler: cannot declare the leader lock of %s: %s", name, exc, event="lock_refused")
@@ -166,8 +171,9 @@ class Scheduler:
         for name in schedules:
             self.led.pop(name, None)
             try:
-                self.client().call(names.QueueDelete(queue=lock_name(self.stream, name)), commands.Queue.DeleteOk,
-                                   timeout=2.0)
+                client = self.client()
+                client.call(names.QueueDelete(queue=lock_name(self.stream, name)), commands.Queue.DeleteOk,
+                            timeout=2.0, session=client.locks)
             except MagneError:
                 pass  # the connection is gone: so is the lock
 

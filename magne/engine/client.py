@@ -6,9 +6,11 @@ with two endpoints, each connecting on first use and reconnecting by its Reconne
 - a Session (magne/engine/session.py): one channel for calls (`call`, `get`, `ack`, `queue_counts`:
   `magne dead`, `magne demo`, `magne status`) and consumers (`consume`: what reads replies,
   results, control messages), subscribed again after a reconnect;
-- a second Session, `leases`, connected only once used: messages held unacked as leases (the tokens of
-  magne.gate). Any refused call closes a session's channel, and a closed channel gives back every message
-  it held, so leases never share a channel with calls that can be refused (a scheduler's 405, a 404).
+- two more Sessions, each connected only once used: `leases`, for messages held unacked as leases (the
+  tokens of magne.gate), and `locks`, for calls that are refused as a matter of course (magne.leader's
+  exclusive-queue election gets 405 RESOURCE_LOCKED every second it is not the leader; magne.gate's checks
+  get 404s). A refused call closes its session's channel, a closed channel gives back every message it
+  held and re-subscribes every consumer on it: leases and other consumers never share a channel with those.
 Other threads never touch a socket: they hand messages over through a deque and the loop's
 Waker (`publish`, the hot path: one append and at most one wake-up per burst), or submit a call
 and wait for its reply (`call`, on a magne.engine.waker.Signal), in slices, so a waiting thread stays interruptible.
@@ -61,7 +63,9 @@ class Client:
         self.sender = Sender(nodes, name, heartbeat, window=window, give_up_after=GIVE_UP_AFTER)
         self.session = Session(nodes, f"{name} (calls)", heartbeat)
         self.leases = Session(nodes, f"{name} (leases)", heartbeat)  # idle (no connection) until used
-        self.loop.endpoints += [self.sender, self.session, self.leases]
+        self.locks = Session(nodes, f"{name} (locks)", heartbeat)  # idle (no connection) until used
+        self.sessions = (self.session, self.leases, self.locks)
+        self.loop.endpoints += [self.sender, *self.sessions]
         self.requests: deque[Outgoing] = deque()  # sending threads append; the loop thread moves them to the sender
         self.room: deque[tuple[int, Callable[[], None]]] = deque()  # (limit, callback): senders waiting for room
         self.sleeping = False
@@ -226,7 +230,7 @@ class Client:
             self.sender.fail_all(MagneError(f"the client's loop thread failed: {exc!r}"))
         finally:
             self.sender.abort()
-            for session in (self.session, self.leases):
+            for session in self.sessions:
                 if session.conn is not None:
                     session.conn.abort()
             self._closed.set()
@@ -258,11 +262,11 @@ class Client:
         s = self.sender
         if s.pending():
             return False  # settle what is in flight first (each message has its deadline)
-        for session in (self.session, self.leases):
+        for session in self.sessions:
             while session.waiting:
                 session.waiting.popleft().finish(error=ConnectionLost("the client is closing"))
-        for ep in (s, self.session, self.leases):
+        for ep in (s, *self.sessions):
             conn = ep.conn
             if conn is not None and conn.state is State.OPEN:
                 ep.close(now)
-        return all(ep.conn is None or ep.conn.state is State.CLOSED for ep in (s, self.session, self.leases))
+        return all(ep.conn is None or ep.conn.state is State.CLOSED for ep in (s, *self.sessions))
