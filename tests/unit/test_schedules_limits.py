@@ -13,11 +13,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from magne import task
 from magne.errors import RegistryError
 from magne.gate import Gate, Limit, Pool, limit_of
-from magne.leader import lock_name, tick_message
+from magne.leader import Scheduler, lock_name, scheduler_argv, tick_message
 from magne.metrics import CoordinationCollector
 from magne.schedule import UTC, Schedule, parse_tick_id, tick_id
 from magne.testing import worker
 from magne.wire import read_state
+from magne.worker import Options
 
 T0 = dt.datetime(2026, 3, 29, 0, 59, 58, tzinfo=UTC)
 
@@ -157,3 +158,30 @@ def test_coordination_metrics_read_the_scheduler_and_the_gate():
                  "magne_scheduler_ticks_sent_total 7.0", 'magne_limit_slots_in_use{queue="Q"} 1.0',
                  'magne_limit_waiting{queue="Q"} 3.0', "magne_limit_slot_waits_total 4.0"):
         assert line in text, text
+
+
+class _Published:
+    def __init__(self):
+        self.ids = []
+
+    def publish_confirmed(self, exchange, rk, body, header):
+        self.ids.append(read_state(header).message_id)
+
+
+def test_a_new_leader_sends_what_is_within_the_grace_and_skips_what_is_older():
+    now = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    client = _Published()
+    s = Scheduler(lambda: client, [sl_every], grace=25.0, clock=now.timestamp)
+    s.led["sl_every"] = now - dt.timedelta(seconds=100)  # its last recorded tick was 110 s ago
+    s._fire(client)
+    assert client.ids == ["sl_every@2026-01-01T11:59:40.000000+00:00", "sl_every@2026-01-01T11:59:50.000000+00:00",
+                          "sl_every@2026-01-01T12:00:00.000000+00:00"]
+    assert s.skipped == 1 and s.sent == 3 and s.led["sl_every"] == now + dt.timedelta(seconds=10)
+    s._fire(client)
+    assert len(client.ids) == 3  # nothing due twice
+
+
+def test_a_supervised_child_gets_the_scheduler_options():
+    assert scheduler_argv(Options(["m"])) == []
+    assert scheduler_argv(Options(["m"], scheduler=False, schedule_grace=9.0, schedule_stream="s")) == [
+        "--no-scheduler", "--schedule-grace", "9.0", "--schedule-stream", "s"]
