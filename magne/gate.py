@@ -38,7 +38,8 @@ from pamqp import commands
 
 from magne import logs
 from magne.amqp import names
-from magne.amqp.errors import ChannelClosed, MagneError
+from magne.amqp.confirms import Nacked
+from magne.amqp.errors import ChannelClosed
 from magne.delivery import Delivery
 from magne.engine.client import Client
 from magne.errors import ConfigError
@@ -189,8 +190,11 @@ class Gate:
                             starved = True
                             break
                         progressed = True
-                except MagneError as exc:  # a broker fault: the Client reconnects; ask again shortly
-                    log.warning("gate of %s: %s; trying again", w.queue, exc, event="gate_error", queue=w.queue)
+                except Exception as exc:  # a broker fault (the Client reconnects), or a bug: ask again shortly
+                    if isinstance(exc, ChannelClosed) and exc.code == 404:
+                        w.ready = False  # a pool deleted under us: made again (if its .filled marker went too)
+                    log.warning("gate of %s: %s: %s; trying again", w.queue, type(exc).__name__, exc,
+                                event="gate_error", queue=w.queue)
                     starved = True
             poll = POLL_MIN if progressed or not starved else min(POLL_MAX, poll * 2)
             self.wake.wait(poll if starved else 1.0)
@@ -263,7 +267,8 @@ class Gate:
                 for _ in range(pool.size):
                     try:
                         client.publish_confirmed("", pool.tokens, b"", TOKEN)
-                    except MagneError:  # reject-publish: left over by a filler that died half-way
+                    except Nacked:  # reject-publish: left over by a filler that died half-way (anything else raises:
+                        # no marker then, and the next filler starts again)
                         refused += 1
                 client.call(names.QueueDeclare(queue=pool.filled, durable=True), commands.Queue.DeclareOk,
                             session=client.locks)

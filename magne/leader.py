@@ -142,13 +142,17 @@ class Scheduler:
         unled = [n for n in self.tasks if n not in self.led]
         if unled and time.monotonic() >= self.next_try:
             self.next_try = time.monotonic() + self.retry
+            won, conns = [], set()
+            for n in unled:
+                if self._acquire(client, n):
+                    won.append(n)
+                    conns.add(id(client.locks.conn))  # the connection the lock just went to (read at once)
             conn = client.locks.conn
-            won = [n for n in unled if self._acquire(client, n)]
-            if won and (client.locks.conn is not conn or (self.led and conn is not self.conn)):
+            if won and (conns != {id(conn)} or (self.led and conn is not self.conn)):
                 self._release(won)  # the connection changed under the calls: do not trust what we think we hold
                 won = []
             if won:
-                self.conn = client.locks.conn
+                self.conn = conn
                 try:
                     self._take_over(client, won)
                 except BaseException:

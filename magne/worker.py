@@ -188,8 +188,8 @@ class Worker:
         self.aio: AsyncPool | None = None
         if any(t.is_async for t in tasks.values()):
             self._route_async()
-        pub = publisher_for(opts)  # made here, on the main thread: the gate's and scheduler's Client (lazy)
-        self.gate = gate.install(tasks, self.queues, self.io.consumer, self.pool, opts.effective_prefetch, pub._running)
+        self.gate = gate.install(tasks, self.queues, self.io.consumer, self.pool, opts.effective_prefetch,
+                                 publisher_for(opts)._running) if any(t.limit for t in tasks.values()) else None
         self.signals: Signals | None = None
         self.scheduler: Scheduler | None = None
         if any(p.tls and not p.verify for p in self.nodes.all):

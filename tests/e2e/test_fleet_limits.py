@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from pamqp import commands
 
-from support import task_body, wait_for
+from magne.amqp.url import parse_urls
+from magne.engine.client import Client
+from magne.gate import TOKEN, Gate, Limit
+from magne.gate import Pool as TokenPool
+from support import URL, task_body, wait_for
 
 
 @pytest.fixture
@@ -94,3 +100,31 @@ def test_rate_limit_holds_across_processes_and_nothing_is_retried_or_dead_letter
           f"most starts in any 1 s window: {worst}")
     assert worst <= 11  # 10 by the tokens; 1 for the time between a token's handover and the task's own clock
     assert span >= (n - 10) / 10 - 0.2
+
+
+def test_a_token_pool_is_filled_exactly_once_by_racing_fillers_and_after_a_filler_died(broker, names, lim):
+    base = f"{names['MAGNE_TEST_PREFIX']}.pool"
+    clients = [Client(parse_urls(URL)[0], "magne test") for _ in range(4)]
+    try:
+        # A filler that died half-way: 2 of the 5 tokens published, no marker.
+        pool = TokenPool(base, "cap", 5)
+        for method in pool.declarations():
+            clients[0].call(method, commands.Queue.DeclareOk)
+        for _ in range(2):
+            clients[0].publish_confirmed("", pool.tokens, b"", TOKEN)
+        gates = [Gate(lambda c=c: c, {base: Limit(5)}, {base: lambda d: None}, lambda d: None) for c in clients]
+        with ThreadPoolExecutor(4) as ex:  # four workers starting at once
+            list(ex.map(lambda g: wait_for(lambda: g._filled(g.client(), pool), 10, 0.01, "filled"), gates))
+        wait_for(lambda: broker.ready(pool.tokens) == 5, 5, what="exactly 5 tokens")
+        time.sleep(0.2)
+        assert broker.ready(pool.tokens) == 5
+        # Leases out while another worker starts: the marker is there, nothing is added.
+        leases = [clients[1].lease(pool.tokens) for _ in range(3)]
+        assert all(leases) and gates[2]._filled(clients[2], pool)
+        for lease in leases:
+            clients[1].release(*lease)
+        wait_for(lambda: broker.ready(pool.tokens) == 5, 5, what="the 3 leases back")
+        assert broker.ready(pool.tokens) == 5
+    finally:
+        for c in clients:
+            c.close()
