@@ -16,6 +16,7 @@ from magne.gate import Gate, Limit, Pool, limit_of
 from magne.leader import Scheduler, lock_name, scheduler_argv, tick_message
 from magne.metrics import CoordinationCollector
 from magne.schedule import UTC, Schedule, parse_tick_id, tick_id
+from magne.schedule_status import render
 from magne.testing import worker
 from magne.wire import read_state
 from magne.worker import Options
@@ -185,3 +186,13 @@ def test_a_supervised_child_gets_the_scheduler_options():
     assert scheduler_argv(Options(["m"])) == []
     assert scheduler_argv(Options(["m"], scheduler=False, schedule_grace=9.0, schedule_stream="s")) == [
         "--no-scheduler", "--schedule-grace", "9.0", "--schedule-stream", "s"]
+
+
+def test_status_renders_each_schedule_its_leader_and_next_due_times():
+    lines = render([{"task": "a", "queue": "A", "schedule": "every 30s", "led": True, "last_tick": "T1",
+                     "last_sent_by": "h/1", "next": ["N1", "N2"], "note": ""},
+                    {"task": "b", "queue": "B", "schedule": "cron '0 * * * *'", "led": False, "last_tick": None,
+                     "last_sent_by": None, "next": ["N3"], "note": "no tick recorded"}])
+    assert lines[1:] == ["schedules:", "  a (every 30s, queue A): led; last tick T1 sent by h/1; next N1, N2",
+                         "  b (cron '0 * * * *', queue B): NO LEADER; no tick recorded; next N3"]
+    assert render([]) == []
