@@ -22,15 +22,15 @@ import time
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
-from magne import gate, limits, logs
+from magne import limits, logs
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.asyncpool import AsyncPool
+from magne.coordination import Coordination
 from magne.delivery import Delivery
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, URLError
 from magne.hooks import HookSet, WorkerInfo, registered
 from magne.io.loop import IOThread
-from magne.leader import Scheduler, publisher_for, start_scheduler
 from magne.policy import RetryPolicy
 from magne.pool import Pool
 from magne.registry import REGISTRY, Task, queues_of
@@ -188,10 +188,8 @@ class Worker:
         self.aio: AsyncPool | None = None
         if any(t.is_async for t in tasks.values()):
             self._route_async()
-        self.gate = gate.install(tasks, self.queues, self.io.consumer, self.pool, opts.effective_prefetch,
-                                 publisher_for(opts)._running) if any(t.limit for t in tasks.values()) else None
+        self.coord = Coordination(opts, tasks, self.queues, self.io.consumer, self.pool)  # schedules, limits
         self.signals: Signals | None = None
-        self.scheduler: Scheduler | None = None
         if any(p.tls and not p.verify for p in self.nodes.all):
             log.warning("TLS certificate checks are off (verify=verify_none): the connection is encrypted but the "
                         "broker is not authenticated", event="tls_unverified")
@@ -224,8 +222,7 @@ class Worker:
     def status(self) -> dict[str, object]:
         out = {**self.io.stats.as_dict(), "threads_live": self.pool.alive(), "threads_busy": self.pool.busy(),
                "threads_lost": self.pool.lost, "threads_replaced": self.pool.replaced}
-        if self.gate is not None:
-            out.update(self.gate.status())
+        out.update(self.coord.status())
         if self.aio is not None:
             out.update(async_running=self.aio.busy(), async_waiting=len(self.aio.inbox),
                        async_loop_stalls=self.aio.stalls, async_abandoned=self.aio.abandoned)
@@ -262,7 +259,7 @@ class Worker:
 
         assert self.metrics is not None
         port = self.metrics.start(self.io, self.pool, self.queues)
-        self.metrics.registry.register(CoordinationCollector(lambda: (self.scheduler, self.gate)))
+        self.metrics.registry.register(CoordinationCollector(self.coord.parts))
         log.info("serving metrics on %s", self.metrics.url, event="metrics_listening", url=self.metrics.url)
         _tell_supervisor(f"m{port}\n".encode())
 
@@ -284,13 +281,11 @@ class Worker:
                 return EXIT_CONFIG if io.permanent else EXIT_FAILED
             return EXIT_OK  # stopped by a signal before it connected
         self.hooks.worker_start(self.info())
-        if self.gate is not None:
-            self.gate.start()
         pool.start()
         if self.aio is not None:
             self.aio.start()
         _tell_supervisor(b"r\n", last=True)
-        self.scheduler = start_scheduler(opts, self.tasks)
+        self.coord.start()
         limits.warn_in_background(self.params, self.queues, self.io.consumer.queue_types)
         own = io.consumer.prefetches  # async and mixed queues' own prefetch
         prefetch = f"{opts.effective_prefetch} per queue" + (
@@ -329,7 +324,7 @@ class Worker:
                 log.info("warm shutdown: no new tasks, waiting up to %gs for %d running ones (signal again to stop cold)",
                          opts.shutdown_timeout, self.busy(), event="warm_shutdown")
                 io.request_stop()
-                self._stop_scheduler()
+                self.coord.stopping()
             cold = sig.cold() or (warm_deadline and now >= warm_deadline)
             if cold and not cold_deadline:
                 if not sig.cold():
@@ -354,9 +349,7 @@ class Worker:
             while self.busy() and time.monotonic() < deadline and not sig.cold():
                 sig.wait(0.1)
                 self.check(time.monotonic())
-        self._stop_scheduler()
-        if self.gate is not None:
-            self.gate.stop()
+        self.coord.stop()
         pool.stop()
         if self.aio is not None:
             self.aio.stop()
@@ -365,12 +358,6 @@ class Worker:
         self.hooks.worker_stop(self.info())
         log.info("stopped: %s; %s", io.stats.line(), self.tasks_status(), event="stopped", counters=self.status())
         return EXIT_FAILED if io.failed or loop_died else EXIT_OK
-
-    def _stop_scheduler(self) -> None:
-        """Main thread: give the schedule locks up as the worker begins to stop (another worker leads at once)."""
-        if self.scheduler is not None:
-            self.scheduler.stop()
-            self.scheduler = None
 
     def _after_io_death(self, sig: Signals) -> None:
         """The I/O thread died: start nothing new, let running tasks finish (their messages come back anyway)."""

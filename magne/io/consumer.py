@@ -216,10 +216,10 @@ class Consumer:
                 taken.append(d)
         for _ in range(sentinels):
             self.work.put(None)
-        for tell in self.taken_back:
-            tell(taken)
         for take in self.unstarted_elsewhere:
             taken += take(self.gen)
+        for tell in self.taken_back:
+            tell(taken)
         return taken
 
     # -- frames from the broker ----------------------------------------------------------------
