@@ -12,7 +12,8 @@ from typing import Any
 
 from magne import gate as gates
 from magne.gate import Gate
-from magne.leader import Scheduler, publisher_for, start_scheduler
+from magne.leader import STREAM, Scheduler, log
+from magne.publisher import Publisher, default_publisher
 
 
 class Coordination:
@@ -45,3 +46,45 @@ class Coordination:
 
     def status(self) -> dict[str, object]:
         return self.gate.status() if self.gate is not None else {}
+
+
+def scheduler_argv(opts: Any) -> list[str]:
+    """The scheduler's options of magne.worker.Options as a supervised child's argv (magne.supervisor)."""
+    argv = [] if opts.scheduler else ["--no-scheduler"]
+    if opts.schedule_grace != 300.0:
+        argv += ["--schedule-grace", str(opts.schedule_grace)]
+    if opts.schedule_stream != STREAM:
+        argv += ["--schedule-stream", opts.schedule_stream]
+    return argv
+
+
+_OWN: dict[str, Publisher] = {}
+
+
+def publisher_for(opts: Any) -> Publisher:
+    """The Publisher whose Client a worker's scheduler and gate ride: the process's default one (under a
+    supervisor MAGNE_URL is the worker's URL), or, for a worker given --url of its own, one for that URL."""
+    if opts.url is None:
+        pub = default_publisher()
+        if isinstance(pub, Publisher):
+            return pub
+    key = repr(opts.url)
+    if key not in _OWN:
+        _OWN[key] = Publisher(opts.url, opts.queue_type)
+    return _OWN[key]
+
+
+def start_scheduler(opts: Any, tasks: dict[str, Any]) -> Scheduler | None:
+    """A worker's scheduler, started, if its tasks define schedules and it was not told --no-scheduler. It rides
+    the process's default publisher's Client (the worker's own broker under a supervisor, which puts the URL in
+    MAGNE_URL); a worker given --url of its own gets a Publisher for that URL. Main thread, once ready."""
+    scheduled = [t for t in tasks.values() if t.schedule is not None]
+    if not scheduled or not opts.scheduler:
+        if scheduled:
+            log.info("--no-scheduler: this worker never sends the ticks of %s", ", ".join(t.name for t in scheduled),
+                     event="scheduler_off")
+        return None
+    pub = publisher_for(opts)
+    sched = Scheduler(pub._running, scheduled, opts.schedule_stream, opts.queue_type, opts.schedule_grace)
+    sched.start()
+    return sched

@@ -46,7 +46,6 @@ from magne.amqp import codec, names
 from magne.amqp.errors import ChannelClosed, MagneError
 from magne.engine.client import Client
 from magne.engine.session import Delivered
-from magne.publisher import Publisher, default_publisher
 from magne.registry import Task
 from magne.schedule import UTC, Schedule, parse_tick_id, tick_id
 
@@ -57,6 +56,7 @@ MAX_AGE = "7D"  # how long the stream keeps ticks (x-max-age)
 MAX_LOOKBACK = 6 * 86400.0  # seconds a new leader reads back at most (within MAX_AGE)
 RESOURCE_LOCKED = 405
 TAIL_TIMEOUT = 15.0
+REDECLARE = 60.0  # seconds between declarations of a leader's exchange, stream, task queues and bindings
 
 
 def lock_name(stream: str, task: str) -> str:
@@ -95,6 +95,8 @@ class Scheduler:
         self.led: dict[str, dt.datetime] = {}  # schedule -> its next due time, for those this process leads
         self.conn: Any = None  # the Session connection our locks belong to
         self.next_try = 0.0
+        self.redeclare_at = 0.0  # the bindings ticks go through are declared again now and then (a queue deleted and
+        # made again by a worker that knows nothing of them would otherwise get no tick: they would reach the stream only)
         self.sent = self.skipped = self.won = 0  # counters (status, metrics)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._main, name="magne-scheduler", daemon=True)
@@ -158,6 +160,8 @@ class Scheduler:
                 except BaseException:
                     self._release(won)  # never hold a lock without leading: another worker leads it then
                     raise
+        if self.led and time.monotonic() >= self.redeclare_at:
+            self._declare(client, list(self.led))
         self._fire(client)
 
     def _acquire(self, client: Client, name: str) -> bool:
@@ -197,6 +201,7 @@ class Scheduler:
             for n in won), event="leader_elected", schedules=won, who=self.who)
 
     def _declare(self, client: Client, won: list[str]) -> None:
+        self.redeclare_at = time.monotonic() + REDECLARE
         client.call(names.ExchangeDeclare(exchange=self.stream, exchange_type="direct", durable=True),
                     commands.Exchange.DeclareOk)
         client.call(stream_declaration(self.stream), commands.Queue.DeclareOk)
@@ -270,45 +275,3 @@ def last_ticks(client: Client, stream: str, since: dt.datetime) -> dict[str, tup
     finally:
         client.cancel(tag)
     return found
-
-
-def scheduler_argv(opts: Any) -> list[str]:
-    """The scheduler's options of magne.worker.Options as a supervised child's argv (magne.supervisor)."""
-    argv = [] if opts.scheduler else ["--no-scheduler"]
-    if opts.schedule_grace != 300.0:
-        argv += ["--schedule-grace", str(opts.schedule_grace)]
-    if opts.schedule_stream != STREAM:
-        argv += ["--schedule-stream", opts.schedule_stream]
-    return argv
-
-
-_OWN: dict[str, Publisher] = {}
-
-
-def publisher_for(opts: Any) -> Publisher:
-    """The Publisher whose Client a worker's scheduler and gate ride: the process's default one (under a
-    supervisor MAGNE_URL is the worker's URL), or, for a worker given --url of its own, one for that URL."""
-    if opts.url is None:
-        pub = default_publisher()
-        if isinstance(pub, Publisher):
-            return pub
-    key = repr(opts.url)
-    if key not in _OWN:
-        _OWN[key] = Publisher(opts.url, opts.queue_type)
-    return _OWN[key]
-
-
-def start_scheduler(opts: Any, tasks: dict[str, Task]) -> Scheduler | None:
-    """A worker's scheduler, started, if its tasks define schedules and it was not told --no-scheduler. It rides
-    the process's default publisher's Client (the worker's own broker under a supervisor, which puts the URL in
-    MAGNE_URL); a worker given --url of its own gets a Publisher for that URL. Main thread, once ready."""
-    scheduled = [t for t in tasks.values() if t.schedule is not None]
-    if not scheduled or not opts.scheduler:
-        if scheduled:
-            log.info("--no-scheduler: this worker never sends the ticks of %s", ", ".join(t.name for t in scheduled),
-                     event="scheduler_off")
-        return None
-    pub = publisher_for(opts)
-    sched = Scheduler(pub._running, scheduled, opts.schedule_stream, opts.queue_type, opts.schedule_grace)
-    sched.start()
-    return sched

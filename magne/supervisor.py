@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 from magne import children, logs
 from magne.backoff import Backoff
 from magne.children import Child, describe_exit
+from magne.coordination import scheduler_argv
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
-from magne.leader import scheduler_argv
 from magne.signals import Signals
 from magne.worker import Options
 

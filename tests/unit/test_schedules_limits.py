@@ -11,9 +11,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from magne import task
+from magne.coordination import scheduler_argv
 from magne.errors import RegistryError
 from magne.gate import Gate, Limit, Pool, limit_of
-from magne.leader import Scheduler, lock_name, scheduler_argv, tick_message
+from magne.leader import Scheduler, lock_name, tick_message
 from magne.metrics import CoordinationCollector
 from magne.schedule import UTC, Schedule, parse_tick_id, tick_id
 from magne.schedule_status import render
