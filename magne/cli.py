@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; PORT alone listens on "
                         "127.0.0.1, :PORT on every interface, port 0 picks a free one). Under --processes one endpoint "
                         "shows every process and their sums")
+    w.add_argument("--no-scheduler", action="store_true",
+                   help="never send the ticks of periodic tasks (@task(every=/cron=)); by default every worker whose "
+                        "tasks define schedules is a candidate and one of them leads (docs/schedules.md)")
+    w.add_argument("--schedule-grace", type=_positive(float), default=300.0, metavar="SECONDS",
+                   help="a new scheduler leader sends ticks missed by at most this long and skips older ones "
+                        "(default 300)")
+    w.add_argument("--schedule-stream", default="magne.schedule", metavar="NAME",
+                   help="the stream (and exchange) that records ticks; workers of one fleet must agree "
+                        "(default magne.schedule)")
 
     s = sub.add_parser("send", parents=[logging_opts], help="publish one task message (confirmed)",
                        description="Publish task messages. The task's queue: --queue, else the one its @task names in "
@@ -151,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--watch", nargs="?", type=_positive(float), const=2.0, default=None, metavar="SECONDS",
                     help="refresh in place every SECONDS (default 2) until Ctrl-C")
     st.add_argument("--format", choices=["text", "json"], default="text", help="json: one object per refresh")
+    st.add_argument("--schedule-stream", default="magne.schedule", metavar="NAME",
+                    help="the workers' --schedule-stream, to show their periodic tasks (default magne.schedule)")
 
     d = sub.add_parser("demo", parents=[logging_opts], help="start a worker, send a demo batch, print what ran, stop the worker")
     d.add_argument("--count", type=_positive(int), default=2000)
@@ -207,7 +218,9 @@ def _worker(args: argparse.Namespace) -> int:
                    time_limit=args.time_limit, lost_after=args.lost_after, queue_type=args.queue_type,
                    max_retries=args.max_retries, min_backoff=args.min_backoff, max_backoff=args.max_backoff,
                    max_body_size=args.max_body_size or 0, metrics=args.metrics,
-                   async_concurrency=args.async_concurrency, event_loop=args.event_loop)
+                   async_concurrency=args.async_concurrency, event_loop=args.event_loop,
+                   scheduler=not args.no_scheduler, schedule_grace=args.schedule_grace,
+                   schedule_stream=args.schedule_stream)
     with pid_file(args.pid_file):
         if args.processes > 1:
             from magne.supervisor import Supervisor
@@ -288,7 +301,9 @@ def _status(args: argparse.Namespace) -> int:
     if not queues:
         print("magne status: name a task module or --queues", file=sys.stderr)
         return EXIT_CONFIG
-    return status.run(queues, args.url, args.source, args.management, args.metrics, args.sample, args.watch, args.format)
+    scheduled = [t for t in REGISTRY.values() if t.schedule is not None]
+    return status.run(queues, args.url, args.source, args.management, args.metrics, args.sample, args.watch, args.format,
+                      scheduled, args.schedule_stream)
 
 
 def _dead(args: argparse.Namespace) -> int:

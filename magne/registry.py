@@ -10,13 +10,15 @@ from typing import Any, overload
 
 from magne import topology, wire
 from magne.errors import RegistryError
+from magne.gate import Limit, limit_of
 from magne.policy import RetryPolicy
 from magne.publisher import BatchResult, Publisher, default_publisher
+from magne.schedule import Schedule, ScheduleError, schedule_of
 
 
 class Task:
     __slots__ = ("name", "fn", "queue", "time_limit", "retry_options", "queue_type", "priority", "max_priority",
-                 "is_async", "blocking", "__wrapped__", "__doc__")
+                 "is_async", "blocking", "schedule", "limit", "__wrapped__", "__doc__")
 
     def __init__(
         self,
@@ -28,8 +30,12 @@ class Task:
         queue_type: str | None = None,
         priority: int | None = None,
         max_priority: int | None = None,
+        schedule: Schedule | None = None,
+        limit: Limit | None = None,
     ) -> None:
         self.fn = fn
+        self.limit = limit  # @task(concurrency=...)/(rate=...): fleet-wide, enforced by the worker's gate (magne.gate)
+        self.schedule = schedule  # @task(every=...)/(cron=...): the fleet's leader sends it (magne.leader)
         self.name = name
         self.queue = queue
         self.time_limit = time_limit
@@ -146,6 +152,11 @@ def task(
     queue_type: str | None = None,
     priority: int | None = None,
     max_priority: int | None = None,
+    every: float | None = None,
+    cron: str | None = None,
+    timezone: str | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
 ) -> Callable[[Callable[..., Any]], Task]: ...
 
 
@@ -163,12 +174,21 @@ def task(
     queue_type: str | None = None,
     priority: int | None = None,
     max_priority: int | None = None,
+    every: float | None = None,
+    cron: str | None = None,
+    timezone: str | None = None,
+    concurrency: int | None = None,
+    rate: str | None = None,
 ) -> Any:
     """Register a function as a task: `@task`, or `@task(queue=..., time_limit=..., max_retries=...)`.
 
     Retry settings left out fall back to the worker's defaults (`magne worker --max-retries ...`).
     `max_priority=N` declares the task's classic queue with x-max-priority N (only when asked: an existing
     queue without it keeps redeclaring); `priority` is the default priority of its messages.
+    `every=30` (seconds) or `cron="*/5 * * * *"` (with `timezone=`, UTC by default) make it periodic: one
+    worker of the fleet sends it at each due time (docs/schedules.md); it must take no arguments.
+    `concurrency=3`: at most 3 runs at once across every worker; `rate="20/s"` (or /m, /h): at most 20 starts
+    per second across every worker. Messages over a limit wait; they are never failed or retried for it.
     """
 
     def register(f: Callable[..., Any]) -> Task:
@@ -202,7 +222,18 @@ def task(
             RetryPolicy(**{**dict(max_backoff=max(RetryPolicy.max_backoff, min_backoff or 0)), **retry_options})
         except ValueError as exc:
             raise RegistryError(f"task {tname}: {exc}") from None
-        t = Task(f, tname, tqueue, time_limit, retry_options, queue_type, priority, max_priority)
+        try:
+            sched = schedule_of(tname, every, cron, timezone)
+        except ScheduleError as exc:
+            raise RegistryError(f"task {tname}: {exc}") from None
+        if sched is not None and not _takes_no_arguments(f):
+            raise RegistryError(f"task {tname}: a periodic task (every=/cron=) is sent with no arguments, but it "
+                                "requires some; give them defaults")
+        try:
+            limit = limit_of(concurrency, rate)
+        except ValueError as exc:
+            raise RegistryError(f"task {tname}: {exc}") from None
+        t = Task(f, tname, tqueue, time_limit, retry_options, queue_type, priority, max_priority, sched, limit)
         old = REGISTRY.get(tname)
         if old is not None and _origin(old.fn) != _origin(f):
             raise RegistryError(
@@ -213,6 +244,16 @@ def task(
         return t
 
     return register(fn) if fn is not None else register
+
+
+def _takes_no_arguments(f: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(f).bind()
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): let the first tick tell
+        return True
+    return True
 
 
 def _origin(f: Callable[..., Any]) -> tuple[str, str]:

@@ -35,7 +35,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from magne import topology
+from magne import schedule_status, topology
 from magne.amqp.errors import AMQPError, ChannelClosed
 from magne.amqp.url import Nodes, Params, parse_urls
 from magne.engine.client import Client
@@ -81,6 +81,7 @@ class Report:
     source_detail: str
     queues: list[QueueStatus]
     workers: list[WorkerStatus]
+    schedules: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # magne.schedule_status
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -363,11 +364,12 @@ def render(r: Report) -> str:
                 shown = ", ".join(f"{x['task']} {x['seconds']:.1f}s" for x in w.running[:12])
                 more = f" and {len(w.running) - 12} more" if len(w.running) > 12 else ""
                 lines.append(f"    running: {shown}{more}")
-    return "\n".join(lines)
+    return "\n".join(lines + schedule_status.render(r.schedules))
 
 
 def run(queues: list[str], url: str | list[str] | None, source: str, management: str | None, metrics: list[str] | None,
-        sample: float, watch: float | None, fmt: str) -> int:
+        sample: float, watch: float | None, fmt: str, scheduled: list[Any] | None = None,
+        stream: str = "magne.schedule") -> int:
     """The command: once, or every `watch` seconds until SIGINT/SIGTERM (then exit 0). Main thread."""
     stop = []
 
@@ -380,6 +382,8 @@ def run(queues: list[str], url: str | list[str] | None, source: str, management:
     while True:
         started = time.monotonic()
         report = gather(queues, url, source, management, metrics, sample)
+        if scheduled:
+            report.schedules = schedule_status.gather(url, scheduled, stream)
         if fmt == "json":
             sys.stdout.write(json.dumps(report.as_dict()) + "\n")
         else:

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from magne import children, logs
 from magne.backoff import Backoff
 from magne.children import Child, describe_exit
+from magne.coordination import scheduler_argv
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from magne.signals import Signals
 from magne.worker import Options
@@ -83,6 +84,7 @@ class Supervisor:
             argv += ["--queues", *o.queues]
         if o.max_body_size:
             argv += ["--max-body-size", str(o.max_body_size)]
+        argv += scheduler_argv(o)
         if o.metrics:  # each child on an ephemeral local port; the supervisor serves the one --metrics address
             argv += ["--metrics", "127.0.0.1:0"]
         return argv

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import heapq
 import itertools
 import threading
@@ -33,6 +34,7 @@ from magne.policy import RetryPolicy
 from magne.pool import Pool
 from magne.publisher import BatchResult
 from magne.registry import REGISTRY, Task
+from magne.simulated import Simulated
 
 _OUTCOMES = {Outcome.ACK: "succeeded", Outcome.RETRY: "retried", Outcome.DEAD: "dead"}
 
@@ -99,7 +101,7 @@ class Worker:
 
     def __init__(self, threads: int = 8, *, sync: bool = False, max_retries: int = 0, min_backoff: float = 1.0,
                  max_backoff: float = 300.0, time_limit: float = 600.0, lost_after: float = 10.0,
-                 raise_on_failure: bool = False, max_messages: int = 10_000) -> None:
+                 raise_on_failure: bool = False, max_messages: int = 10_000, start: dt.datetime | None = None) -> None:
         if threads < 0 or max_messages < 1:
             raise ValueError("threads must be >= 0 and max_messages >= 1")
         self.threads = 0 if sync else threads
@@ -119,6 +121,8 @@ class Worker:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._saved: Any = None
+        self._start = start  # the wall-clock time of simulated 0.0 (periodic tasks' due times); None: now
+        self.simulated: Simulated | None = None
 
     def __enter__(self) -> Worker:
         tasks = dict(REGISTRY)
@@ -127,6 +131,7 @@ class Worker:
             if why is not None:
                 raise RegistryError(f"task {t.name!r}: queue name {str(t.queue)[:60]!r} {why}")
         types = {t.queue: t.queue_type or "classic" for t in tasks.values()}
+        self.simulated = Simulated(tasks, self._start)
         pool = self.pool = Pool(self.threads, tasks, self._work, self._report, self.time_limit, self.lost_after,
                                 self.retry, types)
         pool.runner.failures = {}  # each failure's exception object, so that raise_on_failure can re-raise it
@@ -206,11 +211,13 @@ class Worker:
     def _enqueue(self, d: Delivery, due: float) -> None:
         """Under the lock: to a pool thread now if it is due and threads run, else onto the simulated clock."""
         if self.threads and due <= self.clock and self._dispatched < self._budget and not self._stop.is_set():
-            self._dispatched += 1
-            self._inflight += 1
-            self._work.put(d)
-        else:
-            heapq.heappush(self._due, (due, d.tag, d))
+            held = self.simulated.admit(d.queue, self.clock) if self.simulated else None  # a fleet-wide limit
+            if held is None:
+                self._dispatched += 1
+                self._inflight += 1
+                return self._work.put(d)
+            due = held
+        heapq.heappush(self._due, (due, d.tag, d))
 
     def _report(self, d: Delivery) -> None:
         """A delivery with its outcome, from a pool thread (or join() when synchronous); a retry is queued again."""
@@ -230,6 +237,8 @@ class Worker:
                       self._exception(d))
             with self._cond:
                 self._runs.append(run)
+                if self.simulated is not None:
+                    self.simulated.done(d.queue)
                 if d.outcome is Outcome.RETRY:  # the copy the broker routes back once the delay queue's TTL passed
                     self._enqueue(Delivery(next(self._seq), 0, d.queue, d.body, d.copy_header, False), self.clock + delay)
         finally:
@@ -258,7 +267,12 @@ class Worker:
                 self.clock = max(self.clock, self._due[0][0])
                 batch: list[Delivery] = []
                 while self._due and self._due[0][0] <= self.clock and self._dispatched + len(batch) < self._budget:
-                    batch.append(heapq.heappop(self._due)[2])
+                    d = heapq.heappop(self._due)[2]
+                    held = None if self.threads else self.simulated.admit(d.queue, self.clock, caps=False)
+                    if held is None:
+                        batch.append(d)
+                    else:
+                        heapq.heappush(self._due, (held, d.tag, d))  # a rate limit: later on the simulated clock
                 if self.threads:
                     for d in batch:
                         self._enqueue(d, self.clock)
@@ -273,6 +287,18 @@ class Worker:
                 raise dead[0].exception
             raise AssertionError(f"task {dead[0].task} was dead-lettered ({dead[0].reason}): {dead[0].error_type}: "
                                  f"{dead[0].error_message}") from dead[0].exception  # a time limit, SystemExit, ...
+
+    def advance(self, seconds: float) -> None:
+        """Move the simulated clock on by `seconds`: every periodic task's ticks due meanwhile are sent (with the
+        ids and headers a leader gives them, magne.leader) and run, with everything else due, as join() does."""
+        assert self.simulated is not None, "advance() outside the `with worker()` block"
+        target = self.clock + seconds
+        for due, task, mid, header, body in self.simulated.ticks(self.clock, target):
+            with self._cond:
+                self._sent.append(Sent(task.name, [], None, mid, task.queue, None, body))
+                self._enqueue(Delivery(next(self._seq), 0, task.queue, body, header, False), due)
+        self.join()
+        self.clock = max(self.clock, target)
 
     # -- inspection -----------------------------------------------------------------------------------
     def _runs_of(self, outcome: str | None, task: Task | str | None) -> list[Run]:

@@ -26,6 +26,7 @@ from magne import limits, logs
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.asyncpool import AsyncPool
+from magne.coordination import Coordination
 from magne.delivery import Delivery
 from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, URLError
 from magne.hooks import HookSet, WorkerInfo, registered
@@ -61,6 +62,9 @@ class Options:
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on (magne.metrics); None: off
     async_concurrency: int = 100  # `async def` tasks running at once on the event loop (magne.asyncpool)
     event_loop: str = "asyncio"  # or "uvloop"
+    scheduler: bool = True  # a candidate leader for its tasks' schedules (magne.leader); False: --no-scheduler
+    schedule_grace: float = 300.0
+    schedule_stream: str = "magne.schedule"
 
     @property
     def effective_prefetch(self) -> int:
@@ -184,6 +188,7 @@ class Worker:
         self.aio: AsyncPool | None = None
         if any(t.is_async for t in tasks.values()):
             self._route_async()
+        self.coord = Coordination(opts, tasks, self.queues, self.io.consumer, self.pool)  # schedules, limits
         self.signals: Signals | None = None
         if any(p.tls and not p.verify for p in self.nodes.all):
             log.warning("TLS certificate checks are off (verify=verify_none): the connection is encrypted but the "
@@ -217,6 +222,7 @@ class Worker:
     def status(self) -> dict[str, object]:
         out = {**self.io.stats.as_dict(), "threads_live": self.pool.alive(), "threads_busy": self.pool.busy(),
                "threads_lost": self.pool.lost, "threads_replaced": self.pool.replaced}
+        out.update(self.coord.status())
         if self.aio is not None:
             out.update(async_running=self.aio.busy(), async_waiting=len(self.aio.inbox),
                        async_loop_stalls=self.aio.stalls, async_abandoned=self.aio.abandoned)
@@ -249,8 +255,11 @@ class Worker:
     def _serve_metrics(self) -> None:
         """Main thread, before connecting: serve --metrics (ConfigError if the address is taken) and tell a
         supervisor the port, so its endpoint can scrape this process."""
+        from magne.metrics import CoordinationCollector
+
         assert self.metrics is not None
         port = self.metrics.start(self.io, self.pool, self.queues)
+        self.metrics.registry.register(CoordinationCollector(self.coord.parts))
         log.info("serving metrics on %s", self.metrics.url, event="metrics_listening", url=self.metrics.url)
         _tell_supervisor(f"m{port}\n".encode())
 
@@ -276,6 +285,7 @@ class Worker:
         if self.aio is not None:
             self.aio.start()
         _tell_supervisor(b"r\n", last=True)
+        self.coord.start()
         limits.warn_in_background(self.params, self.queues, self.io.consumer.queue_types)
         own = io.consumer.prefetches  # async and mixed queues' own prefetch
         prefetch = f"{opts.effective_prefetch} per queue" + (
@@ -314,6 +324,7 @@ class Worker:
                 log.info("warm shutdown: no new tasks, waiting up to %gs for %d running ones (signal again to stop cold)",
                          opts.shutdown_timeout, self.busy(), event="warm_shutdown")
                 io.request_stop()
+                self.coord.stopping()
             cold = sig.cold() or (warm_deadline and now >= warm_deadline)
             if cold and not cold_deadline:
                 if not sig.cold():
@@ -338,6 +349,7 @@ class Worker:
             while self.busy() and time.monotonic() < deadline and not sig.cold():
                 sig.wait(0.1)
                 self.check(time.monotonic())
+        self.coord.stop()
         pool.stop()
         if self.aio is not None:
             self.aio.stop()

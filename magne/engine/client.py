@@ -5,7 +5,12 @@ with two endpoints, each connecting on first use and reconnecting by its Reconne
 - a Sender (magne/engine/sender.py): confirmed publishing, declarations on their own channel;
 - a Session (magne/engine/session.py): one channel for calls (`call`, `get`, `ack`, `queue_counts`:
   `magne dead`, `magne demo`, `magne status`) and consumers (`consume`: what reads replies,
-  results, control messages, leases), subscribed again after a reconnect.
+  results, control messages), subscribed again after a reconnect;
+- two more Sessions, each connected only once used: `leases`, for messages held unacked as leases (the
+  tokens of magne.gate), and `locks`, for calls that are refused as a matter of course (magne.leader's
+  exclusive-queue election gets 405 RESOURCE_LOCKED every second it is not the leader; magne.gate's checks
+  get 404s). A refused call closes its session's channel, a closed channel gives back every message it
+  held and re-subscribes every consumer on it: leases and other consumers never share a channel with those.
 Other threads never touch a socket: they hand messages over through a deque and the loop's
 Waker (`publish`, the hot path: one append and at most one wake-up per burst), or submit a call
 and wait for its reply (`call`, on a magne.engine.waker.Signal), in slices, so a waiting thread stays interruptible.
@@ -57,7 +62,10 @@ class Client:
         self.loop = Loop()
         self.sender = Sender(nodes, name, heartbeat, window=window, give_up_after=GIVE_UP_AFTER)
         self.session = Session(nodes, f"{name} (calls)", heartbeat)
-        self.loop.endpoints += [self.sender, self.session]
+        self.leases = Session(nodes, f"{name} (leases)", heartbeat)  # idle (no connection) until used
+        self.locks = Session(nodes, f"{name} (locks)", heartbeat)  # idle (no connection) until used
+        self.sessions = (self.session, self.leases, self.locks)
+        self.loop.endpoints += [self.sender, *self.sessions]
         self.requests: deque[Outgoing] = deque()  # sending threads append; the loop thread moves them to the sender
         self.room: deque[tuple[int, Callable[[], None]]] = deque()  # (limit, callback): senders waiting for room
         self.sleeping = False
@@ -95,14 +103,15 @@ class Client:
         self.room.append((limit, callback))
         self.loop.wake()
 
-    def call(self, method: Any, *replies: type, timeout: float | None = None) -> Any:
+    def call(self, method: Any, *replies: type, timeout: float | None = None, session: Session | None = None) -> Any:
         """A synchronous method on the session's channel; its reply. ChannelClosed if the broker refused it
         (the channel opens again for the next call), BrokerTimeout after `timeout`; a method pamqp cannot encode
         raises its TypeError/ValueError at once. Any thread but the loop's."""
         if method is not None:
             codec.encode(CH, method)  # raises here, on the caller's thread, for a method that cannot be encoded
         call = Call(method, replies)
-        self.loop.submit(lambda: self.session.submit(call))
+        on = session or self.session
+        self.loop.submit(lambda: on.submit(call))
         return self._wait(call, timeout, "/".join(r.__name__ for r in replies))
 
     def _wait(self, call: Call, timeout: float | None, what: str) -> Any:
@@ -153,11 +162,26 @@ class Client:
         got = self.call(names.BasicGet(queue=queue, no_ack=False), commands.Basic.GetOk, commands.Basic.GetEmpty)
         return None if isinstance(got, commands.Basic.GetEmpty) else got
 
-    def ack(self, tag: int, gen: int | None = None, multiple: bool = False) -> None:
+    def ack(self, tag: int, gen: int | None = None, multiple: bool = False, session: Session | None = None) -> None:
         """Ack a message got with `get` or delivered to a consumer (`gen`: its Delivered.gen; an ack of an older
         channel's tag is dropped). Any thread."""
         data = codec.encode_ack(CH, tag, multiple)
-        self.loop.submit(lambda: self.session.write(data, gen))
+        on = session or self.session
+        self.loop.submit(lambda: on.write(data, gen))
+
+    def lease(self, queue: str, timeout: float | None = None) -> tuple[int, int] | None:
+        """basic.get on the `leases` session: (delivery tag, channel generation) of a message now held unacked until
+        `release`d or acked there, or None when the queue is empty. Any thread but the loop's."""
+        call = Call(names.BasicGet(queue=queue, no_ack=False), (commands.Basic.GetOk, commands.Basic.GetEmpty))
+        self.loop.submit(lambda: self.leases.submit(call))
+        got = self._wait(call, timeout, "get-ok")
+        return None if isinstance(got, commands.Basic.GetEmpty) else (got[0], call.gen)
+
+    def release(self, tag: int, gen: int, requeue: bool = True) -> None:
+        """Give a leased message back to its queue (basic.nack requeue); dropped if its channel is gone (the broker
+        gave it back then). Any thread."""
+        data = codec.encode_nack(CH, tag, False, requeue)
+        self.loop.submit(lambda: self.leases.write(data, gen))
 
     def consume(self, queue: str, on_message: Callable[[Delivered], None], prefetch: int = 100,
                 arguments: dict[str, Any] | None = None, no_ack: bool = False,
@@ -206,8 +230,9 @@ class Client:
             self.sender.fail_all(MagneError(f"the client's loop thread failed: {exc!r}"))
         finally:
             self.sender.abort()
-            if self.session.conn is not None:
-                self.session.conn.abort()
+            for session in self.sessions:
+                if session.conn is not None:
+                    session.conn.abort()
             self._closed.set()
 
     def _turn(self, now: float) -> bool:
@@ -237,10 +262,11 @@ class Client:
         s = self.sender
         if s.pending():
             return False  # settle what is in flight first (each message has its deadline)
-        while self.session.waiting:
-            self.session.waiting.popleft().finish(error=ConnectionLost("the client is closing"))
-        for ep in (s, self.session):
+        for session in self.sessions:
+            while session.waiting:
+                session.waiting.popleft().finish(error=ConnectionLost("the client is closing"))
+        for ep in (s, *self.sessions):
             conn = ep.conn
             if conn is not None and conn.state is State.OPEN:
                 ep.close(now)
-        return all(ep.conn is None or ep.conn.state is State.CLOSED for ep in (s, self.session))
+        return all(ep.conn is None or ep.conn.state is State.CLOSED for ep in (s, *self.sessions))

@@ -38,7 +38,7 @@ CH = 1
 class Call:
     """One synchronous call of a waiting thread: the loop's thread fills it and signals."""
 
-    __slots__ = ("method", "replies", "signal", "result", "error", "cancelled")
+    __slots__ = ("method", "replies", "signal", "result", "error", "cancelled", "gen")
 
     def __init__(self, method: Any, replies: tuple[type, ...] = ()) -> None:
         self.method, self.replies = method, replies
@@ -46,6 +46,7 @@ class Call:
         self.result: Any = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self.gen = 0  # the channel generation the reply came on (a basic.get's tag belongs to it)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         """The loop's thread."""
@@ -178,7 +179,9 @@ class Session:
             conn.call(CH, call.method, call.replies, self._answer)
 
     def _answer(self, frame: Any) -> None:
-        self.inflight.popleft().finish(frame)
+        call = self.inflight.popleft()
+        call.gen = self.gen
+        call.finish(frame)
 
     def _content(self, _ch: int, method: Any, header: bytes, body: bytes) -> None:
         """A consumer's message (a hand-decoded basic.deliver), or basic.get-ok content, which answers the head call."""
@@ -191,7 +194,9 @@ class Session:
             return
         if isinstance(method, commands.Basic.GetOk) and self.inflight and self.conn is not None:
             self.conn.answered(CH)
-            self.inflight.popleft().finish((method.delivery_tag, header, body))
+            call = self.inflight.popleft()
+            call.gen = self.gen
+            call.finish((method.delivery_tag, header, body))
 
     def _frame(self, _ch: int, frame: Any) -> None:
         if isinstance(frame, commands.Basic.Cancel):  # the broker cancelled a consumer: its queue is gone

@@ -77,6 +77,7 @@ class Consumer:
         # a warm stop or a reconnect. Set by the worker before the thread starts.
         self.sinks: dict[str, Callable[[Delivery], None]] = {q: work.put for q in queues}
         self.unstarted_elsewhere: list[Callable[[int], list[Delivery]]] = []
+        self.taken_back: list[Callable[[list[Delivery]], None]] = []  # told what take_unstarted took (magne.gate)
         # Per-queue prefetch where it differs from `prefetch` (an async queue's follows its concurrency): a
         # basic.qos before that queue's basic.consume, since RabbitMQ applies it to the consumers made after it.
         self.prefetches: dict[str, int] = {}
@@ -220,6 +221,8 @@ class Consumer:
             self.work.put(None)
         for take in self.unstarted_elsewhere:
             taken += take(self.gen)
+        for tell in self.taken_back:
+            tell(taken)
         return taken
 
     # -- frames from the broker ----------------------------------------------------------------

@@ -41,9 +41,10 @@ and nothing is ever counted twice. Gauges of a dead child simply disappear.
 """
 
 from magne.metrics.base import CHILD_TIMEOUT, DURATION_BUCKETS, FINAL_ENV, REFRESH, parse_listen, serve, url_of
+from magne.metrics.coordination import CoordinationCollector
 from magne.metrics.supervisor import SupervisorMetrics, _Own, parse
 from magne.metrics.tasks import TaskMetrics
 from magne.metrics.worker import WorkerCollector, WorkerMetrics
 
-__all__ = ["CHILD_TIMEOUT", "DURATION_BUCKETS", "FINAL_ENV", "REFRESH", "SupervisorMetrics", "TaskMetrics",
-           "WorkerCollector", "WorkerMetrics", "_Own", "parse", "parse_listen", "serve", "url_of"]
+__all__ = ["CHILD_TIMEOUT", "CoordinationCollector", "DURATION_BUCKETS", "FINAL_ENV", "REFRESH", "SupervisorMetrics",
+           "TaskMetrics", "WorkerCollector", "WorkerMetrics", "_Own", "parse", "parse_listen", "serve", "url_of"]
