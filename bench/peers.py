@@ -65,7 +65,7 @@ def magne(processes: int = 1, metrics: bool = False) -> Peer:
         env=lambda prefetch: {},
         messages=_magne_messages,
         declare=_magne_declare,
-        extra_queues=("bench-magne.dead",),
+        extra_queues=("bench-magne.dead", "bench-magne.due"),
     )
 
 
@@ -229,7 +229,7 @@ def magne_async() -> Peer:
         env=lambda prefetch: {},
         messages=_magne_messages,
         declare=lambda: _magne_declare("bench-magne-async"),
-        extra_queues=("bench-magne-async.dead",),
+        extra_queues=("bench-magne-async.dead", "bench-magne-async.due"),
     )
 
 
