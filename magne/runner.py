@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from magne import logs, wire
+from magne import formats, logs, wire
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, ColdShutdown, Interrupt, TimeLimitExceeded
@@ -66,11 +66,14 @@ class Runner:
         # the worker. None (magne.testing, Pool.run_one): the thread runs it to the end itself (Task.blocking).
         self.to_loop: Callable[[Delivery, Resolved], None] | None = None
         self.failures: dict[Delivery, BaseException] | None = None  # magne.testing keeps each failure's exception
+        self.accept = formats.Accept()  # other formats this worker reads (--accept dramatiq,celery), set by the worker
 
     # -- resolve -----------------------------------------------------------------------------------------
     def resolve(self, d: Delivery) -> Resolved:
         """The registered task a delivery names, with its arguments; BadMessage if there is none. Any run thread."""
         wire.check_encoding(d.header)
+        if self.accept:  # --accept: magne.formats reads magne's format and the others accepted
+            return formats.resolve(d, self.tasks, self.accept)
         name, args, kwargs = wire.decode(d.body)
         d.task = name
         t = self.tasks.get(name)
@@ -182,7 +185,9 @@ class Runner:
     def failed(self, d: Delivery, t: Task | None, args: list[Any], kwargs: dict[str, Any], exc: BaseException) -> None:
         """Whatever a run raised becomes its message's decision (the run's thread, cold path)."""
         if isinstance(exc, BadMessage):
-            self.fail(d, Failure("bad message", exc, retryable=False))
+            self.fail(d, Failure(getattr(exc, "reason", "bad message"), exc, retryable=False))
+        elif isinstance(exc, formats.NotDue):  # a foreign message's eta: it waits on the broker, not here
+            formats.defer(d, exc.seconds, self.frame_max)
         elif isinstance(exc, TimeLimitExceeded):
             logs.release_leaked_locks()
             limit = (t.time_limit if t else None) or self.time_limit

@@ -83,6 +83,10 @@ class Supervisor:
             argv += ["--queues", *o.queues]
         if o.max_body_size:
             argv += ["--max-body-size", str(o.max_body_size)]
+        for fmt in o.accept or ():
+            argv += ["--accept", fmt]
+        if o.dramatiq_queues:
+            argv += ["--dramatiq-queues", *o.dramatiq_queues]
         if o.metrics:  # each child on an ephemeral local port; the supervisor serves the one --metrics address
             argv += ["--metrics", "127.0.0.1:0"]
         return argv

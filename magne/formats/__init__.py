@@ -1,0 +1,172 @@
+"""Messages of other task queues (dramatiq, celery) run as magne tasks: `magne worker --accept dramatiq,celery`.
+
+A team moving to magne keeps its producers: the worker reads their messages as they are. Each foreign format has
+one validating parser (magne.formats.dramatiq, magne.formats.celery), like `wire.read_state` for magne's headers:
+it turns a delivery into a `Foreign` (task name, args, kwargs, message id, retries spent, eta, time limit, expiry)
+or raises BadMessage with a reason that names the field. Nothing a producer wrote reaches the worker unchecked.
+
+Detection costs magne-format messages nothing: a worker without --accept never comes here (Runner.resolve tests
+one attribute), and with it the body is decoded once and a JSON object with "func" goes the usual way. Only then
+is the shape looked at: an object with "actor_name" is dramatiq's, an array is celery's (protocol 2).
+
+What the runner and the policy do with a `Foreign` (called on the run's thread):
+- eta in the future: `NotDue`, and `defer` sends the message to magne's delay queue of its home queue (the
+  broker holds it, never a worker's memory), from where it comes back into the home queue when due;
+- expired (celery `expires`): `Expired`, dead-lettered with reason "expired", never run and never lost;
+- retries spent count against magne's retry policy (policy.decide takes the larger of them and x-magne-retries);
+- the time limit replaces the task's for this run; failures go to `dead_to` (dramatiq's `<queue>.XQ`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any
+
+from magne import logs, topology, wire
+from magne.delivery import Delivery, Outcome
+from magne.errors import BadMessage
+from magne.formats import celery, dramatiq
+from magne.formats.common import Foreign
+from magne.registry import Task
+
+FORMATS = ("dramatiq", "celery")
+
+__all__ = ["FORMATS", "Accept", "Expired", "Foreign", "NotDue", "defer", "parse_accept", "resolve"]
+
+
+class NotDue(Exception):  # noqa: N818 - a state, not an error: the message waits on the broker
+    """The message's eta is in the future: it waits in a delay queue (`defer`), it does not run now."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"not due for {seconds:.3f}s")
+        self.seconds = seconds
+
+
+class Expired(BadMessage):
+    """The message expired before it could run (celery `expires`): dead-lettered with reason "expired"."""
+
+    reason = "expired"
+
+
+@dataclasses.dataclass(frozen=True)
+class Accept:
+    """What a worker accepts besides magne's own format, and which of its queues are dramatiq's."""
+
+    formats: frozenset[str] = frozenset()
+    dramatiq_queues: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.formats)
+
+
+def parse_accept(text: str | list[str] | None) -> frozenset[str]:
+    """`--accept dramatiq,celery` (repeatable) → the formats; ValueError naming an unknown one. Main thread."""
+    items = [text] if isinstance(text, str) else list(text or [])
+    out = {f.strip().lower() for item in items for f in item.split(",") if f.strip()}
+    out.discard("magne")  # always accepted
+    unknown = sorted(out - set(FORMATS))
+    if unknown:
+        raise ValueError(f"--accept: unknown format(s) {', '.join(unknown)}; use one or more of magne, "
+                         f"{', '.join(FORMATS)} separated by commas")
+    return frozenset(out)
+
+
+def resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, now: float | None = None
+            ) -> tuple[Task, list[Any], dict[str, Any]]:
+    """Runner.resolve for a worker that accepts foreign formats (any run thread): the task, args and kwargs.
+
+    Raises BadMessage (refused: the reason names the field), Expired, or NotDue. Sets d.task and, for a foreign
+    message, d.meta."""
+    try:
+        msg = wire.loads(d.body)
+    except (ValueError, RecursionError) as exc:
+        hint = (" (dramatiq's PickleEncoder and celery's pickle/msgpack/yaml serializers are not supported: "
+                "magne reads JSON only)")
+        raise BadMessage(f"body is not JSON: {exc}{hint}") from None
+    if type(msg) is dict and "func" in msg:
+        name, args, kwargs = wire.from_object(msg)
+        f = None
+    elif type(msg) is dict and "actor_name" in msg:
+        if "dramatiq" not in accept.formats:
+            raise BadMessage("body is a dramatiq message (field 'actor_name'); start the worker with --accept dramatiq")
+        f = dramatiq.read(msg, d.queue)
+        if f.home not in accept.dramatiq_queues:  # a dramatiq message in a queue of magne's: magne's dead letters
+            f.dead_to = f.dead_declare = None
+    elif type(msg) is list:
+        if "celery" not in accept.formats:
+            raise BadMessage("body is a JSON array, as in a celery message; start the worker with --accept celery")
+        f = celery.read(msg, d.header, d.queue)
+    elif type(msg) is dict and "task" in msg and "id" in msg and "celery" in accept.formats:
+        raise BadMessage("body is a celery message of protocol 1 (fields 'task', 'id' in the body); magne reads "
+                         "protocol 2, celery's default since 4.0 (task_protocol=2)")
+    else:
+        name, args, kwargs = wire.from_object(msg)  # raises the usual reason
+        f = None
+    if f is not None:
+        d.meta = f
+        name, args, kwargs = f.task, f.args, f.kwargs
+    d.task = name
+    t = tasks.get(name)
+    if t is None:
+        kind = f"{f.fmt} {'actor' if f.fmt == 'dramatiq' else 'task'} " if f is not None else "task "
+        raise BadMessage(f"unknown {kind}{logs.clean(name, 100)!r}: no task of that name is registered in this worker "
+                         "(register it with @task(name=...))")
+    if f is None:
+        return t, args, kwargs
+    now = time.time() if now is None else now
+    if f.expires is not None and now >= f.expires:
+        raise Expired(f"header 'expires': the message expired {now - f.expires:.1f}s ago, before it could run")
+    if f.eta is not None and f.eta > now:
+        raise NotDue(min(f.eta - now, topology.MAX_DELAY))
+    if f.time_limit is not None:
+        t = copy.copy(t)
+        t.time_limit = f.time_limit
+    return t, args, kwargs
+
+
+def defer(d: Delivery, seconds: float, frame_max: int) -> None:
+    """A message not due yet: its copy goes to magne's delay queue of its home queue, whose TTL lands it back there
+    when due; the original is acked once the broker confirmed the copy (magne.io.settle). Run thread, cold path."""
+    home = d.meta.home if isinstance(d.meta, Foreign) else d.queue
+    ms = topology.delay_ms(seconds)
+    d.outcome = Outcome.RETRY
+    d.reason = "not due"
+    d.error = None
+    d.delay = seconds
+    d.copy_to = topology.delay_queue(home, ms)
+    d.copy_declare = topology.declare_delay(home, ms)
+    d.copy_header = wire.copy_header(d.header, {}, frame_max)
+
+
+def plan(accepted: str | list[str] | None, dramatiq_queues: list[str] | None, queues: list[str]) -> Accept:
+    """The worker's Accept from --accept and --dramatiq-queues (main thread); ValueError saying what is wrong.
+    With dramatiq accepted, its queues are the named ones, else every queue the worker consumes."""
+    fmts = parse_accept(accepted)
+    if dramatiq_queues and "dramatiq" not in fmts:
+        raise ValueError("--dramatiq-queues needs --accept dramatiq")
+    if "dramatiq" not in fmts:
+        return Accept(fmts)
+    named = list(dict.fromkeys(dramatiq_queues or queues))
+    unknown = [q for q in named if q not in queues]
+    if unknown:
+        raise ValueError(f"--dramatiq-queues: this worker does not consume {', '.join(unknown)} (its queues: "
+                         f"{', '.join(queues)})")
+    odd = [q for q in named if q.endswith((".DQ", ".XQ"))]
+    if odd:
+        raise ValueError(f"give dramatiq's queue by its own name, not {', '.join(odd)}: magne consumes its .DQ too")
+    return Accept(fmts, frozenset(named))
+
+
+def dramatiq_setup(accept: Accept, max_priorities: dict[str, int]) -> tuple[list[str], dict[str, list[Any]]]:
+    """The delay queues (`<q>.DQ`) to consume besides the dramatiq queues, and the declarations of both, as
+    dramatiq's broker makes them (main thread, before the consumer starts)."""
+    extra: list[str] = []
+    decls: dict[str, list[Any]] = {}
+    for q in sorted(accept.dramatiq_queues):
+        prio = max_priorities.get(q)
+        extra.append(dramatiq.dq_name(q))
+        decls[q] = dramatiq.declarations(q, prio)
+        decls[dramatiq.dq_name(q)] = dramatiq.dq_declarations(q, prio)
+    return extra, decls
