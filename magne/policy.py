@@ -116,7 +116,7 @@ def dead_letter_plainly(d: Delivery, failure: Failure, why: str) -> None:
     """The fallback when decide() itself failed: dead-letter with magne's headers only, so nothing is lost."""
     d.outcome = Outcome.DEAD
     d.reason = failure.reason
-    d.copy_to = topology.dead_queue(d.queue)
+    d.copy_to = getattr(d.meta, "dead_to", None) or topology.dead_queue(d.queue)  # dramatiq's: its .XQ
     d.copy_declare = None
     d.copy_header = codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers={
         wire.REASON: failure.reason, wire.QUEUE: d.queue, wire.TASK: wire.safe_text(d.task, 200),

@@ -71,9 +71,9 @@ class Runner:
     # -- resolve -----------------------------------------------------------------------------------------
     def resolve(self, d: Delivery) -> Resolved:
         """The registered task a delivery names, with its arguments; BadMessage if there is none. Any run thread."""
-        wire.check_encoding(d.header)
         if self.accept:  # --accept: magne.formats reads magne's format and the others accepted
             return formats.resolve(d, self.tasks, self.accept)
+        wire.check_encoding(d.header)
         name, args, kwargs = wire.decode(d.body)
         d.task = name
         t = self.tasks.get(name)

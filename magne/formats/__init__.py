@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 from magne import logs, topology, wire
@@ -56,6 +57,7 @@ class Accept:
 
     formats: frozenset[str] = frozenset()
     dramatiq_queues: frozenset[str] = frozenset()
+    clock: Callable[[], float] = time.time  # what "now" is for an eta or expiry (magne.testing: its simulated clock)
 
     def __bool__(self) -> bool:
         return bool(self.formats)
@@ -73,18 +75,40 @@ def parse_accept(text: str | list[str] | None) -> frozenset[str]:
     return frozenset(out)
 
 
-def resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, now: float | None = None
-            ) -> tuple[Task, list[Any], dict[str, Any]]:
+def resolve(d: Delivery, tasks: dict[str, Task], accept: Accept) -> tuple[Task, list[Any], dict[str, Any]]:
     """Runner.resolve for a worker that accepts foreign formats (any run thread): the task, args and kwargs.
 
     Raises BadMessage (refused: the reason names the field), Expired, or NotDue. Sets d.task and, for a foreign
     message, d.meta."""
+    home = dramatiq.home_of(d.queue)
     try:
-        msg = wire.loads(d.body)
-    except (ValueError, RecursionError) as exc:
-        hint = (" (dramatiq's PickleEncoder and celery's pickle/msgpack/yaml serializers are not supported: "
-                "magne reads JSON only)")
-        raise BadMessage(f"body is not JSON: {exc}{hint}") from None
+        return _resolve(d, tasks, accept)
+    except BadMessage:
+        if d.meta is None and home in accept.dramatiq_queues:  # whatever fails in dramatiq's queue goes to its .XQ
+            d.meta = _dead_target(Foreign("magne", d.task, [], {}, None, 0, None, None, None, home), accept)
+        raise
+
+
+def _dead_target(f: Foreign, accept: Accept) -> Foreign:
+    """Failures of a message in dramatiq's queue (whatever its format) go to its .XQ, elsewhere to magne's .dead."""
+    if f.home in accept.dramatiq_queues:
+        f.dead_to, f.dead_declare = dramatiq.xq_name(f.home), dramatiq.xq_declaration(f.home)
+    else:
+        f.dead_to = f.dead_declare = None
+    return f
+
+
+def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept) -> tuple[Task, list[Any], dict[str, Any]]:
+    try:
+        wire.check_encoding(d.header)
+        try:
+            msg = wire.loads(d.body)
+        except (ValueError, RecursionError) as exc:
+            raise BadMessage(f"body is not JSON: {exc} (dramatiq's PickleEncoder and celery's pickle, msgpack and "
+                             "yaml serializers are not supported: magne reads JSON only)") from None
+    except BadMessage as exc:
+        why = celery.refusal(d.header) if "celery" in accept.formats else None  # a celery serializer or compression
+        raise (BadMessage(why) if why else exc) from None
     if type(msg) is dict and "func" in msg:
         name, args, kwargs = wire.from_object(msg)
         f = None
@@ -92,8 +116,6 @@ def resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, now: float | No
         if "dramatiq" not in accept.formats:
             raise BadMessage("body is a dramatiq message (field 'actor_name'); start the worker with --accept dramatiq")
         f = dramatiq.read(msg, d.queue)
-        if f.home not in accept.dramatiq_queues:  # a dramatiq message in a queue of magne's: magne's dead letters
-            f.dead_to = f.dead_declare = None
     elif type(msg) is list:
         if "celery" not in accept.formats:
             raise BadMessage("body is a JSON array, as in a celery message; start the worker with --accept celery")
@@ -105,7 +127,7 @@ def resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, now: float | No
         name, args, kwargs = wire.from_object(msg)  # raises the usual reason
         f = None
     if f is not None:
-        d.meta = f
+        d.meta = _dead_target(f, accept)
         name, args, kwargs = f.task, f.args, f.kwargs
     d.task = name
     t = tasks.get(name)
@@ -114,8 +136,11 @@ def resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, now: float | No
         raise BadMessage(f"unknown {kind}{logs.clean(name, 100)!r}: no task of that name is registered in this worker "
                          "(register it with @task(name=...))")
     if f is None:
+        home = dramatiq.home_of(d.queue)
+        if home in accept.dramatiq_queues:  # magne's format in dramatiq's queue: its failures go to .XQ too
+            d.meta = _dead_target(Foreign("magne", name, args, kwargs, None, 0, None, None, None, home), accept)
         return t, args, kwargs
-    now = time.time() if now is None else now
+    now = accept.clock()
     if f.expires is not None and now >= f.expires:
         raise Expired(f"header 'expires': the message expired {now - f.expires:.1f}s ago, before it could run")
     if f.eta is not None and f.eta > now:

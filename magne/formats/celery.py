@@ -32,14 +32,10 @@ def read(body: list[Any], header: bytes, queue: str) -> Foreign:
         props = codec.decode_properties(header)
     except Exception:
         raise BadMessage("celery message: its properties cannot be decoded") from None
-    ctype = props.content_type
-    if ctype not in (None, "", JSON):
-        raise BadMessage(f"celery property 'content_type' is {text_of(ctype)}: magne reads the JSON serializer only "
-                         "(no pickle, msgpack or yaml); set task_serializer='json' on the producers")
+    why = _refusal(props)
+    if why:
+        raise BadMessage(why)
     headers = props.headers if isinstance(props.headers, dict) else {}
-    if headers.get("compression") is not None:
-        raise BadMessage(f"celery header 'compression' is {text_of(headers['compression'])}: compressed bodies are "
-                         "not supported; publish without task_compression")
     name = text(KIND, "task (header)", headers.get("task"), MAX_NAME)
     assert name is not None
     mid = text(KIND, "id (header)", headers.get("id"), MAX_ID, required=False)
@@ -60,6 +56,27 @@ def read(body: list[Any], header: bytes, queue: str) -> Foreign:
     return Foreign(KIND, name, args, kwargs, mid, count(KIND, "retries (header)", headers.get("retries")),
                    _when("eta", headers.get("eta")), soft if soft is not None else hard,
                    _when("expires", headers.get("expires")), queue)
+
+
+def refusal(header: bytes) -> str | None:
+    """Why a body magne could not read is a celery message it refuses (a serializer, compression), or None. Cold
+    path: only for a body that is not plain JSON, in a worker that accepts celery."""
+    try:
+        return _refusal(codec.decode_properties(header))
+    except Exception:
+        return None
+
+
+def _refusal(props: Any) -> str | None:
+    ctype = props.content_type
+    if ctype not in (None, "", JSON):
+        return (f"celery property 'content_type' is {text_of(ctype)}: magne reads the JSON serializer only (no "
+                "pickle, msgpack or yaml); set task_serializer='json' on the producers")
+    headers = props.headers if isinstance(props.headers, dict) else {}
+    if headers.get("compression") is not None:
+        return (f"celery header 'compression' is {text_of(headers['compression'])}: compressed bodies are not "
+                "supported; publish without task_compression")
+    return None
 
 
 def text_of(value: Any) -> str:

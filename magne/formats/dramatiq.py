@@ -73,8 +73,7 @@ def read(msg: dict[str, Any], queue: str) -> Foreign:
         eta = eta / 1000
     home = home_of(queue)
     return Foreign(KIND, actor, args, kwargs, mid, count(KIND, "options.retries", options.get("retries")), eta,
-                   seconds(KIND, "options.time_limit", options.get("time_limit"), 0.001), None, home,
-                   xq_name(home), xq_declaration(home))
+                   seconds(KIND, "options.time_limit", options.get("time_limit"), 0.001), None, home)
 
 
 def _dead_ttl() -> int:
