@@ -100,15 +100,16 @@ def _dead_target(f: Foreign, accept: Accept) -> Foreign:
 
 def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept) -> tuple[Task, list[Any], dict[str, Any]]:
     try:
-        wire.check_encoding(d.header)
-        try:
-            msg = wire.loads(d.body)
-        except (ValueError, RecursionError) as exc:
-            raise BadMessage(f"body is not JSON: {exc} (dramatiq's PickleEncoder and celery's pickle, msgpack and "
-                             "yaml serializers are not supported: magne reads JSON only)") from None
-    except BadMessage as exc:
+        msg = wire.loads(d.body)
+    except (ValueError, RecursionError) as exc:
         why = celery.refusal(d.header) if "celery" in accept.formats else None  # a celery serializer or compression
-        raise (BadMessage(why) if why else exc) from None
+        if why:
+            raise BadMessage(why) from None
+        wire.check_encoding(d.header)  # gzip and the like: that reason first
+        raise BadMessage(f"body is not JSON: {exc} (dramatiq's PickleEncoder and celery's pickle, msgpack and yaml "
+                         "serializers are not supported: magne reads JSON only)") from None
+    if type(msg) is not list or "celery" not in accept.formats:
+        wire.check_encoding(d.header)  # (celery.read checks a celery message's encoding with its other properties)
     if type(msg) is dict and "func" in msg:
         name, args, kwargs = wire.from_object(msg)
         f = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+from magne import wire
 from magne.amqp import codec
 from magne.errors import BadMessage
 from magne.formats.common import MAX_EPOCH, MAX_ID, MAX_NAME, Foreign, args_kwargs, count, field, seconds, text
@@ -72,6 +73,10 @@ def _refusal(props: Any) -> str | None:
     if ctype not in (None, "", JSON):
         return (f"celery property 'content_type' is {text_of(ctype)}: magne reads the JSON serializer only (no "
                 "pickle, msgpack or yaml); set task_serializer='json' on the producers")
+    enc = props.content_encoding
+    if enc is not None and (type(enc) is not str or enc.strip().lower() not in wire.PLAIN_ENCODINGS):
+        return (f"celery property 'content_encoding' is {text_of(enc)}: magne reads plain UTF-8 JSON bodies; set "
+                "task_serializer='json' on the producers")
     headers = props.headers if isinstance(props.headers, dict) else {}
     if headers.get("compression") is not None:
         return (f"celery header 'compression' is {text_of(headers['compression'])}: compressed bodies are not "

@@ -16,6 +16,7 @@ route through it; dramatiq publishes on the default exchange and never declares 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -90,7 +91,9 @@ def queue_arguments(queue: str, max_priority: int | None = None) -> dict[str, An
     return args
 
 
+@functools.lru_cache(maxsize=256)
 def xq_declaration(queue: str) -> commands.Queue.Declare:
+    """`<queue>.XQ`'s declaration, made once per queue (a dead letter's copy takes it; nobody changes it)."""
     return names.QueueDeclare(queue=xq_name(queue), durable=True, arguments={"x-message-ttl": _dead_ttl()})
 
 
