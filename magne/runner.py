@@ -66,13 +66,13 @@ class Runner:
         # the worker. None (magne.testing, Pool.run_one): the thread runs it to the end itself (Task.blocking).
         self.to_loop: Callable[[Delivery, Resolved], None] | None = None
         self.failures: dict[Delivery, BaseException] | None = None  # magne.testing keeps each failure's exception
-        self.accept = formats.Accept()  # other formats this worker reads (--accept dramatiq,celery), set by the worker
+        self.accept: formats.Accept | None = None  # other formats it reads (--accept dramatiq,celery): set by the worker
 
     # -- resolve -----------------------------------------------------------------------------------------
     def resolve(self, d: Delivery) -> Resolved:
         """The registered task a delivery names, with its arguments; BadMessage if there is none. Any run thread."""
-        if self.accept:  # --accept: magne.formats reads magne's format and the others accepted
-            return formats.resolve(d, self.tasks, self.accept)
+        if self.accept is not None:  # --accept: magne.formats reads magne's format and the others accepted
+            return formats.resolve(d, self.tasks, self.accept, self.time_limit)
         wire.check_encoding(d.header)
         name, args, kwargs = wire.decode(d.body)
         d.task = name
@@ -167,7 +167,9 @@ class Runner:
                       info: TaskRun | None, started: float, seconds: float, timers: Timers) -> None:
         """The hooks of a failed run, its decision made (cold path): after_run with the decision if the task had
         started (`started`: its clock at the start, else 0), after_failure (and on_dead_letter) with a TaskRun, made
-        here if the run has none (its message named no task)."""
+        here if the run has none (its message named no task). A message not due yet (magne.formats) did not fail."""
+        if d.reason == "not due":
+            return
         if started:
             decision = DECISIONS[d.outcome]
             for fn in timers:

@@ -133,7 +133,7 @@ class Worker:
         pool = self.pool = Pool(self.threads, tasks, self._work, self._report, self.time_limit, self.lost_after,
                                 self.retry, types)
         pool.runner.accept = formats.Accept(self.accept, frozenset(types) if "dramatiq" in self.accept else frozenset(),
-                                            lambda: self._epoch + self.clock)
+                                            lambda: self._epoch + self.clock) if self.accept else None
         pool.runner.failures = {}  # each failure's exception object, so that raise_on_failure can re-raise it
         if self.threads:
             pool.start()

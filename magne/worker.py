@@ -193,7 +193,7 @@ class Worker:
         self.io.consumer.declarations = foreign_decls
         self.pool = Pool(opts.threads, tasks, self.work, self.io.report, opts.time_limit, opts.lost_after, retry,
                          types, frame_max, hooks=self.hooks)
-        self.pool.runner.accept = self.accept
+        self.pool.runner.accept = self.accept if self.accept else None
         self.aio: AsyncPool | None = None
         if any(t.is_async for t in tasks.values()):
             self._route_async()

@@ -75,14 +75,17 @@ def parse_accept(text: str | list[str] | None) -> frozenset[str]:
     return frozenset(out)
 
 
-def resolve(d: Delivery, tasks: dict[str, Task], accept: Accept) -> tuple[Task, list[Any], dict[str, Any]]:
+def resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: float = 600.0
+            ) -> tuple[Task, list[Any], dict[str, Any]]:
     """Runner.resolve for a worker that accepts foreign formats (any run thread): the task, args and kwargs.
+    `time_limit`: the worker's default; a message's own limit may shorten its task's, never lengthen it (the
+    consumer timeout the worker asks of the broker follows the tasks' limits).
 
     Raises BadMessage (refused: the reason names the field), Expired, or NotDue. Sets d.task and, for a foreign
     message, d.meta."""
     home = dramatiq.home_of(d.queue)
     try:
-        return _resolve(d, tasks, accept)
+        return _resolve(d, tasks, accept, time_limit)
     except BadMessage:
         if d.meta is None and home in accept.dramatiq_queues:  # whatever fails in dramatiq's queue goes to its .XQ
             d.meta = _dead_target(Foreign("magne", d.task, [], {}, None, 0, None, None, None, home), accept)
@@ -98,7 +101,8 @@ def _dead_target(f: Foreign, accept: Accept) -> Foreign:
     return f
 
 
-def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept) -> tuple[Task, list[Any], dict[str, Any]]:
+def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: float
+             ) -> tuple[Task, list[Any], dict[str, Any]]:
     try:
         msg = wire.loads(d.body)
     except (ValueError, RecursionError) as exc:
@@ -146,8 +150,8 @@ def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept) -> tuple[Task,
         raise Expired(f"header 'expires': the message expired {now - f.expires:.1f}s ago, before it could run")
     if f.eta is not None and f.eta > now:
         raise NotDue(min(f.eta - now, topology.MAX_DELAY))
-    if f.time_limit is not None:
-        t = copy.copy(t)
+    if f.time_limit is not None and f.time_limit < (t.time_limit or time_limit):
+        t = copy.copy(t)  # this run's limit; the registered task keeps its own
         t.time_limit = f.time_limit
     return t, args, kwargs
 

@@ -85,6 +85,13 @@ def test_dramatiq_message_resolves_with_its_id_retries_and_time_limit(tasks):
     assert d.meta.retries == 2 and d.meta.dead_to == "default.XQ" and d.message_id() == "m-1"
 
 
+def test_a_message_time_limit_shortens_the_tasks_never_lengthens_it(tasks):
+    long = delivery(dram(options={"time_limit": 3_600_000}))
+    assert resolve(long, tasks.registry)[0] is tasks.registry["app.add"]  # over the worker's 600 s: not taken
+    hdr = celery_header({"timelimit": [7200, None]})
+    assert resolve(delivery(orjson.dumps([[1], {}, EMBED]), "celery", hdr), tasks.registry)[0].time_limit is None
+
+
 @pytest.mark.parametrize(("change", "field"), [
     ({"actor_name": 3}, "actor_name"), ({"args": {}}, "args"), ({"kwargs": [1]}, "kwargs"),
     ({"options": "x"}, "options"), ({"message_id": 5}, "message_id"), ({"queue_name": 1}, "queue_name"),
