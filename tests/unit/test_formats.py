@@ -15,12 +15,15 @@ from pamqp import commands
 
 from magne import formats, task
 from magne.amqp import codec
+from magne.cli import build_parser
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage
 from magne.formats import dramatiq as fdramatiq
 from magne.policy import Failure, RetryPolicy, decide
 from magne.registry import REGISTRY
+from magne.supervisor import Supervisor
 from magne.testing import worker
+from magne.worker import Options
 
 BOTH = formats.Accept(frozenset({"dramatiq", "celery"}), frozenset({"default"}))
 NOW = 1_800_000_000.0
@@ -275,3 +278,10 @@ def test_magne_testing_replays_captured_messages_on_its_clock(tasks):
         assert [r.message_id for r in w.succeeded("app.cadd")] == ["c-9"]
         [dead] = w.dead_letters("app.boom")
         assert dead.retries == 3 and len(w.retried) == 1  # 2 spent by the old workers, 1 here, then dead
+
+
+def test_worker_processes_under_a_supervisor_get_the_same_accept():
+    opts = Options(modules=["m"], accept=["dramatiq", "celery"], dramatiq_queues=["default"])
+    argv = Supervisor(opts, 2).child_argv()
+    args = build_parser().parse_args(argv[argv.index("magne") + 1:])
+    assert args.accept == ["dramatiq", "celery"] and args.dramatiq_queues == ["default"]
