@@ -6,7 +6,9 @@ timed from its `ready` line to an empty queue. Formats, alternating run by run (
   magne+accept     magne's body in a queue consumed with --accept dramatiq,celery (the cost of detection)
   dramatiq         dramatiq's body (as its RabbitmqBroker writes it) in a dramatiq queue, --accept dramatiq
   celery           celery's protocol-2 message (headers and [args, kwargs, embed]), --accept celery
-Prints the median rate of each and its ratio to magne's. Needs the local RabbitMQ on 127.0.0.1:5672.
+Prints the median rate of each and its ratio to magne's, then each format's parsing cost per message
+(Runner.resolve, best of 7, in this process: steady on a loaded machine, where the rates are not).
+Needs the local RabbitMQ on 127.0.0.1:5672.
 """
 
 from __future__ import annotations
@@ -91,6 +93,37 @@ def one(fmt: str, n: int) -> float:
     return n / elapsed
 
 
+def parse_cost(repeat: int = 7, number: int = 20000) -> dict[str, float]:
+    """Microseconds per message of Runner.resolve for each format (best of `repeat`: robust on a loaded machine)."""
+    import timeit
+
+    from pamqp import commands
+
+    from magne import formats
+    from magne.amqp import codec
+    from magne.delivery import Delivery
+    from magne.registry import REGISTRY
+    from magne.runner import Runner
+
+    os.environ.setdefault("BENCH_FORMATS_QUEUE", "q")
+    import bench.tasks_formats  # noqa: F401 - registers noop on queue q
+
+    tasks = {"noop": REGISTRY["noop"]}
+    plain, accepting = Runner(tasks, lambda d: None), Runner(tasks, lambda d: None)
+    accepting.accept = formats.plan(["dramatiq,celery"], ["q"], ["q"])
+    out = {}
+    for fmt, runner in (("magne", plain), ("magne+accept", accepting), ("dramatiq", accepting), ("celery", accepting)):
+        payloads, props = bodies(fmt, "q", 1)
+        p = commands.Basic.Properties(**{k: v for k, v in vars(props).items() if v is not None})
+        header = codec.header_payload(p, len(payloads[0]))
+        body = payloads[0]
+        runner.resolve(Delivery(1, 1, "q", body, header, False))  # fails loudly if the format is not read
+        best = min(timeit.repeat(lambda r=runner, b=body, h=header: r.resolve(Delivery(1, 1, "q", b, h, False)),
+                                 repeat=repeat, number=number))
+        out[fmt] = best / number * 1e6
+    return out
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
     runs = int(sys.argv[2]) if len(sys.argv) > 2 else 3
@@ -104,6 +137,10 @@ def main() -> None:
     for fmt, r in rates.items():
         med = statistics.median(r)
         print(f"{fmt:14} {med:15,.0f} {min(r):8,.0f}-{max(r):<8,.0f} {med / base:9.2f}")
+    print("\nparsing and lookup per message (Runner.resolve, best of 7 x 20,000, in this process):")
+    cost = parse_cost()
+    for fmt, us in cost.items():
+        print(f"{fmt:14} {us:6.2f} us  ({us / cost['magne']:.2f} x magne's)")
 
 
 if __name__ == "__main__":
