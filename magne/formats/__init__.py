@@ -26,6 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from magne import logs, topology, wire
+from magne.amqp import codec
+from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage
 from magne.formats import celery, dramatiq
@@ -167,7 +169,9 @@ def defer(d: Delivery, seconds: float, frame_max: int) -> None:
     d.delay = seconds
     d.copy_to = topology.delay_queue(home, ms)
     d.copy_declare = topology.declare_delay(home, ms)
-    d.copy_header = wire.copy_header(d.header, {}, frame_max)
+    # The original header as it is (x-magne-retries and history included), unless it cannot fit the link's frames.
+    fits = len(d.header) <= (frame_max or DEFAULT_FRAME_MAX) - codec.FRAME_OVERHEAD
+    d.copy_header = d.header if fits else wire.copy_header(d.header, {}, frame_max)
 
 
 def plan(accepted: str | list[str] | None, dramatiq_queues: list[str] | None, queues: list[str]) -> Accept:

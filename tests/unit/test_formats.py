@@ -125,6 +125,15 @@ def test_delayed_dramatiq_message_is_not_due_then_runs(tasks):
     assert resolve(delivery(d.body, "default"), tasks.registry, now=NOW + 30)[0].name == "app.add"
 
 
+def test_a_deferred_message_keeps_its_header_and_retries(tasks):
+    header = codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers={"x-magne-retries": 2}), 10)
+    d = delivery(dram(options={"eta": int((NOW + 5) * 1000)}), header=header)
+    with pytest.raises(formats.NotDue) as info:
+        resolve(d, tasks.registry)
+    formats.defer(d, info.value.seconds, 131072)
+    assert d.copy_header == header
+
+
 def test_formats_not_accepted_say_how_to_accept_them(tasks):
     only_celery = formats.Accept(frozenset({"celery"}))
     with pytest.raises(BadMessage, match="--accept dramatiq"):
