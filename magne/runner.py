@@ -211,6 +211,8 @@ class Runner:
         if self.failures is not None:
             self.failures[d] = failure.exc
         try:
+            if self.accept is not None and d.meta is None:  # failures in dramatiq's queues go to its .XQ
+                formats.attach_home(d, self.accept)
             warnings = decide(d, failure, self.policies.get(d.task), self.frame_max,
                               self.queue_types.get(d.queue, "classic"))
         except Exception as exc:  # a bug in deciding must not lose the message: dead-letter it plainly

@@ -226,7 +226,7 @@ class Worker:
                     self._enqueue(Delivery(next(self._seq), 0, d.queue, d.body, d.copy_header, False),
                                   self.clock + _seconds(d.delay))
                 return
-            f = d.meta
+            f = d.meta if d.meta is not None and d.meta.fmt != "magne" else None  # a foreign message's own fields
             name, args, kwargs = (f.task, f.args, f.kwargs) if f is not None else _decoded(d.body)
             before = wire.read_state(d.header)
             if f is not None:  # a foreign message's own id and retries spent

@@ -85,13 +85,16 @@ def resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: flo
 
     Raises BadMessage (refused: the reason names the field), Expired, or NotDue. Sets d.task and, for a foreign
     message, d.meta."""
+    return _resolve(d, tasks, accept, time_limit)
+
+
+def attach_home(d: Delivery, accept: Accept) -> None:
+    """Before deciding a failure (Runner.fail, cold path): a message with no Foreign of its own (magne's format, or
+    a body that could not be read) in one of dramatiq's queues is dead-lettered to its .XQ too, and retried into
+    the queue itself rather than into .DQ."""
     home = dramatiq.home_of(d.queue)
-    try:
-        return _resolve(d, tasks, accept, time_limit)
-    except BadMessage:
-        if d.meta is None and home in accept.dramatiq_queues:  # whatever fails in dramatiq's queue goes to its .XQ
-            d.meta = _dead_target(Foreign("magne", d.task, [], {}, None, 0, None, None, None, home), accept)
-        raise
+    if d.meta is None and home in accept.dramatiq_queues:
+        d.meta = _dead_target(Foreign("magne", d.task, [], {}, None, 0, None, None, None, home), accept)
 
 
 def _dead_target(f: Foreign, accept: Accept) -> Foreign:
@@ -142,10 +145,7 @@ def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: fl
         kind = f"{f.fmt} {'actor' if f.fmt == 'dramatiq' else 'task'} " if f is not None else "task "
         raise BadMessage(f"unknown {kind}{logs.clean(name, 100)!r}: no task of that name is registered in this worker "
                          "(register it with @task(name=...))")
-    if f is None:
-        home = dramatiq.home_of(d.queue)
-        if home in accept.dramatiq_queues:  # magne's format in dramatiq's queue: its failures go to .XQ too
-            d.meta = _dead_target(Foreign("magne", name, args, kwargs, None, 0, None, None, None, home), accept)
+    if f is None:  # magne's format: as without --accept (a failure in dramatiq's queue: attach_home)
         return t, args, kwargs
     now = accept.clock()
     if f.expires is not None and now >= f.expires:

@@ -21,6 +21,7 @@ from magne.errors import BadMessage
 from magne.formats import dramatiq as fdramatiq
 from magne.policy import Failure, RetryPolicy, decide
 from magne.registry import REGISTRY
+from magne.runner import Runner
 from magne.supervisor import Supervisor
 from magne.testing import worker
 from magne.worker import Options
@@ -107,9 +108,12 @@ def test_dramatiq_refusals_name_the_field(tasks, change, field):
     msg = orjson.loads(dram())
     msg.update(change)
     d = delivery(orjson.dumps(msg))
-    with pytest.raises(BadMessage, match=f"'{field}'"):
+    with pytest.raises(BadMessage, match=f"'{field}'") as info:
         resolve(d, tasks.registry)
-    assert d.meta.dead_to == "default.XQ"  # a refused message in dramatiq's queue goes to its .XQ too
+    runner = Runner(tasks.registry, lambda d: None)
+    runner.accept = BOTH
+    runner.fail(d, Failure("bad message", info.value, retryable=False))
+    assert d.outcome is Outcome.DEAD and d.copy_to == "default.XQ"  # refused in dramatiq's queue: to its .XQ too
 
 
 def test_delayed_dramatiq_message_is_not_due_then_runs(tasks):
@@ -145,8 +149,10 @@ def test_formats_not_accepted_say_how_to_accept_them(tasks):
 def test_magne_format_still_runs_and_fails_into_dramatiqs_xq(tasks):
     d = delivery(orjson.dumps({"func": "app.boom", "args": []}))
     t, args, kwargs = resolve(d, tasks.registry)
-    assert t.name == "app.boom" and d.meta.fmt == "magne"
-    decide(d, Failure("task raised", ValueError("x"), retryable=False), RetryPolicy(), 131072)
+    assert t.name == "app.boom" and d.meta is None  # the success path pays nothing more
+    runner = Runner(tasks.registry, lambda d: None)
+    runner.accept = BOTH
+    runner.fail(d, Failure("task raised", ValueError("x"), retryable=False))
     assert d.outcome is Outcome.DEAD and d.copy_to == "default.XQ"
     plain = delivery(orjson.dumps({"func": "app.add", "args": [1]}), queue="celery")
     resolve(plain, tasks.registry)
