@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import dramatiq
 import orjson
@@ -21,7 +22,7 @@ import pytest
 from celery import Celery
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-from support import URL, queue_counts, runs, wait_for
+from support import URL, queue_counts, rabbitmqctl, runs, wait_for
 
 MODULES = ("migration_tasks",)
 CELERY_URL = URL.replace("%2F", "/")
@@ -193,6 +194,43 @@ def test_celery_messages_run_as_they_are(broker, redis, names, q, capp, start_wo
     send("mig.crecord", args=[99], queue=cel)  # the worker went on
     wait_for(lambda: runs(redis, names).get("99") == 1, 10, what="a message after the refused ones")
     assert ids and w.proc.poll() is None
+
+
+def test_celery_and_magne_workers_share_a_queue(broker, redis, names, q, capp, start_worker, tmp_path):
+    """A celery worker (which declares its queue on start: it must take magne's declaration) and magne consume the
+    same queue at once: every message runs exactly once."""
+    old_key = f"{names['MAGNE_TEST_PREFIX']}:old"
+    w = mworker(start_worker, "--accept", "celery", "--queues", q["cel"], "--threads", "2", "--prefetch", "2")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "support"), "MAGNE_TEST_CELERY_URL": CELERY_URL,
+           "MAGNE_TEST_PREFIX": names["MAGNE_TEST_PREFIX"], "MAGNE_TEST_KEY": names["MAGNE_TEST_KEY"]}
+    log = open(tmp_path / "celery.log", "w")
+    old = subprocess.Popen([sys.executable, "-m", "celery", "-A", "migration_celery", "worker", "-P", "threads", "-c",
+                            "2", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "WARNING"],
+                           env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        wait_for(lambda: consumers(q["cel"]) >= 2, 20, 0.1, what="the celery worker consuming")
+        for i in range(120):
+            capp.send_task("mig.crecord", args=[i], kwargs={"sleep": 0.01}, queue=q["cel"])
+        wait_for(lambda: len(runs(redis, names)) == 120, 20, what="all 120 messages")
+        time.sleep(0.3)  # a duplicate would show up now: runs are recorded as they finish
+    finally:
+        old.kill()  # everything ran (celery's warm stop takes 10 s here); what it held unacked would go back
+        old.wait()
+        log.close()
+    counts = runs(redis, names)
+    assert set(counts.values()) == {1}, {k: v for k, v in counts.items() if v != 1}
+    by_old = int(redis.hget(old_key, "runs") or 0)
+    assert 0 < by_old < 120, (by_old, (tmp_path / "celery.log").read_text()[-2000:])
+    assert w.proc.poll() is None
+    redis.delete(old_key)
+
+
+def consumers(queue: str) -> int:
+    for line in rabbitmqctl("list_queues", "name", "consumers").splitlines():
+        name, _, n = line.partition("\t")
+        if name == queue:
+            return int(n)
+    return 0
 
 
 # -- forged messages ---------------------------------------------------------------------------------------
