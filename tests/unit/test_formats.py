@@ -23,6 +23,7 @@ from magne.policy import Failure, RetryPolicy, decide
 from magne.registry import REGISTRY
 from magne.runner import Runner
 from magne.supervisor import Supervisor
+from magne.taskrun import TaskRun
 from magne.testing import worker
 from magne.worker import Options
 
@@ -300,3 +301,10 @@ def test_worker_processes_under_a_supervisor_get_the_same_accept():
     argv = Supervisor(opts, 2).child_argv()
     args = build_parser().parse_args(argv[argv.index("magne") + 1:])
     assert args.accept == ["dramatiq", "celery"] and args.dramatiq_queues == ["default"]
+
+
+def test_hooks_see_a_foreign_messages_id_and_retries(tasks):
+    d = delivery(dram(options={"retries": 2}))
+    t, args, kwargs = resolve(d, tasks.registry)
+    run = TaskRun(t, d, args, kwargs)
+    assert (run.message_id, run.retries) == ("m-1", 2)
