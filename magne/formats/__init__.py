@@ -14,7 +14,8 @@ What the runner and the policy do with a `Foreign` (called on the run's thread):
   broker holds it, never a worker's memory), from where it comes back into the home queue when due;
 - expired (celery `expires`): `Expired`, dead-lettered with reason "expired", never run and never lost;
 - retries spent count against magne's retry policy (policy.decide takes the larger of them and x-magne-retries);
-- the time limit replaces the task's for this run; failures go to `dead_to` (dramatiq's `<queue>.XQ`).
+- a message's time limit shortens its task's for this run (never lengthens it); failures go to `dead_to`
+  (dramatiq's `<queue>.XQ`, also for anything else that fails in one of dramatiq's queues: `attach_home`).
 """
 
 from __future__ import annotations
