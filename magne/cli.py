@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "many slow network calls). A queue of async tasks only prefetches 1.25 x N")
     w.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio",
                    help="the event loop for async def tasks (uvloop: pip install 'magne[uvloop]')")
+    w.add_argument("--accept", action="append", metavar="FORMATS",
+                   help="also run messages of these formats: dramatiq, celery or dramatiq,celery (magne's own is always "
+                        "accepted); see docs/migration.md")
+    w.add_argument("--dramatiq-queues", nargs="+", metavar="QUEUE",
+                   help="with --accept dramatiq: the queues that are dramatiq's (default: every queue consumed)")
     w.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; PORT alone listens on "
                         "127.0.0.1, :PORT on every interface, port 0 picks a free one). Under --processes one endpoint "
@@ -220,7 +225,7 @@ def _worker(args: argparse.Namespace) -> int:
                    max_body_size=args.max_body_size or 0, metrics=args.metrics,
                    async_concurrency=args.async_concurrency, event_loop=args.event_loop,
                    scheduler=not args.no_scheduler, schedule_grace=args.schedule_grace,
-                   schedule_stream=args.schedule_stream)
+                   schedule_stream=args.schedule_stream, accept=args.accept, dramatiq_queues=args.dramatiq_queues)
     with pid_file(args.pid_file):
         if args.processes > 1:
             from magne.supervisor import Supervisor

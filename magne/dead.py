@@ -29,6 +29,8 @@ def _names(queue: str) -> tuple[str, str]:
     """(task queue, dead-letter queue) from either name."""
     if queue.endswith(".dead"):
         return queue[: -len(".dead")], queue
+    if queue.endswith(".XQ"):  # dramatiq's dead letters (magne --accept dramatiq dead-letters there too)
+        return queue[: -len(".XQ")], queue
     return queue, topology.dead_queue(queue)
 
 

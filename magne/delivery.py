@@ -29,7 +29,7 @@ class Delivery:
     """
 
     __slots__ = ("tag", "gen", "queue", "body", "header", "redelivered", "outcome", "task", "reason", "error",
-                 "copy_to", "copy_header", "copy_declare", "delay", "blame")
+                 "copy_to", "copy_header", "copy_declare", "delay", "blame", "meta")
 
     def __init__(self, tag: int, gen: int, queue: str, body: bytes, header: bytes, redelivered: bool) -> None:
         self.tag = tag
@@ -49,14 +49,19 @@ class Delivery:
         self.copy_declare: Any = None  # a queue.declare to write first (delay queues)
         self.delay = 0.0
         self.blame = 0  # times the publishing link failed while this copy was the oldest unconfirmed
+        self.meta: Any = None  # a foreign (dramatiq, celery) message's validated fields: magne.formats.Foreign
 
     def copy(self) -> Delivery:
         d = Delivery(self.tag, self.gen, self.queue, self.body, self.header, self.redelivered)
         d.task = self.task
+        d.meta = self.meta
         return d
 
     def message_id(self) -> str:
         """For log lines: the message id, decoded from the properties only on this cold path, escaped."""
+        meta_id = getattr(self.meta, "message_id", None)  # a foreign message's own id (dramatiq keeps it in the body)
+        if isinstance(meta_id, str) and meta_id:
+            return clean(meta_id, 80)
         try:
             mid = decode_properties(self.header).message_id
         except Exception:

@@ -79,6 +79,10 @@ def decide(d: Delivery, failure: Failure, policy: RetryPolicy | None, frame_max:
            queue_type: str = "classic", now: float | None = None) -> list[str]:
     """Fill in `d`'s outcome and its copy; returns warnings about its headers (for the log)."""
     state = wire.read_state(d.header)
+    meta = d.meta  # a foreign message (magne.formats.Foreign): its retries spent count, its home and dead queues
+    if meta is not None:
+        state.retries = max(state.retries, meta.retries)
+    home = meta.home if meta is not None else d.queue
     error = failure.error(with_traceback=failure.retryable)
     d.reason = failure.reason
     d.error = error
@@ -90,13 +94,15 @@ def decide(d: Delivery, failure: Failure, policy: RetryPolicy | None, frame_max:
         d.outcome = Outcome.RETRY
         d.delay = policy.backoff(state.retries)
         ms = topology.delay_ms(d.delay)
-        d.copy_to = topology.delay_queue(d.queue, ms)
-        d.copy_declare = topology.declare_delay(d.queue, ms, queue_type)
+        d.copy_to = topology.delay_queue(home, ms)
+        d.copy_declare = topology.declare_delay(home, ms, queue_type)
         add = {wire.RETRIES: state.retries + 1, wire.HISTORY: history}
     else:
         d.outcome = Outcome.DEAD
         d.copy_to = topology.dead_queue(d.queue)
         d.copy_declare = topology.dead_declaration(d.queue, queue_type)[0]
+        if meta is not None and meta.dead_to:  # where that framework's users look (dramatiq: <queue>.XQ)
+            d.copy_to, d.copy_declare = meta.dead_to, meta.dead_declare
         add = {wire.REASON: failure.reason, wire.QUEUE: d.queue, wire.TASK: d.task, wire.RETRIES: state.retries,
                wire.ERROR_TYPE: error["type"], wire.ERROR_MESSAGE: error["message"]}
         if "traceback" in error:
@@ -110,7 +116,7 @@ def dead_letter_plainly(d: Delivery, failure: Failure, why: str) -> None:
     """The fallback when decide() itself failed: dead-letter with magne's headers only, so nothing is lost."""
     d.outcome = Outcome.DEAD
     d.reason = failure.reason
-    d.copy_to = topology.dead_queue(d.queue)
+    d.copy_to = getattr(d.meta, "dead_to", None) or topology.dead_queue(d.queue)  # dramatiq's: its .XQ
     d.copy_declare = None
     d.copy_header = codec.header_payload(commands.Basic.Properties(delivery_mode=2, headers={
         wire.REASON: failure.reason, wire.QUEUE: d.queue, wire.TASK: wire.safe_text(d.task, 200),

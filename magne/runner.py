@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from magne import logs, wire
+from magne import formats, logs, wire
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, ColdShutdown, Interrupt, TimeLimitExceeded
@@ -66,10 +66,13 @@ class Runner:
         # the worker. None (magne.testing, Pool.run_one): the thread runs it to the end itself (Task.blocking).
         self.to_loop: Callable[[Delivery, Resolved], None] | None = None
         self.failures: dict[Delivery, BaseException] | None = None  # magne.testing keeps each failure's exception
+        self.accept: formats.Accept | None = None  # other formats it reads (--accept dramatiq,celery): set by the worker
 
     # -- resolve -----------------------------------------------------------------------------------------
     def resolve(self, d: Delivery) -> Resolved:
         """The registered task a delivery names, with its arguments; BadMessage if there is none. Any run thread."""
+        if self.accept is not None:  # --accept: magne.formats reads magne's format and the others accepted
+            return formats.resolve(d, self.tasks, self.accept, self.time_limit)
         wire.check_encoding(d.header)
         name, args, kwargs = wire.decode(d.body)
         d.task = name
@@ -164,7 +167,9 @@ class Runner:
                       info: TaskRun | None, started: float, seconds: float, timers: Timers) -> None:
         """The hooks of a failed run, its decision made (cold path): after_run with the decision if the task had
         started (`started`: its clock at the start, else 0), after_failure (and on_dead_letter) with a TaskRun, made
-        here if the run has none (its message named no task)."""
+        here if the run has none (its message named no task). A message not due yet (magne.formats) did not fail."""
+        if d.reason == "not due":
+            return
         if started:
             decision = DECISIONS[d.outcome]
             for fn in timers:
@@ -182,7 +187,9 @@ class Runner:
     def failed(self, d: Delivery, t: Task | None, args: list[Any], kwargs: dict[str, Any], exc: BaseException) -> None:
         """Whatever a run raised becomes its message's decision (the run's thread, cold path)."""
         if isinstance(exc, BadMessage):
-            self.fail(d, Failure("bad message", exc, retryable=False))
+            self.fail(d, Failure(getattr(exc, "reason", "bad message"), exc, retryable=False))
+        elif isinstance(exc, formats.NotDue):  # a foreign message's eta: it waits on the broker, not here
+            formats.defer(d, exc.seconds, self.frame_max)
         elif isinstance(exc, TimeLimitExceeded):
             logs.release_leaked_locks()
             limit = (t.time_limit if t else None) or self.time_limit
@@ -204,6 +211,8 @@ class Runner:
         if self.failures is not None:
             self.failures[d] = failure.exc
         try:
+            if self.accept is not None and d.meta is None:  # failures in dramatiq's queues go to its .XQ
+                formats.attach_home(d, self.accept)
             warnings = decide(d, failure, self.policies.get(d.task), self.frame_max,
                               self.queue_types.get(d.queue, "classic"))
         except Exception as exc:  # a bug in deciding must not lose the message: dead-letter it plainly

@@ -85,6 +85,10 @@ class Supervisor:
         if o.max_body_size:
             argv += ["--max-body-size", str(o.max_body_size)]
         argv += scheduler_argv(o)
+        for fmt in o.accept or ():
+            argv += ["--accept", fmt]
+        if o.dramatiq_queues:
+            argv += ["--dramatiq-queues", *o.dramatiq_queues]
         if o.metrics:  # each child on an ephemeral local port; the supervisor serves the one --metrics address
             argv += ["--metrics", "127.0.0.1:0"]
         return argv

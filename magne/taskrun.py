@@ -97,13 +97,16 @@ class TaskRun:
 
     @property
     def message_id(self) -> str | None:
+        foreign = getattr(self._d.meta, "message_id", None)  # a dramatiq or celery message's own id (magne.formats)
+        if foreign:
+            return foreign
         mid = self._properties().message_id
         return mid if isinstance(mid, str) else None
 
     @property
     def retries(self) -> int:
-        """Retries already made before this run (its x-magne-retries, validated)."""
-        return wire.read_state(self._d.header).retries
+        """Retries already made before this run (its x-magne-retries, validated; a foreign message's count too)."""
+        return max(wire.read_state(self._d.header).retries, getattr(self._d.meta, "retries", 0))
 
     def __repr__(self) -> str:
         return f"<run {self.task_name or '?'} queue={self.queue} decision={self.decision}>"

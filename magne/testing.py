@@ -25,7 +25,7 @@ from typing import Any
 
 from pamqp import commands
 
-from magne import publisher, topology, wire
+from magne import formats, publisher, topology, wire
 from magne.amqp import codec
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, RegistryError
@@ -96,12 +96,14 @@ class Worker:
     max_retries, min_backoff, max_backoff, time_limit, lost_after: the worker's defaults, as `magne worker`
     takes them; a task's own @task settings win over them. max_messages: join()'s guard against a task
     that never stops sending or retrying. raise_on_failure: join() re-raises the first final failure.
+    accept: "dramatiq", "celery" or both, as `magne worker --accept`: `publish()` captured messages of those formats.
     Tasks are those registered when the block starts (a worker imports its tasks before it starts).
     """
 
     def __init__(self, threads: int = 8, *, sync: bool = False, max_retries: int = 0, min_backoff: float = 1.0,
                  max_backoff: float = 300.0, time_limit: float = 600.0, lost_after: float = 10.0,
-                 raise_on_failure: bool = False, max_messages: int = 10_000, start: dt.datetime | None = None) -> None:
+                 raise_on_failure: bool = False, max_messages: int = 10_000, start: dt.datetime | None = None,
+                 accept: str | list[str] | None = None) -> None:
         if threads < 0 or max_messages < 1:
             raise ValueError("threads must be >= 0 and max_messages >= 1")
         self.threads = 0 if sync else threads
@@ -109,6 +111,8 @@ class Worker:
         self.time_limit, self.lost_after = time_limit, lost_after
         self.raise_on_failure, self.max_messages = raise_on_failure, max_messages
         self.clock = 0.0  # simulated seconds since the block started
+        self.accept = formats.parse_accept(accept)  # other formats to run, as `magne worker --accept` (every queue)
+        self._epoch = time.time()  # the simulated clock's zero, for etas and expiries of foreign messages
         self.pool: Pool | None = None
         self._cond = threading.Condition()
         self._due: list[tuple[float, int, Delivery]] = []  # a heap of (due time, seq, delivery)
@@ -134,6 +138,8 @@ class Worker:
         self.simulated = Simulated(tasks, self._start)
         pool = self.pool = Pool(self.threads, tasks, self._work, self._report, self.time_limit, self.lost_after,
                                 self.retry, types)
+        pool.runner.accept = formats.Accept(self.accept, frozenset(types) if "dramatiq" in self.accept else frozenset(),
+                                            lambda: self._epoch + self.clock) if self.accept else None
         pool.runner.failures = {}  # each failure's exception object, so that raise_on_failure can re-raise it
         if self.threads:
             pool.start()
@@ -223,8 +229,16 @@ class Worker:
         """A delivery with its outcome, from a pool thread (or join() when synchronous); a retry is queued again."""
         try:
             assert self.pool is not None
-            name, args, kwargs = _decoded(d.body)
+            if d.reason == "not due":  # a foreign message's eta: it waits on the (simulated) broker, no run yet
+                with self._cond:
+                    self._enqueue(Delivery(next(self._seq), 0, d.queue, d.body, d.copy_header, False),
+                                  self.clock + _seconds(d.delay))
+                return
+            f = d.meta if d.meta is not None and d.meta.fmt != "magne" else None  # a foreign message's own fields
+            name, args, kwargs = (f.task, f.args, f.kwargs) if f is not None else _decoded(d.body)
             before = wire.read_state(d.header)
+            if f is not None:  # a foreign message's own id and retries spent
+                before.message_id, before.retries = f.message_id, max(before.retries, f.retries)
             headers, attempts, err = {}, before.history, d.error or {}
             if d.outcome is not Outcome.ACK and d.copy_header:
                 headers = {k: v for k, v in (codec.decode_properties(d.copy_header).headers or {}).items()

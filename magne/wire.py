@@ -145,6 +145,12 @@ def decode(body: bytes) -> tuple[str, list[Any], dict[str, Any]]:
         msg = loads(body)
     except (ValueError, RecursionError) as exc:
         raise BadMessage(f"body is not JSON: {exc}") from None
+    return from_object(msg)
+
+
+def from_object(msg: Any) -> tuple[str, list[Any], dict[str, Any]]:
+    """A decoded body → (task name, args, kwargs), or BadMessage (decode, and magne.formats for a worker that
+    accepts other formats too). Pool threads."""
     if type(msg) is not dict:
         raise BadMessage(f"body is JSON {type(msg).__name__}, not an object")
     func = msg.get("func")

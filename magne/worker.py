@@ -22,7 +22,7 @@ import time
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
-from magne import limits, logs
+from magne import formats, limits, logs
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.asyncpool import AsyncPool
@@ -65,6 +65,8 @@ class Options:
     scheduler: bool = True  # a candidate leader for its tasks' schedules (magne.leader); False: --no-scheduler
     schedule_grace: float = 300.0
     schedule_stream: str = "magne.schedule"
+    accept: list[str] | None = None  # other formats to read besides magne's: "dramatiq", "celery" (magne.formats)
+    dramatiq_queues: list[str] | None = None  # with accept dramatiq: which queues are dramatiq's (default: all)
 
     @property
     def effective_prefetch(self) -> int:
@@ -168,6 +170,15 @@ class Worker:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         types = queue_types(tasks, self.queues, opts.queue_type)
+        try:
+            self.accept = formats.plan(opts.accept, opts.dramatiq_queues, self.queues)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        delayed, foreign_decls = formats.dramatiq_setup(self.accept, max_priorities(tasks, self.queues))
+        if any(types[q] != "classic" for q in self.accept.dramatiq_queues):
+            raise ConfigError("dramatiq's queues are classic queues: give their tasks no quorum queue_type")
+        self.queues += delayed  # dramatiq's <queue>.DQ: consumed so that delayed messages run when due
+        types.update(dict.fromkeys(delayed, "classic"))
         self.metrics: WorkerMetrics | None = None
         hooks = registered()
         if opts.metrics:  # only then is prometheus_client imported: metrics off cost nothing
@@ -183,8 +194,10 @@ class Worker:
                            consumer_timeouts=consumer_timeouts(tasks, self.queues, opts),
                            tally=self.metrics.tally if self.metrics else None)
         self.io.consumer.max_priorities = max_priorities(tasks, self.queues)
+        self.io.consumer.declarations = foreign_decls
         self.pool = Pool(opts.threads, tasks, self.work, self.io.report, opts.time_limit, opts.lost_after, retry,
                          types, frame_max, hooks=self.hooks)
+        self.pool.runner.accept = self.accept if self.accept else None
         self.aio: AsyncPool | None = None
         if any(t.is_async for t in tasks.values()):
             self._route_async()

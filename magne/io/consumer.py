@@ -72,6 +72,7 @@ class Consumer:
         self.on_ready = on_ready
         self.consumer_timeouts = consumer_timeouts  # queue -> x-consumer-timeout (ms), above its tasks' time limits
         self.max_priorities: dict[str, int] = {}  # queue -> x-max-priority, for queues whose tasks ask for one
+        self.declarations: dict[str, list[topology.Declaration]] = {}  # queues declared otherwise (magne.formats)
         # Where each queue's deliveries go: the pool's work queue, unless the worker routes a queue elsewhere (the
         # event loop of async tasks, magne.asyncpool); and each such place's unstarted deliveries, taken back on
         # a warm stop or a reconnect. Set by the worker before the thread starts.
@@ -149,7 +150,10 @@ class Consumer:
         if prefetch != self._qos:
             self.conn.call(CH, commands.Basic.Qos(prefetch_count=prefetch), (commands.Basic.QosOk,))
             self._qos = prefetch
-        for physical in (queue, topology.due_queue(queue)):
+        due = topology.due_queue(queue)
+        decls = self.declarations.get(queue)  # a queue declared otherwise has a due queue only if it declares one
+        has_due = decls is None or any(getattr(m, "queue", None) == due for m, _r in decls)  # (dramatiq's .DQ: not)
+        for physical in (queue, due) if has_due else (queue,):
             ctag = consumer_tag(physical, os.getpid(), self.gen, next(self._ctag_seq))
             self.ctags[ctag.encode()] = queue  # deliveries may arrive before the consume-ok
             self.conn.call(CH, names.BasicConsume(queue=physical, consumer_tag=ctag, arguments=args),
@@ -295,7 +299,8 @@ class Consumer:
         if backoff is None:
             _due, backoff = self.reconsume.pop(queue)
         self._probe = (queue, backoff)
-        decls = topology.declarations(queue, self.queue_types.get(queue, "classic"), self.max_priorities.get(queue))
+        decls = self.declarations.get(queue) or topology.declarations(queue, self.queue_types.get(queue, "classic"),
+                                                                      self.max_priorities.get(queue))
         conn.call(PROBE_CH, commands.Channel.Open(), (commands.Channel.OpenOk,))
         for method, reply in decls[:-1]:
             conn.call(PROBE_CH, method, (reply,))

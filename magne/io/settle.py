@@ -155,7 +155,10 @@ class Settlement:
         err = d.error or {}
         what = f"{d.reason} ({err.get('type')}: {logs.clean(err.get('message', ''))})" if err else d.reason
         task = logs.clean(d.task or "?", 100)
-        if d.outcome is Outcome.RETRY:
+        if d.reason == "not due":  # a foreign message's eta (magne.formats.defer): it waits on the broker
+            log.info("message %s (task %s) from queue %s is not due for %.1fs; it waits in %s", d.message_id(), task,
+                     d.queue, d.delay, d.copy_to, event="deferred", task=task, queue=d.queue)
+        elif d.outcome is Outcome.RETRY:
             log.warning("message %s (task %s) from queue %s failed: %s; retrying it in %.1fs",
                         d.message_id(), task, d.queue, what, d.delay,
                         event="retry", task=task, queue=d.queue, reason=d.reason, outcome="retry")
