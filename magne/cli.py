@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off unless given; PORT alone listens on "
                         "127.0.0.1, :PORT on every interface, port 0 picks a free one). Under --processes one endpoint "
                         "shows every process and their sums")
+    w.add_argument("--control", choices=["on", "off"], default="on",
+                   help="honour `magne cancel` and answer `magne inspect` (default on; needs RabbitMQ streams, 3.9+)")
 
     s = sub.add_parser("send", parents=[logging_opts], help="publish one task message (confirmed)",
                        description="Publish task messages. The task's queue: --queue, else the one its @task names in "
@@ -152,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refresh in place every SECONDS (default 2) until Ctrl-C")
     st.add_argument("--format", choices=["text", "json"], default="text", help="json: one object per refresh")
 
+    from magne import controlcli
+
+    controlcli.add_parsers(sub, [logging_opts], url_help)
     d = sub.add_parser("demo", parents=[logging_opts], help="start a worker, send a demo batch, print what ran, stop the worker")
     d.add_argument("--count", type=_positive(int), default=2000)
     d.add_argument("--threads", type=_positive(int), default=8)
@@ -180,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             return _dead(args)
         if args.command == "status":
             return _status(args)
+        if args.command in ("cancel", "inspect"):
+            from magne import controlcli
+
+            return controlcli.run(args)
         if args.command == "demo":
             from magne.demo import run_demo
 
@@ -207,7 +216,8 @@ def _worker(args: argparse.Namespace) -> int:
                    time_limit=args.time_limit, lost_after=args.lost_after, queue_type=args.queue_type,
                    max_retries=args.max_retries, min_backoff=args.min_backoff, max_backoff=args.max_backoff,
                    max_body_size=args.max_body_size or 0, metrics=args.metrics,
-                   async_concurrency=args.async_concurrency, event_loop=args.event_loop)
+                   async_concurrency=args.async_concurrency, event_loop=args.event_loop,
+                   control=args.control == "on")
     with pid_file(args.pid_file):
         if args.processes > 1:
             from magne.supervisor import Supervisor

@@ -22,7 +22,7 @@ import time
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
-from magne import limits, logs
+from magne import control, limits, logs
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.asyncpool import AsyncPool
@@ -61,6 +61,7 @@ class Options:
     metrics: str | None = None  # HOST:PORT to serve Prometheus metrics on (magne.metrics); None: off
     async_concurrency: int = 100  # `async def` tasks running at once on the event loop (magne.asyncpool)
     event_loop: str = "asyncio"  # or "uvloop"
+    control: bool = True  # honour cancels and answer `magne inspect` (magne.control); off: neither
 
     @property
     def effective_prefetch(self) -> int:
@@ -184,6 +185,7 @@ class Worker:
         self.aio: AsyncPool | None = None
         if any(t.is_async for t in tasks.values()):
             self._route_async()
+        self.control = control.for_worker(self) if opts.control else None
         self.signals: Signals | None = None
         if any(p.tls and not p.verify for p in self.nodes.all):
             log.warning("TLS certificate checks are off (verify=verify_none): the connection is encrypted but the "
@@ -231,6 +233,8 @@ class Worker:
         self.pool.check(now)
         if self.aio is not None:
             self.aio.check(now)
+        if self.control is not None:
+            self.control.check(now)
 
     def tasks_status(self) -> str:
         return self.pool.status() + (f"; {self.aio.status()}" if self.aio is not None else "")
@@ -262,7 +266,10 @@ class Worker:
         sig = self.signals or Signals()
         io.wake_main = sig.wake  # start the pool as soon as the I/O thread is consuming
         io.start()
-        while not (io.ready.is_set() or io.finished.is_set()):
+        if self.control is not None:  # the pool starts once the cancels made until now are known
+            self.control.start_in_background()
+        while not ((io.ready.is_set() and (self.control is None or self.control.ready.is_set()))
+                   or io.finished.is_set()):
             if sig.stops() or sig.cold():
                 io.request_stop(force=True)
             sig.wait(0.1)
@@ -343,6 +350,8 @@ class Worker:
             self.aio.stop()
             self.aio.join(1.0)
         pool.join(1.0)
+        if self.control is not None:
+            self.control.stop()
         self.hooks.worker_stop(self.info())
         log.info("stopped: %s; %s", io.stats.line(), self.tasks_status(), event="stopped", counters=self.status())
         return EXIT_FAILED if io.failed or loop_died else EXIT_OK
