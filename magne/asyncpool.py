@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 from magne import logs
 from magne.asyncrun import HookThreads, Run, Stepped
-from magne.cancel import message_id_of
+from magne.cancels import message_id_of
 from magne.delivery import Delivery, Outcome
 from magne.errors import Cancelled, ColdShutdown, ConfigError, Interrupt, TimeLimitExceeded
 from magne.loopthread import LoopThread

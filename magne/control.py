@@ -3,7 +3,7 @@
 Both ride the process's publisher Client (magne/engine/client.py): no connection of their own, and nothing on the
 I/O thread, whose consuming socket stays for task messages only.
 
-- Cancels (magne.cancel): a Follower reads the cancels stream into the runner's CancelSet before the pool starts,
+- Cancels (magne.cancels): a Follower reads the cancels stream into the runner's CancelSet before the pool starts,
   then follows it. The worker's main thread calls `check` every tick: ids cancelled in the last few seconds are
   looked for among the running tasks (a thread task gets magne.Cancelled raised in it, an `async def` task is
   cancelled). Looking again for a few seconds closes the gap where a message passed the check in Runner.resolve
@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 from pamqp import commands
 
-from magne import __version__, cancel, logs
+from magne import __version__, cancels, logs
 from magne.amqp import codec, names
 from magne.amqp.confirms import Returned
 from magne.amqp.url import Nodes
@@ -73,7 +73,7 @@ class Control:
     it must read without locks and never block); `cancel_running(ids, now)` interrupts running tasks with those ids
     (main thread)."""
 
-    def __init__(self, publisher: Publisher, cancels: cancel.CancelSet, inspect: Callable[[], dict[str, Any]],
+    def __init__(self, publisher: Publisher, cancels: cancels.CancelSet, inspect: Callable[[], dict[str, Any]],
                  cancel_running: Callable[[set[str], float], None], own: bool = False) -> None:
         self.publisher, self.own = publisher, own
         self.cancels = cancels
@@ -82,7 +82,7 @@ class Control:
         self.ready = threading.Event()  # set once started (or given up on: the worker runs anyway)
         self.exchange = exchange_name()
         self.queue = f"{self.exchange}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        self.follower: cancel.Follower | None = None
+        self.follower: cancels.Follower | None = None
         self.client: Client | None = None
         self.lost = False  # the broker cancelled our control consumer (its queue expired): declare it again
         self._watch: dict[str, float] = {}  # id -> until when it is looked for among running tasks
@@ -96,7 +96,7 @@ class Control:
         broker that refuses or does not answer is logged: the worker runs without its control plane then."""
         try:
             client = self.client = self.publisher._running()
-            self.follower = cancel.Follower(client, self.cancels)
+            self.follower = cancels.Follower(client, self.cancels)
             self.follower.start()
         except Exception as exc:
             log.error("cannot read the cancels stream (%s: %s); cancels are not honoured by this process",
@@ -178,7 +178,7 @@ def for_worker(worker: Any) -> Control:
     made by its main thread at start: its runner's cancel set, its answer to inspect."""
     pub, own = publisher_for(worker.nodes, worker.opts.url)
     runner = worker.pool.runner
-    runner.cancels = cancel.CancelSet(cancel.retention())
+    runner.cancels = cancels.CancelSet(cancels.retention())
     started = time.time()
 
     def cancel_running(ids: set[str], now: float) -> None:
@@ -202,12 +202,12 @@ def snapshot(worker: Any, started: float) -> dict[str, Any]:
         if d is None or s.clock is None:
             continue
         running.append({"kind": "thread", "thread": s.thread.name if s.thread else "?", "queue": d.queue,
-                        "task": d.task, "message_id": cancel.message_id_of(d.header),
+                        "task": d.task, "message_id": cancels.message_id_of(d.header),
                         "started": wall - (mono - began) if began else None, "time_limit": s.limit})
     if worker.aio is not None:
         for run in list(worker.aio.running.values()):
             running.append({"kind": "async", "thread": "magne-asyncio", "queue": run.d.queue, "task": run.d.task,
-                            "message_id": cancel.message_id_of(run.d.header),
+                            "message_id": cancels.message_id_of(run.d.header),
                             "started": wall - (mono - run.started) if run.started else None, "time_limit": run.limit})
     return {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__, "node": worker.io.node,
             "queues": list(worker.queues), "threads": worker.opts.threads, "started": started,

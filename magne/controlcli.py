@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from magne import cancel, control
+from magne import cancels, control
 from magne.errors import EXIT_CONFIG, EXIT_OK
 from magne.publisher import Publisher
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "cancel":
             try:
-                ids = cancel.cancel(*args.ids, publisher=pub)
+                ids = cancels.cancel(*args.ids, publisher=pub)
             except ValueError as exc:
                 print(f"magne cancel: {exc}", file=sys.stderr)
                 return EXIT_CONFIG

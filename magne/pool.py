@@ -24,7 +24,7 @@ from typing import Any
 
 from magne import logs
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
-from magne.cancel import message_id_of
+from magne.cancels import message_id_of
 from magne.delivery import Delivery
 from magne.errors import ColdShutdown, TimeLimitExceeded
 from magne.hooks import HookSet

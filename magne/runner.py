@@ -28,7 +28,7 @@ from typing import Any
 
 from magne import logs, wire
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
-from magne.cancel import CancelSet, message_id_of
+from magne.cancels import CancelSet, message_id_of
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, Cancelled, ColdShutdown, Interrupt, TimeLimitExceeded
 from magne.hooks import HookSet, registered
@@ -67,14 +67,14 @@ class Runner:
         # the worker. None (magne.testing, Pool.run_one): the thread runs it to the end itself (Task.blocking).
         self.to_loop: Callable[[Delivery, Resolved], None] | None = None
         self.failures: dict[Delivery, BaseException] | None = None  # magne.testing keeps each failure's exception
-        # The message ids cancelled (magne.cancel): the worker's Follower fills it from the cancels stream.
+        # The message ids cancelled (magne.cancels): the worker's Follower fills it from the cancels stream.
         self.cancels = CancelSet()
         self.cancelled = 0  # messages acked as cancelled (their run threads count; a racy tally, for status)
 
     # -- resolve -----------------------------------------------------------------------------------------
     def resolve(self, d: Delivery) -> Resolved:
         """The registered task a delivery names, with its arguments; BadMessage if there is none, Cancelled if its id
-        was cancelled (magne.cancel: an empty set costs one truth test, a non-empty one a header scan and a dict
+        was cancelled (magne.cancels: an empty set costs one truth test, a non-empty one a header scan and a dict
         lookup). Any run thread."""
         cancels = self.cancels.ids
         if cancels and message_id_of(d.header) in cancels:
@@ -231,7 +231,7 @@ class Runner:
                         event="bad_header", task=task, queue=d.queue)
 
     def was_cancelled(self, d: Delivery, exc: Cancelled) -> None:
-        """A cancelled message (magne.cancel) is acked, never retried nor dead-lettered, and said so in the log (the
+        """A cancelled message (magne.cancels) is acked, never retried nor dead-lettered, and said so in the log (the
         run's thread, or the watchdog for an abandoned run; cold path)."""
         logs.release_leaked_locks()  # if it was raised into the task's thread inside logging (nothing otherwise)
         d.outcome = Outcome.ACK

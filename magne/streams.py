@@ -1,4 +1,4 @@
-"""RabbitMQ streams as magne's memory: the cancel records (magne.cancel) and the task events (magne.events).
+"""RabbitMQ streams as magne's memory: the cancel records (magne.cancels) and the task events (magne.events).
 
 A stream is an append-only log kept for a retention age (`x-max-age`), readable from any point in time
 (`x-stream-offset` with a timestamp) by any number of readers, each with its own position. That is what a cancel

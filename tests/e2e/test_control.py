@@ -8,7 +8,8 @@ import signal
 
 import pytest
 
-from magne import cancel, control
+import magne
+from magne import cancels, control
 from magne.outgoing import Target
 from support import wait_for
 
@@ -40,15 +41,15 @@ def test_cancels_reach_queued_delayed_prefetched_and_running_messages_even_with_
     queued = pub.send(main, [1])
     delayed = pub.send(main, [2], delay=1.5)
     pub.send(main, [3])
-    assert cancel.cancel(queued, delayed, publisher=pub) == [queued, delayed]
+    assert magne.cancel(queued, delayed, publisher=pub) == [queued, delayed]
     w = start_worker("--threads", "1", "--max-retries", "3", "--min-backoff", "0.1", modules=MODULES)
     w.wait_ready()
     # One thread: a long task runs, the next message waits prefetched behind it; cancel both.
     running = pub.send(nap, [4, 30])
     wait_for(lambda: counts(redis, fleet, "started").get("4") == 1, 10, what="the long task started")
     prefetched = pub.send(main, [5])
-    cancel.cancel(prefetched, publisher=pub)
-    cancel.cancel(running, publisher=pub)
+    cancels.cancel(prefetched, publisher=pub)
+    cancels.cancel(running, publisher=pub)
     wait_for(lambda: len(w.events("cancelled")) == 4, 15, what=f"four cancels honoured:\n{w.log()}")
     pub.send(main, [6])
     wait_for(lambda: counts(redis, fleet, "runs").get("6") == 1, 10, what="a message after the cancels ran")
@@ -67,7 +68,7 @@ def test_a_running_async_task_is_cancelled_and_not_retried(fleet, redis, pub, st
     w.wait_ready()
     mid = pub.send(Target("a_nap", f"{fleet['MAGNE_TEST_PREFIX']}.async"), [7, 30])
     wait_for(lambda: counts(redis, fleet, "started").get("7") == 1, 10, what="the coroutine started")
-    cancel.cancel(mid, publisher=pub)
+    cancels.cancel(mid, publisher=pub)
     wait_for(lambda: w.events("cancelled"), 10, what=f"the coroutine cancelled:\n{w.log()}")
     assert w.events("cancelled")[0]["message_id"] == mid
     assert w.stop() == 0
@@ -84,7 +85,7 @@ def test_inspect_hears_every_live_process_and_what_it_runs_and_nothing_from_a_ki
     try:
         inspect_two_then_one(fleet, redis, pub, a, b, mid)
     finally:
-        cancel.cancel(mid, publisher=pub)  # the survivor stops at once
+        cancels.cancel(mid, publisher=pub)  # the survivor stops at once
 
 
 def inspect_two_then_one(fleet, redis, pub, a, b, mid):

@@ -35,7 +35,7 @@ from magne import logs, streams
 from magne.engine.client import Client
 from magne.publisher import default_publisher
 
-log = logs.Log("magne.cancel")
+log = logs.Log("magne.cancels")
 
 DEFAULT_STREAM = "magne.cancels"
 MAX_IDS = 10_000  # ids in one cancel record (a bigger cancel is split into several records)
