@@ -218,6 +218,7 @@ class AsyncPool(LoopThread):
                 failure = exc
                 await hooked.call(run, lambda timers: runner.after_failure(d, t, args, kwargs, failure, info, started,
                                                                            seconds, timers))
+        d.started = started
         runner.report(d)
         self._forget(run)
 

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "shows every process and their sums")
     w.add_argument("--control", choices=["on", "off"], default="on",
                    help="honour `magne cancel` and answer `magne inspect` (default on; needs RabbitMQ streams, 3.9+)")
+    w.add_argument("--events", choices=["on", "off"], default="on", help="publish task events (default on)")
 
     s = sub.add_parser("send", parents=[logging_opts], help="publish one task message (confirmed)",
                        description="Publish task messages. The task's queue: --queue, else the one its @task names in "
@@ -217,7 +218,7 @@ def _worker(args: argparse.Namespace) -> int:
                    max_retries=args.max_retries, min_backoff=args.min_backoff, max_backoff=args.max_backoff,
                    max_body_size=args.max_body_size or 0, metrics=args.metrics,
                    async_concurrency=args.async_concurrency, event_loop=args.event_loop,
-                   control=args.control == "on")
+                   control=args.control == "on", events=args.events == "on")
     with pid_file(args.pid_file):
         if args.processes > 1:
             from magne.supervisor import Supervisor

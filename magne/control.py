@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 from pamqp import commands
 
-from magne import __version__, cancels, logs
+from magne import __version__, cancels, events, logs
 from magne.amqp import codec, names
 from magne.amqp.confirms import Returned
 from magne.amqp.url import Nodes
@@ -74,8 +74,11 @@ class Control:
     (main thread)."""
 
     def __init__(self, publisher: Publisher, cancels: cancels.CancelSet, inspect: Callable[[], dict[str, Any]],
-                 cancel_running: Callable[[set[str], float], None], own: bool = False) -> None:
+                 cancel_running: Callable[[set[str], float], None], own: bool = False, listen: bool = True,
+                 events: events.Events | None = None) -> None:
         self.publisher, self.own = publisher, own
+        self.listen = listen  # --control on: follow cancels, answer inspect
+        self.events = events  # --events on: the task events' buffer and flusher (magne.events)
         self.cancels = cancels
         self.inspect = inspect
         self.cancel_running = cancel_running
@@ -89,7 +92,12 @@ class Control:
         self._restarting = False
 
     def start_in_background(self) -> None:
-        threading.Thread(target=self._start, name="magne-control", daemon=True).start()
+        if self.events is not None:
+            self.events.start()
+        if self.listen:
+            threading.Thread(target=self._start, name="magne-control", daemon=True).start()
+        else:
+            self.ready.set()
 
     def _start(self) -> None:
         """magne-control thread: follow the cancels stream (waiting for the catch-up), bind the control queue. A
@@ -144,9 +152,14 @@ class Control:
             threading.Thread(target=self._listen, name="magne-control", daemon=True).start()
 
     def stop(self) -> None:
-        """Main thread, at the end: stop following, delete the control queue (best effort, briefly)."""
+        """Main thread, at the end: flush the last events, stop following, delete the control queue (best effort,
+        briefly)."""
+        if self.events is not None:
+            self.events.stop()
         client = self.client
         if client is None:
+            if self.own:
+                self.publisher.close()
             return
         try:
             if self.follower is not None:
@@ -181,6 +194,11 @@ def for_worker(worker: Any) -> Control:
     runner.cancels = cancels.CancelSet(cancels.retention())
     started = time.time()
 
+    ev = None
+    if worker.opts.events:  # every outcome is recorded on its way back to the I/O thread
+        ev = events.Events(pub._running)
+        worker.pool.report = runner.report = ev.wrap(worker.pool.report)
+
     def cancel_running(ids: set[str], now: float) -> None:
         worker.pool.cancel_running(ids, now)
         if worker.aio is not None:
@@ -189,7 +207,7 @@ def for_worker(worker: Any) -> Control:
     def inspect() -> dict[str, Any]:
         return snapshot(worker, started)
 
-    return Control(pub, runner.cancels, inspect, cancel_running, own)
+    return Control(pub, runner.cancels, inspect, cancel_running, own, worker.opts.control, ev)
 
 
 def snapshot(worker: Any, started: float) -> dict[str, Any]:

@@ -220,6 +220,7 @@ class Pool:
                             threading.current_thread().name, d.task, d.message_id(), event="abandoned_returned",
                             task=d.task)
                 return
+            d.started = slot.started if slot.delivery is d else 0.0  # for magne.events: a store, no clock read
             slot.delivery = None
             report(d)
 

@@ -235,6 +235,7 @@ class Runner:
         run's thread, or the watchdog for an abandoned run; cold path)."""
         logs.release_leaked_locks()  # if it was raised into the task's thread inside logging (nothing otherwise)
         d.outcome = Outcome.ACK
+        d.reason = "cancelled"  # what magne.events reports (an ACK with this reason is no success)
         self.cancelled += 1
         task = logs.clean(d.task, 100) or "?"
         mid = d.message_id()

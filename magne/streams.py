@@ -46,10 +46,12 @@ def seconds_from_env(var: str, default: float) -> float:
     return default
 
 
-def declare(client: Client, name: str, max_age: float) -> None:
+def declare(client: Client, name: str, max_age: float, max_bytes: int | None = None) -> None:
     """Declare the stream `name` (durable, `x-max-age`), or use it as it is if it exists with other settings (an
     operator changed its retention by policy or by hand: theirs wins). Any thread but the client's loop thread."""
-    args = {"x-queue-type": "stream", "x-max-age": f"{max(1, int(max_age))}s"}
+    args: dict[str, Any] = {"x-queue-type": "stream", "x-max-age": f"{max(1, int(max_age))}s"}
+    if max_bytes:
+        args["x-max-length-bytes"] = max_bytes
     try:
         client.call(names.QueueDeclare(queue=name, durable=True, arguments=args), commands.Queue.DeclareOk)
     except ChannelClosed as exc:

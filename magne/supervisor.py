@@ -83,8 +83,7 @@ class Supervisor:
             argv += ["--queues", *o.queues]
         if o.max_body_size:
             argv += ["--max-body-size", str(o.max_body_size)]
-        if not o.control:
-            argv += ["--control", "off"]
+        argv += ["--control", "on" if o.control else "off", "--events", "on" if o.events else "off"]
         if o.metrics:  # each child on an ephemeral local port; the supervisor serves the one --metrics address
             argv += ["--metrics", "127.0.0.1:0"]
         return argv

@@ -62,6 +62,7 @@ class Options:
     async_concurrency: int = 100  # `async def` tasks running at once on the event loop (magne.asyncpool)
     event_loop: str = "asyncio"  # or "uvloop"
     control: bool = True  # honour cancels and answer `magne inspect` (magne.control); off: neither
+    events: bool = True  # publish task events to the stream magne.events (magne.events)
 
     @property
     def effective_prefetch(self) -> int:
@@ -185,7 +186,7 @@ class Worker:
         self.aio: AsyncPool | None = None
         if any(t.is_async for t in tasks.values()):
             self._route_async()
-        self.control = control.for_worker(self) if opts.control else None
+        self.control = control.for_worker(self) if opts.control or opts.events else None
         self.signals: Signals | None = None
         if any(p.tls and not p.verify for p in self.nodes.all):
             log.warning("TLS certificate checks are off (verify=verify_none): the connection is encrypted but the "

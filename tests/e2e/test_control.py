@@ -5,11 +5,12 @@ a retry; inspect hears every live process and nothing from a killed one."""
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 
 import magne
-from magne import cancels, control
+from magne import cancels, control, events
 from magne.outgoing import Target
 from support import wait_for
 
@@ -22,6 +23,8 @@ def fleet(names, broker, monkeypatch):
     prefix = names["MAGNE_TEST_PREFIX"]
     names["MAGNE_CANCEL_STREAM"] = f"{prefix}.cancels"
     names["MAGNE_CONTROL_EXCHANGE"] = f"{prefix}.control"
+    names["MAGNE_EVENTS_STREAM"] = f"{prefix}.events"
+    monkeypatch.setenv("MAGNE_EVENTS_STREAM", names["MAGNE_EVENTS_STREAM"])
     monkeypatch.setenv("MAGNE_CANCEL_STREAM", names["MAGNE_CANCEL_STREAM"])
     monkeypatch.setenv("MAGNE_CONTROL_EXCHANGE", names["MAGNE_CONTROL_EXCHANGE"])
     broker.exchanges.add(names["MAGNE_CONTROL_EXCHANGE"])
@@ -61,6 +64,15 @@ def test_cancels_reach_queued_delayed_prefetched_and_running_messages_even_with_
     assert [e for e in w.events("cancel_running")][0]["task"] == "nap"
     assert w.stop() == 0
     assert w.counters()["dead"] == 0 and w.counters()["retried"] == 0
+    # Every outcome is in the events stream, cancels as cancels.
+    got: list[dict] = []
+    events.follow(pub._running(), got.extend, time.time() - 60)
+    wait_for(lambda: len(got) >= 6, 10, what=f"six events: {got}")
+    by_id = {e["id"]: e for e in got}
+    assert {by_id[m]["event"] for m in (queued, delayed, prefetched, running)} == {"cancelled"}
+    assert by_id[running]["duration"] > 0 and "started" not in by_id[queued]
+    assert sorted(e["event"] for e in got) == ["cancelled"] * 4 + ["succeeded"] * 2
+    assert {e["pid"] for e in got} == {w.pid} and {e["queue"] for e in got} == {fleet["main"]}
 
 
 def test_a_running_async_task_is_cancelled_and_not_retried(fleet, redis, pub, start_worker):
