@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             return _dead(args)
         if args.command == "status":
             return _status(args)
-        if args.command in ("cancel", "inspect"):
+        if args.command in ("cancel", "inspect", "dashboard"):
             from magne import controlcli
 
             return controlcli.run(args)

@@ -152,21 +152,11 @@ class Control:
             threading.Thread(target=self._listen, name="magne-control", daemon=True).start()
 
     def stop(self) -> None:
-        """Main thread, at the end: flush the last events, stop following, delete the control queue (best effort,
-        briefly)."""
+        """Main thread, at the end: flush the last events."""
         if self.events is not None:
             self.events.stop()
-        client = self.client
-        if client is None:
-            if self.own:
-                self.publisher.close()
-            return
-        try:
-            if self.follower is not None:
-                self.follower.stop()
-            client.call(names.QueueDelete(queue=self.queue), commands.Queue.DeleteOk, timeout=2.0)
-        except Exception:
-            pass  # it expires by itself
+        # The consumers end with the connection, and the control queue expires by itself (x-expires) once nobody
+        # consumes it: nothing to cancel (see Replies on cancels) nor to delete here.
         if self.own:
             self.publisher.close()
 
@@ -233,29 +223,62 @@ def snapshot(worker: Any, started: float) -> dict[str, Any]:
             "cancelled": worker.pool.runner.cancelled, "counters": worker.status()}
 
 
+class Replies:
+    """One reply queue per Client, kept for its life: an exclusive queue and its consumer, made on the first gather
+    and again after a reconnect took it (the consumer's re-subscription is refused: on_cancel). Answers are routed to
+    the gather waiting for their correlation id. Never cancelled: on RabbitMQ 3.10 the cancel-ok of a short-lived
+    reply queue's consumer did not come, and the engine's channel, waiting for it, refused the next reply."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.queue = ""
+        self.lock = threading.Lock()  # making the queue (gathering threads); the loop thread never takes it
+        self.waiting: dict[str, list[dict[str, Any]]] = {}
+
+    def ready(self) -> str:
+        """A gathering thread: the reply queue's name, declared and consumed if needed."""
+        with self.lock:
+            if not self.queue:
+                ok = self.client.call(names.QueueDeclare(queue="", exclusive=True), commands.Queue.DeclareOk)
+                self.client.consume(ok.queue, self._on_reply, prefetch=100, no_ack=True, on_cancel=self._lost)
+                self.queue = ok.queue
+            return self.queue
+
+    def _lost(self) -> None:
+        self.queue = ""  # client loop thread: declared again by the next gather
+
+    def _on_reply(self, m: Delivered) -> None:
+        """Client loop thread: an answer, to the gather that waits for it (none: it came too late, dropped)."""
+        try:
+            got = self.waiting.get(codec.decode_properties(m.header).correlation_id or "")
+            rec = orjson.loads(m.body)
+            if got is not None and isinstance(rec, dict):
+                got.append(rec)
+        except Exception:
+            pass  # not an answer of ours
+
+
+_replies: dict[int, Replies] = {}
+_replies_lock = threading.Lock()
+
+
 def gather(publisher: Any = None, wait: float = 1.0) -> list[dict[str, Any]]:
     """Ask every live worker process what it is and what it runs (magne inspect): the answers that came within
     `wait` seconds, by host and pid. Calling thread; on the given publisher's connection (the default's otherwise)."""
     pub = publisher if publisher is not None else default_publisher()
     client: Client = pub._running()
+    with _replies_lock:
+        for key in [k for k, r in _replies.items() if not r.client.alive]:
+            del _replies[key]
+        replies = _replies.setdefault(id(client), Replies(client))
     exchange = exchange_name()
     declare_exchange(client, exchange)
-    ok = client.call(names.QueueDeclare(queue="", exclusive=True, auto_delete=True), commands.Queue.DeclareOk)
-    replies: list[dict[str, Any]] = []
+    queue = replies.ready()
     cid = uuid.uuid4().hex
-
-    def on_reply(m: Delivered) -> None:
-        try:
-            if codec.decode_properties(m.header).correlation_id == cid:
-                rec = orjson.loads(m.body)
-                if isinstance(rec, dict):
-                    replies.append(rec)
-        except Exception:
-            pass  # not an answer of ours
-
-    tag = client.consume(ok.queue, on_reply, prefetch=100, no_ack=True)
+    got: list[dict[str, Any]] = []
+    replies.waiting[cid] = got
     try:
-        props = commands.Basic.Properties(content_type="application/json", reply_to=ok.queue, correlation_id=cid,
+        props = commands.Basic.Properties(content_type="application/json", reply_to=queue, correlation_id=cid,
                                           expiration=str(REQUEST_TTL_MS))
         try:
             client.publish_confirmed(exchange, "", orjson.dumps({"op": "inspect", "at": time.time()}), props)
@@ -265,9 +288,5 @@ def gather(publisher: Any = None, wait: float = 1.0) -> list[dict[str, Any]]:
         while time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        client.cancel(tag)
-        try:
-            client.call(names.QueueDelete(queue=ok.queue), commands.Queue.DeleteOk, timeout=2.0)
-        except Exception:
-            pass
-    return sorted(list(replies), key=lambda r: (str(r.get("host")), int(r.get("pid") or 0)))
+        replies.waiting.pop(cid, None)
+    return sorted(list(got), key=lambda r: (str(r.get("host")), int(r.get("pid") or 0)))

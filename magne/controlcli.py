@@ -1,9 +1,12 @@
-"""The fleet's commands: `magne cancel`, `magne inspect` (and their parsers), kept out of magne/cli.py so that it
-stays one screen of wiring. magne.cli imports this module only when it builds its parser or runs one of these."""
+"""The fleet's commands: `magne cancel`, `magne inspect`, `magne dashboard` (and their parsers), kept out of
+magne/cli.py so that it stays one screen of wiring. magne.cli imports this module only when it builds its parser or
+runs one of these; the dashboard's web layer (an optional extra) only when it runs."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 import time
 from typing import Any
@@ -11,10 +14,11 @@ from typing import Any
 import orjson
 
 from magne import cancels, control
-from magne.errors import EXIT_CONFIG, EXIT_OK
+from magne.errors import EXIT_CONFIG, EXIT_OK, ConfigError
 from magne.publisher import Publisher
+from magne.registry import REGISTRY, queues_of
 
-COMMANDS = ("cancel", "inspect")
+COMMANDS = ("cancel", "inspect", "dashboard")
 
 
 def add_parsers(sub: Any, parents: list[argparse.ArgumentParser], url_help: str) -> None:
@@ -28,9 +32,21 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser], url_help: str)
     i.add_argument("--url", help=url_help)
     i.add_argument("--wait", type=float, default=1.0, help="seconds to gather answers (default 1)")
     i.add_argument("--format", choices=["text", "json"], default="text")
+    d = sub.add_parser("dashboard", parents=parents, help="serve a web page of queues, workers, task rates, latencies "
+                       "and failures (pip install 'magne[dashboard]')")
+    d.add_argument("modules", nargs="*", metavar="MODULE", help="task module(s) whose queues to show")
+    d.add_argument("--queues", nargs="+", metavar="QUEUE", default=[], help="these queues too")
+    d.add_argument("--url", help=url_help)
+    d.add_argument("--listen", default="127.0.0.1:9720", metavar="HOST:PORT", help="default 127.0.0.1:9720")
+    d.add_argument("--management", metavar="URL", help="the management API (default: the broker host, port 15672)")
+    d.add_argument("--allow-actions", action="store_true",
+                   help="allow cancel and dead-letter replay from the page, with a token (MAGNE_DASHBOARD_TOKEN, "
+                        "else one is generated and printed)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "dashboard":
+        return dashboard(args)
     pub = Publisher(args.url)
     try:
         if args.command == "cancel":
@@ -50,6 +66,24 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     finally:
         pub.close()
+
+
+def dashboard(args: argparse.Namespace) -> int:
+    try:
+        from magne.dashboard.app import Dashboard, serve
+    except ImportError as exc:
+        raise ConfigError(f"magne dashboard needs its extra: pip install 'magne[dashboard]' ({exc})") from None
+    host, _, port = args.listen.rpartition(":")
+    if not port.isdigit() or not host:
+        raise ConfigError(f"--listen {args.listen!r}: give HOST:PORT")
+    for name in args.modules:
+        try:
+            importlib.import_module(name[:-3].replace("/", ".") if name.endswith(".py") else name)
+        except Exception as exc:
+            raise ConfigError(f"cannot import task module {name!r}: {type(exc).__name__}: {exc}") from None
+    queues = list(dict.fromkeys(queues_of(REGISTRY) + args.queues))
+    dash = Dashboard(args.url, queues, args.management, args.allow_actions, os.environ.get("MAGNE_DASHBOARD_TOKEN"))
+    return serve(dash, host.strip("[]"), int(port))
 
 
 def text(replies: list[dict[str, Any]]) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 from pamqp import commands
 
 from magne import logs
-from magne.amqp import names
+from magne.amqp import codec, names
 from magne.amqp.errors import ChannelClosed
 from magne.engine.client import Client
 from magne.engine.session import Delivered
@@ -70,8 +70,10 @@ def follow(client: Client, name: str, since: float, on_body: Callable[[bytes], N
            **kw: Any) -> str:
     """Read stream `name` from wall-clock time `since` on and keep following it; `on_body(body)` gets each record on
     the client's loop thread (must not block, must not raise: a raise is logged and the record skipped). Returns the
-    consumer tag (Client.cancel stops it). The client subscribes again after a reconnect, from the same time (the
-    callback sees some records twice then: records are idempotent). Any thread but the loop's."""
+    consumer tag (Client.cancel stops it). The client subscribes again after a reconnect (the
+    callback goes on after the last record it saw: each record's `x-stream-offset`). Any thread but the loop's."""
+
+    args: dict[str, Any] = {"x-stream-offset": offset_at(since)}
 
     def on_message(m: Delivered) -> None:
         try:
@@ -80,5 +82,13 @@ def follow(client: Client, name: str, since: float, on_body: Callable[[bytes], N
             log.warning("a record of stream %s could not be read (%s); skipped", name, type(exc).__name__,
                         event="bad_record")
         client.ack(m.tag, m.gen)  # a stream consumer acks to get more credit
+        # Resume after this record when the client subscribes again (a reconnect): the subscription keeps this very
+        # dict, so a reconnect neither reads the window again nor counts a record twice.
+        try:
+            offset = (codec.decode_properties(m.header).headers or {}).get("x-stream-offset")
+        except Exception:
+            offset = None
+        if isinstance(offset, int) and not isinstance(offset, bool):
+            args["x-stream-offset"] = offset + 1
 
-    return client.consume(name, on_message, prefetch=prefetch, arguments={"x-stream-offset": offset_at(since)}, **kw)
+    return client.consume(name, on_message, prefetch=prefetch, arguments=args, **kw)

@@ -13,23 +13,15 @@ import magne
 from magne import cancels, control, events
 from magne.outgoing import Target
 from support import wait_for
+from support.control_env import isolate
 
 MODULES = ("control_tasks",)
 
 
 @pytest.fixture
 def fleet(names, broker, monkeypatch):
-    """Per-test cancels stream and control exchange, for this process (cancel, gather) and the workers (env)."""
-    prefix = names["MAGNE_TEST_PREFIX"]
-    names["MAGNE_CANCEL_STREAM"] = f"{prefix}.cancels"
-    names["MAGNE_CONTROL_EXCHANGE"] = f"{prefix}.control"
-    names["MAGNE_EVENTS_STREAM"] = f"{prefix}.events"
-    monkeypatch.setenv("MAGNE_EVENTS_STREAM", names["MAGNE_EVENTS_STREAM"])
-    monkeypatch.setenv("MAGNE_CANCEL_STREAM", names["MAGNE_CANCEL_STREAM"])
-    monkeypatch.setenv("MAGNE_CONTROL_EXCHANGE", names["MAGNE_CONTROL_EXCHANGE"])
-    broker.exchanges.add(names["MAGNE_CONTROL_EXCHANGE"])
-    broker.track(f"{prefix}.async")
-    return names
+    """Per-test cancels and events streams and control exchange, for this process and the workers."""
+    return isolate(names, broker, monkeypatch)
 
 
 def counts(redis, names, key):

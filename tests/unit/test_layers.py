@@ -15,6 +15,7 @@ INNER_ALLOWED = {
                         "worker's imports are not `magne send`'s start-up cost)",
     ("magne.worker", "magne.metrics"): "optional extra: prometheus_client only with --metrics",
     ("magne.supervisor", "magne.metrics"): "optional extra: prometheus_client only with --metrics",
+    ("magne.controlcli", "magne.dashboard.app"): "optional extra: starlette and uvicorn only for magne dashboard",
 }
 # Modules over ~300 lines, each with the reason it is one room (a number well above the line count: a check that it
 # does not keep growing).
