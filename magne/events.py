@@ -1,10 +1,11 @@
 """Task events: one record per finished run, published by workers to the stream `magne.events`, batched.
 
-What a record holds (a JSON object; a stream message holds a JSON array of them):
+What a record holds (a stream message holds a batch: `{"host", "pid", "fields": [...], "rows": [[...], ...]}`, one
+row per record, its columns named by `fields`, null for what a record lacks; `parse` gives one dict per record):
 
     t         wall-clock time the outcome was decided (seconds since the epoch)
     event     succeeded | retried | dead-lettered | cancelled | requeued | returned (given back unstarted)
-    task, queue, id (the message id), host, pid
+    task, queue, id (the message id); host and pid once per batch
     started   wall-clock time its run started (absent if it never started: a bad message, a cancel before the start)
     duration  seconds the task ran
     reason    why it failed (retried, dead-lettered: "task raised", "time limit", "bad message", ...)
@@ -51,6 +52,8 @@ MAX_BYTES = 2_000_000_000  # the stream's x-max-length-bytes, beside its age: di
 
 NAMES = {Outcome.ACK: "succeeded", Outcome.RETRY: "retried", Outcome.DEAD: "dead-lettered",
          Outcome.REQUEUE: "requeued", Outcome.GIVE_BACK: "returned"}
+NAMES_BY_OUTCOME = [NAMES[o] for o in sorted(Outcome)]  # indexed by the outcome's value: no enum hashing per event
+FIELDS = ("t", "event", "task", "queue", "id", "started", "duration", "reason", "error")  # a row's columns
 
 Entry = tuple[bytes, str, str, Outcome, str, Any, float, float]
 
@@ -83,6 +86,7 @@ class Events:
         self.published = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._client: Client | None = None
 
     def wrap(self, report: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
         """`report` with an event recorded first. The hot path: one tuple of what the delivery holds, one append."""
@@ -98,11 +102,16 @@ class Events:
         self._thread = threading.Thread(target=self.run, name="magne-events", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Main thread, after the pool stopped: flush what is left, briefly."""
+    def stop(self, timeout: float = 2.0) -> None:
+        """Main thread, after the pool stopped: flush what is left and let the client write it, briefly (the process
+        may exit next, and the client's thread with it)."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(2.0)
+            self._thread.join(timeout)
+        client = self._client  # the one the thread published on, if any (never start a client to stop)
+        while client is not None and client.alive and not client.has_room(1) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def run(self) -> None:
         """magne-events thread: declare the stream, then flush every FLUSH_EVERY seconds until stopped."""
@@ -110,7 +119,7 @@ class Events:
         while True:
             stopping = self._stop.wait(FLUSH_EVERY)
             try:
-                client = self.client()
+                client = self._client = self.client()
                 if not ready:
                     declare(client, self.name)
                     ready = True
@@ -127,37 +136,44 @@ class Events:
                 return
 
     def _flush(self, client: Client) -> None:
-        """magne-events thread: one stream message of up to BATCH records."""
-        buf, out = self.buf, []
-        mono, wall = time.monotonic(), time.time()
-        host, pid = self.host, self.pid
-        while buf and len(out) < BATCH:
-            header, task, queue, outcome, reason, error, started, at = buf.popleft()
-            rec: dict[str, Any] = {"t": round(wall - (mono - at), 6), "event": NAMES.get(outcome, "unknown"),
-                                   "task": task, "queue": queue, "id": message_id_of(header), "host": host, "pid": pid}
-            if reason == "cancelled":
-                rec["event"] = "cancelled"
-            elif reason:
-                rec["reason"] = reason
-            if started:
-                rec["started"] = round(wall - (mono - started), 6)
-                rec["duration"] = round(at - started, 6)
-            if error:
-                rec["error"] = {"type": error.get("type"), "message": logs.clean(error.get("message", ""), 300)}
-            out.append(rec)
-        body = orjson.dumps(out)
+        """magne-events thread: one stream message of up to BATCH records (host and pid once, for the batch)."""
+        buf, rows = self.buf, []
+        shift = time.time() - time.monotonic()  # monotonic -> wall clock
+        names, popleft, append, mid = NAMES_BY_OUTCOME, buf.popleft, rows.append, message_id_of
+        for _ in range(min(len(buf), BATCH)):
+            header, task, queue, outcome, reason, error, started, at = popleft()
+            if not reason:  # the common case: a success
+                append((at + shift, names[outcome], task, queue, mid(header), started + shift if started else None,
+                        at - started if started else None))
+                continue
+            event = "cancelled" if reason == "cancelled" else names[outcome]
+            err = {"type": error.get("type"), "message": logs.clean(error.get("message", ""), 300)} if error else None
+            append((at + shift, event, task, queue, mid(header), started + shift if started else None,
+                    at - started if started else None, None if event == "cancelled" else reason, err))
+        body = orjson.dumps({"host": self.host, "pid": self.pid, "fields": FIELDS, "rows": rows})
         props = commands.Basic.Properties(content_type="application/json", delivery_mode=2)
         client.publish(Outgoing("", self.name, codec.header_payload(props, len(body)), body, None,
                                 deadline=time.monotonic() + 30.0))
-        self.published += len(out)
+        self.published += len(rows)
 
 
 def parse(body: bytes) -> list[dict[str, Any]]:
-    """The records of one stream message (a JSON array of objects); ValueError for anything else."""
-    recs = orjson.loads(body)
-    if not isinstance(recs, list):
+    """The records of one stream message (`{"host", "pid", "fields", "rows"}`) as one dict each, with the batch's
+    host and pid, and no key for a column that is null (a row may be shorter than `fields`); ValueError for anything
+    else."""
+    batch = orjson.loads(body)
+    rows = batch.get("rows") if isinstance(batch, dict) else None
+    fields = batch.get("fields") if isinstance(batch, dict) else None
+    if not isinstance(rows, list) or not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
         raise ValueError("not a batch of events")
-    return [r for r in recs if isinstance(r, dict)]
+    host, pid = batch.get("host"), batch.get("pid")
+    out = []
+    for row in rows:
+        if isinstance(row, list):
+            rec = {k: v for k, v in zip(fields, row, strict=False) if v is not None}
+            rec["host"], rec["pid"] = host, pid
+            out.append(rec)
+    return out
 
 
 def follow(client: Client, on_records: Callable[[list[dict[str, Any]]], None], since: float,

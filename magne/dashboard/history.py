@@ -9,6 +9,7 @@ server's thread. One lock between them, held for a dictionary update or a copy, 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -45,7 +46,8 @@ class History:
             for r in records:
                 t, kind = r.get("t"), r.get("event")
                 task = r.get("task")
-                if not isinstance(t, int | float) or not isinstance(kind, str) or not isinstance(task, str):
+                if (not isinstance(t, int | float) or not math.isfinite(t) or not isinstance(kind, str)
+                        or not isinstance(task, str)):
                     continue
                 task = task[:200] or "?"
                 self.events += 1

@@ -16,6 +16,7 @@ from magne import wire
 from magne.amqp import codec
 from magne.cancels import CancelSet, Follower, check_ids, message_id_of
 from magne.delivery import Delivery, Outcome
+from magne.outgoing import json_header
 from magne.pool import Pool
 from magne.registry import Task
 
@@ -55,6 +56,15 @@ def delivery(name: str, *args: Any, mid: str | None = None) -> Delivery:
 def test_message_id_of_reads_what_decoding_every_property_reads(props):
     header = codec.header_payload(commands.Basic.Properties(**props), 10)
     assert message_id_of(header) == codec.decode_properties(header).message_id
+
+
+def test_message_id_of_magne_own_header_takes_the_short_way_and_reads_the_same():
+    for mid in ("m", wire.new_id(), "é" * 100, "x" * 255):
+        for priority in (None, 3):
+            header = json_header(mid, 5, priority)
+            assert message_id_of(header) == codec.decode_properties(header).message_id == mid
+    for cut in range(40):
+        message_id_of(json_header("abc", 5)[:cut])  # truncated: never a raise
 
 
 def test_message_id_of_a_malformed_header_is_none_never_a_raise():
