@@ -47,6 +47,7 @@ DEFAULT_EXCHANGE = "magne.control"
 WATCH = 5.0  # seconds a fresh cancel is looked for among running tasks
 QUEUE_EXPIRES_MS = 60_000  # a control queue nobody consumes goes away after this long (its process died)
 REQUEST_TTL_MS = 5_000  # an inspect request is worth nothing after a few seconds
+RETRY_AFTER = 30.0  # seconds between attempts to bind the control queue again
 
 
 def exchange_name() -> str:
@@ -90,6 +91,7 @@ class Control:
         self.lost = False  # the broker cancelled our control consumer (its queue expired): declare it again
         self._watch: dict[str, float] = {}  # id -> until when it is looked for among running tasks
         self._restarting = False
+        self._retry_at = 0.0  # after a failed bind: not before then (a broker that refuses keeps refusing for a while)
 
     def start_in_background(self) -> None:
         if self.events is not None:
@@ -126,8 +128,9 @@ class Control:
             self.lost = False
         except Exception as exc:
             self.lost = True
-            log.warning("cannot listen for inspect requests (%s: %s); trying again later", type(exc).__name__,
-                        logs.clean(str(exc), 200), event="control_unavailable")
+            self._retry_at = time.monotonic() + RETRY_AFTER
+            log.warning("cannot listen for inspect requests (%s: %s); trying again in %gs", type(exc).__name__,
+                        logs.clean(str(exc), 200), RETRY_AFTER, event="control_unavailable")
         finally:
             self._restarting = False
 
@@ -146,7 +149,7 @@ class Control:
                 del watch[mid]
             if watch:
                 self.cancel_running(set(watch), now)
-        if self.lost and not self._restarting and self.ready.is_set():
+        if self.lost and not self._restarting and self.ready.is_set() and now >= self._retry_at:
             self._restarting = True
             self.lost = False
             threading.Thread(target=self._listen, name="magne-control", daemon=True).start()
