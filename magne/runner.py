@@ -175,7 +175,7 @@ class Runner:
         started (`started`: its clock at the start, else 0), after_failure (and on_dead_letter) with a TaskRun, made
         here if the run has none (its message named no task)."""
         if started:
-            decision = DECISIONS[d.outcome]
+            decision = "cancelled" if d.reason == "cancelled" else DECISIONS[d.outcome]  # an ACK, but no success
             for fn in timers:
                 try:
                     fn(d.task, decision, seconds)
