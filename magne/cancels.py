@@ -39,6 +39,7 @@ log = logs.Log("magne.cancels")
 
 DEFAULT_STREAM = "magne.cancels"
 MAX_IDS = 10_000  # ids in one cancel record (a bigger cancel is split into several records)
+MAX_KEPT = 1_000_000  # ids a worker keeps at most (about 100 MB); past it the oldest cancels are forgotten first
 
 
 def stream_name() -> str:
@@ -112,8 +113,13 @@ class CancelSet:
             ids_[mid] = at
         if len(ids_) >= self._prune_at:
             horizon = time.time() - self.keep
-            self.ids = {k: v for k, v in ids_.items() if v >= horizon}  # one rebinding: readers see old or new
-            self._prune_at = max(1024, 2 * len(self.ids))
+            kept = {k: v for k, v in ids_.items() if v >= horizon}
+            if len(kept) > MAX_KEPT:  # a flood of cancels: memory stays bounded, the oldest go first
+                log.warning("more than %d cancelled ids within the retention window; forgetting the oldest",
+                            MAX_KEPT, event="cancels_overflow")
+                kept = dict(sorted(kept.items(), key=lambda kv: kv[1])[-MAX_KEPT:])
+            self.ids = kept  # one rebinding: readers see the old dict or the new one
+            self._prune_at = max(1024, 2 * len(kept))
 
 
 def check_ids(ids: Iterable[Any]) -> list[str]:

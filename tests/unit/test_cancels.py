@@ -144,3 +144,14 @@ def test_a_running_thread_task_gets_cancelled_raised_and_is_acked_not_retried():
         pool.stop()
         pool.join(2.0)
         assert threading.active_count() >= 1
+
+
+def test_a_flood_of_cancels_keeps_the_newest_within_a_bound(monkeypatch):
+    monkeypatch.setattr("magne.cancels.MAX_KEPT", 1500)
+    s = CancelSet(keep=1000.0)
+    now = time.time()
+    s.add([f"id{i}" for i in range(3000)], now - 10)
+    s.add(["newest"], now)
+    assert len(s) <= 3001 and "newest" in s
+    s.add([f"more{i}" for i in range(3000)], now)
+    assert len(s) == 1500 and not any(k.startswith("id") for k in s.ids)  # the oldest went first
