@@ -18,6 +18,7 @@ from typing import Any
 WINDOW = 60  # minutes of per-minute series kept and shown
 FAILURES = 50  # recent failures kept
 SAMPLES = 500  # durations kept per task for its percentiles
+MAX_NAMES = 2000  # tasks (and queues) tracked at most: anything that can write the stream cannot grow it without end
 FAILED = ("retried", "dead-lettered")
 
 
@@ -50,9 +51,11 @@ class History:
                         or not isinstance(task, str)):
                     continue
                 task = task[:200] or "?"
+                if task not in self.tasks and len(self.tasks) >= MAX_NAMES:
+                    task = "(other tasks)"
                 self.events += 1
                 self.first = min(self.first, t) if self.first else t
-                if isinstance(r.get("queue"), str):
+                if isinstance(r.get("queue"), str) and len(self.queues) < MAX_NAMES:
                     self.queues.add(r["queue"][:255])
                 st = self.tasks.get(task)
                 if st is None:
