@@ -48,7 +48,8 @@ def workloads(scale: float) -> dict[str, dict[str, Any]]:
         "cpu": {"task": "fib_incr", "args": [[f] for f in fibs],
                 "prefetch": [None], "peers": ["magne", "dramatiq", "celery", "magne-p2"]},
         "raw": {"task": "noop", "args": [[] for _ in range(max(8, int(50000 * scale)))], "counter": False,
-                "prefetch": [None, 256], "peers": ["magne", *base, "magne-metrics", "dramatiq", "celery", "bare-loop"]},
+                "prefetch": [None, 256], "peers": ["magne", *base, "magne-events-off", "magne-metrics", "dramatiq", "celery",
+                                                   "bare-loop"]},
         # Enqueueing only (bench/publish.py): each peer's own API, the same 20,000 throughput messages.
         "publish": {"task": "incr", "args": [[] for _ in range(max(8, int(20000 * scale)))], "prefetch": [None],
                     "peers": ["dramatiq", "celery", "dramatiq-confirm", "magne", "magne-8t", "magne-many",

@@ -47,7 +47,7 @@ def _magne_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, p
     return [(wire.encode(name, args), props) for args in arglists]
 
 
-def magne(processes: int = 1, metrics: bool = False) -> Peer:
+def magne(processes: int = 1, metrics: bool = False, events: bool = True) -> Peer:
     def command(prefetch: int | None) -> list[str]:
         cmd = [PY, "-m", "magne", "--log-level", "warning", "worker", "bench.tasks_magne", "--threads", "8"]
         if processes > 1:
@@ -56,10 +56,13 @@ def magne(processes: int = 1, metrics: bool = False) -> Peer:
             cmd += ["--prefetch", str(prefetch)]
         if metrics:  # metrics on (a free local port), for the cost of --metrics against plain `magne`
             cmd += ["--metrics", "127.0.0.1:0"]
+        if not events:  # task events off, for their cost against plain `magne` (events on by default)
+            cmd += ["--events", "off"]
         return cmd
 
     return Peer(
-        name=("magne" if processes == 1 else f"magne-p{processes}") + ("-metrics" if metrics else ""),
+        name=("magne" if processes == 1 else f"magne-p{processes}") + ("-metrics" if metrics else "")
+        + ("" if events else "-events-off"),
         queue="bench-magne",
         command=command,
         env=lambda prefetch: {},
@@ -261,6 +264,7 @@ ALL: dict[str, Callable[[], Peer]] = {
     "magne-base": magne_base,
     "magne-p2": lambda: magne(2),
     "magne-metrics": lambda: magne(metrics=True),
+    "magne-events-off": lambda: magne(events=False),
     "dramatiq": dramatiq,
     "celery": celery,
     "dramatiq-async": dramatiq_async,

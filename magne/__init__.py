@@ -16,15 +16,17 @@ _PUBLIC = {
     "Publisher": "magne.publisher", "configure": "magne.publisher",
     "MagneError": "magne.errors", "ConfigError": "magne.errors", "BadMessage": "magne.errors",
     "PublishError": "magne.errors", "TimeLimitExceeded": "magne.errors", "Interrupt": "magne.errors",
+    "Cancelled": "magne.errors", "cancel": "magne.cancels",
 }
 
 __all__ = [
-    "BadMessage", "ConfigError", "Interrupt", "MagneError", "PublishError", "Publisher", "Task", "TimeLimitExceeded",
-    "__version__", "configure", "task",
+    "BadMessage", "Cancelled", "ConfigError", "Interrupt", "MagneError", "PublishError", "Publisher", "Task", "TimeLimitExceeded",
+    "__version__", "cancel", "configure", "task",
 ]
 
 if TYPE_CHECKING:
-    from magne.errors import BadMessage, ConfigError, Interrupt, MagneError, PublishError, TimeLimitExceeded
+    from magne.cancels import cancel
+    from magne.errors import BadMessage, Cancelled, ConfigError, Interrupt, MagneError, PublishError, TimeLimitExceeded
     from magne.publisher import Publisher, configure
     from magne.registry import Task, task
 

@@ -37,8 +37,9 @@ from collections.abc import Callable
 
 from magne import logs
 from magne.asyncrun import HookThreads, Run, Stepped
+from magne.cancels import message_id_of
 from magne.delivery import Delivery, Outcome
-from magne.errors import ColdShutdown, ConfigError, Interrupt, TimeLimitExceeded
+from magne.errors import Cancelled, ColdShutdown, ConfigError, Interrupt, TimeLimitExceeded
 from magne.loopthread import LoopThread
 from magne.runner import Resolved, Runner
 
@@ -200,7 +201,10 @@ class AsyncPool(LoopThread):
                         d.task, d.message_id(), seconds, event="abandoned_returned", task=d.task)
             self._forget(run)
             return
-        if unstarted:  # cut by a cold stop before its first step: back unstarted
+        if unstarted and run.why is Cancelled:
+            exc = Cancelled("cancelled before it started")
+            runner.was_cancelled(d, exc)
+        elif unstarted:  # cut by a cold stop before its first step: back unstarted
             d.outcome = Outcome.GIVE_BACK
             exc = ColdShutdown("the worker stopped before the task started")
         elif exc is not None:
@@ -214,6 +218,7 @@ class AsyncPool(LoopThread):
                 failure = exc
                 await hooked.call(run, lambda timers: runner.after_failure(d, t, args, kwargs, failure, info, started,
                                                                            seconds, timers))
+        d.started = started
         runner.report(d)
         self._forget(run)
 
@@ -277,6 +282,20 @@ class AsyncPool(LoopThread):
                 loop.call_soon_threadsafe(self._forget, run)
             except RuntimeError:
                 pass
+
+    def cancel_running(self, ids: set[str], now: float) -> None:
+        """Main thread (magne.control): cancel the coroutines running these message ids (asyncio cancellation; the
+        run ends as Cancelled, acked, not retried). One that ignores the cancel is left to its time limit."""
+        loop = self.loop
+        for run in list(self.running.values()):
+            if run.why is None and not run.finished and message_id_of(run.d.header) in ids and loop is not None:
+                run.why = Cancelled
+                log.info("message %s (task %s) was cancelled while running; cancelling its coroutine",
+                         run.d.message_id(), logs.clean(run.d.task, 100), event="cancel_running", task=run.d.task)
+                try:
+                    loop.call_soon_threadsafe(self._cancel, run)
+                except RuntimeError:
+                    pass
 
     def interrupt_all(self) -> None:
         """Cold shutdown (main thread): start nothing more, cancel every running coroutine; their messages are

@@ -6,16 +6,12 @@ import argparse
 import math
 import os
 import sys
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from magne import limits, logs, topology, wire
+from magne import logs, sendcli
 from magne.amqp.url import query_warnings, resolve_urls
-from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, ConfigError, MagneError
+from magne.errors import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, MagneError
 from magne.pidfile import pid_file
-
-if TYPE_CHECKING:
-    from magne.publisher import TaskLike
 
 log = logs.Log("magne")
 
@@ -113,26 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--schedule-stream", default="magne.schedule", metavar="NAME",
                    help="the stream (and exchange) that records ticks; workers of one fleet must agree "
                         "(default magne.schedule)")
+    w.add_argument("--control", choices=["on", "off"], default="on",
+                   help="honour `magne cancel` and answer `magne inspect` (default on; needs RabbitMQ streams, 3.9+)")
+    w.add_argument("--events", choices=["on", "off"], default="on", help="publish task events (default on)")
 
-    s = sub.add_parser("send", parents=[logging_opts], help="publish one task message (confirmed)",
-                       description="Publish task messages. The task's queue: --queue, else the one its @task names in "
-                                   "--module, else the task name in upper case (the @task default).")
-    s.add_argument("task", help="task name")
-    s.add_argument("--args", default="[]", help="JSON array of positional arguments")
-    s.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
-    s.add_argument("--module", action="append", metavar="MODULE",
-                   help="import this task module (repeatable) and send to the queue, queue type and priority its "
-                        "@task gives the task; without it the queue is --queue or the task name in upper case, which "
-                        "is not where a task declared with @task(queue=...) listens")
-    s.add_argument("--queue", help="queue of the task (default: from --module, else the task name in upper case)")
-    s.add_argument("--count", type=_positive(int), default=1, help="publish this many copies")
-    s.add_argument("--declare", action="store_true",
-                   help="declare the queue, its exchange and dead-letter queue if missing (default: publish only to a "
-                        "queue that exists, so that a typo creates nothing)")
-    s.add_argument("--queue-type", choices=["classic", "quorum"], default=None,
-                   help="with --declare: the type to declare, the same as the worker's (default: the task's with "
-                        "--module, else classic)")
-    s.add_argument("--url", help=url_help)
+    sendcli.add_parser(sub, logging_opts, url_help, _positive(int))
 
     dead = sub.add_parser("dead", parents=[logging_opts], help="inspect, replay or purge a queue's dead letters")
     dead_sub = dead.add_subparsers(dest="dead_command", required=True)
@@ -168,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--schedule-stream", default="magne.schedule", metavar="NAME",
                     help="the workers' --schedule-stream, to show their periodic tasks (default magne.schedule)")
 
+    from magne import controlcli
+
+    controlcli.add_parsers(sub, [logging_opts], url_help)
     d = sub.add_parser("demo", parents=[logging_opts], help="start a worker, send a demo batch, print what ran, stop the worker")
     d.add_argument("--count", type=_positive(int), default=2000)
     d.add_argument("--threads", type=_positive(int), default=8)
@@ -191,11 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             return _worker(args)
         if args.command == "send":
-            return _send(args)
+            return sendcli.run(args)
         if args.command == "dead":
             return _dead(args)
         if args.command == "status":
             return _status(args)
+        if args.command in ("cancel", "inspect", "dashboard"):
+            from magne import controlcli
+
+            return controlcli.run(args)
         if args.command == "demo":
             from magne.demo import run_demo
 
@@ -225,7 +213,8 @@ def _worker(args: argparse.Namespace) -> int:
                    max_body_size=args.max_body_size or 0, metrics=args.metrics,
                    async_concurrency=args.async_concurrency, event_loop=args.event_loop,
                    scheduler=not args.no_scheduler, schedule_grace=args.schedule_grace,
-                   schedule_stream=args.schedule_stream, accept=args.accept, dramatiq_queues=args.dramatiq_queues)
+                   schedule_stream=args.schedule_stream, accept=args.accept, dramatiq_queues=args.dramatiq_queues,
+                   control=args.control == "on", events=args.events == "on")
     with pid_file(args.pid_file):
         if args.processes > 1:
             from magne.supervisor import Supervisor
@@ -237,60 +226,6 @@ def _worker(args: argparse.Namespace) -> int:
         worker = Worker(opts, import_tasks(opts.modules))
         worker.install_signals(early)
         return worker.run()
-
-
-def _send(args: argparse.Namespace) -> int:
-    """`magne send`: --count copies in one pipelined batch (Publisher.send_many); prints each confirmed id.
-    Exit 1 if any copy failed (each failure on stderr), 2 if the queue does not exist (without --declare)."""
-    from magne.publisher import NoSuchQueue, Publisher
-
-    try:
-        call_args = wire.loads(args.args)
-        call_kwargs = wire.loads(args.kwargs)
-    except ValueError as exc:
-        print(f"magne send: --args/--kwargs must be JSON: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    if type(call_args) is not list or type(call_kwargs) is not dict:
-        print("magne send: --args must be a JSON array and --kwargs a JSON object", file=sys.stderr)
-        return EXIT_CONFIG
-    target = _target(args)
-    pub = Publisher(args.url, queue_type=target.queue_type or args.queue_type or "classic")
-    try:
-        result = pub.send_many(((target, call_args, call_kwargs) for _ in range(args.count)), declare=args.declare)
-        if args.declare:
-            limits.warn(pub.params, [target.queue])  # a drop-head limit would drop what was just confirmed
-    finally:
-        pub.close()
-    for f in result.failed:
-        if isinstance(f.error, NoSuchQueue):
-            raise f.error  # one line from main(), exit 2: fix it first
-    if result.failed and not result.sent and len({str(f.error) for f in result.failed}) == 1:
-        raise result.failed[0].error  # all failed the same way (the broker is unreachable, say): one line
-    if result.sent:
-        print("\n".join(result.sent))
-    for f in result.failed:
-        print(f"magne send: message {f.message_id} was not published ({f.reason}): {f.error}", file=sys.stderr)
-    return EXIT_FAILED if result.failed else EXIT_OK
-
-
-def _target(args: argparse.Namespace) -> TaskLike:
-    """The task to send to: its queue and type from --queue/--queue-type, else from its @task in --module (then
-    the task itself, so its priority and max_priority apply too)."""
-    from magne.publisher import Target
-
-    if not args.module:
-        return Target(args.task, args.queue or topology.default_queue(args.task), args.queue_type or "classic")
-    from magne.registry import REGISTRY
-    from magne.worker import import_tasks
-
-    import_tasks(args.module)
-    task = REGISTRY.get(args.task)
-    if task is None:
-        raise ConfigError(f"no task named {args.task!r} in {', '.join(args.module)}; its tasks: "
-                          f"{', '.join(sorted(REGISTRY))}")
-    if args.queue is None and args.queue_type is None:
-        return task
-    return Target(task.name, args.queue or task.queue, args.queue_type or task.queue_type or "classic")
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from magne.amqp.errors import (
 )
 
 __all__ = [
-    "AMQPError", "BadMessage", "BrokerTimeout", "ChannelClosed", "ColdShutdown", "ConfigError", "ConnectionClosed",
+    "AMQPError", "BadMessage", "BrokerTimeout", "Cancelled", "ChannelClosed", "ColdShutdown", "ConfigError", "ConnectionClosed",
     "ConnectionLost", "FrameError", "Interrupt", "MagneError", "PublishError", "RegistryError", "TLSError",
     "TimeLimitExceeded", "URLError",
 ]
@@ -60,3 +60,8 @@ class TimeLimitExceeded(Interrupt):
 
 class ColdShutdown(Interrupt):
     """The worker is stopping cold; the task's message is requeued."""
+
+
+class Cancelled(Interrupt):
+    """The message was cancelled (`magne.cancel`): raised in its task's thread if it was running (an `async def`
+    task is cancelled instead); its message is acked as cancelled, never retried nor dead-lettered."""

@@ -24,6 +24,7 @@ from typing import Any
 
 from magne import logs
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
+from magne.cancels import message_id_of
 from magne.delivery import Delivery
 from magne.errors import ColdShutdown, TimeLimitExceeded
 from magne.hooks import HookSet
@@ -135,6 +136,19 @@ class Pool:
             elif s.interrupted_at and s.abandon(s, now, in_step_since_interrupt=lost_after):  # racy pre-check
                 self.slots[i] = self._abandon(s)
 
+    def cancel_running(self, ids: set[str], now: float) -> None:
+        """Main thread (magne.control, every tick while a cancel is fresh): raise Cancelled in the threads running
+        one of these message ids. Its message is acked as cancelled (Runner.failed), or by the watchdog if the
+        thread does not come back (Runner.abandoned), like a time limit."""
+        for s in self.slots:
+            d = s.delivery
+            if d is None or s.clock is None or s.interrupted or message_id_of(d.header) not in ids:
+                continue
+            if s.cancel(d, now):
+                log.info("message %s (task %s) was cancelled while running; interrupting its thread %s",
+                         d.message_id(), logs.clean(d.task, 100), s.thread.name if s.thread else "?",
+                         event="cancel_running", task=d.task)
+
     def interrupt_all(self) -> None:
         """Cold shutdown (main thread): interrupt every running task; its message is requeued."""
         now = time.monotonic()
@@ -206,6 +220,7 @@ class Pool:
                             threading.current_thread().name, d.task, d.message_id(), event="abandoned_returned",
                             task=d.task)
                 return
+            d.started = slot.started if slot.delivery is d else 0.0  # for magne.events: a store, no clock read
             slot.delivery = None
             report(d)
 

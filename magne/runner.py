@@ -28,8 +28,9 @@ from typing import Any
 
 from magne import formats, logs, wire
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
+from magne.cancels import CancelSet, message_id_of
 from magne.delivery import Delivery, Outcome
-from magne.errors import BadMessage, ColdShutdown, Interrupt, TimeLimitExceeded
+from magne.errors import BadMessage, Cancelled, ColdShutdown, Interrupt, TimeLimitExceeded
 from magne.hooks import HookSet, registered
 from magne.hooks import _report as report_hook_failure
 from magne.policy import Failure, RetryPolicy, dead_letter_plainly, decide
@@ -67,10 +68,18 @@ class Runner:
         self.to_loop: Callable[[Delivery, Resolved], None] | None = None
         self.failures: dict[Delivery, BaseException] | None = None  # magne.testing keeps each failure's exception
         self.accept: formats.Accept | None = None  # other formats it reads (--accept dramatiq,celery): set by the worker
+        # The message ids cancelled (magne.cancels): the worker's Follower fills it from the cancels stream.
+        self.cancels = CancelSet()
+        self.cancelled = 0  # messages acked as cancelled (their run threads count; a racy tally, for status)
 
     # -- resolve -----------------------------------------------------------------------------------------
     def resolve(self, d: Delivery) -> Resolved:
-        """The registered task a delivery names, with its arguments; BadMessage if there is none. Any run thread."""
+        """The registered task a delivery names, with its arguments; BadMessage if there is none, Cancelled if its id
+        was cancelled (magne.cancels: an empty set costs one truth test, a non-empty one a header scan and a dict
+        lookup). Any run thread."""
+        cancels = self.cancels.ids
+        if cancels and message_id_of(d.header) in cancels:
+            raise Cancelled("cancelled before it started")
         if self.accept is not None:  # --accept: magne.formats reads magne's format and the others accepted
             return formats.resolve(d, self.tasks, self.accept, self.time_limit)
         wire.check_encoding(d.header)
@@ -171,7 +180,7 @@ class Runner:
         if d.reason == "not due":
             return
         if started:
-            decision = DECISIONS[d.outcome]
+            decision = "cancelled" if d.reason == "cancelled" else DECISIONS[d.outcome]  # an ACK, but no success
             for fn in timers:
                 try:
                     fn(d.task, decision, seconds)
@@ -198,6 +207,8 @@ class Runner:
         elif isinstance(exc, ColdShutdown):
             logs.release_leaked_locks()
             d.outcome = Outcome.REQUEUE
+        elif isinstance(exc, Cancelled):
+            self.was_cancelled(d, exc)
         elif isinstance(exc, TypeError) and t is not None and not _binds(t.fn, args, kwargs):
             self.fail(d, Failure("wrong arguments", exc, retryable=False))
         else:
@@ -228,12 +239,27 @@ class Runner:
             log.warning("message %s (task %s) from queue %s: %s", d.message_id(), task, d.queue, logs.clean(w, 600),
                         event="bad_header", task=task, queue=d.queue)
 
+    def was_cancelled(self, d: Delivery, exc: Cancelled) -> None:
+        """A cancelled message (magne.cancels) is acked, never retried nor dead-lettered, and said so in the log (the
+        run's thread, or the watchdog for an abandoned run; cold path)."""
+        logs.release_leaked_locks()  # if it was raised into the task's thread inside logging (nothing otherwise)
+        d.outcome = Outcome.ACK
+        d.reason = "cancelled"  # what magne.events reports (an ACK with this reason is no success)
+        self.cancelled += 1
+        task = logs.clean(d.task, 100) or "?"
+        mid = d.message_id()
+        log.info("message %s (task %s) from queue %s: %s", mid, task, d.queue,
+                 exc.args[0] if exc.args else "cancelled while running", event="cancelled", task=task, queue=d.queue,
+                 message_id=mid)
+
     def abandoned(self, d: Delivery, why: type[Interrupt] | None, what: str) -> Delivery:
         """Watchdog (main thread): the outcome of a run given up on (`what` says how), on a copy of its delivery (its
         own thread may still write to `d`): requeued if a cold stop cut it, else failed by its time limit."""
         out = d.copy()
         if why is ColdShutdown:
             out.outcome = Outcome.REQUEUE
+        elif why is Cancelled:
+            self.was_cancelled(out, Cancelled(what))
         else:
             self.fail(out, Failure("time limit", TimeLimitExceeded(what)))
         return out

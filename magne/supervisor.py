@@ -89,6 +89,7 @@ class Supervisor:
             argv += ["--accept", fmt]
         if o.dramatiq_queues:
             argv += ["--dramatiq-queues", *o.dramatiq_queues]
+        argv += ["--control", "on" if o.control else "off", "--events", "on" if o.events else "off"]
         if o.metrics:  # each child on an ephemeral local port; the supervisor serves the one --metrics address
             argv += ["--metrics", "127.0.0.1:0"]
         return argv

@@ -61,8 +61,8 @@ class TaskRun:
 
     @property
     def decision(self) -> str:
-        """"success", or after a failure: "retry", "dead" (dead letter) or "requeue"."""
-        return DECISIONS[self._d.outcome]
+        """"success", or after a failure: "retry", "dead" (dead letter), "requeue" or "cancelled" (magne.cancel)."""
+        return "cancelled" if self._d.reason == "cancelled" else DECISIONS[self._d.outcome]
 
     @property
     def reason(self) -> str:

@@ -24,7 +24,7 @@ import threading
 import time
 
 from magne.delivery import Delivery
-from magne.errors import Interrupt
+from magne.errors import Cancelled, Interrupt
 
 # Two prototypes of one C function: raising passes the exception class, clearing
 # must pass NULL (a py_object None would set None as the pending "exception",
@@ -179,6 +179,19 @@ class Slot(Guard):
         self.started = 0.0
         self.finished = False  # the slot is the clock of every run of its thread: nothing of the last run carries over
         self.enter(self)  # type: ignore[arg-type]
+
+    def cancel(self, d: Delivery, now: float) -> bool:
+        """Watchdog (main thread), for magne.cancel: raise Cancelled in the thread if it is inside the run of `d` now.
+        Checked under the lock: the thread may have moved on to another message since the caller read `d`."""
+        with self.lock:
+            if self.delivery is not d or self.clock is not self or self.interrupted:
+                return False
+            self.interrupted = True
+            if self.why is None:
+                self.why = Cancelled
+            self.interrupted_at = now
+            raise_in(self.ident, Cancelled)
+            return True
 
     @property
     def state(self) -> SlotState:

@@ -22,7 +22,7 @@ import time
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
-from magne import formats, limits, logs
+from magne import control, formats, limits, logs
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.asyncpool import AsyncPool
@@ -33,7 +33,8 @@ from magne.hooks import HookSet, WorkerInfo, registered
 from magne.io.loop import IOThread
 from magne.policy import RetryPolicy
 from magne.pool import Pool
-from magne.registry import REGISTRY, Task, queues_of
+from magne.queueplan import async_prefetch, consumer_timeouts, max_priorities, queue_kinds, queue_types, select_queues
+from magne.registry import REGISTRY, Task
 from magne.signals import Signals
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ class Options:
     schedule_stream: str = "magne.schedule"
     accept: list[str] | None = None  # other formats to read besides magne's: "dramatiq", "celery" (magne.formats)
     dramatiq_queues: list[str] | None = None  # with accept dramatiq: which queues are dramatiq's (default: all)
+    control: bool = True  # honour cancels and answer `magne inspect` (magne.control); off: neither
+    events: bool = True  # publish task events to the stream magne.events (magne.events)
 
     @property
     def effective_prefetch(self) -> int:
@@ -86,67 +89,6 @@ def import_tasks(modules: list[str]) -> dict[str, Task]:
     if not REGISTRY:
         raise ConfigError(f"no @task found in {', '.join(modules)}")
     return dict(REGISTRY)
-
-
-def select_queues(tasks: dict[str, Task], wanted: list[str] | None) -> list[str]:
-    known = queues_of(tasks)
-    if not wanted:
-        return known
-    unknown = [q for q in wanted if q not in known]
-    if unknown:
-        raise ConfigError(f"no registered task uses queue(s) {', '.join(unknown)}; known queues: {', '.join(known)}")
-    return list(dict.fromkeys(wanted))
-
-
-def queue_types(tasks: dict[str, Task], queues: list[str], default: str) -> dict[str, str]:
-    """Each consumed queue's type: its tasks' queue_type, else the worker's --queue-type."""
-    types: dict[str, str] = {}
-    for t in tasks.values():
-        if t.queue not in queues:
-            continue
-        qt = t.queue_type or default
-        if types.setdefault(t.queue, qt) != qt:
-            raise ConfigError(f"tasks on queue {t.queue} disagree on its queue_type ({types[t.queue]} vs {qt})")
-    for q in queues:
-        types.setdefault(q, default)
-    return types
-
-
-CONSUMER_TIMEOUT_MARGIN = 60.0  # seconds above the longest time limit (plus --lost-after) of a queue's tasks
-
-
-def consumer_timeouts(tasks: dict[str, Task], queues: list[str], opts: Options) -> dict[str, int]:
-    """Each queue's x-consumer-timeout (ms): the broker must not cut a delivery that a time limit has not."""
-    out: dict[str, int] = {}
-    for q in queues:
-        longest = max((t.time_limit or opts.time_limit for t in tasks.values() if t.queue == q), default=opts.time_limit)
-        out[q] = int((longest + opts.lost_after + CONSUMER_TIMEOUT_MARGIN) * 1000)
-    return out
-
-
-def async_prefetch(concurrency: int) -> int:
-    """An async-only queue's prefetch: its concurrency plus a quarter, so that a finished run's place is taken by a
-    message already here rather than one a round trip away, without hoarding what other processes could run."""
-    return min(65535, concurrency + max(1, concurrency // 4))
-
-
-def queue_kinds(tasks: dict[str, Task], queues: list[str]) -> dict[str, str]:
-    """Each consumed queue's kind: "sync" (thread tasks only), "async" (`async def` only) or "mixed"."""
-    kinds: dict[str, set[bool]] = {q: set() for q in queues}
-    for t in tasks.values():
-        if t.queue in kinds:
-            kinds[t.queue].add(t.is_async)
-    return {q: "mixed" if len(k) == 2 else "async" if k == {True} else "sync" for q, k in kinds.items()}
-
-
-def max_priorities(tasks: dict[str, Task], queues: list[str]) -> dict[str, int]:
-    """x-max-priority of each consumed queue whose tasks ask for one (@task(max_priority=N)); they must agree."""
-    out: dict[str, int] = {}
-    for t in tasks.values():
-        if t.queue in queues and t.max_priority:
-            if out.setdefault(t.queue, t.max_priority) != t.max_priority:
-                raise ConfigError(f"tasks on queue {t.queue} disagree on max_priority ({out[t.queue]} vs {t.max_priority})")
-    return out
 
 
 class Worker:
@@ -191,7 +133,7 @@ class Worker:
         frame_max = self.params.frame_max or DEFAULT_FRAME_MAX  # the copies' budget (0 in the URL: no limit of ours)
         self.io = IOThread(self.nodes, self.queues, opts.effective_prefetch, self.work, types,
                            max_body=opts.max_body_size, copy_frame_max=frame_max,
-                           consumer_timeouts=consumer_timeouts(tasks, self.queues, opts),
+                           consumer_timeouts=consumer_timeouts(tasks, self.queues, opts.time_limit, opts.lost_after),
                            tally=self.metrics.tally if self.metrics else None)
         self.io.consumer.max_priorities = max_priorities(tasks, self.queues)
         self.io.consumer.declarations = foreign_decls
@@ -202,6 +144,7 @@ class Worker:
         if any(t.is_async for t in tasks.values()):
             self._route_async()
         self.coord = Coordination(opts, tasks, self.queues, self.io.consumer, self.pool)  # schedules, limits
+        self.control = control.for_worker(self) if opts.control or opts.events else None
         self.signals: Signals | None = None
         if any(p.tls and not p.verify for p in self.nodes.all):
             log.warning("TLS certificate checks are off (verify=verify_none): the connection is encrypted but the "
@@ -250,6 +193,8 @@ class Worker:
         self.pool.check(now)
         if self.aio is not None:
             self.aio.check(now)
+        if self.control is not None:
+            self.control.check(now)
 
     def tasks_status(self) -> str:
         return self.pool.status() + (f"; {self.aio.status()}" if self.aio is not None else "")
@@ -284,7 +229,10 @@ class Worker:
         sig = self.signals or Signals()
         io.wake_main = sig.wake  # start the pool as soon as the I/O thread is consuming
         io.start()
-        while not (io.ready.is_set() or io.finished.is_set()):
+        if self.control is not None:  # the pool starts once the cancels made until now are known
+            self.control.start_in_background()
+        while not ((io.ready.is_set() and (self.control is None or self.control.ready.is_set()))
+                   or io.finished.is_set()):
             if sig.stops() or sig.cold():
                 io.request_stop(force=True)
             sig.wait(0.1)
@@ -368,6 +316,8 @@ class Worker:
             self.aio.stop()
             self.aio.join(1.0)
         pool.join(1.0)
+        if self.control is not None:
+            self.control.stop()
         self.hooks.worker_stop(self.info())
         log.info("stopped: %s; %s", io.stats.line(), self.tasks_status(), event="stopped", counters=self.status())
         return EXIT_FAILED if io.failed or loop_died else EXIT_OK

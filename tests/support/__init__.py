@@ -62,10 +62,15 @@ def queue_counts(name: str) -> tuple[int, int]:
     raise AssertionError(f"queue {name} does not exist")
 
 
-def connections_of(pid: int) -> list[str]:
-    """Names of the broker connections that a process advertised (magne puts its pid in the name)."""
+CONSUMING = "magne worker ["  # the start of a worker's consuming connection's name (magne/io/loop.py)
+
+
+def connections_of(pid: int, role: str | None = CONSUMING) -> list[str]:
+    """Names of the broker connections that a process advertised (magne puts its pid in the name): by default its
+    consuming connection(s), the subject of invariant 1; role=None: every one (a worker's control plane and events
+    ride its publisher's client, magne/control.py, on connections of their own)."""
     names = rabbitmqctl("list_connections", "client_properties").splitlines()
-    return [n for n in names if f"pid={pid}" in n]
+    return [n for n in names if f"pid={pid}" in n and (role is None or role in n)]
 
 
 def connections_named(part: str) -> list[str]:
@@ -73,9 +78,10 @@ def connections_named(part: str) -> list[str]:
     return [n for n in rabbitmqctl("list_connections", "client_properties").splitlines() if part in n]
 
 
-def channels_of(pid: int) -> int:
+def channels_of(pid: int, role: str | None = CONSUMING) -> int:
+    """Channels of the process's connections (by default its consuming connection's, as connections_of)."""
     conns = {line.split("\t")[0] for line in rabbitmqctl("list_connections", "pid", "client_properties").splitlines()
-             if f"pid={pid}" in line}
+             if f"pid={pid}" in line and (role is None or role in line)}
     return sum(1 for line in rabbitmqctl("list_channels", "connection").splitlines() if line.strip() in conns)
 
 

@@ -1,0 +1,110 @@
+"""The fleet's commands: `magne cancel`, `magne inspect`, `magne dashboard` (and their parsers), kept out of
+magne/cli.py so that it stays one screen of wiring. magne.cli imports this module only when it builds its parser or
+runs one of these; the dashboard's web layer (an optional extra) only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from magne import cancels, control
+from magne.errors import EXIT_CONFIG, EXIT_OK, ConfigError
+from magne.publisher import Publisher
+from magne.registry import REGISTRY, queues_of
+
+COMMANDS = ("cancel", "inspect", "dashboard")
+
+
+def add_parsers(sub: Any, parents: list[argparse.ArgumentParser], url_help: str) -> None:
+    c = sub.add_parser("cancel", parents=parents,
+                       help="cancel messages by id: one not started never runs, one running is interrupted "
+                            "(kept MAGNE_CANCEL_RETENTION seconds, 24 h by default, across worker restarts)")
+    c.add_argument("ids", nargs="+", metavar="ID", help="message id(s), as `magne send` and task.send return them")
+    c.add_argument("--url", help=url_help)
+    i = sub.add_parser("inspect", parents=parents,
+                       help="every live worker process: host, pid, queues, threads, uptime, and what each runs now")
+    i.add_argument("--url", help=url_help)
+    i.add_argument("--wait", type=float, default=1.0, help="seconds to gather answers (default 1)")
+    i.add_argument("--format", choices=["text", "json"], default="text")
+    d = sub.add_parser("dashboard", parents=parents, help="serve a web page of queues, workers, task rates, latencies "
+                       "and failures (pip install 'magne[dashboard]')")
+    d.add_argument("modules", nargs="*", metavar="MODULE", help="task module(s) whose queues to show")
+    d.add_argument("--queues", nargs="+", metavar="QUEUE", default=[], help="these queues too")
+    d.add_argument("--url", help=url_help)
+    d.add_argument("--listen", default="127.0.0.1:9720", metavar="HOST:PORT", help="default 127.0.0.1:9720")
+    d.add_argument("--management", metavar="URL", help="the management API (default: the broker host, port 15672)")
+    d.add_argument("--allow-actions", action="store_true",
+                   help="allow cancel and dead-letter replay from the page, with a token (MAGNE_DASHBOARD_TOKEN, "
+                        "else one is generated and printed)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "dashboard":
+        return dashboard(args)
+    pub = Publisher(args.url)
+    try:
+        if args.command == "cancel":
+            try:
+                ids = cancels.cancel(*args.ids, publisher=pub)
+            except ValueError as exc:
+                print(f"magne cancel: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            print(f"cancelled {len(ids)} message(s): a worker runs none of them from now on; running ones are "
+                  "interrupted")
+            return EXIT_OK
+        replies = control.gather(pub, args.wait)
+        if args.format == "json":
+            print(orjson.dumps(replies, option=orjson.OPT_INDENT_2).decode())
+        else:
+            print("\n".join(text(replies)))
+        return EXIT_OK
+    finally:
+        pub.close()
+
+
+def dashboard(args: argparse.Namespace) -> int:
+    try:
+        from magne.dashboard.app import Dashboard, serve
+    except ImportError as exc:
+        raise ConfigError(f"magne dashboard needs its extra: pip install 'magne[dashboard]' ({exc})") from None
+    host, _, port = args.listen.rpartition(":")
+    if not port.isdigit() or not host:
+        raise ConfigError(f"--listen {args.listen!r}: give HOST:PORT")
+    for name in args.modules:
+        try:
+            importlib.import_module(name[:-3].replace("/", ".") if name.endswith(".py") else name)
+        except Exception as exc:
+            raise ConfigError(f"cannot import task module {name!r}: {type(exc).__name__}: {exc}") from None
+    queues = list(dict.fromkeys(queues_of(REGISTRY) + args.queues))
+    dash = Dashboard(args.url, queues, args.management, args.allow_actions, os.environ.get("MAGNE_DASHBOARD_TOKEN"))
+    return serve(dash, host.strip("[]"), int(port))
+
+
+def text(replies: list[dict[str, Any]]) -> list[str]:
+    """`magne inspect` as lines for a person."""
+    if not replies:
+        return ["no worker process answered"]
+    now = time.time()
+    lines = [f"{len(replies)} worker process(es)"]
+    for r in replies:
+        lines.append(f"{r.get('host')} pid {r.get('pid')}: magne {r.get('version')}, up {_ago(r.get('uptime'))}, "
+                     f"{r.get('threads')} threads, {r.get('busy')} running, queues {', '.join(r.get('queues') or [])}")
+        for t in r.get("running") or []:
+            started = t.get("started")
+            took = f"for {_ago(now - started)}" if isinstance(started, int | float) else "not started"
+            lines.append(f"  {t.get('thread')}: {t.get('task')} (message {t.get('message_id')}, queue "
+                         f"{t.get('queue')}) {took}, time limit {t.get('time_limit'):g}s")
+    return lines
+
+
+def _ago(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    s = max(0, int(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
