@@ -16,17 +16,30 @@ _PUBLIC = {
     "Publisher": "magne.publisher", "configure": "magne.publisher",
     "MagneError": "magne.errors", "ConfigError": "magne.errors", "BadMessage": "magne.errors",
     "PublishError": "magne.errors", "TimeLimitExceeded": "magne.errors", "Interrupt": "magne.errors",
+    "TaskFailed": "magne.errors", "ResultTimeout": "magne.errors",
+    "result": "magne.results", "result_async": "magne.results", "pipeline": "magne.steps",
 }
 
 __all__ = [
-    "BadMessage", "ConfigError", "Interrupt", "MagneError", "PublishError", "Publisher", "Task", "TimeLimitExceeded",
-    "__version__", "configure", "task",
+    "BadMessage", "ConfigError", "Interrupt", "MagneError", "PublishError", "Publisher", "ResultTimeout", "Task",
+    "TaskFailed", "TimeLimitExceeded", "__version__", "configure", "pipeline", "result", "result_async", "task",
 ]
 
 if TYPE_CHECKING:
-    from magne.errors import BadMessage, ConfigError, Interrupt, MagneError, PublishError, TimeLimitExceeded
+    from magne.errors import (
+        BadMessage,
+        ConfigError,
+        Interrupt,
+        MagneError,
+        PublishError,
+        ResultTimeout,
+        TaskFailed,
+        TimeLimitExceeded,
+    )
     from magne.publisher import Publisher, configure
     from magne.registry import Task, task
+    from magne.results import result, result_async
+    from magne.steps import pipeline
 
 
 def __getattr__(name: str) -> Any:

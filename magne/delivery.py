@@ -29,7 +29,7 @@ class Delivery:
     """
 
     __slots__ = ("tag", "gen", "queue", "body", "header", "redelivered", "outcome", "task", "reason", "error",
-                 "copy_to", "copy_header", "copy_declare", "delay", "blame")
+                 "copy_to", "copy_header", "copy_declare", "delay", "blame", "follow")
 
     def __init__(self, tag: int, gen: int, queue: str, body: bytes, header: bytes, redelivered: bool) -> None:
         self.tag = tag
@@ -49,6 +49,7 @@ class Delivery:
         self.copy_declare: Any = None  # a queue.declare to write first (delay queues)
         self.delay = 0.0
         self.blame = 0  # times the publishing link failed while this copy was the oldest unconfirmed
+        self.follow: Any = None  # results and next steps to publish before the ack (magne.workflow), when asked
 
     def copy(self) -> Delivery:
         d = Delivery(self.tag, self.gen, self.queue, self.body, self.header, self.redelivered)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, overload
 
-from magne import topology, wire
+from magne import results, topology, wire, workflow
 from magne.errors import RegistryError
 from magne.policy import RetryPolicy
 from magne.publisher import BatchResult, Publisher, default_publisher
+from magne.steps import Step
 
 
 class Task:
     __slots__ = ("name", "fn", "queue", "time_limit", "retry_options", "queue_type", "priority", "max_priority",
-                 "is_async", "blocking", "__wrapped__", "__doc__")
+                 "is_async", "blocking", "results", "__wrapped__", "__doc__")
 
     def __init__(
         self,
@@ -28,8 +30,10 @@ class Task:
         queue_type: str | None = None,
         priority: int | None = None,
         max_priority: int | None = None,
+        results: bool = False,
     ) -> None:
         self.fn = fn
+        self.results = results  # its messages ask the worker to record their outcome (magne.results)
         self.name = name
         self.queue = queue
         self.time_limit = time_limit
@@ -66,21 +70,39 @@ class Task:
         delay: float | None = None,
         message_id: str | None = None,
         priority: int | None = None,
+        results: bool | None = None,
     ) -> str:
         """Publish one run; `delay` (seconds) makes it wait on the broker first; `priority` (0-255) overrides
-        the task's. Returns the message id."""
+        the task's; `results` (default: the task's) asks the worker to record its outcome (magne.result(id)).
+        Returns the message id."""
         if priority is not None and not 0 <= priority <= 255:
             raise ValueError(f"priority must be 0..255, got {priority}")
+        asked = self.results if results is None else results
+        headers = {wire.RESULTS_HEADER: True} if asked else None
+        if asked and message_id is None:
+            message_id = workflow.new_id()  # tells a reader where in the results stream to start
         pub = default_publisher()
         if isinstance(pub, Publisher):
-            return pub.send(self, args, kwargs, delay=delay, message_id=message_id, priority=priority)
+            return pub.send(self, args, kwargs, delay=delay, message_id=message_id, priority=priority, headers=headers)
         # A stand-in default publisher (magne.testing.Worker) takes the generic publish.
         mid = message_id or wire.new_id()
         props = wire.properties_for(mid)
         props.priority = priority if priority is not None else self.priority
+        props.headers = headers
         pub.publish(self.queue, wire.encode(self.name, args, kwargs, mid), props, delay=delay,
                     queue_type=self.queue_type)
         return mid
+
+    def call(self, *args: Any, timeout: float = 30.0, **kwargs: Any) -> Any:
+        """Send one run asking for its result and wait for it: its return value, TaskFailed if it failed for good,
+        ResultTimeout after `timeout` seconds (counted from the send). Any thread but a worker's I/O thread."""
+        started = time.monotonic()
+        mid = self.send_with_options(args=args, kwargs=kwargs, results=True)
+        return results.result(mid, max(0.0, timeout - (time.monotonic() - started)))
+
+    def message(self, *args: Any, **kwargs: Any) -> Step:
+        """This task with these arguments, not sent: a step of magne.pipeline or a member of magne.group."""
+        return Step(self, args, kwargs)
 
     def send_many(self, arglists: Iterable[Any]) -> BatchResult:
         """Publish one run per item of `arglists` (each a sequence of positional arguments), pipelined, and wait
@@ -146,6 +168,7 @@ def task(
     queue_type: str | None = None,
     priority: int | None = None,
     max_priority: int | None = None,
+    results: bool = False,
 ) -> Callable[[Callable[..., Any]], Task]: ...
 
 
@@ -163,12 +186,14 @@ def task(
     queue_type: str | None = None,
     priority: int | None = None,
     max_priority: int | None = None,
+    results: bool = False,
 ) -> Any:
     """Register a function as a task: `@task`, or `@task(queue=..., time_limit=..., max_retries=...)`.
 
     Retry settings left out fall back to the worker's defaults (`magne worker --max-retries ...`).
     `max_priority=N` declares the task's classic queue with x-max-priority N (only when asked: an existing
-    queue without it keeps redeclaring); `priority` is the default priority of its messages.
+    queue without it keeps redeclaring); `priority` is the default priority of its messages. `results=True`: every
+    message of it asks the worker to record its outcome, for magne.result(message_id) (docs/results.md).
     """
 
     def register(f: Callable[..., Any]) -> Task:
@@ -202,7 +227,7 @@ def task(
             RetryPolicy(**{**dict(max_backoff=max(RetryPolicy.max_backoff, min_backoff or 0)), **retry_options})
         except ValueError as exc:
             raise RegistryError(f"task {tname}: {exc}") from None
-        t = Task(f, tname, tqueue, time_limit, retry_options, queue_type, priority, max_priority)
+        t = Task(f, tname, tqueue, time_limit, retry_options, queue_type, priority, max_priority, bool(results))
         old = REGISTRY.get(tname)
         if old is not None and _origin(old.fn) != _origin(f):
             raise RegistryError(

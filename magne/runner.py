@@ -36,6 +36,7 @@ from magne.policy import Failure, RetryPolicy, dead_letter_plainly, decide
 from magne.registry import Task
 from magne.taskrun import DECISIONS, TaskRun
 from magne.timelimits import Slot
+from magne.workflow import asks, on_success
 
 log = logs.Log("magne.runner")
 
@@ -97,6 +98,8 @@ class Runner:
                 slot.leave()  # if this thread was abandoned meanwhile, Pool._loop discards the result
             if result is not None and inspect.isawaitable(result):  # a None check on the hot path, nothing more
                 refuse_awaitable(result)
+            if d.header[12] & 0x20 and asks(d.header):  # a flag bit on the hot path: only a header table looks further
+                on_success(d, t.name, result)
         except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt, ...: the task's failure
             self.failed(d, t, args, kwargs, exc)
         return False
@@ -128,6 +131,8 @@ class Runner:
                 slot.leave()
             if result is not None and inspect.isawaitable(result):
                 refuse_awaitable(result)
+            if d.header[12] & 0x20 and asks(d.header):
+                on_success(d, t.name, result)
         except BaseException as exc:  # noqa: B036 - as in run
             if slot.abandoned:
                 return False

@@ -24,7 +24,7 @@ from typing import Any
 
 from pamqp import commands
 
-from magne import publisher, topology, wire
+from magne import publisher, topology, wire, workflow
 from magne.amqp import codec
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, RegistryError
@@ -33,6 +33,7 @@ from magne.policy import RetryPolicy
 from magne.pool import Pool
 from magne.publisher import BatchResult
 from magne.registry import REGISTRY, Task
+from magne.workflow import asks, on_dead
 
 _OUTCOMES = {Outcome.ACK: "succeeded", Outcome.RETRY: "retried", Outcome.DEAD: "dead"}
 
@@ -119,6 +120,7 @@ class Worker:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._saved: Any = None
+        self._records: dict[str, dict[str, Any]] = {}  # message id -> its result record (magne.results), first wins
 
     def __enter__(self) -> Worker:
         tasks = dict(REGISTRY)
@@ -228,6 +230,12 @@ class Worker:
                       _OUTCOMES.get(d.outcome, d.outcome.name), d.reason, err.get("type", ""), err.get("message", ""),
                       err.get("traceback", ""), before.retries, attempts, headers, delay, self.clock,
                       self._exception(d))
+            dead = d.outcome is Outcome.DEAD and asks(d.header)
+            for nxt in (d.follow if d.outcome is Outcome.ACK else on_dead(d) if dead else None) or ():
+                if nxt.routing_key == workflow.STREAM:  # a result record: what the stream would hold
+                    self._records.setdefault(nxt.message_id, wire.loads(nxt.body))
+                else:  # a workflow's next step
+                    self.publish(nxt.routing_key, nxt.body, nxt.header)
             with self._cond:
                 self._runs.append(run)
                 if d.outcome is Outcome.RETRY:  # the copy the broker routes back once the delay queue's TTL passed
@@ -273,6 +281,11 @@ class Worker:
                 raise dead[0].exception
             raise AssertionError(f"task {dead[0].task} was dead-lettered ({dead[0].reason}): {dead[0].error_type}: "
                                  f"{dead[0].error_message}") from dead[0].exception  # a time limit, SystemExit, ...
+
+    def result_record(self, message_id: str, _timeout: float = 0.0) -> dict[str, Any] | None:
+        """magne.result() under test: runs what is due (join), then the message's record, or None."""
+        self.join(raise_on_failure=False)
+        return self._records.get(message_id)
 
     # -- inspection -----------------------------------------------------------------------------------
     def _runs_of(self, outcome: str | None, task: Task | str | None) -> list[Run]:

@@ -1,0 +1,251 @@
+"""Reading results: `magne.result(message_id)`, `result_async`, and what `task.call` waits with.
+
+Results live in one RabbitMQ stream, `magne.results` (magne.workflow writes them; docs/results.md). A process
+reads it through its default publisher's engine Client (no connection of its own): one shared *follower* (a
+stream consumer) feeds every waiting call of the process. A waiter is registered by message id, on the client's
+loop thread, and the calling thread waits on its Signal (in slices: it stays interruptible); nothing polls the
+broker. A follower starts at the stream offset of the message's send time (read from ids made by
+magne.workflow.new_id, minus a minute for clocks that differ), or at the stream's first record for any other id,
+and then follows new records for as long as the process lives. A waiter for an older message than the shared
+follower covers gets a catch-up follower of its own, cancelled once nobody waits on it.
+
+Records seen are kept in a bounded cache (the first record of an id wins: a message run twice may have two), so
+a second read in the same process answers at once. State: the waiters and the cache, bounded by CACHE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+from magne import wire, workflow
+from magne.amqp.errors import ChannelClosed
+from magne.engine.client import Client
+from magne.engine.session import Delivered
+from magne.engine.waker import Signal
+from magne.errors import ResultTimeout, TaskFailed
+from magne.publisher import Publisher, default_publisher
+from magne.workflow import sent_at_ms, stream_declaration
+
+CACHE = 10_000  # records kept per process
+PREFETCH, ACK_EVERY = 1000, 200
+SLICE = 0.2
+SLACK_MS = 60_000  # a follower starts this long before the message's send time (the worker's and our clocks)
+
+
+class Waiter:
+    """One waiting call: the loop's thread fills `record` and signals (or completes an asyncio future)."""
+
+    __slots__ = ("mid", "start", "signal", "record", "loop", "future")
+
+    def __init__(self, mid: str, start: float, loop: asyncio.AbstractEventLoop | None = None,
+                 future: asyncio.Future[dict[str, Any]] | None = None) -> None:
+        self.mid, self.start = mid, start
+        self.signal = Signal()
+        self.record: dict[str, Any] | None = None
+        self.loop, self.future = loop, future
+
+    def set(self, record: dict[str, Any]) -> None:
+        """The client's loop thread."""
+        self.record = record
+        self.signal.set()
+        if self.loop is not None and self.future is not None:
+            try:
+                self.loop.call_soon_threadsafe(_complete, self.future, record)
+            except RuntimeError:  # its event loop closed: nobody waits any more
+                pass
+
+
+def _complete(future: asyncio.Future[dict[str, Any]], record: dict[str, Any]) -> None:
+    if not future.done():
+        future.set_result(record)
+
+
+class Follower:
+    """A consumer of the stream from `start` (ms since the epoch; -inf: its first record)."""
+
+    __slots__ = ("start", "tag", "users", "unacked")
+
+    def __init__(self, start: float) -> None:
+        self.start, self.tag, self.users, self.unacked = start, "", 0, 0
+
+
+class Reader:
+    """The results reader of one Client. Caller threads: wait/wait_async (taking `lock` only to pick or start a
+    follower, never while waiting). The client's loop thread: _on_message, _register, _forget (waiters, cache)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.waiters: dict[str, list[Waiter]] = {}
+        self.cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.evicted_ms = 0.0  # wall time (ms) at which the newest record evicted from the cache was read
+        self.followers: list[Follower] = []
+        self.lock = threading.Lock()
+        self.declared = False
+        self.stream = workflow.STREAM
+
+    # -- caller threads ---------------------------------------------------------------------------------------
+    def waiter(self, mid: str, loop: asyncio.AbstractEventLoop | None = None,
+               future: asyncio.Future[dict[str, Any]] | None = None) -> tuple[Waiter, Follower]:
+        """Register a waiter for `mid`, making sure a follower will show it its record. Blocks for the broker's
+        consume-ok when a follower must start (interruptibly: the client waits in slices)."""
+        at = sent_at_ms(mid)
+        w = Waiter(mid, float("-inf") if at is None else at - SLACK_MS, loop, future)
+        self.client.submit(lambda: self._register(w))  # before any follower starts: the cache covers what it passed
+        while not self.lock.acquire(timeout=SLICE):
+            pass
+        try:
+            self._declare()
+            usable = [f for f in self.followers if f.start <= w.start]
+            if usable and w.start >= self.evicted_ms:
+                f = max(usable, key=lambda f: f.start)
+            else:  # none reads from early enough, or what it read may have left the cache: a follower from there
+                f = Follower(w.start)
+                offset: Any = "first" if w.start == float("-inf") else datetime.datetime.fromtimestamp(
+                    w.start / 1000, tz=datetime.UTC)
+                try:
+                    f.tag = self.client.consume(self.stream, lambda m, f=f: self._on_message(f, m), PREFETCH,
+                                                {"x-stream-offset": offset})
+                except BaseException:
+                    self.client.submit(lambda: self._forget(w))
+                    raise
+                self.followers.append(f)
+            f.users += 1
+        finally:
+            self.lock.release()
+        return w, f
+
+    def done(self, w: Waiter, f: Follower) -> None:
+        """A waiting call ended (answered or timed out): forget its waiter; cancel a catch-up follower nobody uses."""
+        self.client.submit(lambda: self._forget(w))
+        while not self.lock.acquire(timeout=SLICE):
+            pass
+        try:
+            f.users -= 1
+            if f.users <= 0 and f is not self.followers[0] and f in self.followers:
+                self.followers.remove(f)
+                self.client.cancel(f.tag)
+        finally:
+            self.lock.release()
+
+    def _declare(self) -> None:
+        """The stream exists before anyone consumes it (a reader may come before the first result). Under `lock`."""
+        if self.declared:
+            return
+        method, reply = stream_declaration()
+        try:
+            self.client.call(method, reply)
+        except ChannelClosed as exc:  # it exists with other arguments (another retention): read it as it is
+            if exc.code != 406:
+                raise
+        self.declared = True
+
+    # -- the client's loop thread ------------------------------------------------------------------------------
+    def _register(self, w: Waiter) -> None:
+        rec = self.cache.get(w.mid)
+        if rec is not None:
+            w.set(rec)
+        else:
+            self.waiters.setdefault(w.mid, []).append(w)
+
+    def _forget(self, w: Waiter) -> None:
+        ws = self.waiters.get(w.mid)
+        if ws is not None and w in ws:
+            ws.remove(w)
+            if not ws:
+                del self.waiters[w.mid]
+
+    def _on_message(self, f: Follower, m: Delivered) -> None:
+        f.unacked += 1
+        if f.unacked >= ACK_EVERY:  # a stream consumer's credit: one multiple ack per ACK_EVERY records
+            f.unacked = 0
+            self.client.ack(m.tag, m.gen, multiple=True)
+        try:
+            rec = wire.loads(m.body)
+        except (ValueError, RecursionError):
+            return  # not a record of ours
+        mid = rec.get("id") if isinstance(rec, dict) else None
+        if not isinstance(mid, str) or mid in self.cache:
+            return  # the first record of an id wins
+        self.cache[mid] = rec
+        if len(self.cache) > CACHE:
+            self.cache.popitem(last=False)
+            self.evicted_ms = time.time() * 1000
+        for w in self.waiters.pop(mid, ()):
+            w.set(rec)
+
+
+_readers: weakref.WeakKeyDictionary[Client, Reader] = weakref.WeakKeyDictionary()
+_readers_lock = threading.Lock()
+
+
+def reader(pub: Publisher | None = None) -> Reader:
+    """The reader of `pub`'s client (the default publisher's): one per client, made on first use."""
+    client = (pub or default_publisher())._running()
+    with _readers_lock:
+        r = _readers.get(client)
+        if r is None:
+            r = _readers[client] = Reader(client)
+        return r
+
+
+def outcome(record: dict[str, Any]) -> Any:
+    """A record's value, or TaskFailed for a failure."""
+    if record.get("ok") is True:
+        return record.get("value")
+    err = record.get("error") if isinstance(record.get("error"), dict) else {}
+    return _raise(TaskFailed(str(record.get("of") or record.get("id")), str(record.get("task", "")),
+                             str(record.get("reason", "")), str(err.get("type", "Error")), str(err.get("message", "")),
+                             str(err.get("traceback", ""))))
+
+
+def _raise(exc: BaseException) -> Any:
+    raise exc
+
+
+def result(message_id: str, timeout: float = 30.0, publisher: Publisher | None = None) -> Any:
+    """The return value of the message `message_id` (sent with results=True), once its outcome is final. Raises
+    TaskFailed if it failed for good, ResultTimeout if no outcome arrived within `timeout` seconds. Any thread;
+    waits interruptibly, without polling the broker. Under magne.testing, asks the in-process worker. `publisher`:
+    read through its connection (default: the process's default publisher)."""
+    pub = publisher or default_publisher()
+    if not isinstance(pub, Publisher):  # magne.testing's worker stands in for the publisher
+        rec = pub.result_record(message_id, timeout)
+        if rec is None:
+            raise ResultTimeout(f"no result for message {message_id} (did it ask for one, with results=True?)")
+        return outcome(rec)
+    deadline = time.monotonic() + timeout
+    r = reader(pub)
+    w, f = r.waiter(message_id)
+    try:
+        while not w.signal.wait(min(SLICE, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise ResultTimeout(f"no result for message {message_id} within {timeout:g}s")
+    finally:
+        r.done(w, f)
+    assert w.record is not None
+    return outcome(w.record)
+
+
+async def result_async(message_id: str, timeout: float = 30.0, publisher: Publisher | None = None) -> Any:
+    """`await magne.result_async(id)`: result() without blocking the event loop (the follower completes a future;
+    starting a follower, a blocking broker call, runs in the loop's default executor)."""
+    pub = publisher or default_publisher()
+    if not isinstance(pub, Publisher):
+        return await asyncio.get_running_loop().run_in_executor(None, result, message_id, timeout)
+    loop = asyncio.get_running_loop()
+    r = reader(pub)
+    future: asyncio.Future[dict[str, Any]] = loop.create_future()
+    w, f = await loop.run_in_executor(None, r.waiter, message_id, loop, future)
+    try:
+        rec = await asyncio.wait_for(future, timeout)
+    except TimeoutError:
+        raise ResultTimeout(f"no result for message {message_id} within {timeout:g}s") from None
+    finally:
+        await loop.run_in_executor(None, r.done, w, f)
+    return outcome(rec)
