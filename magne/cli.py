@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refresh in place every SECONDS (default 2) until Ctrl-C")
     st.add_argument("--format", choices=["text", "json"], default="text", help="json: one object per refresh")
 
+    r = sub.add_parser("result", parents=[logging_opts], help="print a message's outcome (sent with results=True)")
+    r.add_argument("message_id", metavar="ID")
+    r.add_argument("--timeout", type=_positive(float), default=5.0, help="seconds to wait for it (default 5)")
+    r.add_argument("--url", help=url_help)
+
     d = sub.add_parser("demo", parents=[logging_opts], help="start a worker, send a demo batch, print what ran, stop the worker")
     d.add_argument("--count", type=_positive(int), default=2000)
     d.add_argument("--threads", type=_positive(int), default=8)
@@ -180,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             return _dead(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "result":
+            from magne.results import print_result
+
+            return print_result(args.message_id, args.url, args.timeout)
         if args.command == "demo":
             from magne.demo import run_demo
 

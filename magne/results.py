@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import sys
 import threading
 import time
 import weakref
@@ -35,6 +36,7 @@ from magne.workflow import sent_at_ms, stream_declaration
 CACHE = 10_000  # records kept per process
 PREFETCH, ACK_EVERY = 1000, 200
 SLICE = 0.2
+READY_WAIT = 10.0
 SLACK_MS = 60_000  # a follower starts this long before the message's send time (the worker's and our clocks)
 
 
@@ -109,8 +111,7 @@ class Reader:
                 offset: Any = "first" if w.start == float("-inf") else datetime.datetime.fromtimestamp(
                     w.start / 1000, tz=datetime.UTC)
                 try:
-                    f.tag = self.client.consume(self.stream, lambda m, f=f: self._on_message(f, m), PREFETCH,
-                                                {"x-stream-offset": offset})
+                    f.tag = self._consume(f, offset)
                 except BaseException:
                     self.client.submit(lambda: self._forget(w))
                     raise
@@ -119,6 +120,19 @@ class Reader:
         finally:
             self.lock.release()
         return w, f
+
+    def _consume(self, f: Follower, offset: Any) -> str:
+        """Start a follower's consumer. A stream declared a moment ago may not have its replica yet (406 "does not
+        have a replica on the local node", RabbitMQ 3.10): tried again for up to READY_WAIT seconds."""
+        deadline = time.monotonic() + READY_WAIT
+        while True:
+            try:
+                return self.client.consume(self.stream, lambda m: self._on_message(f, m), PREFETCH,
+                                           {"x-stream-offset": offset})
+            except ChannelClosed as exc:
+                if exc.code != 406 or "replica" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def done(self, w: Waiter, f: Follower) -> None:
         """A waiting call ended (answered or timed out): forget its waiter; cancel a catch-up follower nobody uses."""
@@ -249,3 +263,24 @@ async def result_async(message_id: str, timeout: float = 30.0, publisher: Publis
     finally:
         await loop.run_in_executor(None, r.done, w, f)
     return outcome(rec)
+
+
+def print_result(message_id: str, url: str | None, timeout: float) -> int:
+    """`magne result ID`: the outcome as one JSON object on stdout; exit 0 for a value, 1 for a failure or none yet."""
+    pub = Publisher(url)
+    try:
+        try:
+            value = result(message_id, timeout, publisher=pub)
+        except TaskFailed as exc:
+            print(workflow.dumps({"id": message_id, "ok": False, "task": exc.task, "reason": exc.reason,
+                                   "error": {"type": exc.error_type, "message": exc.error_message,
+                                             "traceback": exc.traceback}}).decode())
+            return 1
+        except ResultTimeout:
+            print(f"magne result: no outcome of message {message_id} yet (or it did not ask for one, or it is older "
+                  "than the results stream keeps)", file=sys.stderr)
+            return 1
+        print(workflow.dumps({"id": message_id, "ok": True, "value": value}).decode())
+        return 0
+    finally:
+        pub.close()

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from magne import results, wire, workflow
-from magne.publisher import Publisher, TaskLike, default_publisher
+from magne.publisher import TaskLike, default_publisher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +33,8 @@ class Step:
 
     def send(self, message_id: str | None = None, headers: dict[str, Any] | None = None) -> str:
         """Publish this step (confirmed) with magne's `headers`; its message id."""
-        mid = message_id or workflow.new_id()
-        pub = default_publisher()
-        if isinstance(pub, Publisher):
-            return pub.send(self.task, self.args, self.kwargs or None, message_id=mid, headers=headers)
-        props = wire.properties_for(mid)  # magne.testing's in-process worker
-        props.headers = headers
-        pub.publish(self.task.queue, wire.encode(self.task.name, self.args, self.kwargs or None, mid), props,
-                    queue_type=self.task.queue_type)
-        return mid
+        return default_publisher().send(self.task, self.args, self.kwargs or None,
+                                        message_id=message_id or workflow.new_id(), headers=headers)
 
 
 class Pipeline:

@@ -181,11 +181,11 @@ class Worker:
 
     def send(self, task: publisher.TaskLike, args: Any = (), kwargs: dict[str, Any] | None = None,
              delay: float | None = None, message_id: str | None = None, declare: bool = True,
-             priority: int | None = None) -> str:
+             priority: int | None = None, headers: dict[str, Any] | None = None) -> str:
         """Publisher.send into memory (the README's `default_publisher().send(...)` in a test): the message id."""
         mid = message_id or wire.new_id()
         props = wire.properties_for(mid)
-        props.priority = priority if priority is not None else getattr(task, "priority", None)
+        props.priority, props.headers = (priority if priority is not None else getattr(task, "priority", None)), headers
         self.publish(task.queue, wire.encode(task.name, args, kwargs, mid), props, delay=delay,
                      queue_type=task.queue_type, declare=declare)
         return mid

@@ -1,0 +1,34 @@
+"""Tasks for the results and workflow end-to-end tests; queue names come from the environment."""
+
+import os
+import time
+
+from magne import task
+
+PREFIX = os.environ["MAGNE_TEST_PREFIX"]
+
+
+@task(queue=f"{PREFIX}.main", results=True)
+def add(a, b):
+    return a + b
+
+
+@task(queue=f"{PREFIX}.main")
+def mul(a, b):
+    return a * b
+
+
+@task(queue=f"{PREFIX}.main")
+def boom(*args):
+    raise ValueError(f"failing on purpose with {list(args)}")
+
+
+@task(queue=f"{PREFIX}.main")
+async def aadd(a, b):
+    return a + b
+
+
+@task(queue=f"{PREFIX}.main")
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds

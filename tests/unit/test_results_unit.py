@@ -1,0 +1,201 @@
+"""Results and pipelines without a broker: what a message that asks carries, what the worker publishes before its
+ack (and that it acks only after the broker confirmed those), how a reader matches records, and the in-process
+worker (magne.testing)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import pytest
+from pamqp import commands
+from test_settle import make, settled
+
+import magne
+from magne import testing, wire, workflow
+from magne.amqp import codec
+from magne.amqp.errors import PublishError
+from magne.delivery import Delivery, Outcome
+from magne.io.follow import Follow
+from magne.policy import Failure, RetryPolicy, decide
+from magne.results import Follower, Reader, Waiter, outcome
+from magne.steps import Step
+
+
+def header(headers=None, mid="m1") -> bytes:
+    return codec.header_payload(commands.Basic.Properties(message_id=mid, delivery_mode=2, headers=headers), 10)
+
+
+def delivery(headers=None, tag=1, mid="m1") -> Delivery:
+    d = Delivery(tag, 1, "q", b'{"func":"t","args":[]}', header(headers, mid), False)
+    d.task = "t"
+    return d
+
+
+# -- the worker's half -------------------------------------------------------------------------------------
+def test_only_messages_that_ask_are_looked_at():
+    assert not workflow.asks(header())
+    assert not workflow.asks(header({"traceparent": "00-x", "x-magne-retries": 2}))
+    assert workflow.asks(header({workflow.RESULTS: True}))
+    assert workflow.asks(header({workflow.FLOW: "{}"}))
+
+
+def test_ids_tell_when_they_were_made_and_others_do_not():
+    mid = workflow.new_id()
+    assert len(mid) == 32 and abs(workflow.sent_at_ms(mid) - time.time() * 1000) < 5000
+    assert workflow.sent_at_ms("my-own-id") is None and workflow.sent_at_ms("f" * 32) is None
+
+
+def test_a_value_that_is_not_json_becomes_a_failure_record():
+    rec = wire.loads(workflow.record("m", "t", True, value={1, 2}).body)
+    assert rec["ok"] is False and rec["reason"] == "result not JSON" and "JSON" in rec["error"]["message"]
+    nxt = workflow.record("m", "t", True, value=2**70)
+    assert nxt.routing_key == workflow.STREAM and wire.loads(nxt.body)["value"] == 2**70
+
+
+def test_a_pipeline_step_publishes_the_next_with_its_value_appended():
+    rest = [Step(magne.Task(lambda *a: 0, "b", "QB"), (10,)).spec("id2", False),
+            Step(magne.Task(lambda *a: 0, "c", "QC"), (3,)).spec("id3", True)]
+    d = delivery({workflow.FLOW: workflow.dumps({"pipe": "id3", "rest": rest}).decode()})
+    workflow.on_success(d, "a", 3)
+    [nxt] = d.follow
+    assert (nxt.exchange, nxt.routing_key, nxt.message_id) == ("QB", "QB", "id2")
+    assert wire.decode(nxt.body) == ("b", [10, 3], {})
+    props = codec.decode_properties(nxt.header)
+    assert props.message_id == "id2" and workflow.RESULTS not in props.headers
+    flow = wire.loads(props.headers[workflow.FLOW])
+    assert flow == {"pipe": "id3", "rest": rest[1:]}
+    d2 = delivery(props.headers, mid="id2")
+    workflow.on_success(d2, "b", 13)
+    [last] = d2.follow
+    last_props = codec.decode_properties(last.header)
+    assert wire.decode(last.body) == ("c", [3, 13], {}) and last_props.headers == {workflow.RESULTS: True}
+
+
+def test_a_failing_step_records_its_failure_as_the_pipelines():
+    d = delivery({workflow.FLOW: workflow.dumps({"pipe": "P", "rest": []}).decode()}, mid="s2")
+    d.reason, d.error = "task raised", {"type": "ValueError", "message": "no", "traceback": "tb"}
+    [rec] = [wire.loads(n.body) for n in workflow.on_dead(d)]
+    assert rec["id"] == "P" and rec["of"] == "s2" and rec["error"]["type"] == "ValueError"
+    with pytest.raises(magne.TaskFailed, match="ValueError: no") as info:
+        outcome(rec)
+    assert info.value.traceback == "tb" and info.value.message_id == "s2"
+    assert workflow.on_dead(delivery({"x-magne-retries": 1})) is None
+
+
+def test_a_retry_copy_keeps_asking():
+    d = delivery({workflow.RESULTS: True, "x-magne-retries": 0})
+    decide(d, Failure("task raised", ValueError("x")), RetryPolicy(max_retries=3), 131072)
+    assert d.outcome is Outcome.RETRY
+    headers = codec.decode_properties(d.copy_header).headers
+    assert headers[workflow.RESULTS] is True and headers[wire.RETRIES] == 1
+
+
+# -- the I/O thread: follow-ups before the ack ---------------------------------------------------------------
+def test_a_success_that_asked_is_acked_only_after_its_record_is_confirmed():
+    s, sender, out, stats, _conn = make()
+    d = delivery({workflow.RESULTS: True})
+    workflow.on_success(d, "t", 5)
+    plain = delivery(tag=2)
+    assert s.drain(deque([d, plain]), 0.0) == 2
+    assert settled(out) == [("ack", 2, False)]  # the plain one at once; the one that asked waits
+    [f] = list(sender.queue)
+    assert isinstance(f, Follow) and f.routing_key == workflow.STREAM
+    sender.queue.clear()
+    f.settle(PublishError("refused"))  # refused: published again after a backoff, still unacked
+    assert settled(out) == [] and len(s.waiting) == 1
+    s.service(time.monotonic() + 120)
+    [f2] = list(sender.queue)
+    f2.settle(None)
+    assert settled(out) == [("ack", 1, True)] and stats.acked == 2
+
+
+def test_a_dead_letter_that_asked_gets_its_failure_record_before_the_ack():
+    s, sender, out, stats, _conn = make()
+    d = delivery({workflow.RESULTS: True})
+    decide(d, Failure("task raised", ValueError("boom")), None, 131072)
+    s.drain(deque([d]), 0.0)
+    [copy] = list(sender.queue)
+    sender.queue.clear()
+    copy.settle(None)
+    assert settled(out) == []
+    [f] = list(sender.queue)
+    rec = wire.loads(f.nxt.body)
+    assert rec["ok"] is False and rec["error"]["message"] == "boom" and rec["reason"] == "task raised"
+    f.settle(None)
+    assert settled(out) == [("ack", 1, True)] and stats.dead == 1 and stats.acked == 0
+
+
+def test_follow_ups_of_an_older_channel_are_dropped():
+    s, sender, out, _stats, _conn = make()
+    d = delivery({workflow.RESULTS: True})
+    workflow.on_success(d, "t", 5)
+    s.drain(deque([d]), 0.0)
+    [f] = list(sender.queue)
+    s.reset(2, out)
+    f.settle(None)
+    assert settled(out) == [] and not s.follow.left
+
+
+# -- the reader's matching ----------------------------------------------------------------------------------
+class FakeClient:
+    def __init__(self):
+        self.acks = []
+
+    def submit(self, fn):
+        fn()
+
+    def ack(self, tag, gen, multiple=False):
+        self.acks.append(tag)
+
+
+class Msg:
+    def __init__(self, tag, body):
+        self.tag, self.gen, self.body = tag, 1, body
+
+
+def test_the_first_record_of_an_id_wins_and_waiters_get_it():
+    r = Reader(FakeClient())
+    f = Follower(0)
+    w = Waiter("a", 0)
+    r._register(w)
+    r._on_message(f, Msg(1, workflow.dumps({"id": "a", "ok": True, "value": 1})))
+    r._on_message(f, Msg(2, workflow.dumps({"id": "a", "ok": True, "value": 2})))
+    r._on_message(f, Msg(3, b"not json"))
+    assert w.record["value"] == 1
+    late = Waiter("a", 0)
+    r._register(late)
+    assert late.record["value"] == 1 and not r.waiters
+
+
+# -- in-process (magne.testing) --------------------------------------------------------------------------------
+@magne.task(name="res_unit_add", results=True)
+def add(a, b):
+    return a + b
+
+
+@magne.task(name="res_unit_boom")
+def boom(x):
+    raise ValueError(f"bad {x}")
+
+
+@magne.task(name="res_unit_mul")
+def mul(a, b):
+    return a * b
+
+
+@pytest.mark.parametrize("kw", [{"sync": True}, {"threads": 2}])
+def test_results_and_pipelines_in_process(kw):
+    with testing.worker(**kw) as w:
+        assert magne.result(add.send(1, 2)) == 3
+        assert add.call(2, 3) == 5
+        with pytest.raises(magne.TaskFailed, match=r"res_unit_boom .*ValueError: bad 7") as info:
+            boom.call(7)
+        assert "Traceback" in info.value.traceback
+        with pytest.raises(magne.ResultTimeout):
+            magne.result(boom.send(1))  # it did not ask
+        assert magne.pipeline([add.message(1, 2), add.message(10), mul.message(3)]).call() == 39
+        pid = magne.pipeline([add.message(1, 2), boom.message(), mul.message(3)]).send()
+        with pytest.raises(magne.TaskFailed, match="bad 3"):
+            magne.result(pid)
+        assert len(w.succeeded(mul)) == 1 and len(w.dead_letters(boom)) == 3  # the failed pipeline stopped
