@@ -18,11 +18,13 @@ _PUBLIC = {
     "PublishError": "magne.errors", "TimeLimitExceeded": "magne.errors", "Interrupt": "magne.errors",
     "TaskFailed": "magne.errors", "ResultTimeout": "magne.errors",
     "result": "magne.results", "result_async": "magne.results", "pipeline": "magne.steps",
+    "group": "magne.steps", "group_result": "magne.steps",
 }
 
 __all__ = [
     "BadMessage", "ConfigError", "Interrupt", "MagneError", "PublishError", "Publisher", "ResultTimeout", "Task",
-    "TaskFailed", "TimeLimitExceeded", "__version__", "configure", "pipeline", "result", "result_async", "task",
+    "TaskFailed", "TimeLimitExceeded", "__version__", "configure", "group", "group_result", "pipeline", "result",
+    "result_async", "task",
 ]
 
 if TYPE_CHECKING:
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from magne.publisher import Publisher, configure
     from magne.registry import Task, task
     from magne.results import result, result_async
-    from magne.steps import pipeline
+    from magne.steps import group, group_result, pipeline
 
 
 def __getattr__(name: str) -> Any:

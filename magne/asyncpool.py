@@ -38,11 +38,12 @@ from typing import Any
 
 from magne import logs
 from magne.asyncrun import HookThreads, Run, Stepped
+from magne.chords import on_success
 from magne.delivery import Delivery, Outcome
 from magne.errors import ColdShutdown, ConfigError, Interrupt, TimeLimitExceeded
 from magne.loopthread import LoopThread
 from magne.runner import Resolved, Runner
-from magne.workflow import asks, on_success
+from magne.workflow import asks
 
 log = logs.Log("magne.asyncpool")
 
@@ -210,8 +211,8 @@ class AsyncPool(LoopThread):
             if isinstance(exc, asyncio.CancelledError | Interrupt) and run.why is not None:
                 exc = run.why(*exc.args)  # our cancel or interrupt: a time limit, or a cold stop
             runner.failed(d, t, args, kwargs, exc)
-        elif t is not None and d.header[12] & 0x20 and asks(d.header):  # its result or next step (magne.workflow)
-            on_success(d, t.name, value)
+        elif t is not None and d.header[12] & 0x20 and asks(d.header):  # its result, next step, chord (blocking)
+            await asyncio.get_running_loop().run_in_executor(None, on_success, d, t.name, value)
         if hooked is not None:  # the outcome is reported after the after-hooks, as on a pool thread
             if exc is None:
                 await hooked.call(run, lambda timers: runner.after_success(d, info, started, seconds, timers))

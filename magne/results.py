@@ -34,6 +34,7 @@ from magne.publisher import Publisher, default_publisher
 from magne.workflow import sent_at_ms, stream_declaration
 
 CACHE = 10_000  # records kept per process
+GROUPS = 10_000  # groups whose members' records are counted per process (magne.chords)
 PREFETCH, ACK_EVERY = 1000, 200
 SLICE = 0.2
 READY_WAIT = 10.0
@@ -43,11 +44,11 @@ SLACK_MS = 60_000  # a follower starts this long before the message's send time 
 class Waiter:
     """One waiting call: the loop's thread fills `record` and signals (or completes an asyncio future)."""
 
-    __slots__ = ("mid", "start", "signal", "record", "loop", "future")
+    __slots__ = ("mid", "start", "signal", "record", "loop", "future", "rid")
 
     def __init__(self, mid: str, start: float, loop: asyncio.AbstractEventLoop | None = None,
-                 future: asyncio.Future[dict[str, Any]] | None = None) -> None:
-        self.mid, self.start = mid, start
+                 future: asyncio.Future[dict[str, Any]] | None = None, rid: bool = False) -> None:
+        self.mid, self.start, self.rid = mid, start, rid  # rid: `mid` is a record's own nonce (magne.chords)
         self.signal = Signal()
         self.record: dict[str, Any] | None = None
         self.loop, self.future = loop, future
@@ -86,6 +87,8 @@ class Reader:
         self.waiters: dict[str, list[Waiter]] = {}
         self.cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.evicted_ms = 0.0  # wall time (ms) at which the newest record evicted from the cache was read
+        self.groups: OrderedDict[str, set[int]] = OrderedDict()  # group id -> members with a success record so far
+        self.rids: dict[str, Waiter] = {}  # a chord member's own record (its nonce) -> who waits to see it
         self.followers: list[Follower] = []
         self.lock = threading.Lock()
         self.declared = False
@@ -93,11 +96,12 @@ class Reader:
 
     # -- caller threads ---------------------------------------------------------------------------------------
     def waiter(self, mid: str, loop: asyncio.AbstractEventLoop | None = None,
-               future: asyncio.Future[dict[str, Any]] | None = None) -> tuple[Waiter, Follower]:
-        """Register a waiter for `mid`, making sure a follower will show it its record. Blocks for the broker's
-        consume-ok when a follower must start (interruptibly: the client waits in slices)."""
+               future: asyncio.Future[dict[str, Any]] | None = None, rid: str | None = None) -> tuple[Waiter, Follower]:
+        """Register a waiter for `mid`'s record (or, with `rid`, for the record with that nonce, read from where `mid`
+        was sent), making sure a follower will show it. Blocks for the broker's consume-ok when a follower must start
+        (interruptibly: the client waits in slices)."""
         at = sent_at_ms(mid)
-        w = Waiter(mid, float("-inf") if at is None else at - SLACK_MS, loop, future)
+        w = Waiter(rid or mid, float("-inf") if at is None else at - SLACK_MS, loop, future, rid is not None)
         self.client.submit(lambda: self._register(w))  # before any follower starts: the cache covers what it passed
         while not self.lock.acquire(timeout=SLICE):
             pass
@@ -159,8 +163,26 @@ class Reader:
                 raise
         self.declared = True
 
+    def _count(self, group: str, rec: dict[str, Any]) -> None:
+        """A group member's record: count its index once (only a success counts towards a chord). A waiter for this
+        very record learns how many members had succeeded by then, in stream order (magne.chords)."""
+        seen = self.groups.get(group)
+        if seen is None:
+            seen = self.groups[group] = set()
+            if len(self.groups) > GROUPS:
+                self.groups.popitem(last=False)
+        if rec.get("ok") is True and type(rec.get("i")) is int:
+            seen.add(rec["i"])
+        rid = rec.get("rid")
+        w = self.rids.pop(rid, None) if isinstance(rid, str) else None
+        if w is not None:
+            w.set({**rec, "succeeded": len(seen)})
+
     # -- the client's loop thread ------------------------------------------------------------------------------
     def _register(self, w: Waiter) -> None:
+        if w.rid:
+            self.rids[w.mid] = w
+            return
         rec = self.cache.get(w.mid)
         if rec is not None:
             w.set(rec)
@@ -168,6 +190,9 @@ class Reader:
             self.waiters.setdefault(w.mid, []).append(w)
 
     def _forget(self, w: Waiter) -> None:
+        if w.rid:
+            self.rids.pop(w.mid, None)
+            return
         ws = self.waiters.get(w.mid)
         if ws is not None and w in ws:
             ws.remove(w)
@@ -183,7 +208,12 @@ class Reader:
             rec = wire.loads(m.body)
         except (ValueError, RecursionError):
             return  # not a record of ours
-        mid = rec.get("id") if isinstance(rec, dict) else None
+        if not isinstance(rec, dict):
+            return
+        group = rec.get("group")
+        if isinstance(group, str):
+            self._count(group, rec)
+        mid = rec.get("id")
         if not isinstance(mid, str) or mid in self.cache:
             return  # the first record of an id wins
         self.cache[mid] = rec

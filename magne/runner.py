@@ -28,6 +28,7 @@ from typing import Any
 
 from magne import logs, wire
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
+from magne.chords import callback_args, on_success
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, ColdShutdown, Interrupt, TimeLimitExceeded
 from magne.hooks import HookSet, registered
@@ -36,7 +37,7 @@ from magne.policy import Failure, RetryPolicy, dead_letter_plainly, decide
 from magne.registry import Task
 from magne.taskrun import DECISIONS, TaskRun
 from magne.timelimits import Slot
-from magne.workflow import asks, on_success
+from magne.workflow import asks
 
 log = logs.Log("magne.runner")
 
@@ -88,6 +89,8 @@ class Runner:
         kwargs: dict[str, Any] = {}
         try:
             t, args, kwargs = self.resolve(d)
+            if d.header[12] & 0x20 and asks(d.header):  # a chord's callback gets its members' values (magne.chords)
+                args = callback_args(d, args)
             if t.is_async and self.to_loop is not None:
                 self.to_loop(d, (t, args, kwargs))
                 return True
@@ -118,6 +121,8 @@ class Runner:
         started = 0.0
         try:
             t, args, kwargs = self.resolve(d)
+            if d.header[12] & 0x20 and asks(d.header):  # a chord's callback gets its members' values (magne.chords)
+                args = callback_args(d, args)
             if t.is_async and self.to_loop is not None:  # the event loop runs it, and its hooks
                 self.to_loop(d, (t, args, kwargs))
                 return True

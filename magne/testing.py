@@ -24,7 +24,7 @@ from typing import Any
 
 from pamqp import commands
 
-from magne import publisher, topology, wire, workflow
+from magne import chords, publisher, topology, wire, workflow
 from magne.amqp import codec
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, RegistryError
@@ -121,6 +121,8 @@ class Worker:
         self._watchdog: threading.Thread | None = None
         self._saved: Any = None
         self._records: dict[str, dict[str, Any]] = {}  # message id -> its result record (magne.results), first wins
+        self._gates: dict[str, tuple[bytes, bytes]] = {}  # chords' callbacks, held until their group is complete
+        self._groups: dict[str, set[int]] = {}  # group id -> members that succeeded
 
     def __enter__(self) -> Worker:
         tasks = dict(REGISTRY)
@@ -174,6 +176,9 @@ class Worker:
             raise ValueError(f"queue name {str(queue)[:60]!r} {why}")
         delay = check_delay(delay)  # the real publisher's rule: NaN, negative, infinite, too long are refused
         header = properties if isinstance(properties, bytes) else codec.header_payload(properties, len(body))
+        if exchange == "" and queue.startswith(f"{workflow.STREAM}.chord."):  # a chord's gate: held (magne.chords)
+            self._gates[queue] = (body, header)
+            return
         task, args, kwargs = _decoded(body)
         with self._cond:
             self._sent.append(Sent(task, args, kwargs, wire.read_state(header).message_id, queue, delay, body))
@@ -236,6 +241,9 @@ class Worker:
                     self._records.setdefault(nxt.message_id, wire.loads(nxt.body))
                 else:  # a workflow's next step
                     self.publish(nxt.routing_key, nxt.body, nxt.header)
+            fired = chords.local_fire(d, self._records, self._groups, self._gates)
+            if fired is not None:
+                self.publish(*fired)
             with self._cond:
                 self._runs.append(run)
                 if d.outcome is Outcome.RETRY:  # the copy the broker routes back once the delay queue's TTL passed

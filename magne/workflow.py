@@ -85,7 +85,7 @@ def new_id() -> str:
 
 def sent_at_ms(message_id: str) -> int | None:
     """When a message id made by new_id() was made (ms since the epoch), or None for any other id."""
-    if len(message_id) != 32 or not re.fullmatch(r"[0-9a-f]{32}", message_id):
+    if not re.fullmatch(r"[0-9a-f]{32}(\.[0-9a-z.]{1,40})?", message_id):  # a group's ids add a suffix
         return None
     ms = int(message_id[:12], 16)
     now = time.time() * 1000
@@ -127,12 +127,14 @@ def _flow(headers: dict[str, Any]) -> dict[str, Any]:
 
 
 def record(mid: str, task: str, ok: bool, value: Any = None, reason: str = "", error: dict[str, str] | None = None,
-           of: str | None = None) -> Next:
+           of: str | None = None, extra: dict[str, Any] | None = None) -> Next:
     """A result record for message `mid` (`of`: the message whose outcome it is, when that is another one: a pipeline's
     step or a group's member). The body is JSON; a value that is not becomes a failure record saying so."""
     rec: dict[str, Any] = {"id": mid, "task": wire.safe_text(task, 200), "ok": ok, "at": round(time.time(), 3)}
     if of is not None and of != mid:
         rec["of"] = of
+    if extra:
+        rec.update(extra)
     if ok:
         try:
             rec["value"] = wire.loads(dumps(value))  # round-tripped: what a reader will get
@@ -204,6 +206,9 @@ def on_dead(d: Delivery) -> list[Next] | None:
         ids.append(mid)
     if isinstance(pipe, str) and pipe and pipe != mid:
         ids.append(pipe)
+    group = flow.get("group")
+    if isinstance(flow.get("gate"), str) and isinstance(group, str):  # a chord's member: the chord failed
+        ids.append(f"{group}.callback")
     if not ids:
         return None
     err = d.error or {"type": "BadMessage", "message": d.reason}

@@ -32,3 +32,15 @@ async def aadd(a, b):
 def nap(seconds):
     time.sleep(seconds)
     return seconds
+
+
+@task(queue=f"{PREFIX}.main")
+def total(values, extra=0):
+    return sum(values) + extra
+
+
+@task(queue=f"{PREFIX}.main")
+def square(x, sleep=0.0):
+    if sleep:
+        time.sleep(sleep)
+    return x * x
