@@ -3,6 +3,7 @@ failures and timeouts say what happened, a pipeline stops at its failing step.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from magne import publisher, workflow
 from magne.publisher import Target
 from magne.registry import Task
 from magne.steps import Step
-from support import ROOT, URL, queue_counts
+from support import ROOT, URL, queue_counts, wait_for
 
 
 @pytest.fixture
@@ -55,6 +56,7 @@ def test_a_result_is_read_by_other_processes_after_the_worker_stopped(results, s
     ok = t.add.send(2, 3)
     failed = t.boom.send_with_options(args=(7,), results=True)
     assert magne.result(ok, 20) == 5
+    assert asyncio.run(magne.result_async(ok, 5)) == 5
     with pytest.raises(magne.TaskFailed) as info:
         magne.result(failed, 20)
     assert "ValueError: failing on purpose with [7]" in str(info.value) and "Traceback" in info.value.traceback
@@ -98,3 +100,27 @@ def test_a_pipeline_runs_in_order_and_stops_at_its_failing_step(results, start_w
     c = w.counters()
     assert (c["acked"], c["dead"]) == (4, 1), c  # add, aadd, mul, add; boom: the third step never ran
     assert queue_counts(f"{names['MAGNE_TEST_PREFIX']}.main")[0] == 0
+
+
+def test_a_chord_fires_once_though_a_worker_is_killed_in_the_middle(results, start_worker, names, redis):
+    t = results["tasks"]
+    t.square, t.total = (Task(print, n, t.add.queue) for n in ("square", "total"))
+    a = start_worker("--threads", "8", modules=("results_tasks",), env=results["env"])
+    b = start_worker("--threads", "8", modules=("results_tasks",), env=results["env"])
+    a.wait_ready()
+    b.wait_ready()
+    n = 200
+    cid = magne.group([t.square.message(i, 0.03) for i in range(n)]).then(t.total.message(extra=1)).send()
+    gid = cid.removesuffix(".callback")
+    magne.result(f"{gid}.40", 20)  # some members are done, most are not
+    a.proc.kill()  # kill -9: its running and prefetched members come back to b, some of them a second time
+    assert a.wait() == -9
+    assert magne.result(cid, 30) == sum(i * i for i in range(n)) + 1
+    assert magne.group_result(gid, 10) == [i * i for i in range(n)]
+    runs = {k.decode(): int(v) for k, v in redis.hgetall(names["MAGNE_TEST_KEY"]).items()}
+    assert runs["square"] >= n
+    wait_for(lambda: queue_counts(t.add.queue) == (0, 0), 20, interval=0.3, what="every member settled")
+    assert int(redis.hget(names["MAGNE_TEST_KEY"], "total")) == 1  # the callback ran exactly once
+    assert b.stop() == 0
+    c = b.counters()
+    assert c["dead"] == 0 and c["redelivered"] > 0, c  # b ran members a had taken

@@ -199,3 +199,24 @@ def test_results_and_pipelines_in_process(kw):
         with pytest.raises(magne.TaskFailed, match="bad 3"):
             magne.result(pid)
         assert len(w.succeeded(mul)) == 1 and len(w.dead_letters(boom)) == 3  # the failed pipeline stopped
+
+
+@magne.task(name="res_unit_total")
+def total(values, extra=0):
+    return sum(values) + extra
+
+
+@pytest.mark.parametrize("kw", [{"sync": True}, {"threads": 2}])
+def test_groups_and_chords_in_process(kw):
+    with testing.worker(**kw) as w:
+        gid = magne.group([add.message(i, i) for i in range(10)]).send()
+        assert magne.group_result(gid) == [2 * i for i in range(10)]
+        assert magne.group([add.message(i, 1) for i in range(10)]).then(total.message(extra=1)).call() == 56
+        cid = magne.group([add.message(1, 1), boom.message(2)]).then(total.message()).send()
+        with pytest.raises(magne.TaskFailed, match="bad 2"):
+            magne.result(cid)
+        with pytest.raises(magne.TaskFailed, match="bad 2"):
+            magne.group_result(cid.removesuffix(".callback"))
+        assert len(w.succeeded(total)) == 1
+    with pytest.raises(ValueError, match="not a group id"):
+        magne.group_result("nope")
