@@ -96,9 +96,17 @@ class Task:
     def call(self, *args: Any, timeout: float = 30.0, **kwargs: Any) -> Any:
         """Send one run asking for its result and wait for it: its return value, TaskFailed if it failed for good,
         ResultTimeout after `timeout` seconds (counted from the send). Any thread but a worker's I/O thread."""
-        started = time.monotonic()
-        mid = self.send_with_options(args=args, kwargs=kwargs, results=True)
-        return results.result(mid, max(0.0, timeout - (time.monotonic() - started)))
+        deadline = time.monotonic() + timeout
+        mid = workflow.new_id()
+        waiting = results.expect(mid)  # registered before the send: its record cannot pass unseen
+        if waiting is None:  # magne.testing
+            return results.result(self.send_with_options(args=args, kwargs=kwargs, results=True), timeout)
+        try:
+            self.send_with_options(args=args, kwargs=kwargs, message_id=mid, results=True)
+        except BaseException:
+            waiting[0].done(waiting[1], waiting[2])
+            raise
+        return results.wait(*waiting, deadline, timeout)
 
     def message(self, *args: Any, **kwargs: Any) -> Step:
         """This task with these arguments, not sent: a step of magne.pipeline or a member of magne.group."""

@@ -39,6 +39,9 @@ PREFETCH, ACK_EVERY = 1000, 200
 SLICE = 0.2
 READY_WAIT = 10.0
 SLACK_MS = 60_000  # a follower starts this long before the message's send time (the worker's and our clocks)
+# A waiter whose message was sent this soon after the newest record that left the cache was written may have had its
+# record pass before it registered, and leave the cache since: it gets a catch-up follower of its own.
+EVICTED_MARGIN_MS = 5_000
 
 
 class Waiter:
@@ -86,7 +89,7 @@ class Reader:
         self.client = client
         self.waiters: dict[str, list[Waiter]] = {}
         self.cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.evicted_ms = 0.0  # wall time (ms) at which the newest record evicted from the cache was read
+        self.evicted_ms = 0.0  # the newest write time (ms, its "at") of a record evicted from the cache
         self.groups: OrderedDict[str, set[int]] = OrderedDict()  # group id -> members with a success record so far
         self.rids: dict[str, Waiter] = {}  # a chord member's own record (its nonce) -> who waits to see it
         self.followers: list[Follower] = []
@@ -96,10 +99,12 @@ class Reader:
 
     # -- caller threads ---------------------------------------------------------------------------------------
     def waiter(self, mid: str, loop: asyncio.AbstractEventLoop | None = None,
-               future: asyncio.Future[dict[str, Any]] | None = None, rid: str | None = None) -> tuple[Waiter, Follower]:
+               future: asyncio.Future[dict[str, Any]] | None = None, rid: str | None = None,
+               fresh: bool = False) -> tuple[Waiter, Follower]:
         """Register a waiter for `mid`'s record (or, with `rid`, for the record with that nonce, read from where `mid`
         was sent), making sure a follower will show it. Blocks for the broker's consume-ok when a follower must start
-        (interruptibly: the client waits in slices)."""
+        (interruptibly: the client waits in slices). `fresh`: registered before its message was sent, so its record
+        cannot have passed already: any follower that started early enough will do."""
         at = sent_at_ms(mid)
         w = Waiter(rid or mid, float("-inf") if at is None else at - SLACK_MS, loop, future, rid is not None)
         self.client.submit(lambda: self._register(w))  # before any follower starts: the cache covers what it passed
@@ -108,7 +113,7 @@ class Reader:
         try:
             self._declare()
             usable = [f for f in self.followers if f.start <= w.start]
-            if usable and w.start >= self.evicted_ms:
+            if usable and (fresh or w.start + SLACK_MS > self.evicted_ms + EVICTED_MARGIN_MS):
                 f = max(usable, key=lambda f: f.start)
             else:  # none reads from early enough, or what it read may have left the cache: a follower from there
                 f = Follower(w.start)
@@ -218,8 +223,9 @@ class Reader:
             return  # the first record of an id wins
         self.cache[mid] = rec
         if len(self.cache) > CACHE:
-            self.cache.popitem(last=False)
-            self.evicted_ms = time.time() * 1000
+            at = self.cache.popitem(last=False)[1].get("at")
+            if isinstance(at, int | float):
+                self.evicted_ms = max(self.evicted_ms, at * 1000)
         for w in self.waiters.pop(mid, ()):
             w.set(rec)
 
@@ -266,10 +272,25 @@ def result(message_id: str, timeout: float = 30.0, publisher: Publisher | None =
     deadline = time.monotonic() + timeout
     r = reader(pub)
     w, f = r.waiter(message_id)
+    return wait(r, w, f, deadline, timeout)
+
+
+def expect(message_id: str) -> tuple[Reader, Waiter, Follower] | None:
+    """Register for a result before its message is sent (task.call): then a follower never needs to look back for
+    it. None under magne.testing (result() asks the in-process worker)."""
+    pub = default_publisher()
+    if not isinstance(pub, Publisher):
+        return None
+    r = reader(pub)
+    return (r, *r.waiter(message_id, fresh=True))
+
+
+def wait(r: Reader, w: Waiter, f: Follower, deadline: float, timeout: float) -> Any:
+    """Wait for a registered waiter's record until `deadline` (monotonic), then forget it; its outcome."""
     try:
         while not w.signal.wait(min(SLICE, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
-                raise ResultTimeout(f"no result for message {message_id} within {timeout:g}s")
+                raise ResultTimeout(f"no result for message {w.mid} within {timeout:g}s")
     finally:
         r.done(w, f)
     assert w.record is not None
