@@ -212,7 +212,10 @@ class AsyncPool(LoopThread):
                 exc = run.why(*exc.args)  # our cancel or interrupt: a time limit, or a cold stop
             runner.failed(d, t, args, kwargs, exc)
         elif t is not None and d.header[12] & 0x20 and asks(d.header):  # its result, next step, chord (blocking)
-            await asyncio.get_running_loop().run_in_executor(None, on_success, d, t.name, value)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, on_success, d, t.name, value)
+            except asyncio.CancelledError:  # a cold stop meanwhile: its follow-ups may be half made; it runs again
+                d.outcome, d.follow = Outcome.REQUEUE, None
         if hooked is not None:  # the outcome is reported after the after-hooks, as on a pool thread
             if exc is None:
                 await hooked.call(run, lambda timers: runner.after_success(d, info, started, seconds, timers))

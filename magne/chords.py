@@ -23,10 +23,11 @@ default publisher's connection (MAGNE_URL), never the worker's consuming connect
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
-from magne import logs, results, wire, workflow
+from magne import followers, logs, results, wire, workflow
 from magne.amqp import codec
 from magne.delivery import Delivery, Outcome
 from magne.engine.session import CH
@@ -34,6 +35,8 @@ from magne.publisher import Publisher, default_publisher
 
 log = logs.Log("magne.chords")
 JOIN_TIMEOUT = 60.0  # a member waits this long to see its own record in the stream; else it runs again later
+MAX_MEMBERS = 1_000_000
+GROUP_ID = re.compile(r"[0-9a-f]{32}\.g[0-9]{1,7}")
 
 
 def gate_queue(group: str) -> str:
@@ -44,9 +47,11 @@ def gate_queue(group: str) -> str:
 def member_flow(d: Delivery) -> dict[str, Any] | None:
     """The flow of a chord member (its group, index, size and gate), or None. Cold path: messages that asked."""
     flow = workflow._flow(workflow._headers(d))
-    if isinstance(flow.get("gate"), str) and isinstance(flow.get("group"), str) and type(flow.get("i")) is int:
-        return flow
-    return None
+    group, i, n = flow.get("group"), flow.get("i"), flow.get("n")
+    if not (isinstance(group, str) and type(i) is int and type(n) is int and 0 <= i < n <= MAX_MEMBERS):
+        return None
+    # A publisher controls the header: the gate taken from is always this group's own, never a queue it names.
+    return flow if flow.get("gate") == gate_queue(group) and GROUP_ID.fullmatch(group) else None
 
 
 def on_success(d: Delivery, task: str, value: Any) -> None:
@@ -72,13 +77,13 @@ def join(d: Delivery, task: str, value: Any, flow: dict[str, Any]) -> None:
     own = workflow.record(mid, task, True, value, extra={"group": group, "i": index, "rid": rid})
     pub = default_publisher()
     d.follow = [f for f in d.follow or () if f.routing_key != workflow.STREAM or f.message_id != mid] or None
-    r = results.reader(pub)
+    r = followers.reader(pub)
     w, f = r.waiter(mid, rid=rid)
     try:
         client = pub._running()
         client.publish_confirmed("", workflow.STREAM, own.body, own.header)
         deadline = time.monotonic() + JOIN_TIMEOUT
-        while not w.signal.wait(results.SLICE):
+        while not w.signal.wait(followers.SLICE):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"its own record did not show in the stream within {JOIN_TIMEOUT:g}s")
     finally:
@@ -112,9 +117,10 @@ def callback_args(d: Delivery, args: list[Any]) -> list[Any]:
     the results stream). TaskFailed if a member's recorded outcome is a failure."""
     flow = workflow._flow(workflow._headers(d))
     group, n = flow.get("chord"), flow.get("n")
-    if not isinstance(group, str) or type(n) is not int:
+    if not isinstance(group, str) or type(n) is not int or not 0 < n <= MAX_MEMBERS:
         return args
-    values = [results.result(f"{group}.{i}", JOIN_TIMEOUT) for i in range(n)]
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    values = [results.result(f"{group}.{i}", max(0.0, deadline - time.monotonic())) for i in range(n)]
     return [*args, values]
 
 

@@ -80,7 +80,7 @@ def pipeline(steps: Iterable[Step]) -> Pipeline:
 
 
 GATE_EXPIRES_MS = 7 * 86_400_000  # a chord's gate is deleted after a week unused (a chord that never completed)
-_GROUP_ID = re.compile(r"[0-9a-f]{32}\.g([0-9]{1,7})")
+_GROUP_ID = re.compile(r"[0-9a-f]{32}\.g([0-9]{1,7})")  # chords.GROUP_ID, with the size as a group
 
 
 class Group:

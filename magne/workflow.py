@@ -154,11 +154,28 @@ def record(mid: str, task: str, ok: bool, value: Any = None, reason: str = "", e
 def step_message(step: dict[str, Any], extra_args: list[Any], flow: dict[str, Any] | None) -> Next:
     """A task message of a workflow, from its step (made by magne.workflows): its arguments plus `extra_args`, asking
     for its result if the step does, carrying `flow` (what runs after it)."""
-    mid = step["id"]
+    check_step(step)
+    mid, queue, qtype = step["id"], step["queue"], step.get("qt") or "classic"
     body = wire.encode(step["task"], [*step.get("args", []), *extra_args], step.get("kwargs") or None, mid)
-    return Next(step["queue"], step["queue"], header_for(mid, len(body), step.get("results", False), flow), body, mid,
-                (Prep(("declare", step["queue"], step.get("qt") or "classic", None),
-                      topology.declarations(step["queue"], step.get("qt") or "classic"), what=step["queue"]),))
+    return Next(queue, queue, header_for(mid, len(body), step.get("results") is True, flow), body, mid,
+                (Prep(("declare", queue, qtype, None), topology.declarations(queue, qtype), what=queue),))
+
+
+def check_step(step: Any) -> None:
+    """A step from a header, as Step.spec makes it, or ValueError: a publisher controls the header, and the worker
+    must publish only task messages, to task queues (never to an amq.* or malformed name)."""
+    if not isinstance(step, dict):
+        raise ValueError("a pipeline step in x-magne-flow is not an object")
+    task, queue, mid, qtype = step.get("task"), step.get("queue"), step.get("id"), step.get("qt")
+    if not (isinstance(task, str) and isinstance(mid, str) and 0 < len(mid) <= 200):
+        raise ValueError("a pipeline step in x-magne-flow has no task name or message id")
+    why = topology.queue_name_problem(queue)
+    if why is not None:
+        raise ValueError(f"a pipeline step's queue {wire.safe_repr(queue)} {why}")
+    if qtype is not None and qtype not in topology.QUEUE_TYPES:
+        raise ValueError(f"a pipeline step's queue type {wire.safe_repr(qtype)} is not one of {topology.QUEUE_TYPES}")
+    if not isinstance(step.get("args", []), list) or not isinstance(step.get("kwargs") or {}, dict):
+        raise ValueError("a pipeline step's args must be a list and its kwargs an object")
 
 
 def header_for(mid: str, size: int, results: bool, flow: dict[str, Any] | None, priority: int | None = None) -> bytes:
@@ -183,7 +200,9 @@ def on_success(d: Delivery, task: str, value: Any) -> None:
     try:
         rest = flow.get("rest")
         if isinstance(rest, list) and rest:  # a pipeline goes on: its next step gets this value
-            nxt = {"pipe": flow.get("pipe"), "rest": rest[1:]} if len(rest) > 1 else None
+            if not isinstance(flow.get("pipe"), str) or len(flow["pipe"]) > 255:
+                raise ValueError("x-magne-flow names no pipeline id")
+            nxt = {"pipe": flow["pipe"], "rest": rest[1:]} if len(rest) > 1 else None
             out.append(step_message(rest[0], [value], nxt))
         if headers.get(RESULTS) is True:
             out.append(record(mid, task, True, value))
@@ -199,7 +218,7 @@ def on_dead(d: Delivery) -> list[Next] | None:
     its pipeline's (the pipeline's result is its first failure)."""
     headers = _headers(d)
     flow = _flow(headers)
-    pipe = flow.get("pipe")
+    pipe = flow.get("pipe") if isinstance(flow.get("pipe"), str) and len(flow["pipe"]) <= 255 else None
     mid = wire.read_state(d.header).message_id or ""
     ids = []
     if headers.get(RESULTS) is True:
@@ -207,7 +226,7 @@ def on_dead(d: Delivery) -> list[Next] | None:
     if isinstance(pipe, str) and pipe and pipe != mid:
         ids.append(pipe)
     group = flow.get("group")
-    if isinstance(flow.get("gate"), str) and isinstance(group, str):  # a chord's member: the chord failed
+    if isinstance(flow.get("gate"), str) and isinstance(group, str) and len(group) <= 200:  # a chord's member failed
         ids.append(f"{group}.callback")
     if not ids:
         return None

@@ -16,9 +16,10 @@ from magne import testing, wire, workflow
 from magne.amqp import codec
 from magne.amqp.errors import PublishError
 from magne.delivery import Delivery, Outcome
+from magne.followers import Follower, Reader, Waiter
 from magne.io.follow import Follow
 from magne.policy import Failure, RetryPolicy, decide
-from magne.results import Follower, Reader, Waiter, outcome
+from magne.results import outcome
 from magne.steps import Step
 
 
