@@ -221,3 +221,31 @@ def test_groups_and_chords_in_process(kw):
         assert len(w.succeeded(total)) == 1
     with pytest.raises(ValueError, match="not a group id"):
         magne.group_result("nope")
+
+
+# -- hostile flow headers -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("step", [
+    {"task": "t", "queue": "amq.direct", "id": "x"},  # a reserved name
+    {"task": "t", "queue": "", "id": "x"},
+    {"task": 5, "queue": "Q", "id": "x"},
+    {"task": "t", "queue": "Q", "id": "x", "qt": "stream"},
+    {"task": "t", "queue": "Q", "id": "x", "args": "no"},
+    "not a step",
+])
+def test_a_pipeline_step_a_publisher_forged_becomes_a_failure_not_a_publish(step):
+    d = delivery({workflow.FLOW: workflow.dumps({"pipe": "P", "rest": [step]}).decode(), workflow.RESULTS: True},
+                 mid="s1")
+    workflow.on_success(d, "t", 1)
+    assert all(n.routing_key == workflow.STREAM for n in d.follow)  # records only, nothing to another queue
+    recs = [wire.loads(n.body) for n in d.follow]
+    assert {r["id"] for r in recs} == {"s1", "P"} and not any(r["ok"] for r in recs)
+
+
+def test_a_chord_member_takes_only_its_own_groups_gate():
+    from magne import chords
+
+    gid = f"{workflow.new_id()}.g3"
+    own = {"group": gid, "i": 0, "n": 3, "gate": chords.gate_queue(gid)}
+    assert chords.member_flow(delivery({workflow.FLOW: workflow.dumps(own).decode()})) == own
+    for bad in ({**own, "gate": "orders"}, {**own, "i": 3}, {**own, "group": "x", "gate": chords.gate_queue("x")}):
+        assert chords.member_flow(delivery({workflow.FLOW: workflow.dumps(bad).decode()})) is None
