@@ -78,7 +78,7 @@ def join(d: Delivery, task: str, value: Any, flow: dict[str, Any]) -> None:
     pub = default_publisher()
     d.follow = [f for f in d.follow or () if f.routing_key != workflow.STREAM or f.message_id != mid] or None
     r = followers.reader(pub)
-    w, f = r.waiter(mid, rid=rid)
+    w, f = r.waiter(mid, rid=rid, fresh=True)  # registered before its record is published
     try:
         client = pub._running()
         client.publish_confirmed("", workflow.STREAM, own.body, own.header)

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import Any
 
 from magne import wire, workflow
+from magne.amqp import codec
 from magne.amqp.errors import ChannelClosed
 from magne.engine.client import Client
 from magne.engine.session import Delivered
@@ -160,6 +161,17 @@ class Reader:
                 raise
         self.declared = True
 
+    def _advance(self, f: Follower, m: Delivered) -> None:
+        """After a reconnect a follower is subscribed again from the record after `m` (every ACK_EVERY records), not
+        from where it first started: it does not read hours of records again."""
+        sub = self.client.session.subs.get(f.tag)
+        try:
+            offset = codec.decode_properties(m.header).headers["x-stream-offset"]
+        except Exception:
+            return
+        if sub is not None and type(offset) is int:
+            sub.arguments = {**sub.arguments, "x-stream-offset": offset + 1}
+
     def _count(self, group: str, rec: dict[str, Any]) -> None:
         """A group member's record: count its index once (only a success counts towards a chord). A waiter for this
         very record learns how many members had succeeded by then, in stream order (magne.chords)."""
@@ -201,6 +213,7 @@ class Reader:
         if f.unacked >= ACK_EVERY:  # a stream consumer's credit: one multiple ack per ACK_EVERY records
             f.unacked = 0
             self.client.ack(m.tag, m.gen, multiple=True)
+            self._advance(f, m)
         try:
             rec = wire.loads(m.body)
         except (ValueError, RecursionError):

@@ -89,7 +89,8 @@ class Runner:
         kwargs: dict[str, Any] = {}
         try:
             t, args, kwargs = self.resolve(d)
-            if d.header[12] & 0x20 and asks(d.header):  # a chord's callback gets its members' values (magne.chords)
+            asked = d.header[12] & 0x20 and asks(d.header)  # a flag bit per message: only a header table looks further
+            if asked:  # its result, next step or chord (magne.workflow); a chord's callback gets its members' values
                 args = callback_args(d, args)
             if t.is_async and self.to_loop is not None:
                 self.to_loop(d, (t, args, kwargs))
@@ -101,7 +102,7 @@ class Runner:
                 slot.leave()  # if this thread was abandoned meanwhile, Pool._loop discards the result
             if result is not None and inspect.isawaitable(result):  # a None check on the hot path, nothing more
                 refuse_awaitable(result)
-            if d.header[12] & 0x20 and asks(d.header):  # a flag bit on the hot path: only a header table looks further
+            if asked:
                 on_success(d, t.name, result)
         except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt, ...: the task's failure
             self.failed(d, t, args, kwargs, exc)
@@ -121,7 +122,8 @@ class Runner:
         started = 0.0
         try:
             t, args, kwargs = self.resolve(d)
-            if d.header[12] & 0x20 and asks(d.header):  # a chord's callback gets its members' values (magne.chords)
+            asked = d.header[12] & 0x20 and asks(d.header)  # a flag bit per message: only a header table looks further
+            if asked:  # its result, next step or chord (magne.workflow); a chord's callback gets its members' values
                 args = callback_args(d, args)
             if t.is_async and self.to_loop is not None:  # the event loop runs it, and its hooks
                 self.to_loop(d, (t, args, kwargs))
@@ -136,7 +138,7 @@ class Runner:
                 slot.leave()
             if result is not None and inspect.isawaitable(result):
                 refuse_awaitable(result)
-            if d.header[12] & 0x20 and asks(d.header):
+            if asked:
                 on_success(d, t.name, result)
         except BaseException as exc:  # noqa: B036 - as in run
             if slot.abandoned:

@@ -142,6 +142,7 @@ def test_follow_ups_of_an_older_channel_are_dropped():
 class FakeClient:
     def __init__(self):
         self.acks = []
+        self.session = type("S", (), {"subs": {}})()
 
     def submit(self, fn):
         fn()
@@ -151,8 +152,24 @@ class FakeClient:
 
 
 class Msg:
-    def __init__(self, tag, body):
+    def __init__(self, tag, body, offset=0):
         self.tag, self.gen, self.body = tag, 1, body
+        self.header = header({"x-stream-offset": offset})
+
+
+def test_a_follower_resumes_after_a_reconnect_where_it_was():
+    from magne.engine.session import Subscription
+    from magne.followers import ACK_EVERY
+
+    client = FakeClient()
+    r = Reader(client)
+    f = Follower(0)
+    f.tag = "c1"
+    client.session.subs["c1"] = Subscription("c1", "s", print, arguments={"x-stream-offset": "first"})
+    for i in range(ACK_EVERY):
+        r._on_message(f, Msg(i + 1, workflow.dumps({"id": f"m{i}", "ok": True, "value": i}), offset=500 + i))
+    assert client.acks == [ACK_EVERY]
+    assert client.session.subs["c1"].arguments == {"x-stream-offset": 500 + ACK_EVERY}
 
 
 def test_the_first_record_of_an_id_wins_and_waiters_get_it():
