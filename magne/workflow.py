@@ -30,7 +30,6 @@ from magne.engine.message import Prep
 RESULTS = wire.RESULTS_HEADER  # bool: record this message's outcome in the results stream (kept on retry copies)
 FLOW = wire.FLOW_HEADER  # JSON text: the rest of its pipeline, its group (see docs/results.md)
 _MARK, _RESULTS_B, _FLOW_B = b"x-magne-", RESULTS.encode(), FLOW.encode()
-_SLACK_MS = 60_000  # readers start this long before a message's send time (clocks differ)
 
 
 class Next(NamedTuple):
@@ -152,7 +151,7 @@ def record(mid: str, task: str, ok: bool, value: Any = None, reason: str = "", e
 
 
 def step_message(step: dict[str, Any], extra_args: list[Any], flow: dict[str, Any] | None) -> Next:
-    """A task message of a workflow, from its step (made by magne.workflows): its arguments plus `extra_args`, asking
+    """A task message of a workflow, from its step (made by magne.steps): its arguments plus `extra_args`, asking
     for its result if the step does, carrying `flow` (what runs after it)."""
     check_step(step)
     mid, queue, qtype = step["id"], step["queue"], step.get("qt") or "classic"
