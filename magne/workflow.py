@@ -14,6 +14,7 @@ Pure: nothing here touches a socket, a lock or a thread.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -26,6 +27,7 @@ from magne import topology, wire
 from magne.amqp import codec, names
 from magne.delivery import Delivery
 from magne.engine.message import Prep
+from magne.outgoing import json_header
 
 RESULTS = wire.RESULTS_HEADER  # bool: record this message's outcome in the results stream (kept on retry copies)
 FLOW = wire.FLOW_HEADER  # JSON text: the rest of its pipeline, its group (see docs/results.md)
@@ -99,17 +101,35 @@ def dumps(obj: Any) -> bytes:
         if "64-bit" not in str(exc):
             raise TypeError(str(exc)) from None
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-    if b"null" in out:  # a NaN or infinity became null: refuse it as the standard library would
-        json.dumps(obj, allow_nan=False)
+    if b"null" in out:  # a NaN or infinity became null: refuse it (a None is the common null, and costs a walk)
+        _finite(obj)
     return out
 
 
+def _finite(obj: Any) -> None:
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"{obj!r} is not a JSON number")
+    elif isinstance(obj, list | tuple):
+        for x in obj:
+            _finite(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            _finite(x)
+
+
 def _headers(d: Delivery) -> dict[str, Any]:
+    return _read(d)[0]
+
+
+def _read(d: Delivery) -> tuple[dict[str, Any], str]:
+    """A delivery's headers and message id, decoded once (cold path: only messages that asked)."""
     try:
-        h = codec.decode_properties(d.header).headers
+        props = codec.decode_properties(d.header)
     except Exception:
-        return {}
-    return h if isinstance(h, dict) else {}
+        return {}, ""
+    h, mid = props.headers, props.message_id
+    return (h if isinstance(h, dict) else {}), (mid if isinstance(mid, str) else "")
 
 
 def _flow(headers: dict[str, Any]) -> dict[str, Any]:
@@ -135,8 +155,8 @@ def record(mid: str, task: str, ok: bool, value: Any = None, reason: str = "", e
     if extra:
         rec.update(extra)
     if ok:
+        rec["value"] = value
         try:
-            rec["value"] = wire.loads(dumps(value))  # round-tripped: what a reader will get
             body = dumps(rec)
         except (TypeError, ValueError, RecursionError) as exc:
             return record(mid, task, False, reason="result not JSON", of=of,
@@ -146,8 +166,8 @@ def record(mid: str, task: str, ok: bool, value: Any = None, reason: str = "", e
         rec["reason"] = reason
         rec["error"] = error or {"type": "Error", "message": reason}
         body = dumps(rec)
-    props = commands.Basic.Properties(content_type=wire.CONTENT_TYPE, delivery_mode=2, message_id=mid[:255])
-    return Next("", STREAM, codec.header_payload(props, len(body)), body, mid, (STREAM_PREP,))
+    return Next("", STREAM, json_header(mid.encode()[:255].decode("utf-8", "ignore"), len(body)), body, mid,
+                (STREAM_PREP,))
 
 
 def step_message(step: dict[str, Any], extra_args: list[Any], flow: dict[str, Any] | None) -> Next:
@@ -192,8 +212,7 @@ def header_for(mid: str, size: int, results: bool, flow: dict[str, Any] | None, 
 def on_success(d: Delivery, task: str, value: Any) -> None:
     """Pool thread (or the event loop's), after a task that asked (`asks`) succeeded: what to publish before its
     ack goes on `d.follow`. Never raises: a record or step that cannot be made becomes a failure record."""
-    headers = _headers(d)
-    mid = wire.read_state(d.header).message_id or ""
+    headers, mid = _read(d)
     flow = _flow(headers)
     out: list[Next] = []
     try:
@@ -215,10 +234,9 @@ def on_success(d: Delivery, task: str, value: Any) -> None:
 def on_dead(d: Delivery) -> list[Next] | None:
     """I/O thread, cold path: a message that asked was dead-lettered (its failure is final). Its failure record, and
     its pipeline's (the pipeline's result is its first failure)."""
-    headers = _headers(d)
+    headers, mid = _read(d)
     flow = _flow(headers)
     pipe = flow.get("pipe") if isinstance(flow.get("pipe"), str) and len(flow["pipe"]) <= 255 else None
-    mid = wire.read_state(d.header).message_id or ""
     ids = []
     if headers.get(RESULTS) is True:
         ids.append(mid)
