@@ -211,7 +211,7 @@ class AsyncPool(LoopThread):
             if isinstance(exc, asyncio.CancelledError | Interrupt) and run.why is not None:
                 exc = run.why(*exc.args)  # our cancel or interrupt: a time limit, or a cold stop
             runner.failed(d, t, args, kwargs, exc)
-        elif t is not None and d.header[12] & 0x20 and asks(d.header):  # its result, next step, chord (blocking)
+        elif t is not None and asks(d.header):  # its result, next step, chord (blocking: on an executor thread)
             try:
                 await asyncio.get_running_loop().run_in_executor(None, on_success, d, t.name, value)
             except asyncio.CancelledError:  # a cold stop meanwhile: its follow-ups may be half made; it runs again

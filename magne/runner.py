@@ -89,7 +89,8 @@ class Runner:
         kwargs: dict[str, Any] = {}
         try:
             t, args, kwargs = self.resolve(d)
-            asked = d.header[12] & 0x20 and asks(d.header)  # a flag bit per message: only a header table looks further
+            h = d.header  # a flag bit per message (is there a headers table?): only then does asks() look further
+            asked = len(h) > 12 and h[12] & 0x20 and asks(h)
             if asked:  # its result, next step or chord (magne.workflow); a chord's callback gets its members' values
                 args = callback_args(d, args)
             if t.is_async and self.to_loop is not None:
@@ -122,7 +123,8 @@ class Runner:
         started = 0.0
         try:
             t, args, kwargs = self.resolve(d)
-            asked = d.header[12] & 0x20 and asks(d.header)  # a flag bit per message: only a header table looks further
+            h = d.header  # a flag bit per message (is there a headers table?): only then does asks() look further
+            asked = len(h) > 12 and h[12] & 0x20 and asks(h)
             if asked:  # its result, next step or chord (magne.workflow); a chord's callback gets its members' values
                 args = callback_args(d, args)
             if t.is_async and self.to_loop is not None:  # the event loop runs it, and its hooks

@@ -75,7 +75,7 @@ configure(os.environ.get("MAGNE_RESULTS_STREAM") or None, os.environ.get("MAGNE_
 def asks(header: bytes) -> bool:
     """Whether a message asked for its result or belongs to a workflow. Pool and I/O threads, per message: a flag
     bit (the content header has a headers table) and, only then, a search of the header for our prefix."""
-    return bool(header[12] & 0x20) and _MARK in header and (_RESULTS_B in header or _FLOW_B in header)
+    return len(header) > 12 and bool(header[12] & 0x20) and _MARK in header and (_RESULTS_B in header or _FLOW_B in header)
 
 
 def new_id() -> str:

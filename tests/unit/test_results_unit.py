@@ -266,3 +266,13 @@ def test_a_chord_member_takes_only_its_own_groups_gate():
     assert chords.member_flow(delivery({workflow.FLOW: workflow.dumps(own).decode()})) == own
     for bad in ({**own, "gate": "orders"}, {**own, "i": 3}, {**own, "group": "x", "gate": chords.gate_queue("x")}):
         assert chords.member_flow(delivery({workflow.FLOW: workflow.dumps(bad).decode()})) is None
+
+
+def test_a_delivery_without_properties_still_runs():
+    """A header too short to hold a flags word (a test's Delivery, a hand-made one) is no message that asked."""
+    from magne.pool import Pool
+
+    assert not workflow.asks(b"")
+    pool = Pool(0, {"res_unit_add": add}, None, lambda d: None)
+    d = pool.run_one(Delivery(1, 1, "q", wire.encode("res_unit_add", [1, 2]), b"", False))
+    assert d.outcome is Outcome.ACK and d.follow is None
