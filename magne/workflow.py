@@ -79,18 +79,19 @@ def asks(header: bytes) -> bool:
 
 
 def new_id() -> str:
-    """A message id that tells readers when it was made: 12 hex digits of milliseconds, 20 random (32 hex digits,
-    the shape of wire.new_id's). A reader of its result starts the stream there, not at its beginning."""
-    return f"{int(time.time() * 1000):012x}{os.urandom(10).hex()}"
+    """A message id that tells readers when it was made, laid out as a UUIDv7 in hex: 12 hex digits of milliseconds,
+    the version digit 7, 19 random (32 hex digits, the shape of wire.new_id's uuid4 hex, whose 13th digit is always
+    4, so one is never taken for the other). A reader of its result starts the stream there, not at its start."""
+    return f"{int(time.time() * 1000):012x}7{os.urandom(10).hex()[:19]}"
 
 
 def sent_at_ms(message_id: str) -> int | None:
     """When a message id made by new_id() was made (ms since the epoch), or None for any other id."""
-    if not re.fullmatch(r"[0-9a-f]{32}(\.[0-9a-z.]{1,40})?", message_id):  # a group's ids add a suffix
+    if not re.fullmatch(r"[0-9a-f]{12}7[0-9a-f]{19}(\.[0-9a-z.]{1,40})?", message_id):  # a group's add a suffix
         return None
     ms = int(message_id[:12], 16)
     now = time.time() * 1000
-    return ms if now - 400 * 86_400_000 < ms < now + 86_400_000 else None  # uuid4 hex is (almost) never in range
+    return ms if now - 400 * 86_400_000 < ms < now + 86_400_000 else None
 
 
 def dumps(obj: Any) -> bytes:

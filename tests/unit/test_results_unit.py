@@ -45,6 +45,9 @@ def test_ids_tell_when_they_were_made_and_others_do_not():
     mid = workflow.new_id()
     assert len(mid) == 32 and abs(workflow.sent_at_ms(mid) - time.time() * 1000) < 5000
     assert workflow.sent_at_ms("my-own-id") is None and workflow.sent_at_ms("f" * 32) is None
+    uuid4 = wire.new_id()
+    assert workflow.sent_at_ms(mid[:12] + uuid4[12:]) is None  # a uuid4's version digit: never taken for a time
+    assert workflow.sent_at_ms(f"{mid}.g3.1") == workflow.sent_at_ms(mid)
 
 
 def test_a_value_that_is_not_json_becomes_a_failure_record():
