@@ -17,18 +17,34 @@ _PUBLIC = {
     "MagneError": "magne.errors", "ConfigError": "magne.errors", "BadMessage": "magne.errors",
     "PublishError": "magne.errors", "TimeLimitExceeded": "magne.errors", "Interrupt": "magne.errors",
     "Cancelled": "magne.errors", "cancel": "magne.cancels",
+    "TaskFailed": "magne.errors", "ResultTimeout": "magne.errors",
+    "result": "magne.results", "result_async": "magne.results", "pipeline": "magne.steps",
+    "group": "magne.steps", "group_result": "magne.steps",
 }
 
 __all__ = [
-    "BadMessage", "Cancelled", "ConfigError", "Interrupt", "MagneError", "PublishError", "Publisher", "Task", "TimeLimitExceeded",
-    "__version__", "cancel", "configure", "task",
+    "BadMessage", "Cancelled", "ConfigError", "Interrupt", "MagneError", "PublishError", "Publisher", "ResultTimeout",
+    "Task", "TaskFailed", "TimeLimitExceeded", "__version__", "cancel", "configure", "group", "group_result",
+    "pipeline", "result", "result_async", "task",
 ]
 
 if TYPE_CHECKING:
     from magne.cancels import cancel
-    from magne.errors import BadMessage, Cancelled, ConfigError, Interrupt, MagneError, PublishError, TimeLimitExceeded
+    from magne.errors import (
+        BadMessage,
+        Cancelled,
+        ConfigError,
+        Interrupt,
+        MagneError,
+        PublishError,
+        ResultTimeout,
+        TaskFailed,
+        TimeLimitExceeded,
+    )
     from magne.publisher import Publisher, configure
     from magne.registry import Task, task
+    from magne.results import result, result_async
+    from magne.steps import group, group_result, pipeline
 
 
 def __getattr__(name: str) -> Any:

@@ -34,14 +34,17 @@ import functools
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from magne import logs
 from magne.asyncrun import HookThreads, Run, Stepped
 from magne.cancels import message_id_of
+from magne.chords import on_success
 from magne.delivery import Delivery, Outcome
 from magne.errors import Cancelled, ColdShutdown, ConfigError, Interrupt, TimeLimitExceeded
 from magne.loopthread import LoopThread
 from magne.runner import Resolved, Runner
+from magne.workflow import asks
 
 log = logs.Log("magne.asyncpool")
 
@@ -176,6 +179,7 @@ class AsyncPool(LoopThread):
         args, kwargs = run.args, run.kwargs
         info = None
         exc: BaseException | None = run.error
+        value: Any = None
         unstarted = False  # a cold stop came first (while it waited for the loop or for before_task): no body
         try:
             if t is not None and exc is None:
@@ -186,7 +190,7 @@ class AsyncPool(LoopThread):
                     loop = self.loop
                     assert loop is not None
                     run.timer = loop.call_later(run.limit, self._expire, run)  # its first step is next: its clock
-                    await Stepped(t.fn, args, kwargs, run, self.guard)
+                    value = await Stepped(t.fn, args, kwargs, run, self.guard)
         except BaseException as e:  # noqa: B036 - whatever the coroutine raised is its task's failure
             exc = e
         finally:
@@ -211,6 +215,11 @@ class AsyncPool(LoopThread):
             if isinstance(exc, asyncio.CancelledError | Interrupt) and run.why is not None:
                 exc = run.why(*exc.args)  # our cancel or interrupt: a time limit, or a cold stop
             runner.failed(d, t, args, kwargs, exc)
+        elif t is not None and asks(d.header):  # its result, next step, chord (blocking: on an executor thread)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, on_success, d, t.name, value)
+            except asyncio.CancelledError:  # a cold stop meanwhile: its follow-ups may be half made; it runs again
+                d.outcome, d.follow = Outcome.REQUEUE, None
         if hooked is not None:  # the outcome is reported after the after-hooks, as on a pool thread
             if exc is None:
                 await hooked.call(run, lambda timers: runner.after_success(d, info, started, seconds, timers))

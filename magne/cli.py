@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--schedule-stream", default="magne.schedule", metavar="NAME",
                     help="the workers' --schedule-stream, to show their periodic tasks (default magne.schedule)")
 
+    r = sub.add_parser("result", parents=[logging_opts], help="print a message's outcome (sent with results=True)")
+    r.add_argument("message_id", metavar="ID")
+    r.add_argument("--timeout", type=_positive(float), default=5.0, help="seconds to wait for it (default 5)")
+    r.add_argument("--url", help=url_help)
+
     from magne import controlcli
 
     controlcli.add_parsers(sub, [logging_opts], url_help)
@@ -180,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             return _dead(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "result":
+            from magne.results import print_result
+
+            return print_result(args.message_id, args.url, args.timeout)
         if args.command in ("cancel", "inspect", "dashboard"):
             from magne import controlcli
 

@@ -29,7 +29,7 @@ class Delivery:
     """
 
     __slots__ = ("tag", "gen", "queue", "body", "header", "redelivered", "outcome", "task", "reason", "error",
-                 "copy_to", "copy_header", "copy_declare", "delay", "blame", "meta", "started")
+                 "copy_to", "copy_header", "copy_declare", "delay", "blame", "meta", "started", "follow")
 
     def __init__(self, tag: int, gen: int, queue: str, body: bytes, header: bytes, redelivered: bool) -> None:
         self.tag = tag
@@ -51,6 +51,7 @@ class Delivery:
         self.blame = 0  # times the publishing link failed while this copy was the oldest unconfirmed
         self.meta: Any = None  # a foreign (dramatiq, celery) message's validated fields: magne.formats.Foreign
         self.started = 0.0  # when its task started (time.monotonic), set just before it is reported (magne.events)
+        self.follow: Any = None  # results and next steps to publish before the ack (magne.workflow), when asked
 
     def copy(self) -> Delivery:
         d = Delivery(self.tag, self.gen, self.queue, self.body, self.header, self.redelivered)

@@ -24,9 +24,9 @@ from magne.amqp.errors import (
 )
 
 __all__ = [
-    "AMQPError", "BadMessage", "BrokerTimeout", "Cancelled", "ChannelClosed", "ColdShutdown", "ConfigError", "ConnectionClosed",
-    "ConnectionLost", "FrameError", "Interrupt", "MagneError", "PublishError", "RegistryError", "TLSError",
-    "TimeLimitExceeded", "URLError",
+    "AMQPError", "BadMessage", "BrokerTimeout", "Cancelled", "ChannelClosed", "ColdShutdown", "ConfigError",
+    "ConnectionClosed", "ConnectionLost", "FrameError", "Interrupt", "MagneError", "PublishError", "RegistryError",
+    "ResultTimeout", "TLSError", "TaskFailed", "TimeLimitExceeded", "URLError",
 ]
 
 
@@ -65,3 +65,22 @@ class ColdShutdown(Interrupt):
 class Cancelled(Interrupt):
     """The message was cancelled (`magne.cancel`): raised in its task's thread if it was running (an `async def`
     task is cancelled instead); its message is acked as cancelled, never retried nor dead-lettered."""
+class TaskFailed(MagneError):
+    """magne.result(): the message's final outcome was a failure (the task raised after its retries, ran past its
+    time limit, named no registered task, ...). The text names the remote exception type and message; `error_type`,
+    `error_message`, `reason`, `task`, `message_id` and `traceback` (text, "" when there is none) say more."""
+
+    def __init__(self, message_id: str, task: str, reason: str, error_type: str, error_message: str,
+                 traceback: str = "") -> None:
+        self.message_id, self.task, self.reason = message_id, task, reason
+        self.error_type, self.error_message, self.traceback = error_type, error_message, traceback
+        super().__init__(f"task {task or '?'} (message {message_id}) failed ({reason}): {error_type}: {error_message}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message_id, self.task, self.reason, self.error_type, self.error_message,
+                             self.traceback))
+
+
+class ResultTimeout(MagneError, TimeoutError):
+    """magne.result(): no final outcome of the message arrived within the timeout (it is still queued, running,
+    retrying, or no worker consumes its queue)."""

@@ -133,12 +133,16 @@ def json_header(message_id: str, body_size: int, priority: int | None = None) ->
                      bytes([len(mid)]), mid))
 
 
-def task_header(task: TaskLike, message_id: str, body_size: int, priority: int | None = None) -> bytes:
+def task_header(task: TaskLike, message_id: str, body_size: int, priority: int | None = None,
+                extra: dict[str, Any] | None = None) -> bytes:
     """The header of a task message: by hand, or with the headers before_send hooks add (tracing's traceparent).
-    A header value AMQP cannot encode is left out, with a warning: a hook never breaks sending."""
-    if not hooks.SEND_HOOKS:
+    A header value AMQP cannot encode is left out, with a warning: a hook never breaks sending. `extra`: magne's
+    own headers (asking for results, a workflow's flow: magne.workflow)."""
+    if not hooks.SEND_HOOKS and not extra:
         return json_header(message_id, body_size, priority)
-    headers = hooks.send_headers(task.name, task.queue, message_id)
+    headers = hooks.send_headers(task.name, task.queue, message_id) if hooks.SEND_HOOKS else {}
+    if extra:
+        headers = {**(headers or {}), **extra}
     if not headers:
         return json_header(message_id, body_size, priority)
     props = wire.properties_for(message_id)

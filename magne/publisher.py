@@ -161,12 +161,12 @@ class Publisher:
             raise ValueError(f"{exc} (the message's properties are too large to send)") from None
 
     def _task_message(self, task: TaskLike, args: Any, kwargs: dict[str, Any] | None, delay: float | None, mid: str,
-                      declare: bool, priority: int | None = None) -> Outgoing:
+                      declare: bool, priority: int | None = None, headers: dict[str, Any] | None = None) -> Outgoing:
         """A task run in the wire format (docs/wire-format.md). The sending thread."""
         body = wire.encode(task.name, args, kwargs, mid)
         if priority is None:
             priority = getattr(task, "priority", None)
-        return self._make(task.queue, body, task_header(task, mid, len(body), priority), mid, None, delay,
+        return self._make(task.queue, body, task_header(task, mid, len(body), priority, headers), mid, None, delay,
                           task.queue_type, declare, getattr(task, "max_priority", None))
 
     def _from_message(self, m: Message) -> Outgoing:
@@ -186,11 +186,12 @@ class Publisher:
         self._wait_one(self._from_message(Message(queue, body, properties, exchange, delay, queue_type, declare)))
 
     def send(self, task: TaskLike, args: Any = (), kwargs: dict[str, Any] | None = None, delay: float | None = None,
-             message_id: str | None = None, declare: bool = True, priority: int | None = None) -> str:
+             message_id: str | None = None, declare: bool = True, priority: int | None = None,
+             headers: dict[str, Any] | None = None) -> str:
         """Publish one run of `task` and wait for its confirm; returns its message id. `declare` as in publish;
-        `priority` overrides the task's. Any application thread; blocks (interruptibly) until the confirm."""
+        `priority` overrides the task's; `headers`: magne's own (magne.workflow). Any application thread; blocks."""
         mid = message_id or wire.new_id()
-        self._wait_one(self._task_message(task, args, kwargs, delay, mid, declare, priority))
+        self._wait_one(self._task_message(task, args, kwargs, delay, mid, declare, priority, headers))
         return mid
 
     def _wait_one(self, msg: Outgoing) -> None:

@@ -5,20 +5,22 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, overload
 
-from magne import topology, wire
+from magne import results, topology, wire, workflow
 from magne.errors import RegistryError
 from magne.gate import Limit, limit_of
 from magne.policy import RetryPolicy
 from magne.publisher import BatchResult, Publisher, default_publisher
 from magne.schedule import Schedule, ScheduleError, schedule_of
+from magne.steps import Step
 
 
 class Task:
     __slots__ = ("name", "fn", "queue", "time_limit", "retry_options", "queue_type", "priority", "max_priority",
-                 "is_async", "blocking", "schedule", "limit", "__wrapped__", "__doc__")
+                 "is_async", "blocking", "schedule", "limit", "results", "__wrapped__", "__doc__")
 
     def __init__(
         self,
@@ -32,10 +34,12 @@ class Task:
         max_priority: int | None = None,
         schedule: Schedule | None = None,
         limit: Limit | None = None,
+        results: bool = False,
     ) -> None:
         self.fn = fn
         self.limit = limit  # @task(concurrency=...)/(rate=...): fleet-wide, enforced by the worker's gate (magne.gate)
         self.schedule = schedule  # @task(every=...)/(cron=...): the fleet's leader sends it (magne.leader)
+        self.results = results  # its messages ask the worker to record their outcome (magne.results)
         self.name = name
         self.queue = queue
         self.time_limit = time_limit
@@ -72,21 +76,47 @@ class Task:
         delay: float | None = None,
         message_id: str | None = None,
         priority: int | None = None,
+        results: bool | None = None,
     ) -> str:
         """Publish one run; `delay` (seconds) makes it wait on the broker first; `priority` (0-255) overrides
-        the task's. Returns the message id."""
+        the task's; `results` (default: the task's) asks the worker to record its outcome (magne.result(id)).
+        Returns the message id."""
         if priority is not None and not 0 <= priority <= 255:
             raise ValueError(f"priority must be 0..255, got {priority}")
+        asked = self.results if results is None else results
+        headers = {wire.RESULTS_HEADER: True} if asked else None
+        if asked and message_id is None:
+            message_id = workflow.new_id()  # tells a reader where in the results stream to start
         pub = default_publisher()
         if isinstance(pub, Publisher):
-            return pub.send(self, args, kwargs, delay=delay, message_id=message_id, priority=priority)
+            return pub.send(self, args, kwargs, delay=delay, message_id=message_id, priority=priority, headers=headers)
         # A stand-in default publisher (magne.testing.Worker) takes the generic publish.
         mid = message_id or wire.new_id()
         props = wire.properties_for(mid)
         props.priority = priority if priority is not None else self.priority
+        props.headers = headers
         pub.publish(self.queue, wire.encode(self.name, args, kwargs, mid), props, delay=delay,
                     queue_type=self.queue_type)
         return mid
+
+    def call(self, *args: Any, timeout: float = 30.0, **kwargs: Any) -> Any:
+        """Send one run asking for its result and wait for it: its return value, TaskFailed if it failed for good,
+        ResultTimeout after `timeout` seconds (counted from the send). Any thread but a worker's I/O thread."""
+        deadline = time.monotonic() + timeout
+        mid = workflow.new_id()
+        waiting = results.expect(mid)  # registered before the send: its record cannot pass unseen
+        if waiting is None:  # magne.testing
+            return results.result(self.send_with_options(args=args, kwargs=kwargs, results=True), timeout)
+        try:
+            self.send_with_options(args=args, kwargs=kwargs, message_id=mid, results=True)
+        except BaseException:
+            waiting[0].done(waiting[1], waiting[2])
+            raise
+        return results.wait(*waiting, deadline, timeout)
+
+    def message(self, *args: Any, **kwargs: Any) -> Step:
+        """This task with these arguments, not sent: a step of magne.pipeline or a member of magne.group."""
+        return Step(self, args, kwargs)
 
     def send_many(self, arglists: Iterable[Any]) -> BatchResult:
         """Publish one run per item of `arglists` (each a sequence of positional arguments), pipelined, and wait
@@ -157,6 +187,7 @@ def task(
     timezone: str | None = None,
     concurrency: int | None = None,
     rate: str | None = None,
+    results: bool = False,
 ) -> Callable[[Callable[..., Any]], Task]: ...
 
 
@@ -179,6 +210,7 @@ def task(
     timezone: str | None = None,
     concurrency: int | None = None,
     rate: str | None = None,
+    results: bool = False,
 ) -> Any:
     """Register a function as a task: `@task`, or `@task(queue=..., time_limit=..., max_retries=...)`.
 
@@ -189,6 +221,8 @@ def task(
     worker of the fleet sends it at each due time (docs/schedules.md); it must take no arguments.
     `concurrency=3`: at most 3 runs at once across every worker; `rate="20/s"` (or /m, /h): at most 20 starts
     per second across every worker. Messages over a limit wait; they are never failed or retried for it.
+    `results=True`: every message of it asks the worker to record its outcome, for magne.result(message_id)
+    (docs/results.md).
     """
 
     def register(f: Callable[..., Any]) -> Task:
@@ -233,7 +267,8 @@ def task(
             limit = limit_of(concurrency, rate)
         except ValueError as exc:
             raise RegistryError(f"task {tname}: {exc}") from None
-        t = Task(f, tname, tqueue, time_limit, retry_options, queue_type, priority, max_priority, sched, limit)
+        t = Task(f, tname, tqueue, time_limit, retry_options, queue_type, priority, max_priority, sched, limit,
+                 bool(results))
         old = REGISTRY.get(tname)
         if old is not None and _origin(old.fn) != _origin(f):
             raise RegistryError(

@@ -29,6 +29,7 @@ from typing import Any
 from magne import formats, logs, wire
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.cancels import CancelSet, message_id_of
+from magne.chords import callback_args, on_success
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, Cancelled, ColdShutdown, Interrupt, TimeLimitExceeded
 from magne.hooks import HookSet, registered
@@ -37,6 +38,7 @@ from magne.policy import Failure, RetryPolicy, dead_letter_plainly, decide
 from magne.registry import Task
 from magne.taskrun import DECISIONS, TaskRun
 from magne.timelimits import Slot
+from magne.workflow import asks
 
 log = logs.Log("magne.runner")
 
@@ -99,6 +101,10 @@ class Runner:
         kwargs: dict[str, Any] = {}
         try:
             t, args, kwargs = self.resolve(d)
+            h = d.header  # a flag bit per message (is there a headers table?): only then does asks() look further
+            asked = len(h) > 12 and h[12] & 0x20 and asks(h)
+            if asked:  # its result, next step or chord (magne.workflow); a chord's callback gets its members' values
+                args = callback_args(d, args)
             if t.is_async and self.to_loop is not None:
                 self.to_loop(d, (t, args, kwargs))
                 return True
@@ -109,6 +115,8 @@ class Runner:
                 slot.leave()  # if this thread was abandoned meanwhile, Pool._loop discards the result
             if result is not None and inspect.isawaitable(result):  # a None check on the hot path, nothing more
                 refuse_awaitable(result)
+            if asked:
+                on_success(d, t.name, result)
         except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt, ...: the task's failure
             self.failed(d, t, args, kwargs, exc)
         return False
@@ -127,6 +135,10 @@ class Runner:
         started = 0.0
         try:
             t, args, kwargs = self.resolve(d)
+            h = d.header  # a flag bit per message (is there a headers table?): only then does asks() look further
+            asked = len(h) > 12 and h[12] & 0x20 and asks(h)
+            if asked:  # its result, next step or chord (magne.workflow); a chord's callback gets its members' values
+                args = callback_args(d, args)
             if t.is_async and self.to_loop is not None:  # the event loop runs it, and its hooks
                 self.to_loop(d, (t, args, kwargs))
                 return True
@@ -140,6 +152,8 @@ class Runner:
                 slot.leave()
             if result is not None and inspect.isawaitable(result):
                 refuse_awaitable(result)
+            if asked:
+                on_success(d, t.name, result)
         except BaseException as exc:  # noqa: B036 - as in run
             if slot.abandoned:
                 return False

@@ -29,6 +29,7 @@ from magne import formats, publisher, topology, wire
 from magne.amqp import codec
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, RegistryError
+from magne.localflow import LocalFlow
 from magne.outgoing import check_delay
 from magne.policy import RetryPolicy
 from magne.pool import Pool
@@ -127,6 +128,7 @@ class Worker:
         self._saved: Any = None
         self._start = start  # the wall-clock time of simulated 0.0 (periodic tasks' due times); None: now
         self.simulated: Simulated | None = None
+        self.flow = LocalFlow()  # results, next steps and chords, in memory (magne.localflow)
 
     def __enter__(self) -> Worker:
         tasks = dict(REGISTRY)
@@ -183,6 +185,8 @@ class Worker:
             raise ValueError(f"queue name {str(queue)[:60]!r} {why}")
         delay = check_delay(delay)  # the real publisher's rule: NaN, negative, infinite, too long are refused
         header = properties if isinstance(properties, bytes) else codec.header_payload(properties, len(body))
+        if self.flow.holds(exchange, queue, body, header):
+            return
         task, args, kwargs = _decoded(body)
         with self._cond:
             self._sent.append(Sent(task, args, kwargs, wire.read_state(header).message_id, queue, delay, body))
@@ -190,11 +194,11 @@ class Worker:
 
     def send(self, task: publisher.TaskLike, args: Any = (), kwargs: dict[str, Any] | None = None,
              delay: float | None = None, message_id: str | None = None, declare: bool = True,
-             priority: int | None = None) -> str:
+             priority: int | None = None, headers: dict[str, Any] | None = None) -> str:
         """Publisher.send into memory (the README's `default_publisher().send(...)` in a test): the message id."""
         mid = message_id or wire.new_id()
         props = wire.properties_for(mid)
-        props.priority = priority if priority is not None else getattr(task, "priority", None)
+        props.priority, props.headers = (priority if priority is not None else getattr(task, "priority", None)), headers
         self.publish(task.queue, wire.encode(task.name, args, kwargs, mid), props, delay=delay,
                      queue_type=task.queue_type, declare=declare)
         return mid
@@ -249,6 +253,7 @@ class Worker:
                       _OUTCOMES.get(d.outcome, d.outcome.name), d.reason, err.get("type", ""), err.get("message", ""),
                       err.get("traceback", ""), before.retries, attempts, headers, delay, self.clock,
                       self._exception(d))
+            self.flow.settled(d, self.publish)
             with self._cond:
                 self._runs.append(run)
                 if self.simulated is not None:
@@ -313,6 +318,11 @@ class Worker:
                 self._enqueue(Delivery(next(self._seq), 0, task.queue, body, header, False), due)
         self.join()
         self.clock = max(self.clock, target)
+
+    def result_record(self, message_id: str, _timeout: float = 0.0) -> dict[str, Any] | None:
+        """magne.result() under test: runs what is due (join), then the message's record, or None."""
+        self.join(raise_on_failure=False)
+        return self.flow.records.get(message_id)
 
     # -- inspection -----------------------------------------------------------------------------------
     def _runs_of(self, outcome: str | None, task: Task | str | None) -> list[Run]:

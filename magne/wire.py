@@ -41,6 +41,9 @@ ERROR_TYPE = "x-magne-error-type"
 ERROR_MESSAGE = "x-magne-error-message"
 ERROR_TRACEBACK = "x-magne-error-traceback"
 DROPPED = "x-magne-dropped-headers"  # what was left out so that the copy fits a frame
+RESULTS_HEADER = "x-magne-results"  # record the outcome (magne.workflow); kept on copies
+FLOW_HEADER = "x-magne-flow"  # what runs after it (magne.workflow); kept on copies
+CARRIED = frozenset({RESULTS_HEADER, FLOW_HEADER})
 
 MAX_RETRIES_VALUE = 1_000_000  # a retry count above this is not one magne wrote
 HISTORY_KEEP = 20
@@ -51,6 +54,11 @@ HISTORY_MESSAGE_CHARS = 512
 
 def is_magne_header(key: str) -> bool:
     return key.startswith(PREFIX)
+
+
+def _replaced(key: str) -> bool:
+    """magne's headers a copy writes anew (those asking for results and workflows stay as they are)."""
+    return key.startswith(PREFIX) and key not in CARRIED
 
 
 def safe_text(value: object, limit: int) -> str:
@@ -257,11 +265,11 @@ def copy_header(original: bytes, add: dict[str, Any], frame_max: int) -> bytes:
     """
     budget = (frame_max or DEFAULT_FRAME_MAX) - codec.FRAME_OVERHEAD
     try:
-        payload = properties.splice(original, add, is_magne_header)
+        payload = properties.splice(original, add, _replaced)
         if len(payload) <= budget:
             return payload
         add = _trimmed(add)
-        payload = properties.splice(original, add, is_magne_header)
+        payload = properties.splice(original, add, _replaced)
         if len(payload) <= budget:
             return payload
         _size, raw = properties.split(original)

@@ -89,6 +89,7 @@ class Session:
         self.inflight: deque[Call] = deque()
         self.subs: dict[str, Subscription] = {}
         self.unconfirmed: dict[str, Call | None] = {}  # consumer tag -> who waits for its consume-ok
+        self.cancelled_streams: set[str] = set()  # tags of stream consumers we cancelled, on this channel
         self.reconnect_at = 0.0
 
     def busy(self) -> bool:
@@ -113,6 +114,8 @@ class Session:
 
     def unsubscribe(self, tag: str) -> None:
         sub = self.subs.pop(tag, None)
+        if sub is not None and "x-stream-offset" in sub.arguments:
+            self.cancelled_streams.add(tag)  # a stream refuses nacks (540, closing the connection): ack what comes
         if sub is not None and self.conn is not None and self.open_ch:
             self.conn.call(CH, commands.Basic.Cancel(consumer_tag=tag), (commands.Basic.CancelOk,))
 
@@ -159,6 +162,7 @@ class Session:
     def _ready(self, _f: Any) -> None:
         self.open_ch = True
         self.gen += 1
+        self.cancelled_streams.clear()
         self.reconnector.opened(time.monotonic())
         for sub in self.subs.values():  # a new channel: every consumer again, with its own tag
             self._consume(sub)
@@ -189,8 +193,10 @@ class Session:
             sub = self.subs.get(method[0].decode("utf-8", "replace"))
             if sub is not None:
                 sub.on_message(Delivered(method[1], self.gen, header, body, method[2]))
-            elif self.conn is not None:  # a consumer we cancelled: its messages go back
-                self.conn.outbox.write(codec.encode_nack(CH, method[1], False, True))
+            elif self.conn is not None:  # a consumer we cancelled: its messages go back (a stream's are only acked)
+                tag = method[0].decode("utf-8", "replace")
+                self.conn.outbox.write(codec.encode_ack(CH, method[1], False) if tag in self.cancelled_streams
+                                       else codec.encode_nack(CH, method[1], False, True))
             return
         if isinstance(method, commands.Basic.GetOk) and self.inflight and self.conn is not None:
             self.conn.answered(CH)

@@ -34,7 +34,9 @@ from magne.amqp.outbox import Outbox
 from magne.backoff import Backoff
 from magne.delivery import Delivery, Outcome
 from magne.engine.sender import Outgoing, Prep, Sender
+from magne.io.follow import Again, Followups
 from magne.io.stats import Stats
+from magne.workflow import asks, on_dead
 
 log = logs.Log("magne.io")
 
@@ -58,14 +60,16 @@ class Settlement:
         self.gen = 0
         self.out: Outbox | None = None  # the consuming connection's outbox, for this generation
         self.acks = AckCoalescer()
-        self.waiting: list[tuple[float, int, Delivery]] = []  # (when to publish again, tie-break, copy): refused ones
+        self.waiting: list[tuple[float, int, Delivery | Again]] = []  # (when to publish again, tie-break, copy): refused
         self._seq = 0
         self._preps: dict[str, Prep] = {}  # copy_to -> its declaration (bounded: queues and rounded delays)
         self.accepting = True  # False once the channel is closing: nothing more is written on it
+        self.follow = Followups(sender, frame_max, self._followed, self._later)  # results, next steps (magne.workflow)
 
     def reset(self, gen: int, out: Outbox | None) -> None:
         """A new channel generation: fresh tags. Copies of the old one are dropped (their originals come back)."""
         self.gen, self.out, self.acks, self.accepting = gen, out, AckCoalescer(), out is not None
+        self.follow.reset(gen)
         stale = [c for c in self.sender.queue if isinstance(c, Copy) and c.d.gen != gen]
         stale_waiting = [w for w in self.waiting if w[2].gen != gen]
         if stale or stale_waiting:
@@ -100,6 +104,9 @@ class Settlement:
             try:
                 o = d.outcome
                 if o is ack:
+                    if d.follow is not None:  # it asked for its result or is a workflow step: those go first
+                        self.follow.put(d, d.follow)
+                        continue
                     finished.append(d.tag)
                     if acked is not None:  # an ACK ran a registered task, so d.task is a bounded label
                         key = (d.queue, d.task)
@@ -199,7 +206,11 @@ class Settlement:
         """Copies refused earlier whose backoff ran out go to the sender again. Returns the next wake-up."""
         waiting = self.waiting
         while waiting and waiting[0][0] <= now:
-            self._publish(heapq.heappop(waiting)[2])
+            item = heapq.heappop(waiting)[2]
+            if isinstance(item, Again):
+                self.follow.again(item)
+            else:
+                self._publish(item)
         return waiting[0][0] if waiting else None
 
     def _copied(self, c: Outgoing, error: MagneError | None) -> None:
@@ -218,6 +229,8 @@ class Settlement:
                 self.stats.dead += 1
                 if tally is not None:
                     tally.count(tally.dead, d.queue, d.task)
+                if asks(d.header) and self._follow_dead(d):
+                    return  # its failure record goes first
             self._write_acks([d.tag])  # counted as retried or dead above, not as acked
             return
         self.stats.copy_failures += 1
@@ -238,6 +251,33 @@ class Settlement:
             "copy of message %s to %s %s was refused %d times (%s); publishing it again in %.1fs. The original stays "
             "unacked and its task does not run again meanwhile", d.message_id(), where, d.copy_to, d.blame, error,
             delay, event="copy_refused", queue=d.queue)
+
+    def _follow_dead(self, d: Delivery) -> bool:
+        """A dead letter that asked for its result: publish its failure record (and its pipeline's) before the ack."""
+        try:
+            nexts = on_dead(d)
+        except Exception as exc:  # contained: the dead letter is safe; only its record is missing
+            log.error("the failure record of message %s could not be made (%s)", d.message_id(), type(exc).__name__)
+            return False
+        if nexts:
+            self.follow.put(d, nexts)
+        return bool(nexts)
+
+    def _followed(self, d: Delivery) -> None:
+        """Every follow-up of `d` is confirmed: ack it now (counted as acked if it succeeded; a dead letter was
+        counted when its copy was confirmed)."""
+        if d.gen != self.gen or not self.accepting:
+            self.stats.stale += 1
+            return
+        if d.outcome is Outcome.ACK:
+            self.stats.acked += 1
+            if self.stats.tally is not None:
+                self.stats.tally.count(self.stats.tally.acked, d.queue, d.task)
+        self._write_acks([d.tag])
+
+    def _later(self, when: float, again: Again) -> None:
+        self._seq += 1
+        heapq.heappush(self.waiting, (when, self._seq, again))
 
     def _copy_failed(self, d: Delivery) -> None:
         """Give up on a copy that can never be made: the original goes back to its queue (counted: it ran)."""

@@ -22,9 +22,9 @@ INNER_ALLOWED = {
 # Modules over ~300 lines, each with the reason it is one room (a number well above the line count: a check that it
 # does not keep growing).
 LARGE = {
-    "magne.engine.sender": 450, "magne.publisher": 420, "magne.worker": 420,
-    "magne.status": 400, "magne.amqp.protocol": 400, "magne.io.consumer": 370, "magne.testing": 380,
-    "magne.supervisor": 340, "magne.io.loop": 320,
+    "magne.engine.sender": 450, "magne.publisher": 420, "magne.worker": 390,
+    "magne.status": 400, "magne.amqp.protocol": 400, "magne.io.consumer": 370, "magne.testing": 390,
+    "magne.supervisor": 340, "magne.io.loop": 320, "magne.asyncpool": 335,
 }
 
 

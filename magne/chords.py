@@ -1,0 +1,148 @@
+"""Groups that end in a callback (chords): how the callback runs once, however often a member runs.
+
+The application (magne.steps.Group.then) makes, per chord, a *gate*: a durable quorum queue holding exactly one
+message, the callback, that dead-letters into the callback's task queue (at-least-once dead-lettering). Then it
+publishes the members. Each member that succeeds does this on its pool thread, before its ack (docs/results.md):
+
+1. publishes its result record (with a nonce) to the results stream, confirmed;
+2. reads the stream (the process's shared follower) up to that very record, counting which members had succeeded
+   by then, in stream order. The member whose record completes the set sees all n; a member that ran twice, or
+   finished after the set was complete, sees all n too;
+3. if it saw all n: takes the gate's message (basic.get: one taker at a time, atomically) and rejects it without
+   requeue, which makes the broker move it to the callback's queue. A later taker finds the gate empty: the
+   callback is published once. A taker that dies before its reject leaves the message in the gate (unacked
+   messages go back when a connection dies), and its member, unacked too, runs again and takes it then.
+
+The callback's run gets the members' values (read from the stream, in member order) as its last argument.
+A member that fails for good records the chord's failure; the callback then never runs and its gate expires.
+
+Pool threads (or an executor thread for an `async def` member): the blocking calls go through the process's
+default publisher's connection (MAGNE_URL), never the worker's consuming connection.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import Any
+
+from magne import followers, logs, results, wire, workflow
+from magne.amqp import codec
+from magne.delivery import Delivery, Outcome
+from magne.engine.session import CH
+from magne.publisher import Publisher, default_publisher
+
+log = logs.Log("magne.chords")
+JOIN_TIMEOUT = 60.0  # a member waits this long to see its own record in the stream; else it runs again later
+MAX_MEMBERS = 1_000_000
+GROUP_ID = re.compile(r"[0-9a-f]{32}\.g[0-9]{1,7}")
+
+
+def gate_queue(group: str) -> str:
+    """The gate of a chord: named after the results stream (one prefix for an operator to find, and to clean)."""
+    return f"{workflow.STREAM}.chord.{group}"
+
+
+def member_flow(d: Delivery) -> dict[str, Any] | None:
+    """The flow of a chord member (its group, index, size and gate), or None. Cold path: messages that asked."""
+    flow = workflow._flow(workflow._headers(d))
+    group, i, n = flow.get("group"), flow.get("i"), flow.get("n")
+    if not (isinstance(group, str) and type(i) is int and type(n) is int and 0 <= i < n <= MAX_MEMBERS):
+        return None
+    # A publisher controls the header: the gate taken from is always this group's own, never a queue it names.
+    return flow if flow.get("gate") == gate_queue(group) and GROUP_ID.fullmatch(group) else None
+
+
+def on_success(d: Delivery, task: str, value: Any) -> None:
+    """Pool thread, after a task that asked succeeded: magne.workflow's follow-ups; and for a chord member, its join
+    (blocking: the broker's confirm, the stream, the gate). A join that cannot finish requeues the member."""
+    workflow.on_success(d, task, value)
+    if b"gate" not in d.header:  # no chord's member (the common case: decoding the header again costs 10 us)
+        return
+    flow = member_flow(d)
+    if flow is None or not isinstance(default_publisher(), Publisher):  # magne.testing joins in-process (local_fire)
+        return
+    try:
+        join(d, task, value, flow)
+    except Exception as exc:
+        log.error("chord member %s could not join its group (%s: %s); it goes back to its queue and runs again",
+                  d.message_id(), type(exc).__name__, exc, event="chord_join_failed")
+        d.outcome, d.follow = Outcome.REQUEUE, None
+
+
+def join(d: Delivery, task: str, value: Any, flow: dict[str, Any]) -> None:
+    group, index = flow["group"], flow["i"]
+    n = flow.get("n")
+    mid = wire.read_state(d.header).message_id or f"{group}.{index}"
+    rid = os.urandom(12).hex()
+    own = workflow.record(mid, task, True, value, extra={"group": group, "i": index, "rid": rid})
+    pub = default_publisher()
+    d.follow = [f for f in d.follow or () if f.routing_key != workflow.STREAM or f.message_id != mid] or None
+    r = followers.reader(pub)
+    w, f = r.waiter(mid, rid=rid, fresh=True)  # registered before its record is published
+    try:
+        client = pub._running()
+        client.publish_confirmed("", workflow.STREAM, own.body, own.header)
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while not w.signal.wait(followers.SLICE):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"its own record did not show in the stream within {JOIN_TIMEOUT:g}s")
+    finally:
+        r.done(w, f)
+    assert w.record is not None
+    if w.record.get("succeeded") != n:
+        return  # not every member had succeeded before this one: a later one completes the set
+    fire(client, gate_queue(group))
+
+
+def fire(client: Any, gate: str) -> None:
+    """Move the callback out of its gate (to its task queue, by dead-lettering), unless someone did already. The
+    passive declare after the reject returns only once the channel handled the reject (frames are handled in order):
+    the member is acked only after that."""
+    for _attempt in range(3):
+        got = client.get(gate)
+        if got is None:
+            return  # taken already (or being taken by a member that will finish it, or run again)
+        tag, gen = got[0], client.session.gen
+        data = codec.encode_reject(CH, tag, False)
+        client.submit(lambda data=data, gen=gen: client.session.write(data, gen))
+        ready, _consumers = client.queue_counts(gate)
+        if ready == 0:
+            log.info("chord %s complete: its callback is on its way", logs.clean(gate), event="chord_fired")
+            return
+    raise RuntimeError(f"the callback in {gate} could not be taken out (the channel was reopened meanwhile)")
+
+
+def callback_args(d: Delivery, args: list[Any]) -> list[Any]:
+    """Pool thread, before a chord's callback runs: its arguments plus the members' values in member order (read from
+    the results stream). TaskFailed if a member's recorded outcome is a failure."""
+    if b"chord" not in d.header:  # every message that asked comes here: most are no chord's callback
+        return args
+    flow = workflow._flow(workflow._headers(d))
+    group, n = flow.get("chord"), flow.get("n")
+    if not isinstance(group, str) or type(n) is not int or not 0 < n <= MAX_MEMBERS:
+        return args
+    deadline = time.monotonic() + JOIN_TIMEOUT
+    values = [results.result(f"{group}.{i}", max(0.0, deadline - time.monotonic())) for i in range(n)]
+    return [*args, values]
+
+
+def local_fire(d: Delivery, records: dict[str, Any], groups: dict[str, set[int]],
+               gates: dict[str, tuple[bytes, bytes]]) -> tuple[str, bytes, bytes] | None:
+    """magne.testing's join, in-process: after a chord member succeeded (its record kept in `records`), the callback
+    (queue, body, header) with the members' values appended, once every member succeeded; else None."""
+    flow = member_flow(d) if d.outcome is Outcome.ACK else None
+    if flow is None:
+        return None
+    seen = groups.setdefault(flow["group"], set())
+    seen.add(flow["i"])
+    if len(seen) != flow.get("n") or flow["gate"] not in gates:
+        return None
+    body, header = gates.pop(flow["gate"])
+    name, args, kwargs = wire.decode(body)
+    mid = wire.read_state(header).message_id or ""
+    cflow = workflow._flow(codec.decode_properties(header).headers or {})
+    values = [results.outcome(records[f"{flow['group']}.{i}"]) for i in range(flow["n"])]
+    body = wire.encode(name, [*args, values], kwargs, mid)
+    return str(cflow.get("queue")), body, workflow.header_for(mid, len(body), True, None)
