@@ -141,9 +141,12 @@ class Scheduler:
             log.warning("scheduler: the connection holding the leader locks of %s was replaced; they are lost and "
                         "another worker may lead now", ", ".join(self.led), event="leader_lost", schedules=list(self.led))
             self.led.clear()
-        unled = [n for n in self.tasks if n not in self.led]
-        if unled and time.monotonic() >= self.next_try:
+        trying = time.monotonic() >= self.next_try  # once per retry: confirm the locks we hold, try for the others
+        if trying:
             self.next_try = time.monotonic() + self.retry
+            self._confirm(client)
+        unled = [n for n in self.tasks if n not in self.led]
+        if unled and trying:
             won, conns = [], set()
             for n in unled:
                 if self._acquire(client, n):
@@ -163,6 +166,16 @@ class Scheduler:
         if self.led and time.monotonic() >= self.redeclare_at:
             self._declare(client, list(self.led))
         self._fire(client)
+
+    def _confirm(self, client: Client) -> None:
+        """Declare the locks we lead by again, once per retry: a lock queue deleted under us (an operator, a script)
+        would otherwise let a second worker declare it and lead too, both sending every tick for as long as both
+        live. Our own exclusive queue declares again; one another connection took meanwhile answers 405."""
+        for name in list(self.led):
+            if not self._acquire(client, name):
+                self.led.pop(name, None)
+                log.warning("scheduler: the leader lock of %s was taken by another worker (deleted under us?); it "
+                            "leads now", name, event="leader_lost", schedules=[name])
 
     def _acquire(self, client: Client, name: str) -> bool:
         try:
