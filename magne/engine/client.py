@@ -120,8 +120,11 @@ class Client:
         deadline = time.monotonic() + limit
         while not call.signal.wait(SLICE):
             if time.monotonic() >= deadline:
-                call.cancelled = True
-                raise BrokerTimeout(f"no {what} from the broker within {limit:g}s")
+                call.claim.append("gave up")
+                if call.claim[0] == "gave up":
+                    call.cancelled = True
+                    raise BrokerTimeout(f"no {what} from the broker within {limit:g}s")
+                call.signal.wait()  # a basic.get-ok came meanwhile and is being handed over: take it (it is held)
             if not self.thread.is_alive():
                 raise ConnectionLost("the client's loop thread has ended")
         if call.error is not None:

@@ -38,7 +38,7 @@ CH = 1
 class Call:
     """One synchronous call of a waiting thread: the loop's thread fills it and signals."""
 
-    __slots__ = ("method", "replies", "signal", "result", "error", "cancelled", "gen")
+    __slots__ = ("method", "replies", "signal", "result", "error", "cancelled", "gen", "claim")
 
     def __init__(self, method: Any, replies: tuple[type, ...] = ()) -> None:
         self.method, self.replies = method, replies
@@ -47,6 +47,9 @@ class Call:
         self.error: BaseException | None = None
         self.cancelled = False
         self.gen = 0  # the channel generation the reply came on (a basic.get's tag belongs to it)
+        # Who settles a basic.get-ok: the loop's thread appends "reply", a waiter that times out "gave up"; the
+        # first one in wins (list.append is atomic), so a message got for a caller that left is given back.
+        self.claim: list[str] = []
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         """The loop's thread."""
@@ -195,6 +198,10 @@ class Session:
         if isinstance(method, commands.Basic.GetOk) and self.inflight and self.conn is not None:
             self.conn.answered(CH)
             call = self.inflight.popleft()
+            call.claim.append("reply")
+            if call.claim[0] != "reply":  # its caller timed out: nobody will ack or release it, give it back now
+                self.conn.outbox.write(codec.encode_nack(CH, method.delivery_tag, False, True))
+                return
             call.gen = self.gen
             call.finish((method.delivery_tag, header, body))
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import datetime as dt
 from types import SimpleNamespace
 
+import pytest
+from pamqp import commands
+
 from magne import task
-from magne.amqp import names
-from magne.amqp.errors import ChannelClosed
+from magne.amqp import codec, names
+from magne.amqp.errors import BrokerTimeout, ChannelClosed
+from magne.amqp.url import Nodes, parse_url
+from magne.engine.client import Client
+from magne.engine.session import Call, Session
 from magne.leader import Scheduler
 from magne.schedule import UTC
 
@@ -49,3 +55,30 @@ def test_a_leader_whose_lock_queue_was_deleted_and_taken_by_another_stops_leadin
     s.next_try = 0.0
     s._turn()
     assert s.leading() == []  # before the fix it kept leading: two leaders, every tick sent twice
+
+
+class _Outbox:
+    def __init__(self):
+        self.data = b""
+
+    def write(self, data):
+        self.data += data
+
+
+def test_a_token_got_after_its_lease_call_timed_out_is_given_back_not_held_forever():
+    """basic.get-ok arriving after the gate's `lease` gave up (BrokerTimeout): nobody would ever release or ack that
+    token, so the cap would shrink by one for as long as the process lives. The session gives it back at once."""
+    client = Client(parse_url("amqp://guest:guest@127.0.0.1:1/"), "unit client", timeout=30.0)
+    try:
+        call = Call(names.BasicGet(queue="Q.cap.3", no_ack=False), (commands.Basic.GetOk, commands.Basic.GetEmpty))
+        with pytest.raises(BrokerTimeout):
+            client._wait(call, 0.05, "get-ok")
+    finally:
+        client.close(1.0)
+    session = Session(Nodes([parse_url("amqp://guest:guest@127.0.0.1:1/")]), "unit leases", None)
+    outbox = _Outbox()
+    session.conn = SimpleNamespace(outbox=outbox, answered=lambda ch: None)
+    session.inflight.append(call)
+    session._content(1, commands.Basic.GetOk(delivery_tag=7, exchange="", routing_key="Q.cap.3"), b"h", b"")
+    assert outbox.data == codec.encode_nack(1, 7, False, True)
+    assert not session.inflight
