@@ -14,6 +14,7 @@ from magne.amqp.errors import BrokerTimeout, ChannelClosed
 from magne.amqp.url import Nodes, parse_url
 from magne.engine.client import Client
 from magne.engine.session import Call, Session
+from magne.errors import RegistryError
 from magne.leader import Scheduler
 from magne.schedule import UTC
 
@@ -82,3 +83,9 @@ def test_a_token_got_after_its_lease_call_timed_out_is_given_back_not_held_forev
     session._content(1, commands.Basic.GetOk(delivery_tag=7, exchange="", routing_key="Q.cap.3"), b"h", b"")
     assert outbox.data == codec.encode_nack(1, 7, False, True)
     assert not session.inflight
+
+
+@pytest.mark.parametrize("every", [1e12, 1e300, 366 * 86400 + 1])
+def test_an_every_too_large_for_a_due_time_fails_at_import_not_in_every_leaders_turn(every):
+    with pytest.raises(RegistryError, match="every= must be a number of seconds from 0.1 to 31622400"):
+        task(name="r22_huge", every=every)(lambda: None)
