@@ -57,6 +57,7 @@ MAX_LOOKBACK = 6 * 86400.0  # seconds a new leader reads back at most (within MA
 RESOURCE_LOCKED = 405
 TAIL_TIMEOUT = 15.0
 REDECLARE = 60.0  # seconds between declarations of a leader's exchange, stream, task queues and bindings
+CHECKPOINT = "x-magne-checkpoint"  # header of a leader's checkpoint record in the stream (its value: host/pid)
 
 
 def lock_name(stream: str, task: str) -> str:
@@ -160,12 +161,27 @@ class Scheduler:
                 self.conn = conn
                 try:
                     self._take_over(client, won)
+                    self._checkpoint(client, won)
                 except BaseException:
                     self._release(won)  # never hold a lock without leading: another worker leads it then
                     raise
         if self.led and time.monotonic() >= self.redeclare_at:
             self._declare(client, list(self.led))
+            self._checkpoint(client, list(self.led))
         self._fire(client)
+
+    def _checkpoint(self, client: Client, schedules: list[str]) -> None:
+        """Record in the stream, for each schedule we lead, an instant up to which every due time was dealt with
+        (just before the next one). A new leader reads back at most MAX_LOOKBACK: without these a weekly or monthly
+        schedule's last tick is out of its sight, and a failover just after a due time skipped that tick. At a
+        take-over and then every REDECLARE seconds; stream only (the default exchange), never a run."""
+        for name in schedules:
+            nxt, sched = self.led.get(name), self.tasks[name].schedule
+            if nxt is None or sched is None:
+                continue
+            upto = nxt - dt.timedelta(seconds=min(1.0, sched.period(nxt) / 2))
+            client.publish_confirmed("", self.stream, b"", commands.Basic.Properties(
+                message_id=tick_id(name, upto), headers={CHECKPOINT: self.who}, delivery_mode=2))
 
     def _confirm(self, client: Client) -> None:
         """Declare the locks we lead by again, once per retry: a lock queue deleted under us (an operator, a script)
@@ -257,8 +273,10 @@ class Scheduler:
                 due = self.led[name] = sched.next_after(due)
 
 
-def last_ticks(client: Client, stream: str, since: dt.datetime) -> dict[str, tuple[dt.datetime, str]]:
-    """Each schedule's last recorded tick in `stream` from `since` on: (due time, who sent it). Writes a marker into
+def last_ticks(client: Client, stream: str, since: dt.datetime,
+               checkpoints: bool = True) -> dict[str, tuple[dt.datetime, str]]:
+    """Each schedule's last recorded tick in `stream` from `since` on: (due time, who sent it); with `checkpoints`,
+    a leader's checkpoint counts (the instant up to which it dealt with every due time). Writes a marker into
     the stream and reads up to it (the stream's end when we looked). The calling thread waits; the messages arrive
     on the Client's loop thread, where the callback only records and acks."""
     marker = f"magne.marker.{uuid.uuid4().hex}"
@@ -276,6 +294,8 @@ def last_ticks(client: Client, stream: str, since: dt.datetime) -> dict[str, tup
         if mid == marker:
             reached.set()
         tick = parse_tick_id(mid) if isinstance(mid, str) else None
+        if tick is not None and not checkpoints and CHECKPOINT in (props.headers or {}):
+            tick = None  # magne status shows ticks sent, not checkpoints
         if tick is not None and (tick[0] not in found or tick[1] > found[tick[0]][0]):
             who = (props.headers or {}).get("x-magne-scheduler", "?")
             found[tick[0]] = (tick[1], who if isinstance(who, str) else "?")

@@ -32,7 +32,7 @@ def gather(url: str | list[str] | None, tasks: list[Any], stream: str) -> list[d
         held = {t.name: _held(client, lock_name(stream, t.name)) for t in tasks}
         try:
             back = max(2 * t.schedule.period(now) + 60.0 for t in tasks)
-            last = last_ticks(client, stream, now - dt.timedelta(seconds=min(back, MAX_LOOKBACK)))
+            last = last_ticks(client, stream, now - dt.timedelta(seconds=min(back, MAX_LOOKBACK)), checkpoints=False)
             why = ""
         except ChannelClosed as exc:  # no stream yet: no worker ever led
             last, why = {}, "no tick recorded" if exc.code == 404 else str(exc)

@@ -15,8 +15,8 @@ from magne.amqp.url import Nodes, parse_url
 from magne.engine.client import Client
 from magne.engine.session import Call, Session
 from magne.errors import RegistryError
-from magne.leader import Scheduler
-from magne.schedule import UTC
+from magne.leader import CHECKPOINT, Scheduler
+from magne.schedule import UTC, parse_tick_id
 
 
 @task(name="r22_every", every=10)
@@ -89,3 +89,43 @@ def test_a_token_got_after_its_lease_call_timed_out_is_given_back_not_held_forev
 def test_an_every_too_large_for_a_due_time_fails_at_import_not_in_every_leaders_turn(every):
     with pytest.raises(RegistryError, match="every= must be a number of seconds from 0.1 to 31622400"):
         task(name="r22_huge", every=every)(lambda: None)
+
+
+@task(name="r22_weekly", cron="0 6 * * 1")
+def r22_weekly():
+    pass
+
+
+class _Stream(_Locks):
+    """What a leader publishes, read back as a new leader reads the stream's tail."""
+
+    def publish_confirmed(self, exchange, rk, body, header):
+        props = codec.decode_properties(header) if isinstance(header, bytes) else header
+        self.published.append((props.message_id, dict(props.headers or {})))
+
+
+def test_a_failover_just_after_a_weekly_due_time_sends_that_tick(monkeypatch):
+    """A new leader reads the stream back 6 days at most: a weekly schedule's last tick is out of its sight, so a
+    leader elected just after a due time took the schedule for a new one and skipped that week's run."""
+    stream = _Stream()
+
+    def tail(client, name, since, checkpoints=True):
+        found = {}
+        for mid, headers in stream.published:
+            tick = parse_tick_id(mid)
+            if tick and (checkpoints or CHECKPOINT not in headers) and (tick[0] not in found or tick[1] > found[tick[0]][0]):
+                found[tick[0]] = (tick[1], "?")
+        return found
+
+    monkeypatch.setattr("magne.leader.last_ticks", tail)
+    saturday = dt.datetime(2026, 3, 28, 6, 0, tzinfo=UTC)
+    monday = dt.datetime(2026, 3, 30, 6, 0, tzinfo=UTC)
+    a = Scheduler(lambda: stream, [r22_weekly], stream="st", clock=saturday.timestamp)
+    a._turn()  # leads from Saturday; nothing recorded yet: its first tick is Monday 06:00; then it dies at 05:59
+    assert a.led == {"r22_weekly": monday}
+    b = Scheduler(lambda: stream, [r22_weekly], stream="st", clock=(monday + dt.timedelta(seconds=2)).timestamp)
+    b._turn()  # elected 2 s after the due time
+    ticks = [mid for mid, headers in stream.published if CHECKPOINT not in headers]
+    assert ticks == ["r22_weekly@2026-03-30T06:00:00.000000+00:00"]
+    assert b.led == {"r22_weekly": monday + dt.timedelta(days=7)}
+    assert tail(None, "st", None, checkpoints=False) == {"r22_weekly": (monday, "?")}  # magne status: ticks only
