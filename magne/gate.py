@@ -38,7 +38,7 @@ from pamqp import commands
 
 from magne import logs
 from magne.amqp import names
-from magne.amqp.confirms import Nacked
+from magne.amqp.confirms import Nacked, Returned
 from magne.amqp.errors import ChannelClosed
 from magne.delivery import Delivery
 from magne.engine.client import Client
@@ -191,8 +191,8 @@ class Gate:
                             break
                         progressed = True
                 except Exception as exc:  # a broker fault (the Client reconnects), or a bug: ask again shortly
-                    if isinstance(exc, ChannelClosed) and exc.code == 404:
-                        w.ready = False  # a pool deleted under us: made again (if its .filled marker went too)
+                    if isinstance(exc, Returned) or isinstance(exc, ChannelClosed) and exc.code == 404:
+                        w.ready = False  # a pool (or a rate's .wait) deleted under us: declared again, refilled if unmarked
                     log.warning("gate of %s: %s: %s; trying again", w.queue, type(exc).__name__, exc,
                                 event="gate_error", queue=w.queue)
                     starved = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -10,11 +11,14 @@ from pamqp import commands
 
 from magne import task
 from magne.amqp import codec, names
+from magne.amqp.confirms import Returned
 from magne.amqp.errors import BrokerTimeout, ChannelClosed
 from magne.amqp.url import Nodes, parse_url
+from magne.delivery import Delivery
 from magne.engine.client import Client
 from magne.engine.session import Call, Session
 from magne.errors import RegistryError
+from magne.gate import Gate, Limit
 from magne.leader import CHECKPOINT, Scheduler
 from magne.schedule import UTC, parse_tick_id
 
@@ -129,3 +133,49 @@ def test_a_failover_just_after_a_weekly_due_time_sends_that_tick(monkeypatch):
     assert ticks == ["r22_weekly@2026-03-30T06:00:00.000000+00:00"]
     assert b.led == {"r22_weekly": monday + dt.timedelta(days=7)}
     assert tail(None, "st", None, checkpoints=False) == {"r22_weekly": (monday, "?")}  # magne status: ticks only
+
+
+class _Pools:
+    """A Client as the gate sees it: a rate pool whose `.wait` queue was deleted under a running worker."""
+
+    leases = locks = "session"
+
+    def __init__(self):
+        self.wait_exists = False
+        self.tags = iter(range(1, 1000))
+        self.declared: list[str] = []
+
+    def lease(self, queue, timeout=None):
+        return (next(self.tags), 1)
+
+    def release(self, tag, gen, requeue=True):
+        pass
+
+    def ack(self, tag, gen=None, multiple=False, session=None):
+        pass
+
+    def publish_confirmed(self, exchange, rk, body, props, timeout=None):
+        if rk.endswith(".wait") and not self.wait_exists:
+            raise Returned("unroutable")
+
+    def call(self, method, *replies, timeout=None, session=None):
+        if isinstance(method, names.QueueDeclare) and not method.passive:
+            self.declared.append(method.queue)
+            self.wait_exists = self.wait_exists or method.queue.endswith(".wait")
+
+
+def test_a_rate_pools_wait_queue_deleted_under_the_gate_is_declared_again_not_retried_forever():
+    """Every start publishes the token's replacement into `<pool>.wait`; with that queue gone the publish is returned
+    (mandatory), and the gate retried it every 50 ms forever, a warning each time, the task never starting again."""
+    client, got = _Pools(), []
+    gate = Gate(lambda: client, {"R": Limit(None, (2, 1.0))}, {"R": got.append}, lambda d: None)
+    gate.queues["R"].ready = True  # the pool was made and marked long ago
+    gate.start()
+    try:
+        gate.put(Delivery(1, 0, "R", b"", b"", False))
+        deadline = time.monotonic() + 3.0
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        gate.stop()
+    assert len(got) == 1 and "R.rate.2.1000.wait" in client.declared
