@@ -121,7 +121,7 @@ class Gate:
         self.client, self.after = client, report
         self.gen = gen  # the consuming channel's generation now (a racy read of an int, from the gate's thread)
         self.queues = {q: _Waiting(q, lim, sinks[q]) for q, lim in limits.items()}
-        self.held: dict[tuple[str, int, int], tuple[int, int]] = {}  # (queue, gen, tag) -> its cap token's lease
+        self.held: dict[tuple[str, int, int], tuple[Client, int, int]] = {}  # (queue, gen, tag) -> client, lease
         self.lock = threading.Lock()  # the waiting deques: the I/O thread appends and takes back, the gate pops
         self.wake = threading.Event()
         self.stopped = threading.Event()
@@ -160,7 +160,7 @@ class Gate:
     def _release(self, d: Delivery) -> None:
         lease = self.held.pop((d.queue, d.gen, d.tag), None)  # one atomic dict operation
         if lease is not None:
-            self.client().release(*lease)
+            lease[0].release(*lease[1:])  # the Client it came from: a new one's leases channel has other tags
             self.wake.set()  # a local waiter may take it at once
 
     # -- main thread -------------------------------------------------------------------------------------
@@ -229,7 +229,7 @@ class Gate:
             self._give_back(client, lease)
             return True
         if lease is not None:
-            self.held[(d.queue, d.gen, d.tag)] = lease
+            self.held[(d.queue, d.gen, d.tag)] = (client, *lease)
         self.admitted += 1
         w.sink(d)
         return True

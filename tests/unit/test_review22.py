@@ -179,3 +179,30 @@ def test_a_rate_pools_wait_queue_deleted_under_the_gate_is_declared_again_not_re
     finally:
         gate.stop()
     assert len(got) == 1 and "R.rate.2.1000.wait" in client.declared
+
+
+class _Leases:
+    def __init__(self):
+        self.released: list[tuple[int, int]] = []
+
+    def lease(self, queue, timeout=None):
+        return (5, 1)
+
+    def release(self, tag, gen, requeue=True):
+        self.released.append((tag, gen))
+
+
+def test_a_cap_token_goes_back_on_the_client_it_was_leased_from_not_on_a_replacement():
+    """The publisher's Client can be replaced (closed by a task, its loop thread ended): its leases went back with
+    its connection. Releasing (tag 5, gen 1) on the new Client's leases channel nacked another run's token there
+    (the cap exceeded), or an unknown tag, a 406 that closes that channel and returns every token it holds."""
+    old, new = _Leases(), _Leases()
+    current = [old]
+    gate = Gate(lambda: current[0], {"C": Limit(2)}, {"C": lambda d: None}, lambda d: None)
+    gate.queues["C"].ready = True
+    d = Delivery(9, 0, "C", b"", b"", False)
+    gate.put(d)
+    assert gate._admit(gate.queues["C"]) is True
+    current[0] = new
+    gate.report(d)
+    assert old.released == [(5, 1)] and new.released == []
