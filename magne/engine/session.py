@@ -117,7 +117,9 @@ class Session:
     def unsubscribe(self, tag: str) -> None:
         sub = self.subs.pop(tag, None)
         if sub is not None and self.conn is not None and self.open_ch:
-            self.conn.call(CH, commands.Basic.Cancel(consumer_tag=tag), (commands.Basic.CancelOk,))
+            # Not a call: a stream consumer's cancel-ok can come after the replies to later calls (magne.amqp.protocol
+            # _UNASKED); its messages still arriving go back (_content, a consumer we cancelled).
+            self.conn.send(CH, commands.Basic.Cancel(consumer_tag=tag))
 
     def _consume(self, sub: Subscription) -> None:
         conn = self.conn
