@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from types import SimpleNamespace
 
@@ -16,11 +17,11 @@ from magne.amqp.errors import BrokerTimeout, ChannelClosed
 from magne.amqp.url import Nodes, parse_url
 from magne.delivery import Delivery
 from magne.engine.client import Client
-from magne.engine.session import Call, Session
+from magne.engine.session import Call, Delivered, Session
 from magne.errors import RegistryError
 from magne.gate import Gate, Limit
-from magne.leader import CHECKPOINT, Scheduler
-from magne.schedule import UTC, parse_tick_id
+from magne.leader import CHECKPOINT, Scheduler, last_ticks
+from magne.schedule import UTC, parse_tick_id, tick_id
 
 
 @task(name="r22_every", every=10)
@@ -206,3 +207,42 @@ def test_a_cap_token_goes_back_on_the_client_it_was_leased_from_not_on_a_replace
     current[0] = new
     gate.report(d)
     assert old.released == [(5, 1)] and new.released == []
+
+
+class _SlowStream:
+    """A stream whose tail takes longer than TAIL_TIMEOUT to read, a record arriving every 50 ms."""
+
+    def __init__(self):
+        self.marker = None
+        self.thread = None
+
+    def publish_confirmed(self, exchange, rk, body, props):
+        self.marker = props.message_id
+
+    def consume(self, queue, on_message, prefetch=100, arguments=None):
+        def feed():
+            due = dt.datetime(2026, 1, 1, tzinfo=UTC)
+            for i in range(20):
+                p = commands.Basic.Properties(message_id=tick_id("t", due + dt.timedelta(seconds=i)))
+                on_message(Delivered(i + 1, 1, codec.header_payload(p, 0), b"", False))
+                time.sleep(0.05)
+            on_message(Delivered(99, 1, codec.header_payload(commands.Basic.Properties(message_id=self.marker), 0),
+                                 b"", False))
+
+        self.thread = threading.Thread(target=feed, daemon=True)
+        self.thread.start()
+        return "ctag"
+
+    def ack(self, tag, gen=None, multiple=False, session=None):
+        pass
+
+    def cancel(self, tag):
+        pass
+
+
+def test_reading_a_long_tail_that_keeps_coming_is_not_a_time_out(monkeypatch):
+    """A weekly schedule makes a new leader read 6 days back: with a 1 s schedule in the same stream that is 500k
+    records, about 15 s at the measured 35k/s. A fixed 15 s limit failed every take-over (no leader, ever)."""
+    monkeypatch.setattr("magne.leader.TAIL_TIMEOUT", 0.4)
+    found = last_ticks(_SlowStream(), "st", dt.datetime(2026, 1, 1, tzinfo=UTC))  # 1 s of records, never idle 0.4 s
+    assert found["t"][0] == dt.datetime(2026, 1, 1, 0, 0, 19, tzinfo=UTC)
