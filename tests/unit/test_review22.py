@@ -15,6 +15,7 @@ from magne.amqp import codec, names
 from magne.amqp.confirms import Returned
 from magne.amqp.errors import BrokerTimeout, ChannelClosed
 from magne.amqp.url import Nodes, parse_url
+from magne.cli import build_parser
 from magne.delivery import Delivery
 from magne.engine.client import Client
 from magne.engine.session import Call, Delivered, Session
@@ -246,3 +247,12 @@ def test_reading_a_long_tail_that_keeps_coming_is_not_a_time_out(monkeypatch):
     monkeypatch.setattr("magne.leader.TAIL_TIMEOUT", 0.4)
     found = last_ticks(_SlowStream(), "st", dt.datetime(2026, 1, 1, tzinfo=UTC))  # 1 s of records, never idle 0.4 s
     assert found["t"][0] == dt.datetime(2026, 1, 1, 0, 0, 19, tzinfo=UTC)
+
+
+def test_a_schedule_grace_shorter_than_a_leaders_lateness_is_refused(capsys):
+    """Every tick later than the grace is skipped, in every turn, not only at a take-over: with a grace of 10 ms a
+    leader that woke 20 ms late skipped nearly every tick of an every=0.1 schedule, a warning each time."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["worker", "m", "--schedule-grace", "0.01"])
+    assert "--schedule-grace: must be at least 5" in capsys.readouterr().err
+    assert build_parser().parse_args(["worker", "m", "--schedule-grace", "5"]).schedule_grace == 5.0
