@@ -256,3 +256,34 @@ def test_a_schedule_grace_shorter_than_a_leaders_lateness_is_refused(capsys):
         build_parser().parse_args(["worker", "m", "--schedule-grace", "0.01"])
     assert "--schedule-grace: must be at least 5" in capsys.readouterr().err
     assert build_parser().parse_args(["worker", "m", "--schedule-grace", "5"]).schedule_grace == 5.0
+
+
+class _SharedLocks(_Locks):
+    """The `locks` channel shared with the gate: the gate's refused fill lock fails our declare pipelined with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.crossed = 1
+
+    def call(self, method, *replies, timeout=None, session=None):
+        if isinstance(method, names.QueueDeclare) and self.crossed:
+            self.crossed -= 1
+            raise ChannelClosed(1, 405, "RESOURCE_LOCKED - cannot obtain exclusive access to locked queue "
+                                        "'Q.cap.2.init' in vhost '/'")
+        return super().call(method, *replies, timeout=timeout, session=session)
+
+    def consume(self, *args, **kwargs):
+        raise AssertionError("the leader dropped its lead and took over again (read the stream's tail)")
+
+
+def test_another_callers_refusal_on_the_shared_locks_channel_is_not_a_lost_lock():
+    """Seen on the broker: a worker's gate logged the scheduler's 405 as its own. The other way round, a leader
+    confirming its lock took the gate's 405 as 'another worker leads now' and stopped sending ticks."""
+    now = dt.datetime(2026, 1, 1, 12, 0, 1, tzinfo=UTC)
+    client = _SharedLocks()
+    s = Scheduler(lambda: client, [r22_every], stream="st", clock=now.timestamp)
+    s.conn = client.locks.conn
+    s.led["r22_every"] = now + dt.timedelta(seconds=9)
+    s.redeclare_at = float("inf")
+    s._turn()
+    assert s.leading() == ["r22_every"] and client.declared == ["st.leader.r22_every"]
