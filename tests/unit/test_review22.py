@@ -20,7 +20,7 @@ from magne.delivery import Delivery
 from magne.engine.client import Client
 from magne.engine.session import Call, Delivered, Session
 from magne.errors import RegistryError
-from magne.gate import Gate, Limit
+from magne.gate import Gate, Limit, _exists
 from magne.leader import CHECKPOINT, Scheduler, last_ticks
 from magne.schedule import UTC, parse_tick_id, tick_id
 
@@ -287,3 +287,9 @@ def test_another_callers_refusal_on_the_shared_locks_channel_is_not_a_lost_lock(
     s.redeclare_at = float("inf")
     s._turn()
     assert s.leading() == ["r22_every"] and client.declared == ["st.leader.r22_every"]
+
+
+def test_the_gate_does_not_take_a_schedulers_refusal_on_the_shared_locks_channel_for_its_own():
+    client = _SharedLocks()
+    client.crossed, client.taken = 1, set()
+    assert _exists(client, "Q.cap.2.filled") is True  # the 405 named another queue: asked again
