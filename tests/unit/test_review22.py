@@ -23,6 +23,7 @@ from magne.errors import RegistryError
 from magne.gate import Gate, Limit, _exists
 from magne.leader import CHECKPOINT, Scheduler, last_ticks
 from magne.schedule import UTC, parse_tick_id, tick_id
+from magne.testing import worker
 
 
 @task(name="r22_every", every=10)
@@ -293,3 +294,20 @@ def test_the_gate_does_not_take_a_schedulers_refusal_on_the_shared_locks_channel
     client = _SharedLocks()
     client.crossed, client.taken = 1, set()
     assert _exists(client, "Q.cap.2.filled") is True  # the 405 named another queue: asked again
+
+
+often: list[int] = []
+
+
+@task(name="r22_often", every=5)
+def r22_often():
+    often.append(1)
+
+
+def test_advancing_a_day_of_a_frequent_schedule_is_not_too_many_messages():
+    """advance(86400) with every=5 sends 17280 ticks: join() raised TooManyMessages ('a task that keeps sending
+    itself?') past the default max_messages of 10000. The ticks advance() sends do not count toward it."""
+    often.clear()
+    with worker(sync=True, start=dt.datetime(2026, 1, 1, tzinfo=UTC)) as w:
+        w.advance(86400)
+    assert len(often) == 17280
