@@ -278,10 +278,11 @@ class Scheduler:
                 due = self.led[name] = sched.next_after(due)
 
 
-def last_ticks(client: Client, stream: str, since: dt.datetime,
-               checkpoints: bool = True) -> dict[str, tuple[dt.datetime, str]]:
+def last_ticks(client: Client, stream: str, since: dt.datetime, checkpoints: bool = True,
+               leaders: dict[str, str] | None = None) -> dict[str, tuple[dt.datetime, str]]:
     """Each schedule's last recorded tick in `stream` from `since` on: (due time, who sent it); with `checkpoints`,
-    a leader's checkpoint counts (the instant up to which it dealt with every due time). Writes a marker into
+    a leader's checkpoint counts (the instant up to which it dealt with every due time); `leaders` gets the host/pid
+    of each schedule's latest checkpoint (its leader, a minute ago at most, magne status). Writes a marker into
     the stream and reads up to it (the stream's end when we looked). The calling thread waits; the messages arrive
     on the Client's loop thread, where the callback only records and acks."""
     marker = f"magne.marker.{uuid.uuid4().hex}"
@@ -300,8 +301,10 @@ def last_ticks(client: Client, stream: str, since: dt.datetime,
         if mid == marker:
             reached.set()
         tick = parse_tick_id(mid) if isinstance(mid, str) else None
-        if tick is not None and not checkpoints and CHECKPOINT in (props.headers or {}):
-            tick = None  # magne status shows ticks sent, not checkpoints
+        if tick is not None and CHECKPOINT in (props.headers or {}):
+            if leaders is not None:
+                leaders[tick[0]] = str(props.headers[CHECKPOINT])  # type: ignore[index]
+            tick = tick if checkpoints else None  # magne status shows ticks sent, not checkpoints
         if tick is not None and (tick[0] not in found or tick[1] > found[tick[0]][0]):
             who = (props.headers or {}).get("x-magne-scheduler", "?")
             found[tick[0]] = (tick[1], who if isinstance(who, str) else "?")

@@ -23,6 +23,7 @@ from magne.errors import RegistryError
 from magne.gate import Gate, Limit, _exists
 from magne.leader import CHECKPOINT, Scheduler, last_ticks
 from magne.schedule import UTC, parse_tick_id, tick_id
+from magne.schedule_status import render
 from magne.testing import worker
 
 
@@ -311,3 +312,28 @@ def test_advancing_a_day_of_a_frequent_schedule_is_not_too_many_messages():
     with worker(sync=True, start=dt.datetime(2026, 1, 1, tzinfo=UTC)) as w:
         w.advance(86400)
     assert len(often) == 17280
+
+
+class _Recorded(_SlowStream):
+    """A stream holding a tick sent by one worker and the checkpoint of the worker that leads now."""
+
+    def consume(self, queue, on_message, prefetch=100, arguments=None):
+        due = dt.datetime(2026, 1, 1, tzinfo=UTC)
+        for i, (mid, headers) in enumerate([
+                (tick_id("t", due), {"x-magne-scheduler": "web-1/7"}),
+                (tick_id("t", due + dt.timedelta(seconds=29)), {CHECKPOINT: "web-2/9"}),
+                (self.marker, {})]):
+            p = commands.Basic.Properties(message_id=mid, headers=headers)
+            on_message(Delivered(i + 1, 1, codec.header_payload(p, 0), b"", False))
+        return "ctag"
+
+
+def test_status_names_the_current_leader_by_its_latest_checkpoint():
+    """The issue asks `magne status` for the current leader (host, pid); it showed only 'led' and who sent the last
+    tick (a worker that may be gone). A leader's checkpoint, written every minute, names it."""
+    leaders: dict[str, str] = {}
+    found = last_ticks(_Recorded(), "st", dt.datetime(2026, 1, 1, tzinfo=UTC), checkpoints=False, leaders=leaders)
+    assert found == {"t": (dt.datetime(2026, 1, 1, tzinfo=UTC), "web-1/7")} and leaders == {"t": "web-2/9"}
+    line = render([{"task": "t", "queue": "T", "schedule": "every 30s", "led": True, "leader": "web-2/9",
+                    "last_tick": "T1", "last_sent_by": "web-1/7", "next": ["N1"], "note": ""}])[2]
+    assert line == "  t (every 30s, queue T): led by web-2/9; last tick T1 sent by web-1/7; next N1"
