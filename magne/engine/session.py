@@ -92,6 +92,7 @@ class Session:
         self.inflight: deque[Call] = deque()
         self.subs: dict[str, Subscription] = {}
         self.unconfirmed: dict[str, Call | None] = {}  # consumer tag -> who waits for its consume-ok
+        self.streams_gone: set[str] = set()  # stream consumers we cancelled on this channel (their late messages)
         self.reconnect_at = 0.0
 
     def busy(self) -> bool:
@@ -117,6 +118,8 @@ class Session:
     def unsubscribe(self, tag: str) -> None:
         sub = self.subs.pop(tag, None)
         if sub is not None and self.conn is not None and self.open_ch:
+            if sub.arguments and "x-stream-offset" in sub.arguments:
+                self.streams_gone.add(tag)
             # Not a call: a stream consumer's cancel-ok can come after the replies to later calls (magne.amqp.protocol
             # _UNASKED); its messages still arriving go back (_content, a consumer we cancelled).
             self.conn.send(CH, commands.Basic.Cancel(consumer_tag=tag))
@@ -164,6 +167,7 @@ class Session:
     def _ready(self, _f: Any) -> None:
         self.open_ch = True
         self.gen += 1
+        self.streams_gone.clear()  # a new channel: the old one's tags are gone
         self.reconnector.opened(time.monotonic())
         for sub in self.subs.values():  # a new channel: every consumer again, with its own tag
             self._consume(sub)
@@ -191,10 +195,12 @@ class Session:
     def _content(self, _ch: int, method: Any, header: bytes, body: bytes) -> None:
         """A consumer's message (a hand-decoded basic.deliver), or basic.get-ok content, which answers the head call."""
         if type(method) is tuple:
-            sub = self.subs.get(method[0].decode("utf-8", "replace"))
+            ctag = method[0].decode("utf-8", "replace")
+            sub = self.subs.get(ctag)
             if sub is not None:
                 sub.on_message(Delivered(method[1], self.gen, header, body, method[2]))
-            elif self.conn is not None:  # a consumer we cancelled: its messages go back
+            elif self.conn is not None and ctag not in self.streams_gone:  # a consumer we cancelled: its messages
+                # go back; not a stream's, which answers a nack with 540 NOT_IMPLEMENTED, closing the connection
                 self.conn.outbox.write(codec.encode_nack(CH, method[1], False, True))
             return
         if isinstance(method, commands.Basic.GetOk) and self.inflight and self.conn is not None:
@@ -208,6 +214,8 @@ class Session:
             call.finish((method.delivery_tag, header, body))
 
     def _frame(self, _ch: int, frame: Any) -> None:
+        if isinstance(frame, commands.Basic.CancelOk):  # nothing more comes for it
+            self.streams_gone.discard(frame.consumer_tag)
         if isinstance(frame, commands.Basic.Cancel):  # the broker cancelled a consumer: its queue is gone
             sub = self.subs.pop(frame.consumer_tag, None)
             if sub is not None:

@@ -18,7 +18,7 @@ from magne.amqp.url import Nodes, parse_url
 from magne.cli import build_parser
 from magne.delivery import Delivery
 from magne.engine.client import Client
-from magne.engine.session import Call, Delivered, Session
+from magne.engine.session import Call, Delivered, Session, Subscription
 from magne.errors import RegistryError
 from magne.gate import Gate, Limit, _exists
 from magne.leader import CHECKPOINT, Scheduler, last_ticks
@@ -337,3 +337,23 @@ def test_status_names_the_current_leader_by_its_latest_checkpoint():
     line = render([{"task": "t", "queue": "T", "schedule": "every 30s", "led": True, "leader": "web-2/9",
                     "last_tick": "T1", "last_sent_by": "web-1/7", "next": ["N1"], "note": ""}])[2]
     assert line == "  t (every 30s, queue T): led by web-2/9; last tick T1 sent by web-1/7; next N1"
+
+
+def test_late_messages_of_a_cancelled_stream_consumer_are_not_nacked():
+    """After last_ticks cancels its stream consumer, records appended meanwhile (other leaders' ticks) still arrive.
+    They were nacked, as a cancelled classic consumer's are; RabbitMQ answers a nack on a stream with 540
+    NOT_IMPLEMENTED, a connection error (checked on the broker): the calls connection was dropped."""
+    session = Session(Nodes([parse_url("amqp://guest:guest@127.0.0.1:1/")]), "unit calls", None)
+    outbox, sent = _Outbox(), []
+    session.conn = SimpleNamespace(outbox=outbox, send=lambda ch, *m: sent.extend(m))
+    session.open_ch = True
+    session.subs["s1"] = Subscription("s1", "st", lambda m: None, arguments={"x-stream-offset": "first"})
+    session.subs["q1"] = Subscription("q1", "q", lambda m: None)
+    session.unsubscribe("s1")
+    session.unsubscribe("q1")
+    session._content(1, (b"s1", 7, False, b"", b"st"), b"", b"")
+    session._content(1, (b"q1", 8, False, b"", b"q"), b"", b"")
+    assert outbox.data == codec.encode_nack(1, 8, False, True)  # the classic queue's goes back, the stream's not
+    assert [type(m).__name__ for m in sent] == ["Cancel", "Cancel"]
+    session._frame(1, commands.Basic.CancelOk(consumer_tag="s1"))
+    assert session.streams_gone == set()
