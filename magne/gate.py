@@ -263,13 +263,11 @@ class Gate:
             if not _exists(client, pool.filled):
                 for method in pool.declarations():
                     client.call(method, commands.Queue.DeclareOk, session=client.locks)
-                refused = 0
-                for _ in range(pool.size):
-                    try:
-                        client.publish_confirmed("", pool.tokens, b"", TOKEN)
-                    except Nacked:  # reject-publish: left over by a filler that died half-way (anything else raises:
-                        # no marker then, and the next filler starts again)
-                        refused += 1
+                outcomes = client.publish_copies("", pool.tokens, TOKEN, pool.size)
+                refused = sum(isinstance(e, Nacked) for e in outcomes)  # reject-publish: left by a filler that died
+                for e in outcomes:  # half-way; anything else raises: no marker then, and the next filler starts again
+                    if e is not None and not isinstance(e, Nacked):
+                        raise e
                 client.call(names.QueueDeclare(queue=pool.filled, durable=True), commands.Queue.DeclareOk,
                             session=client.locks)
                 log.info("made the token pool %s: %d tokens%s", pool.tokens, pool.size,
