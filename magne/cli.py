@@ -16,13 +16,13 @@ from magne.pidfile import pid_file
 log = logs.Log("magne")
 
 
-def _positive(kind: type) -> object:
+def _positive(kind: type, least: float = 0.0) -> object:
     def parse(text: str) -> object:
         value = kind(text)
         if kind is float and not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text}")
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if value <= 0 or value < least:
+            raise argparse.ArgumentTypeError(f"must be {f'at least {least:g}' if least else 'positive'}, got {text}")
         return value
 
     return parse
@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-scheduler", action="store_true",
                    help="never send the ticks of periodic tasks (@task(every=/cron=)); by default every worker whose "
                         "tasks define schedules is a candidate and one of them leads (docs/schedules.md)")
-    w.add_argument("--schedule-grace", type=_positive(float), default=300.0, metavar="SECONDS",
+    w.add_argument("--schedule-grace", type=_positive(float, 5.0), default=300.0, metavar="SECONDS",
                    help="a new scheduler leader sends ticks missed by at most this long and skips older ones "
-                        "(default 300)")
+                        "(default 300, at least 5: a tick later than this is skipped even from a leader that woke late)")
     w.add_argument("--schedule-stream", default="magne.schedule", metavar="NAME",
                    help="the stream (and exchange) that records ticks; workers of one fleet must agree "
                         "(default magne.schedule)")

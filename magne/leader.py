@@ -57,6 +57,7 @@ MAX_LOOKBACK = 6 * 86400.0  # seconds a new leader reads back at most (within MA
 RESOURCE_LOCKED = 405
 TAIL_TIMEOUT = 15.0
 REDECLARE = 60.0  # seconds between declarations of a leader's exchange, stream, task queues and bindings
+CHECKPOINT = "x-magne-checkpoint"  # header of a leader's checkpoint record in the stream (its value: host/pid)
 
 
 def lock_name(stream: str, task: str) -> str:
@@ -141,9 +142,12 @@ class Scheduler:
             log.warning("scheduler: the connection holding the leader locks of %s was replaced; they are lost and "
                         "another worker may lead now", ", ".join(self.led), event="leader_lost", schedules=list(self.led))
             self.led.clear()
-        unled = [n for n in self.tasks if n not in self.led]
-        if unled and time.monotonic() >= self.next_try:
+        trying = time.monotonic() >= self.next_try  # once per retry: confirm the locks we hold, try for the others
+        if trying:
             self.next_try = time.monotonic() + self.retry
+            self._confirm(client)
+        unled = [n for n in self.tasks if n not in self.led]
+        if unled and trying:
             won, conns = [], set()
             for n in unled:
                 if self._acquire(client, n):
@@ -157,19 +161,49 @@ class Scheduler:
                 self.conn = conn
                 try:
                     self._take_over(client, won)
+                    self._checkpoint(client, won)
                 except BaseException:
                     self._release(won)  # never hold a lock without leading: another worker leads it then
                     raise
         if self.led and time.monotonic() >= self.redeclare_at:
             self._declare(client, list(self.led))
+            self._checkpoint(client, list(self.led))
         self._fire(client)
 
-    def _acquire(self, client: Client, name: str) -> bool:
+    def _checkpoint(self, client: Client, schedules: list[str]) -> None:
+        """Record in the stream, for each schedule we lead, an instant up to which every due time was dealt with
+        (just before the next one). A new leader reads back at most MAX_LOOKBACK: without these a weekly or monthly
+        schedule's last tick is out of its sight, and a failover just after a due time skipped that tick. At a
+        take-over and then every REDECLARE seconds; stream only (the default exchange), never a run."""
+        for name in schedules:
+            nxt, sched = self.led.get(name), self.tasks[name].schedule
+            if nxt is None or sched is None:
+                continue
+            upto = nxt - dt.timedelta(seconds=min(1.0, sched.period(nxt) / 2))
+            client.publish_confirmed("", self.stream, b"", commands.Basic.Properties(
+                message_id=tick_id(name, upto), headers={CHECKPOINT: self.who}, delivery_mode=2))
+
+    def _confirm(self, client: Client) -> None:
+        """Declare the locks we lead by again, once per retry: a lock queue deleted under us (an operator, a script)
+        would otherwise let a second worker declare it and lead too, both sending every tick for as long as both
+        live. Our own exclusive queue declares again; one another connection took meanwhile answers 405."""
+        for name in list(self.led):
+            if not self._acquire(client, name):
+                self.led.pop(name, None)
+                log.warning("scheduler: the leader lock of %s was taken by another worker (deleted under us?); it "
+                            "leads now", name, event="leader_lost", schedules=[name])
+
+    def _acquire(self, client: Client, name: str, tries: int = 3) -> bool:
+        """Declare our lock. The `locks` channel is shared with magne.gate, whose refused checks (404, its fill
+        lock's 405) fail our call pipelined with theirs: a refusal that does not name our queue is asked again."""
+        lock = lock_name(self.stream, name)
         try:
-            client.call(names.QueueDeclare(queue=lock_name(self.stream, name), durable=False, exclusive=True,
-                                           auto_delete=False, arguments={"x-magne-leader": self.who}),
-                        commands.Queue.DeclareOk, session=client.locks)
+            client.call(names.QueueDeclare(queue=lock, durable=False, exclusive=True, auto_delete=False,
+                                           arguments={"x-magne-leader": self.who}), commands.Queue.DeclareOk,
+                        session=client.locks)
         except ChannelClosed as exc:
+            if lock[:100] not in exc.text and tries > 1:  # reply texts are cut at 255 bytes: a prefix of the name
+                return self._acquire(client, name, tries - 1)
             if exc.code != RESOURCE_LOCKED:
                 log.warning("scheduler: cannot declare the leader lock of %s: %s", name, exc, event="lock_refused")
             return False
@@ -244,16 +278,20 @@ class Scheduler:
                 due = self.led[name] = sched.next_after(due)
 
 
-def last_ticks(client: Client, stream: str, since: dt.datetime) -> dict[str, tuple[dt.datetime, str]]:
-    """Each schedule's last recorded tick in `stream` from `since` on: (due time, who sent it). Writes a marker into
+def last_ticks(client: Client, stream: str, since: dt.datetime, checkpoints: bool = True,
+               leaders: dict[str, str] | None = None) -> dict[str, tuple[dt.datetime, str]]:
+    """Each schedule's last recorded tick in `stream` from `since` on: (due time, who sent it); with `checkpoints`,
+    a leader's checkpoint counts (the instant up to which it dealt with every due time); `leaders` gets the host/pid
+    of each schedule's latest checkpoint (its leader, a minute ago at most, magne status). Writes a marker into
     the stream and reads up to it (the stream's end when we looked). The calling thread waits; the messages arrive
     on the Client's loop thread, where the callback only records and acks."""
     marker = f"magne.marker.{uuid.uuid4().hex}"
     client.publish_confirmed("", stream, b"", commands.Basic.Properties(message_id=marker))
     found: dict[str, tuple[dt.datetime, str]] = {}
-    reached = threading.Event()
+    reached, seen = threading.Event(), [time.monotonic()]  # seen: when the last message came (a plain float store)
 
     def on_message(m: Delivered) -> None:
+        seen[0] = time.monotonic()
         client.ack(m.tag, m.gen)
         try:
             props = codec.decode_properties(m.header)
@@ -263,15 +301,20 @@ def last_ticks(client: Client, stream: str, since: dt.datetime) -> dict[str, tup
         if mid == marker:
             reached.set()
         tick = parse_tick_id(mid) if isinstance(mid, str) else None
+        if tick is not None and CHECKPOINT in (props.headers or {}):
+            if leaders is not None:
+                leaders[tick[0]] = str(props.headers[CHECKPOINT])  # type: ignore[index]
+            tick = tick if checkpoints else None  # magne status shows ticks sent, not checkpoints
         if tick is not None and (tick[0] not in found or tick[1] > found[tick[0]][0]):
             who = (props.headers or {}).get("x-magne-scheduler", "?")
             found[tick[0]] = (tick[1], who if isinstance(who, str) else "?")
 
     tag = client.consume(stream, on_message, prefetch=1000,
                          arguments={"x-stream-offset": since.astimezone(UTC).replace(tzinfo=None)})
-    try:
-        if not reached.wait(TAIL_TIMEOUT):
-            raise MagneError(f"the schedule stream {stream} did not reach its end within {TAIL_TIMEOUT:g}s")
+    try:  # a time-out only when nothing comes: 6 days of a 1 s schedule are 500k records, ~15 s to read (measured)
+        while not reached.wait(min(1.0, TAIL_TIMEOUT)):
+            if time.monotonic() - seen[0] >= TAIL_TIMEOUT:
+                raise MagneError(f"the schedule stream {stream} sent nothing for {TAIL_TIMEOUT:g}s before its end")
     finally:
         client.cancel(tag)
     return found

@@ -23,6 +23,7 @@ from cronsim import CronSim, CronSimError
 
 UTC = dt.UTC
 MIN_EVERY = 0.1  # seconds: below this the leader's publishing, not the schedule, sets the pace
+MAX_EVERY = 366 * 86400.0  # seconds: a due time must stay a datetime (every=1e12 crashed every leader's turn)
 
 
 class ScheduleError(ValueError):
@@ -43,8 +44,9 @@ class Schedule:
             raise ScheduleError("give either every= (seconds) or cron= (a 5-field cron expression), not both")
         if self.every is not None:
             if isinstance(self.every, bool) or not isinstance(self.every, int | float) or not math.isfinite(self.every) \
-                    or self.every < MIN_EVERY:
-                raise ScheduleError(f"every= must be a number of seconds >= {MIN_EVERY}, got {self.every!r}")
+                    or not MIN_EVERY <= self.every <= MAX_EVERY:
+                raise ScheduleError(f"every= must be a number of seconds from {MIN_EVERY} to {MAX_EVERY:.0f} (366 days; "
+                                    f"cron= for anything rarer), got {self.every!r}")
         try:
             zone = ZoneInfo(self.timezone) if isinstance(self.timezone, str) else None
         except (ZoneInfoNotFoundError, ValueError):

@@ -18,7 +18,7 @@ from magne.amqp import names
 from magne.amqp.errors import ChannelClosed, MagneError
 from magne.amqp.url import Nodes, parse_urls
 from magne.engine.client import Client
-from magne.leader import MAX_LOOKBACK, RESOURCE_LOCKED, last_ticks, lock_name
+from magne.leader import MAX_LOOKBACK, REDECLARE, RESOURCE_LOCKED, last_ticks, lock_name
 from magne.schedule import UTC
 
 SHOW_NEXT = 3
@@ -30,9 +30,11 @@ def gather(url: str | list[str] | None, tasks: list[Any], stream: str) -> list[d
     client = Client(Nodes(parse_urls(url)), "magne status (schedules)")
     try:
         held = {t.name: _held(client, lock_name(stream, t.name)) for t in tasks}
+        leaders: dict[str, str] = {}  # host/pid of each schedule's latest checkpoint (a leader writes one a minute)
         try:
-            back = max(2 * t.schedule.period(now) + 60.0 for t in tasks)
-            last = last_ticks(client, stream, now - dt.timedelta(seconds=min(back, MAX_LOOKBACK)))
+            back = max(max(2 * t.schedule.period(now) + 60.0, 2 * REDECLARE) for t in tasks)
+            last = last_ticks(client, stream, now - dt.timedelta(seconds=min(back, MAX_LOOKBACK)), checkpoints=False,
+                              leaders=leaders)
             why = ""
         except ChannelClosed as exc:  # no stream yet: no worker ever led
             last, why = {}, "no tick recorded" if exc.code == 404 else str(exc)
@@ -48,6 +50,7 @@ def gather(url: str | list[str] | None, tasks: list[Any], stream: str) -> list[d
             nxt.append(due.isoformat(timespec="seconds"))
         tick = last.get(t.name)
         out.append({"task": t.name, "queue": t.queue, "schedule": t.schedule.describe(), "led": held[t.name],
+                    "leader": leaders.get(t.name) if held[t.name] else None,
                     "last_tick": tick[0].isoformat() if tick else None, "last_sent_by": tick[1] if tick else None,
                     "next": nxt, "note": why})
     return out
@@ -68,6 +71,7 @@ def render(schedules: list[dict[str, Any]]) -> list[str]:
     lines = ["", "schedules:"]
     for s in schedules:
         led = {True: "led", False: "NO LEADER", None: "leader unknown"}[s["led"]]
+        led += f" by {s['leader']}" if s.get("leader") else ""
         last = (f"last tick {s['last_tick']} sent by {s['last_sent_by']}" if s["last_tick"]
                 else s["note"] or "no tick in the stream's recent tail")
         lines.append(f"  {s['task']} ({s['schedule']}, queue {s['queue']}): {led}; {last}; next {', '.join(s['next'])}")

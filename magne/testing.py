@@ -121,6 +121,7 @@ class Worker:
         self._work: SimpleQueue[Delivery | None] = SimpleQueue()
         self._inflight = self._dispatched = 0
         self._budget = max_messages
+        self._ticks = 0  # advance(): the ticks it sends do not count toward max_messages (a day of every=5 is 17280)
         self._sent: list[Sent] = []
         self._runs: list[Run] = []
         self._stop = threading.Event()
@@ -272,7 +273,7 @@ class Worker:
         if self.pool is None or self._stop.is_set():
             raise RuntimeError("join() outside the `with worker()` block")
         with self._cond:
-            self._budget = self._dispatched + self.max_messages
+            self._budget = self._dispatched + self.max_messages + self._ticks
         while True:
             with self._cond:
                 while self._inflight:
@@ -312,11 +313,16 @@ class Worker:
         ids and headers a leader gives them, magne.leader) and run, with everything else due, as join() does."""
         assert self.simulated is not None, "advance() outside the `with worker()` block"
         target = self.clock + seconds
-        for due, task, mid, header, body in self.simulated.ticks(self.clock, target):
+        ticks = self.simulated.ticks(self.clock, target)
+        for due, task, mid, header, body in ticks:
             with self._cond:
                 self._sent.append(Sent(task.name, [], None, mid, task.queue, None, body))
                 self._enqueue(Delivery(next(self._seq), 0, task.queue, body, header, False), due)
-        self.join()
+        self._ticks = len(ticks)
+        try:
+            self.join()
+        finally:
+            self._ticks = 0
         self.clock = max(self.clock, target)
 
     def result_record(self, message_id: str, _timeout: float = 0.0) -> dict[str, Any] | None:

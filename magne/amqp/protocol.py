@@ -78,7 +78,12 @@ class ChannelPhase(enum.Enum):
 
 
 # Methods the broker may send on an open channel without being asked (the rest must answer a call()).
-_UNASKED = (commands.Basic.Ack, commands.Basic.Nack, commands.Basic.Cancel, commands.Channel.Flow)
+# Frames that may come without a call waiting for them at the head. Basic.CancelOk: RabbitMQ answers the
+# basic.cancel of a STREAM consumer through its channel's mailbox, after replies to methods sent later (a passive
+# declare right after it came first and was a ProtocolError that dropped the connection); magne.engine.session
+# sends that cancel without waiting.
+_UNASKED = (commands.Basic.Ack, commands.Basic.Nack, commands.Basic.Cancel, commands.Basic.CancelOk,
+            commands.Channel.Flow)
 
 
 def client_properties(name: str) -> dict[str, Any]:

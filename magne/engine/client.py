@@ -120,8 +120,11 @@ class Client:
         deadline = time.monotonic() + limit
         while not call.signal.wait(SLICE):
             if time.monotonic() >= deadline:
-                call.cancelled = True
-                raise BrokerTimeout(f"no {what} from the broker within {limit:g}s")
+                call.claim.append("gave up")
+                if call.claim[0] == "gave up":
+                    call.cancelled = True
+                    raise BrokerTimeout(f"no {what} from the broker within {limit:g}s")
+                call.signal.wait()  # a basic.get-ok came meanwhile and is being handed over: take it (it is held)
             if not self.thread.is_alive():
                 raise ConnectionLost("the client's loop thread has ended")
         if call.error is not None:
@@ -156,6 +159,26 @@ class Client:
                 raise ConnectionLost("the client's loop thread has ended")
         if outcome[0] is not None:
             raise as_publish_error(outcome[0])
+
+    def publish_copies(self, exchange: str, routing_key: str, properties: commands.Basic.Properties,
+                       count: int) -> list[MagneError | None]:
+        """`count` empty-bodied copies of one message (magne.gate's tokens), mandatory, in one go; wait for every
+        confirm and return each copy's outcome (None: confirmed; else a PublishError). One after another, with
+        publish_confirmed, a pool of 100000 tokens took 150 s (1.5 ms each, measured). Any thread but the loop's."""
+        header, outcomes, signal = codec.header_payload(properties, 0), [], Signal()
+
+        def done(_m: Outgoing, error: MagneError | None) -> None:  # the loop's thread: one at a time
+            outcomes.append(None if error is None else as_publish_error(error))
+            if len(outcomes) == count:
+                signal.set()
+
+        deadline = time.monotonic() + self.timeout
+        self.publish_many([Outgoing(exchange, routing_key, header, b"", None, deadline=deadline, done=done)
+                           for _ in range(count)])
+        while count and not signal.wait(SLICE):
+            if not self.thread.is_alive():
+                raise ConnectionLost("the client's loop thread has ended")
+        return outcomes
 
     def get(self, queue: str) -> tuple[int, bytes, bytes] | None:
         """basic.get without auto-ack: (delivery tag, header payload, body), or None when empty."""

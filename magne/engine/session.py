@@ -38,7 +38,7 @@ CH = 1
 class Call:
     """One synchronous call of a waiting thread: the loop's thread fills it and signals."""
 
-    __slots__ = ("method", "replies", "signal", "result", "error", "cancelled", "gen")
+    __slots__ = ("method", "replies", "signal", "result", "error", "cancelled", "gen", "claim")
 
     def __init__(self, method: Any, replies: tuple[type, ...] = ()) -> None:
         self.method, self.replies = method, replies
@@ -47,6 +47,9 @@ class Call:
         self.error: BaseException | None = None
         self.cancelled = False
         self.gen = 0  # the channel generation the reply came on (a basic.get's tag belongs to it)
+        # Who settles a basic.get-ok: the loop's thread appends "reply", a waiter that times out "gave up"; the
+        # first one in wins (list.append is atomic), so a message got for a caller that left is given back.
+        self.claim: list[str] = []
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         """The loop's thread."""
@@ -89,7 +92,7 @@ class Session:
         self.inflight: deque[Call] = deque()
         self.subs: dict[str, Subscription] = {}
         self.unconfirmed: dict[str, Call | None] = {}  # consumer tag -> who waits for its consume-ok
-        self.cancelled_streams: set[str] = set()  # tags of stream consumers we cancelled, on this channel
+        self.streams_gone: set[str] = set()  # stream consumers we cancelled on this channel (their late messages)
         self.reconnect_at = 0.0
 
     def busy(self) -> bool:
@@ -114,10 +117,12 @@ class Session:
 
     def unsubscribe(self, tag: str) -> None:
         sub = self.subs.pop(tag, None)
-        if sub is not None and "x-stream-offset" in sub.arguments:
-            self.cancelled_streams.add(tag)  # a stream refuses nacks (540, closing the connection): ack what comes
         if sub is not None and self.conn is not None and self.open_ch:
-            self.conn.call(CH, commands.Basic.Cancel(consumer_tag=tag), (commands.Basic.CancelOk,))
+            if sub.arguments and "x-stream-offset" in sub.arguments:
+                self.streams_gone.add(tag)
+            # Not a call: a stream consumer's cancel-ok can come after the replies to later calls (magne.amqp.protocol
+            # _UNASKED); its messages still arriving go back (_content, a consumer we cancelled).
+            self.conn.send(CH, commands.Basic.Cancel(consumer_tag=tag))
 
     def _consume(self, sub: Subscription) -> None:
         conn = self.conn
@@ -162,7 +167,7 @@ class Session:
     def _ready(self, _f: Any) -> None:
         self.open_ch = True
         self.gen += 1
-        self.cancelled_streams.clear()
+        self.streams_gone.clear()  # a new channel: the old one's tags are gone
         self.reconnector.opened(time.monotonic())
         for sub in self.subs.values():  # a new channel: every consumer again, with its own tag
             self._consume(sub)
@@ -190,21 +195,27 @@ class Session:
     def _content(self, _ch: int, method: Any, header: bytes, body: bytes) -> None:
         """A consumer's message (a hand-decoded basic.deliver), or basic.get-ok content, which answers the head call."""
         if type(method) is tuple:
-            sub = self.subs.get(method[0].decode("utf-8", "replace"))
+            ctag = method[0].decode("utf-8", "replace")
+            sub = self.subs.get(ctag)
             if sub is not None:
                 sub.on_message(Delivered(method[1], self.gen, header, body, method[2]))
-            elif self.conn is not None:  # a consumer we cancelled: its messages go back (a stream's are only acked)
-                tag = method[0].decode("utf-8", "replace")
-                self.conn.outbox.write(codec.encode_ack(CH, method[1], False) if tag in self.cancelled_streams
-                                       else codec.encode_nack(CH, method[1], False, True))
+            elif self.conn is not None and ctag not in self.streams_gone:  # a consumer we cancelled: its messages
+                # go back; not a stream's, which answers a nack with 540 NOT_IMPLEMENTED, closing the connection
+                self.conn.outbox.write(codec.encode_nack(CH, method[1], False, True))
             return
         if isinstance(method, commands.Basic.GetOk) and self.inflight and self.conn is not None:
             self.conn.answered(CH)
             call = self.inflight.popleft()
+            call.claim.append("reply")
+            if call.claim[0] != "reply":  # its caller timed out: nobody will ack or release it, give it back now
+                self.conn.outbox.write(codec.encode_nack(CH, method.delivery_tag, False, True))
+                return
             call.gen = self.gen
             call.finish((method.delivery_tag, header, body))
 
     def _frame(self, _ch: int, frame: Any) -> None:
+        if isinstance(frame, commands.Basic.CancelOk):  # nothing more comes for it
+            self.streams_gone.discard(frame.consumer_tag)
         if isinstance(frame, commands.Basic.Cancel):  # the broker cancelled a consumer: its queue is gone
             sub = self.subs.pop(frame.consumer_tag, None)
             if sub is not None:
