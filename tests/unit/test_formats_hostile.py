@@ -52,3 +52,44 @@ def test_a_time_limit_beyond_any_float_is_refused_not_a_task_failure(registry, v
     body = b'{"actor_name": "app.add", "args": [1], "options": {"time_limit": %s}}' % value.encode()
     with pytest.raises(BadMessage, match="options.time_limit"):
         resolve(delivery(body), registry)
+
+
+def test_a_hard_limit_under_the_soft_one_is_the_limit(registry):
+    """celery kills the task at its hard limit: a soft limit above it must not let the run go on past it."""
+    for limits, want in (([1, 100], 1.0), ([100, 2], 2.0), ([None, 3], 3.0), ([4, None], 4.0)):
+        d = delivery(orjson.dumps([[1], {}, EMBED]), "celery", celery_header({"timelimit": limits}))
+        t, _a, _k = resolve(d, registry)
+        assert t.time_limit == want, limits
+
+
+def test_a_celery_eta_past_2242_is_refused_like_dramatiqs(registry):
+    """Not deferred 45 days at a time for ever: docs/migration.md says an eta past the year 2242 is refused."""
+    d = delivery(orjson.dumps([[1], {}, EMBED]), "celery", celery_header({"eta": "9999-12-31T00:00:00+00:00"}))
+    with pytest.raises(BadMessage, match="eta"):
+        resolve(d, registry)
+
+
+def test_a_message_expiring_before_its_eta_comes_back_when_it_expires(registry):
+    """It is dead-lettered as expired at its expiry, not held until an eta at which it can no longer run."""
+    hdr = celery_header({"eta": "2027-01-15T09:00:00+00:00", "expires": "2027-01-15T08:01:00+00:00"})
+    d = delivery(orjson.dumps([[1], {}, EMBED]), "celery", hdr)
+    with pytest.raises(formats.NotDue) as info:
+        resolve(d, registry, now=1_800_000_000.0)
+    d_meta_expires, now = d.meta.expires, 1_800_000_000.0
+    assert info.value.seconds == pytest.approx(d_meta_expires - now)
+    with pytest.raises(formats.Expired):
+        resolve(delivery(d.body, "celery", hdr), registry, now=d_meta_expires)
+
+
+@pytest.mark.parametrize(("body", "header", "queue"), [
+    (orjson.dumps([[1], {}, {**EMBED, "callbacks": [{"task": "x"}]}]), celery_header(), "celery"),
+    (b"\x80\x04\x95..", codec.header_payload(commands.Basic.Properties(
+        content_type="application/x-python-serialize", headers={"task": "app.cadd"}), 5), "celery"),
+    (orjson.dumps({"actor_name": "app.cadd", "options": {"pipe_target": {}}}), None, "default"),
+], ids=["celery-callback", "celery-pickle", "dramatiq-pipeline"])
+def test_a_refused_message_still_names_its_task(registry, body, header, queue):
+    """The log line and `magne dead list` said "task ?" / "task=" for every refused celery message."""
+    d = delivery(body, queue, header)
+    with pytest.raises(BadMessage):
+        resolve(d, registry)
+    assert d.task == "app.cadd"
