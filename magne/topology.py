@@ -137,6 +137,17 @@ def delay_ms(seconds: float) -> int:
     return -(-ms // step) * step
 
 
+def wait_ms(seconds: float) -> int:
+    """A wait until an eta (magne.formats.defer): on delay_ms's grid, rounded DOWN (1234 ms → 1200 ms; exact under
+    100 ms), so the message never comes back late by up to 10% of a long wait. It may come back early, and then
+    waits again for the rest: each hop leaves less than a tenth, so a 45-day wait takes at most 8 hops."""
+    if seconds < 0.1:  # the last hop: whole milliseconds, never early
+        return max(1, math.ceil(seconds * 1000))
+    ms = int(seconds * 1000)
+    step = 10 ** (len(str(ms)) - 2)
+    return ms // step * step
+
+
 def delay_queue(queue: str, ms: int) -> str:
     return f"{queue}.wait.{ms}"
 

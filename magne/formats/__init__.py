@@ -172,9 +172,10 @@ def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: fl
 
 def defer(d: Delivery, seconds: float, frame_max: int) -> None:
     """A message not due yet: its copy goes to magne's delay queue of its home queue, whose TTL lands it back there
-    when due; the original is acked once the broker confirmed the copy (magne.io.settle). Run thread, cold path."""
+    when due (or a little before: topology.wait_ms, then it waits again for the rest); the original is acked once
+    the broker confirmed the copy (magne.io.settle). Run thread, cold path."""
     home = d.meta.home if isinstance(d.meta, Foreign) else d.queue
-    ms = topology.delay_ms(seconds)
+    ms = topology.wait_ms(seconds)
     d.outcome = Outcome.RETRY
     d.reason = "not due"
     d.error = None

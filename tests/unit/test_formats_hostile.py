@@ -93,3 +93,23 @@ def test_a_refused_message_still_names_its_task(registry, body, header, queue):
     with pytest.raises(BadMessage):
         resolve(d, registry)
     assert d.task == "app.cadd"
+
+
+@pytest.mark.parametrize("wait", [0.0004, 0.05, 1.234, 3650.0, 86_399.999, 45 * 86400.0 - 0.001])
+def test_a_deferred_message_runs_at_its_eta_not_up_to_ten_percent_later(registry, wait):
+    """Each hop through a wait queue is its TTL (never longer than what is left); the message is due after a few."""
+    eta = NOW + wait
+    body = orjson.dumps({"actor_name": "app.add", "options": {"eta": eta * 1000}})
+    now, hops = NOW, 0
+    while True:
+        d = delivery(body)
+        try:
+            resolve(d, registry, now=now)
+            break
+        except formats.NotDue as not_due:
+            formats.defer(d, not_due.seconds, 131072)
+        ms = d.copy_declare.arguments["x-message-ttl"]
+        assert d.copy_to == f"default.wait.{ms}" and ms / 1000 < eta - now + 0.001  # never late by more than rounding to the ms
+        now += ms / 1000  # the broker hands it back when its TTL runs out
+        hops += 1
+    assert eta <= now < eta + 0.002 and hops <= 8
