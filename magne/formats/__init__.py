@@ -128,20 +128,11 @@ def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: fl
     elif type(msg) is dict and "actor_name" in msg:
         if "dramatiq" not in accept.formats:
             raise BadMessage("body is a dramatiq message (field 'actor_name'); start the worker with --accept dramatiq")
-        try:
-            f = dramatiq.read(msg, d.queue)
-        except BadMessage:
-            actor = msg.get("actor_name")  # refused: the log line and the dead letter still name the actor
-            d.task = actor if type(actor) is str and len(actor) <= MAX_NAME else None
-            raise
+        f = _read(d, msg)
     elif type(msg) is list:
         if "celery" not in accept.formats:
             raise BadMessage("body is a JSON array, as in a celery message; start the worker with --accept celery")
-        try:
-            f = celery.read(msg, d.header, d.queue)
-        except BadMessage:
-            d.task = celery.name_of(d.header)
-            raise
+        f = _read(d, msg)
     elif type(msg) is dict and "task" in msg and "id" in msg and "celery" in accept.formats:
         raise BadMessage("body is a celery message of protocol 1 (fields 'task', 'id' in the body); magne reads "
                          "protocol 2, celery's default since 4.0 (task_protocol=2)")
@@ -168,6 +159,25 @@ def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: fl
         t = copy.copy(t)  # this run's limit; the registered task keeps its own
         t.time_limit = f.time_limit
     return t, args, kwargs
+
+
+def _read(d: Delivery, msg: dict[str, Any] | list[Any]) -> Foreign:
+    """A dramatiq (object) or celery (array) body through its parser. Whatever a parser raises is a refusal: a bug
+    of ours on a forged value must not pass for the task's failure, which is retried. A refused message still names
+    its task in the log line and the dead letter."""
+    try:
+        return dramatiq.read(msg, d.queue) if type(msg) is dict else celery.read(msg, d.header, d.queue)  # type: ignore[arg-type]
+    except Exception as exc:
+        if type(msg) is dict:
+            actor = msg.get("actor_name")
+            d.task = actor if type(actor) is str and 0 < len(actor) <= MAX_NAME else None
+        else:
+            d.task = celery.name_of(d.header)
+        if isinstance(exc, BadMessage):
+            raise
+        kind = "dramatiq" if type(msg) is dict else "celery"
+        raise BadMessage(f"{kind} message cannot be read ({type(exc).__name__}: {logs.clean(str(exc), 200)}); "
+                         "refused") from None
 
 
 def defer(d: Delivery, seconds: float, frame_max: int) -> None:

@@ -113,3 +113,20 @@ def test_a_deferred_message_runs_at_its_eta_not_up_to_ten_percent_later(registry
         now += ms / 1000  # the broker hands it back when its TTL runs out
         hops += 1
     assert eta <= now < eta + 0.002 and hops <= 8
+
+
+def test_whatever_a_parser_raises_is_a_refusal_not_a_task_failure(registry, monkeypatch):
+    """A parser's own bug on a forged value (as the OverflowError above was) dead-letters as a bad message."""
+    def broken(*_a):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(formats.dramatiq, "read", broken)
+    monkeypatch.setattr(formats.celery, "read", broken)
+    d = delivery(orjson.dumps({"actor_name": "app.add"}))
+    with pytest.raises(BadMessage, match="dramatiq message cannot be read .TypeError"):
+        resolve(d, registry)
+    assert d.task == "app.add"
+    d = delivery(orjson.dumps([[1], {}, EMBED]), "celery", celery_header())
+    with pytest.raises(BadMessage, match="celery message cannot be read .TypeError"):
+        resolve(d, registry)
+    assert d.task == "app.cadd"
