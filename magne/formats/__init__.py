@@ -140,6 +140,8 @@ def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: fl
         name, args, kwargs = wire.from_object(msg)  # raises the usual reason
         f = None
     if f is not None:
+        if f.home not in accept.dramatiq_queues:  # `jobs.DQ` that is not dramatiq's: its copies come back to itself
+            f.home = d.queue
         d.meta = _dead_target(f, accept)
         name, args, kwargs = f.task, f.args, f.kwargs
     d.task = name

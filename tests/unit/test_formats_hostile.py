@@ -130,3 +130,17 @@ def test_whatever_a_parser_raises_is_a_refusal_not_a_task_failure(registry, monk
     with pytest.raises(BadMessage, match="celery message cannot be read .TypeError"):
         resolve(d, registry)
     assert d.task == "app.cadd"
+
+
+def test_a_queue_named_like_a_delay_queue_but_not_dramatiqs_keeps_its_copies(registry):
+    """A dramatiq message in a queue `jobs.DQ` the worker consumes as its own (not one of --dramatiq-queues) waited
+    and was retried into `jobs`, which this worker does not consume: it was stranded there."""
+    d = delivery(orjson.dumps({"actor_name": "app.add", "options": {"eta": (NOW + 5) * 1000}}), "jobs.DQ")
+    with pytest.raises(formats.NotDue) as info:
+        resolve(d, registry)
+    formats.defer(d, info.value.seconds, 131072)
+    assert d.copy_to == "jobs.DQ.wait.5000" and d.meta.dead_to is None
+    d = delivery(orjson.dumps({"actor_name": "app.add", "options": {"eta": (NOW + 5) * 1000}}), "default.DQ")
+    with pytest.raises(formats.NotDue):
+        resolve(d, registry)
+    assert d.meta.home == "default" and d.meta.dead_to == "default.XQ"  # dramatiq's own .DQ: home is `default`
