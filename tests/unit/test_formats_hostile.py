@@ -7,7 +7,7 @@ import orjson
 import pytest
 from pamqp import commands
 
-from magne import formats, task
+from magne import dead, formats, task
 from magne.amqp import codec
 from magne.delivery import Delivery
 from magne.errors import BadMessage
@@ -144,3 +144,14 @@ def test_a_queue_named_like_a_delay_queue_but_not_dramatiqs_keeps_its_copies(reg
     with pytest.raises(formats.NotDue):
         resolve(d, registry)
     assert d.meta.home == "default" and d.meta.dead_to == "default.XQ"  # dramatiq's own .DQ: home is `default`
+
+
+def test_dead_list_shows_a_foreign_messages_id():
+    """`magne dead list <q>.XQ` showed "(no id)" for every dramatiq and celery dead letter."""
+    body = orjson.dumps({"actor_name": "app.add", "message_id": "d-1"})
+    assert dead.describe(commands.Basic.Properties(), body)["message_id"] == "d-1"
+    celery_props = commands.Basic.Properties(correlation_id="c-2", headers={"id": "c-1", "task": "app.cadd"})
+    assert dead.describe(celery_props, b"[[], {}, {}]")["message_id"] == "c-1"
+    assert dead.describe(commands.Basic.Properties(correlation_id="c-2"), b"[]")["message_id"] == "c-2"
+    assert dead.describe(commands.Basic.Properties(message_id="m"), body)["message_id"] == "m"  # magne's own first
+    assert dead.describe(commands.Basic.Properties(), b'{"message_id": 5')["message_id"] is None
