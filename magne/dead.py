@@ -79,8 +79,9 @@ def describe(props: commands.Basic.Properties, body: bytes) -> dict[str, Any]:
     if type(at) is int and 0 <= at < 2**40:
         failed_at = datetime.datetime.fromtimestamp(at).isoformat(timespec="seconds")
     etype = h.get(wire.ERROR_TYPE)
+    mid = _message_id(props, h, body)
     return {
-        "message_id": clean(props.message_id, 80) if props.message_id else None,
+        "message_id": clean(mid, 80) if mid else None,
         "task": clean(h.get(wire.TASK), 100) if h.get(wire.TASK) is not None else None,
         "reason": clean(reason, 100) if reason is not None else None,
         "error": f"{clean(etype, 100)}: {clean(h.get(wire.ERROR_MESSAGE), 300)}" if etype else None,
@@ -88,6 +89,21 @@ def describe(props: commands.Basic.Properties, body: bytes) -> dict[str, Any]:
         "failed_at": failed_at,
         "body": preview(body),
     }
+
+
+def _message_id(props: commands.Basic.Properties, h: dict[str, Any], body: bytes) -> str | None:
+    """The message's id: its property, else a celery message's (header `id`, or correlation_id) or a dramatiq
+    message's (`message_id` in its JSON body), as the worker logged it (magne.formats)."""
+    for mid in (props.message_id, h.get("id"), props.correlation_id):
+        if isinstance(mid, str) and mid:
+            return mid
+    if body[:1] == b"{" and b'"message_id"' in body:
+        try:
+            mid = wire.loads(body).get("message_id")
+        except Exception:
+            return None
+        return mid if isinstance(mid, str) and mid else None
+    return None
 
 
 def dead_list(url: str | None, queue: str, newest: int = 5, scan: int = 100_000) -> list[str]:

@@ -237,7 +237,7 @@ class Worker:
             if d.reason == "not due":  # a foreign message's eta: it waits on the (simulated) broker, no run yet
                 with self._cond:
                     self._enqueue(Delivery(next(self._seq), 0, d.queue, d.body, d.copy_header, False),
-                                  self.clock + _seconds(d.delay))
+                                  self.clock + topology.wait_ms(d.delay) / 1000)  # its wait queue's TTL
                 return
             f = d.meta if d.meta is not None and d.meta.fmt != "magne" else None  # a foreign message's own fields
             name, args, kwargs = (f.task, f.args, f.kwargs) if f is not None else _decoded(d.body)

@@ -72,6 +72,20 @@ def queue_name_problem(queue: object) -> str | None:
     return None
 
 
+def mismatch_hint(dramatiqs: bool) -> str:
+    """What a 406 "inequivalent arg" while the worker sets up its queues means (magne.io.consumer, I/O thread), for
+    a queue of magne's or one of dramatiq's (`--accept dramatiq`), whose messages must not be deleted with it."""
+    if dramatiqs:
+        return ("The queue exists with other arguments than dramatiq's broker gives it (magne declares it as dramatiq "
+                "does): if dramatiq's broker has max_priority, give the queue's magne tasks @task(max_priority=...) "
+                "of the same value; the .XQ's x-message-ttl is dramatiq_dead_message_ttl, read from the "
+                "environment; a queue that is not dramatiq's is left out of --dramatiq-queues. Do not delete the "
+                "queue: it holds the producers' messages")
+    return ("The queue exists with other arguments than this worker declares: was it declared as another queue "
+            "type? Start the worker with the queue's type (--queue-type or @task(queue_type=...)), or delete the "
+            "queue")
+
+
 def dead_queue(queue: str) -> str:
     return f"{queue}.dead"
 
@@ -135,6 +149,17 @@ def delay_ms(seconds: float) -> int:
         return ms
     step = 10 ** (len(str(ms)) - 2)
     return -(-ms // step) * step
+
+
+def wait_ms(seconds: float) -> int:
+    """A wait until an eta (magne.formats.defer): on delay_ms's grid, rounded DOWN (1234 ms → 1200 ms; exact under
+    100 ms), so the message never comes back late by up to 10% of a long wait. It may come back early, and then
+    waits again for the rest: each hop leaves less than a tenth, so a 45-day wait takes at most 8 hops."""
+    if seconds < 0.1:  # the last hop: whole milliseconds, never early
+        return max(1, math.ceil(seconds * 1000))
+    ms = int(seconds * 1000)
+    step = 10 ** (len(str(ms)) - 2)
+    return ms // step * step
 
 
 def delay_queue(queue: str, ms: int) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +33,7 @@ from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage
 from magne.formats import celery, dramatiq
-from magne.formats.common import Foreign
+from magne.formats.common import MAX_NAME, Foreign
 from magne.registry import Task
 
 FORMATS = ("dramatiq", "celery")
@@ -114,6 +115,7 @@ def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: fl
     except (ValueError, RecursionError) as exc:
         why = celery.refusal(d.header) if "celery" in accept.formats else None  # a celery serializer or compression
         if why:
+            d.task = celery.name_of(d.header)  # the log line and the dead letter name the task
             raise BadMessage(why) from None
         wire.check_encoding(d.header)  # gzip and the like: that reason first
         raise BadMessage(f"body is not JSON: {exc} (dramatiq's PickleEncoder and celery's pickle, msgpack and yaml "
@@ -126,11 +128,11 @@ def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: fl
     elif type(msg) is dict and "actor_name" in msg:
         if "dramatiq" not in accept.formats:
             raise BadMessage("body is a dramatiq message (field 'actor_name'); start the worker with --accept dramatiq")
-        f = dramatiq.read(msg, d.queue)
+        f = _read(d, msg)
     elif type(msg) is list:
         if "celery" not in accept.formats:
             raise BadMessage("body is a JSON array, as in a celery message; start the worker with --accept celery")
-        f = celery.read(msg, d.header, d.queue)
+        f = _read(d, msg)
     elif type(msg) is dict and "task" in msg and "id" in msg and "celery" in accept.formats:
         raise BadMessage("body is a celery message of protocol 1 (fields 'task', 'id' in the body); magne reads "
                          "protocol 2, celery's default since 4.0 (task_protocol=2)")
@@ -138,6 +140,8 @@ def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: fl
         name, args, kwargs = wire.from_object(msg)  # raises the usual reason
         f = None
     if f is not None:
+        if f.home not in accept.dramatiq_queues:  # `jobs.DQ` that is not dramatiq's: its copies come back to itself
+            f.home = d.queue
         d.meta = _dead_target(f, accept)
         name, args, kwargs = f.task, f.args, f.kwargs
     d.task = name
@@ -151,19 +155,39 @@ def _resolve(d: Delivery, tasks: dict[str, Task], accept: Accept, time_limit: fl
     now = accept.clock()
     if f.expires is not None and now >= f.expires:
         raise Expired(f"header 'expires': the message expired {now - f.expires:.1f}s ago, before it could run")
-    if f.eta is not None and f.eta > now:
-        raise NotDue(min(f.eta - now, topology.MAX_DELAY))
+    if f.eta is not None and f.eta > now:  # back when due, or when it expires if that is sooner (dead-lettered then)
+        raise NotDue(min(f.eta - now, topology.MAX_DELAY, math.inf if f.expires is None else f.expires - now))
     if f.time_limit is not None and f.time_limit < (t.time_limit or time_limit):
         t = copy.copy(t)  # this run's limit; the registered task keeps its own
         t.time_limit = f.time_limit
     return t, args, kwargs
 
 
+def _read(d: Delivery, msg: dict[str, Any] | list[Any]) -> Foreign:
+    """A dramatiq (object) or celery (array) body through its parser. Whatever a parser raises is a refusal: a bug
+    of ours on a forged value must not pass for the task's failure, which is retried. A refused message still names
+    its task in the log line and the dead letter."""
+    try:
+        return dramatiq.read(msg, d.queue) if type(msg) is dict else celery.read(msg, d.header, d.queue)  # type: ignore[arg-type]
+    except Exception as exc:
+        if type(msg) is dict:
+            actor = msg.get("actor_name")
+            d.task = actor if type(actor) is str and 0 < len(actor) <= MAX_NAME else None
+        else:
+            d.task = celery.name_of(d.header)
+        if isinstance(exc, BadMessage):
+            raise
+        kind = "dramatiq" if type(msg) is dict else "celery"
+        raise BadMessage(f"{kind} message cannot be read ({type(exc).__name__}: {logs.clean(str(exc), 200)}); "
+                         "refused") from None
+
+
 def defer(d: Delivery, seconds: float, frame_max: int) -> None:
     """A message not due yet: its copy goes to magne's delay queue of its home queue, whose TTL lands it back there
-    when due; the original is acked once the broker confirmed the copy (magne.io.settle). Run thread, cold path."""
+    when due (or a little before: topology.wait_ms, then it waits again for the rest); the original is acked once
+    the broker confirmed the copy (magne.io.settle). Run thread, cold path."""
     home = d.meta.home if isinstance(d.meta, Foreign) else d.queue
-    ms = topology.delay_ms(seconds)
+    ms = topology.wait_ms(seconds)
     d.outcome = Outcome.RETRY
     d.reason = "not due"
     d.error = None

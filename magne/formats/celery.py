@@ -54,9 +54,22 @@ def read(body: list[Any], header: bytes, queue: str) -> Foreign:
                 raise BadMessage(f"celery field 'embed.{key}' asks for {what}, which magne does not run: refused "
                                  "rather than half-done (run it on a celery worker, or send the task on its own)")
     hard, soft = _timelimit(headers.get("timelimit"))
+    eta = _when("eta", headers.get("eta"))
+    if eta is not None and eta >= MAX_EPOCH:
+        raise field(KIND, "eta (header)", headers.get("eta"), "a date and time before the year 2242")
+    limits = [s for s in (hard, soft) if s is not None]
     return Foreign(KIND, name, args, kwargs, mid, count(KIND, "retries (header)", headers.get("retries")),
-                   _when("eta", headers.get("eta")), soft if soft is not None else hard,
-                   _when("expires", headers.get("expires")), queue)
+                   eta, min(limits) if limits else None, _when("expires", headers.get("expires")), queue)
+
+
+def name_of(header: bytes) -> str | None:
+    """The task a celery message names (header `task`), for the log line and dead letter of a message refused before
+    it was read (a serializer, compression, a callback). Cold path; None if there is no such string."""
+    try:
+        name = codec.decode_properties(header).headers.get("task")
+    except Exception:
+        return None
+    return name if type(name) is str and 0 < len(name) <= MAX_NAME else None
 
 
 def refusal(header: bytes) -> str | None:
@@ -89,8 +102,9 @@ def text_of(value: Any) -> str:
 
 
 def _timelimit(value: Any) -> tuple[float | None, float | None]:
-    """celery's `timelimit` header: [hard, soft], each seconds or null. magne's one limit is the soft one (it
-    interrupts the task, as celery's soft limit raises in it), else the hard one."""
+    """celery's `timelimit` header: [hard, soft], each seconds or null. magne's one limit is the shorter of the two
+    (usually the soft one: it interrupts the task, as celery's soft limit raises in it; a hard limit under the soft
+    one would have killed the task first on celery)."""
     if value is None:
         return None, None
     if type(value) not in (list, tuple) or len(value) != 2:

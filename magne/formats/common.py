@@ -59,7 +59,11 @@ def seconds(kind: str, name: str, value: Any, scale: float = 1.0) -> float | Non
     """A positive duration (value x scale seconds), or None for null."""
     if value is None:
         return None
-    if type(value) not in (int, float) or not math.isfinite(value) or not 0 < value * scale <= MAX_SECONDS:
+    try:
+        ok = type(value) in (int, float) and math.isfinite(value) and 0 < value * scale <= MAX_SECONDS
+    except OverflowError:  # an integer no float can hold (JSON allows 10**400): no duration anybody meant
+        ok = False
+    if not ok:
         raise field(kind, name, value, f"a positive number of {'milliseconds' if scale < 1 else 'seconds'}")
     return float(value) * scale
 

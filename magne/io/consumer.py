@@ -273,9 +273,8 @@ class Consumer:
             # arguments, such as another queue type, or no permission on it).
             exc.permanent = True
             if exc.code == 406 and "inequivalent arg" in exc.text:
-                exc.args = (f"{exc}. The queue exists with other arguments than this worker declares: was it "
-                            "declared as another queue type? Start the worker with the queue's type (--queue-type "
-                            "or @task(queue_type=...)), or delete the queue",)
+                dramatiqs = self._probe is not None and self._probe[0] in self.declarations  # (magne.formats)
+                exc.args = (f"{exc}. {topology.mismatch_hint(dramatiqs)}",)
         raise exc  # the consuming channel is gone (its tags too), or setup was refused: reconnect or stop
 
     # -- timers --------------------------------------------------------------------------------
