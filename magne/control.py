@@ -213,12 +213,12 @@ def snapshot(worker: Any, started: float) -> dict[str, Any]:
         if d is None or s.clock is None:
             continue
         running.append({"kind": "thread", "thread": s.thread.name if s.thread else "?", "queue": d.queue,
-                        "task": d.task, "message_id": cancels.message_id_of(d.header),
+                        "task": d.task, "message_id": cancels.id_of(d),
                         "started": wall - (mono - began) if began else None, "time_limit": s.limit})
     if worker.aio is not None:
         for run in list(worker.aio.running.values()):
             running.append({"kind": "async", "thread": "magne-asyncio", "queue": run.d.queue, "task": run.d.task,
-                            "message_id": cancels.message_id_of(run.d.header),
+                            "message_id": cancels.id_of(run.d),
                             "started": wall - (mono - run.started) if run.started else None, "time_limit": run.limit})
     return {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__, "node": worker.io.node,
             "queues": list(worker.queues), "threads": worker.opts.threads, "started": started,

@@ -83,7 +83,11 @@ class Runner:
         if cancels and message_id_of(d.header) in cancels:
             raise Cancelled("cancelled before it started")
         if self.accept is not None:  # --accept: magne.formats reads magne's format and the others accepted
-            return formats.resolve(d, self.tasks, self.accept, self.time_limit)
+            resolved = formats.resolve(d, self.tasks, self.accept, self.time_limit)
+            # A foreign message's own id (dramatiq's body, celery's header: what its producer knows it by).
+            if cancels and d.meta is not None and d.meta.message_id in cancels:
+                raise Cancelled("cancelled before it started")
+            return resolved
         wire.check_encoding(d.header)
         name, args, kwargs = wire.decode(d.body)
         d.task = name
