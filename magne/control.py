@@ -254,11 +254,22 @@ class Replies:
         """Client loop thread: an answer, to the gather that waits for it (none: it came too late, dropped)."""
         try:
             got = self.waiting.get(codec.decode_properties(m.header).correlation_id or "")
-            rec = orjson.loads(m.body)
-            if got is not None and isinstance(rec, dict):
+            rec = orjson.loads(m.body) if got is not None else None
+            if got is not None and well_formed(rec):
                 got.append(rec)
         except Exception:
             pass  # not an answer of ours
+
+
+def well_formed(rec: Any) -> bool:
+    """An answer shaped as `snapshot` makes it. Anyone who may read the control exchange sees a request's reply_to
+    and can answer it: what `magne inspect` and the dashboard then show must not break them (every value is escaped
+    where it is shown)."""
+    if not isinstance(rec, dict) or type(rec.get("pid")) is not int or not isinstance(rec.get("host"), str):
+        return False
+    running, queues = rec.get("running"), rec.get("queues")
+    return (isinstance(running, list) and all(isinstance(r, dict) for r in running)
+            and isinstance(queues, list) and all(isinstance(q, str) for q in queues))
 
 
 _replies: dict[int, Replies] = {}
