@@ -21,6 +21,7 @@ Follower's records run on the client's loop thread and must not block; `check` a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -35,6 +36,7 @@ from pamqp import commands
 from magne import __version__, cancels, events, logs
 from magne.amqp import codec, names
 from magne.amqp.confirms import Returned
+from magne.amqp.errors import ChannelClosed
 from magne.amqp.url import Nodes
 from magne.engine.client import Client
 from magne.engine.message import Outgoing
@@ -102,17 +104,29 @@ class Control:
             self.ready.set()
 
     def _start(self) -> None:
-        """magne-control thread: follow the cancels stream (waiting for the catch-up), bind the control queue. A
-        broker that refuses or does not answer is logged: the worker runs without its control plane then."""
-        try:
-            client = self.client = self.publisher._running()
-            self.follower = cancels.Follower(client, self.cancels)
-            self.follower.start()
-        except Exception as exc:
-            log.error("cannot read the cancels stream (%s: %s); cancels are not honoured by this process",
-                      type(exc).__name__, logs.clean(str(exc), 200), event="cancels_unavailable")
-        finally:
-            self.ready.set()
+        """magne-control thread: follow the cancels stream (waiting for the catch-up), bind the control queue. A broker
+        that does not answer yet is tried again, the pool waiting (giving up let every cancel go unhonoured for the
+        process's life); one that refuses (ChannelClosed: permissions) lets the pool run, and is tried again too."""
+        delay = 1.0
+        while True:
+            try:
+                client = self.client = self.publisher._running()
+                self.follower = cancels.Follower(client, self.cancels)
+                self.follower.start()
+                break
+            except Exception as exc:
+                if self.follower is not None and self.follower.tag:  # subscribed, then failed: no second reader
+                    with contextlib.suppress(Exception):
+                        self.follower.stop()
+                refused = isinstance(exc, ChannelClosed)
+                log.error("cannot read the cancels stream (%s: %s); %s; trying again in %gs", type(exc).__name__,
+                          logs.clean(str(exc), 200), "running without cancels meanwhile" if refused else
+                          "tasks wait until cancels are known", delay, event="cancels_unavailable")
+                if refused:
+                    self.ready.set()
+                time.sleep(delay)
+                delay = min(RETRY_AFTER, delay * 2)
+        self.ready.set()
         self._listen()
 
     def _listen(self) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+import types
 from queue import SimpleQueue
+from typing import Any
 
 import orjson
 from pamqp import commands
@@ -12,6 +14,7 @@ from starlette.testclient import TestClient
 
 from magne import control, controlcli, formats
 from magne.amqp import codec
+from magne.amqp.errors import BrokerTimeout
 from magne.cancels import CancelSet, Follower
 from magne.dashboard.app import Dashboard
 from magne.dashboard.history import History
@@ -127,3 +130,60 @@ def test_the_dashboard_cancels_a_list_of_ids_never_a_string_one_character_at_a_t
         assert web.post("/api/cancel", json={"ids": ["a"]}, headers={"Authorization": "Bearer nope"}).status_code == 401
         ok = web.post("/api/cancel", json={"ids": ["m-1"]}, headers={"Authorization": "Bearer tok"})
         assert ok.status_code == 200 and sent == ["m-1"]
+
+
+# -- a worker that starts while the broker does not answer yet ------------------------------------------------------
+
+class SlowBroker:
+    """A Client whose first calls time out (the broker was not up yet), then answers, and hands a published record
+    back to the stream's consumer, as a stream would."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.consumers: dict[str, Any] = {}
+        self.cancelled: list[str] = []
+
+    def call(self, method: Any, *replies: Any, **kw: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise BrokerTimeout("no Queue.DeclareOk from the broker within 30s")
+        return commands.Queue.DeclareOk(getattr(method, "queue", "") or "q")
+
+    def consume(self, queue: str, on_message: Any, **kw: Any) -> str:
+        tag = f"tag{len(self.consumers)}"
+        self.consumers[tag] = on_message
+        return tag
+
+    def cancel(self, tag: str) -> None:
+        self.cancelled.append(tag)
+        self.consumers.pop(tag, None)
+
+    def ack(self, tag: int, gen: int) -> None:
+        pass
+
+    def publish_confirmed(self, exchange: str, rk: str, body: bytes, props: Any) -> None:
+        header = codec.header_payload(commands.Basic.Properties(headers={"x-stream-offset": 1}), len(body))
+        for on_message in list(self.consumers.values()):
+            on_message(Delivered(1, 1, header, body, False))
+
+
+def test_cancels_are_read_once_the_broker_answers_and_the_pool_waits_for_them(monkeypatch):
+    monkeypatch.setattr("magne.control.time.sleep", lambda s: None)
+    client = SlowBroker(failures=3)
+    pub = types.SimpleNamespace(_running=lambda: client)
+    c = control.Control(pub, CancelSet(), dict, lambda ids, now: None)  # type: ignore[arg-type]
+    c._listen = lambda: None  # type: ignore[method-assign] - inspect's queue is not what this test is about
+    ready_after_failure: list[bool] = []
+    real = client.call
+
+    def call(*a: Any, **kw: Any) -> Any:
+        if client.failures < 3:
+            ready_after_failure.append(c.ready.is_set())
+        return real(*a, **kw)
+
+    client.call = call  # type: ignore[method-assign]
+    c._start()
+    assert c.follower is not None and c.follower.caught_up.is_set() and c.ready.is_set()
+    assert not any(ready_after_failure)  # no task ran while the cancels were unknown
+    client.publish_confirmed("", "s", orjson.dumps({"cancel": ["late"], "at": time.time()}), None)
+    assert "late" in c.cancels and len(client.consumers) == 1
