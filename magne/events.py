@@ -48,6 +48,7 @@ DEFAULT_STREAM = "magne.events"
 FLUSH_EVERY = 0.1  # seconds between batches
 BATCH = 1000  # records in one stream message at most
 MAX_BUFFER = 100_000  # records held while the broker cannot take them; older ones are dropped
+ROOM = 32  # batches handed to the publisher client while it has fewer messages than this waiting or unconfirmed
 MAX_BYTES = 2_000_000_000  # the stream's x-max-length-bytes, beside its age: disk stays bounded at any rate
 
 NAMES = {Outcome.ACK: "succeeded", Outcome.RETRY: "retried", Outcome.DEAD: "dead-lettered",
@@ -123,7 +124,10 @@ class Events:
                 if not ready:
                     declare(client, self.name)
                     ready = True
-                while self.buf:  # one batch a tick, more only while a backlog of full batches waits
+                # One batch a tick, more only while a backlog of full batches waits, and only while the client has
+                # room: handed over regardless, a blocked or unreachable broker moved every event into the client's
+                # queue (bounded by the 30 s deadline only, not MAX_BUFFER) ahead of the tasks' own sends.
+                while self.buf and client.has_room(ROOM):
                     self._flush(client)
                     if len(self.buf) < BATCH:
                         break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import types
+from collections import deque
 from queue import SimpleQueue
 from typing import Any
 
@@ -12,7 +13,7 @@ import orjson
 from pamqp import commands
 from starlette.testclient import TestClient
 
-from magne import control, controlcli, formats
+from magne import control, controlcli, events, formats
 from magne.amqp import codec
 from magne.amqp.errors import BrokerTimeout
 from magne.cancels import CancelSet, Follower
@@ -187,3 +188,40 @@ def test_cancels_are_read_once_the_broker_answers_and_the_pool_waits_for_them(mo
     assert not any(ready_after_failure)  # no task ran while the cancels were unknown
     client.publish_confirmed("", "s", orjson.dumps({"cancel": ["late"], "at": time.time()}), None)
     assert "late" in c.cancels and len(client.consumers) == 1
+
+
+# -- events while the broker cannot take them -----------------------------------------------------------------------
+
+class BlockedClient:
+    """The publisher's client while the broker is blocked (a memory alarm) or away: messages wait in it."""
+
+    def __init__(self) -> None:
+        self.waiting: list[Any] = []
+        self.room = False
+
+    def call(self, method: Any, *replies: Any, **kw: Any) -> Any:
+        return commands.Queue.DeclareOk(method.queue)
+
+    def has_room(self, limit: int) -> bool:
+        return self.room and len(self.waiting) < limit
+
+    def publish(self, msg: Any) -> None:
+        self.waiting.append(msg)
+
+
+def test_events_stay_in_their_bounded_buffer_while_the_client_has_no_room(monkeypatch):
+    monkeypatch.setattr("magne.events.MAX_BUFFER", 5000)
+    client = BlockedClient()
+    ev = events.Events(lambda: client)
+    ev.buf = deque(maxlen=5000)
+    record = ev.wrap(lambda d: None)
+    d = Delivery(1, 1, "q", b"{}", codec.header_payload(commands.Basic.Properties(message_id="m"), 2), False)
+    d.task = "t"
+    for _ in range(20_000):
+        record(d)
+    ev._stop.set()
+    ev.run()  # one tick (stopping): the client is blocked, so nothing is handed to it
+    assert client.waiting == [] and len(ev.buf) == 5000  # the oldest were dropped, as documented
+    client.room = True
+    ev.run()
+    assert len(client.waiting) == 5 and not ev.buf
