@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 from pamqp import commands
 
-from magne import __version__, cancels, events, logs
+from magne import __version__, cancels, controlguard, events, logs
 from magne.amqp import codec, names
 from magne.amqp.confirms import Returned
 from magne.amqp.errors import ChannelClosed
@@ -94,6 +94,7 @@ class Control:
         self._watch: dict[str, float] = {}  # id -> until when it is looked for among running tasks
         self._restarting = False
         self._retry_at = 0.0  # after a failed bind: not before then (a broker that refuses keeps refusing for a while)
+        self.throttle = controlguard.Throttle()  # inspect requests answered a second (magne.controlguard)
 
     def start_in_background(self) -> None:
         if self.events is not None:
@@ -172,8 +173,7 @@ class Control:
         """Main thread, at the end: flush the last events."""
         if self.events is not None:
             self.events.stop()
-        # The consumers end with the connection, and the control queue expires by itself (x-expires) once nobody
-        # consumes it: nothing to cancel (see Replies on cancels) nor to delete here.
+        # Consumers end with the connection; the control queue expires by itself (x-expires): nothing to delete.
         if self.own:
             self.publisher.close()
 
@@ -181,8 +181,9 @@ class Control:
     def _on_request(self, m: Delivered) -> None:
         """An inspect request: answer to its reply_to, unconfirmed (the inspector may be gone already)."""
         try:
-            props = codec.decode_properties(m.header)
-            if not props.reply_to or orjson.loads(m.body).get("op") != "inspect":
+            props = codec.decode_properties(m.header)  # a server-named reply queue only, so many a second
+            if (not controlguard.reply_target_ok(props.reply_to) or not self.throttle.allow()
+                    or orjson.loads(m.body).get("op") != "inspect"):
                 return
             body = orjson.dumps(self.inspect(), default=str)
             reply = commands.Basic.Properties(content_type="application/json", correlation_id=props.correlation_id)
@@ -276,9 +277,8 @@ class Replies:
 
 
 def well_formed(rec: Any) -> bool:
-    """An answer shaped as `snapshot` makes it. Anyone who may read the control exchange sees a request's reply_to
-    and can answer it: what `magne inspect` and the dashboard then show must not break them (every value is escaped
-    where it is shown)."""
+    """An answer shaped as `snapshot` makes it: anyone who may read the control exchange sees a request's reply_to and
+    can answer it (what it says is escaped where it is shown; its shape must not break `magne inspect` either)."""
     if not isinstance(rec, dict) or type(rec.get("pid")) is not int or not isinstance(rec.get("host"), str):
         return False
     running, queues = rec.get("running"), rec.get("queues")

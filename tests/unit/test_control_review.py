@@ -13,7 +13,7 @@ import orjson
 from pamqp import commands
 from starlette.testclient import TestClient
 
-from magne import control, controlcli, events, formats
+from magne import control, controlcli, controlguard, events, formats
 from magne.amqp import codec
 from magne.amqp.errors import BrokerTimeout
 from magne.cancels import CancelSet, Follower
@@ -225,3 +225,22 @@ def test_events_stay_in_their_bounded_buffer_while_the_client_has_no_room(monkey
     client.room = True
     ev.run()
     assert len(client.waiting) == 5 and not ev.buf
+
+
+# -- inspect requests from anyone who may publish to magne.control --------------------------------------------------
+
+def test_inspect_answers_go_only_to_server_named_reply_queues_and_a_flood_is_throttled():
+    client = BlockedClient()
+    c = control.Control(types.SimpleNamespace(), CancelSet(), lambda: {"pid": 1}, lambda ids, now: None)  # type: ignore[arg-type]
+    c.client = client  # type: ignore[assignment]
+
+    def request(reply_to: str) -> None:
+        header = codec.header_payload(commands.Basic.Properties(reply_to=reply_to, correlation_id="c"), 20)
+        c._on_request(Delivered(1, 1, header, orjson.dumps({"op": "inspect"}), False))
+
+    request("reports")  # a task queue: every worker would have published a bad message into it
+    request("magne.cancels")
+    assert client.waiting == []
+    for _ in range(1000):
+        request("amq.gen-abc")
+    assert 1 <= len(client.waiting) <= 2 * controlguard.ANSWERS_PER_SECOND  # within at most two seconds of clock
