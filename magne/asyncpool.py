@@ -302,9 +302,15 @@ class AsyncPool(LoopThread):
                 log.info("message %s (task %s) was cancelled while running; cancelling its coroutine",
                          run.d.message_id(), logs.clean(run.d.task, 100), event="cancel_running", task=run.d.task)
                 try:
-                    loop.call_soon_threadsafe(self._cancel, run)
+                    loop.call_soon_threadsafe(self._cancel_unfinished, run)
                 except RuntimeError:
                     pass
+
+    def _cancel_unfinished(self, run: Run) -> None:
+        """Loop thread, for magne.cancel: `_cancel`, unless the run finished since the watchdog looked (its outcome is
+        decided: a CancelledError now would land in its follow-ups, results or next step, and requeue it)."""
+        if not run.finished:
+            self._cancel(run)
 
     def interrupt_all(self) -> None:
         """Cold shutdown (main thread): start nothing more, cancel every running coroutine; their messages are

@@ -16,6 +16,8 @@ from starlette.testclient import TestClient
 from magne import control, controlcli, controlguard, events, formats
 from magne.amqp import codec
 from magne.amqp.errors import BrokerTimeout
+from magne.asyncpool import AsyncPool
+from magne.asyncrun import Run
 from magne.cancels import CancelSet, Follower
 from magne.dashboard.app import Dashboard
 from magne.dashboard.history import History
@@ -24,6 +26,7 @@ from magne.delivery import Delivery, Outcome
 from magne.engine.session import Delivered
 from magne.pool import Pool
 from magne.registry import Task
+from magne.runner import Runner
 
 ran: list[int] = []
 
@@ -244,3 +247,24 @@ def test_inspect_answers_go_only_to_server_named_reply_queues_and_a_flood_is_thr
     for _ in range(1000):
         request("amq.gen-abc")
     assert 1 <= len(client.waiting) <= 2 * controlguard.ANSWERS_PER_SECOND  # within at most two seconds of clock
+
+
+# -- an async run that finishes as its cancel arrives ---------------------------------------------------------------
+
+def test_a_cancel_that_reaches_the_loop_after_the_run_finished_does_not_cancel_its_follow_ups():
+    """The watchdog saw the run unfinished; by the time the loop thread runs the cancel, it finished and is making its
+    follow-ups (results, next step): cancelling its asyncio Task then requeued a message that had succeeded."""
+    aio = AsyncPool(Runner(TASKS, lambda d: None), lambda d: None, 4)
+    d = Delivery(1, 1, "q", b"{}", codec.header_payload(commands.Basic.Properties(message_id="m-9"), 2), False)
+    run = Run(d, TASKS["app.add"], [], {}, 10.0)
+    cancelled: list[bool] = []
+    run.atask = types.SimpleNamespace(cancel=lambda: cancelled.append(True))  # type: ignore[assignment]
+    aio.running[id(run)] = run
+
+    def later(fn: Any, r: Run) -> None:  # the loop thread gets to it after the run finished
+        r.finished = True
+        fn(r)
+
+    aio.loop = types.SimpleNamespace(call_soon_threadsafe=later)  # type: ignore[assignment]
+    aio.cancel_running({"m-9"}, time.monotonic())
+    assert cancelled == []
