@@ -183,6 +183,8 @@ class Follower:
         self.marker = f"{os.getpid()}.{uuid.uuid4().hex}"
         self.caught_up = threading.Event()
         self.tag = ""
+        self.lost = False  # the broker cancelled our reader (the stream was deleted): Control.check calls resume
+        self.retry_at = 0.0  # time.monotonic() before which Control.check does not call resume again
 
     def start(self, timeout: float = 15.0) -> bool:
         """Declare the stream, read it from the retention window's start, and wait until every record appended
@@ -190,7 +192,7 @@ class Follower:
         then runs anyway, and honours the cancels as they arrive. Main thread; raises what the broker refused."""
         keep = self.cancels.keep
         streams.declare(self.client, self.name, keep)
-        self.tag = streams.follow(self.client, self.name, time.time() - keep, self._on_body)
+        self.tag = streams.follow(self.client, self.name, time.time() - keep, self._on_body, on_cancel=self._on_lost)
         self.client.publish_confirmed("", self.name, orjson.dumps({"marker": self.marker}), _properties())
         if self.caught_up.wait(timeout):
             return True
@@ -201,6 +203,27 @@ class Follower:
     def stop(self) -> None:
         if self.tag:
             self.client.cancel(self.tag)
+
+    def _on_lost(self) -> None:
+        """Client loop thread: the broker ended our reader (the stream deleted, by an operator re-creating it with
+        other settings, or refused after a reconnect). Without a new one this process would honour no cancel again."""
+        self.lost = True
+
+    def resume(self) -> None:
+        """A magne-control thread (Control.check, once lost): read the stream again from the retention window's start
+        (a re-created stream has new offsets; records read twice change nothing) and follow it. A refusal is logged
+        and leaves it lost (Control.check tries again later)."""
+        self.lost = False
+        try:
+            streams.declare(self.client, self.name, self.cancels.keep)
+            self.tag = streams.follow(self.client, self.name, time.time() - self.cancels.keep, self._on_body,
+                                      on_cancel=self._on_lost)
+        except Exception as exc:
+            self.lost = True
+            log.warning("cannot follow the cancels stream %s again (%s: %s); cancels are not honoured until it is",
+                        self.name, type(exc).__name__, logs.clean(str(exc), 200), event="cancels_unavailable")
+            return
+        log.info("following the cancels stream %s again", self.name, event="cancels_resumed")
 
     def _on_body(self, body: bytes) -> None:
         """Client loop thread: one record. A record that is not ours is skipped (streams.follow logs it)."""

@@ -164,6 +164,10 @@ class Control:
                 del watch[mid]
             if watch:
                 self.cancel_running(set(watch), now)
+        follower = self.follower
+        if follower is not None and follower.lost and now >= follower.retry_at:  # its reader ended: a new one
+            follower.retry_at = now + RETRY_AFTER  # one attempt at a time, then one per RETRY_AFTER while it fails
+            threading.Thread(target=follower.resume, name="magne-control", daemon=True).start()
         if self.lost and not self._restarting and self.ready.is_set() and now >= self._retry_at:
             self._restarting = True
             self.lost = False
@@ -270,20 +274,10 @@ class Replies:
         try:
             got = self.waiting.get(codec.decode_properties(m.header).correlation_id or "")
             rec = orjson.loads(m.body) if got is not None else None
-            if got is not None and well_formed(rec):
+            if got is not None and controlguard.well_formed(rec):
                 got.append(rec)
         except Exception:
             pass  # not an answer of ours
-
-
-def well_formed(rec: Any) -> bool:
-    """An answer shaped as `snapshot` makes it: anyone who may read the control exchange sees a request's reply_to and
-    can answer it (what it says is escaped where it is shown; its shape must not break `magne inspect` either)."""
-    if not isinstance(rec, dict) or type(rec.get("pid")) is not int or not isinstance(rec.get("host"), str):
-        return False
-    running, queues = rec.get("running"), rec.get("queues")
-    return (isinstance(running, list) and all(isinstance(r, dict) for r in running)
-            and isinstance(queues, list) and all(isinstance(q, str) for q in queues))
 
 
 _replies: dict[int, Replies] = {}

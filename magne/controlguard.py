@@ -15,6 +15,7 @@ Both run on the client's loop thread (`Throttle.allow`, `reply_target_ok`): a co
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from magne import logs
 
@@ -52,3 +53,13 @@ class Throttle:
             self.dropped += 1
             return False
         return True
+
+
+def well_formed(rec: Any) -> bool:
+    """An answer shaped as `snapshot` makes it: anyone who may read the control exchange sees a request's reply_to and
+    can answer it (what it says is escaped where it is shown; its shape must not break `magne inspect` either)."""
+    if not isinstance(rec, dict) or type(rec.get("pid")) is not int or not isinstance(rec.get("host"), str):
+        return False
+    running, queues = rec.get("running"), rec.get("queues")
+    return (isinstance(running, list) and all(isinstance(r, dict) for r in running)
+            and isinstance(queues, list) and all(isinstance(q, str) for q in queues))

@@ -145,6 +145,8 @@ class SlowBroker:
     def __init__(self, failures: int) -> None:
         self.failures = failures
         self.consumers: dict[str, Any] = {}
+        self.on_cancel: dict[str, Any] = {}
+        self.ended: list[str] = []
         self.cancelled: list[str] = []
 
     def call(self, method: Any, *replies: Any, **kw: Any) -> Any:
@@ -154,9 +156,18 @@ class SlowBroker:
         return commands.Queue.DeclareOk(getattr(method, "queue", "") or "q")
 
     def consume(self, queue: str, on_message: Any, **kw: Any) -> str:
-        tag = f"tag{len(self.consumers)}"
+        tag = f"tag{len(self.consumers) + len(self.ended)}"
         self.consumers[tag] = on_message
+        self.on_cancel[tag] = kw.get("on_cancel")
         return tag
+
+    def delete_stream(self) -> None:
+        """An operator deletes the stream (to re-create it with other settings): the broker cancels its readers."""
+        for tag in list(self.consumers):
+            del self.consumers[tag]
+            self.ended.append(tag)
+            if self.on_cancel.get(tag):
+                self.on_cancel[tag]()
 
     def cancel(self, tag: str) -> None:
         self.cancelled.append(tag)
@@ -268,3 +279,20 @@ def test_a_cancel_that_reaches_the_loop_after_the_run_finished_does_not_cancel_i
     aio.loop = types.SimpleNamespace(call_soon_threadsafe=later)  # type: ignore[assignment]
     aio.cancel_running({"m-9"}, time.monotonic())
     assert cancelled == []
+
+
+def test_a_worker_follows_the_cancels_stream_again_after_the_broker_ended_its_reader():
+    client = SlowBroker(failures=0)
+    c = control.Control(types.SimpleNamespace(_running=lambda: client), CancelSet(), dict,  # type: ignore[arg-type]
+                        lambda ids, now: None)
+    c._listen = lambda: None  # type: ignore[method-assign]
+    c._start()
+    client.delete_stream()
+    assert c.follower is not None and c.follower.lost  # it knows its reader ended
+    c.check(time.monotonic())
+    deadline = time.monotonic() + 5
+    while not client.consumers:  # resumed on a magne-control thread
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.publish_confirmed("", "s", orjson.dumps({"cancel": ["after"], "at": time.time()}), None)
+    assert "after" in c.cancels
