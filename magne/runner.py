@@ -38,7 +38,7 @@ from magne.policy import Failure, RetryPolicy, dead_letter_plainly, decide
 from magne.registry import Task
 from magne.taskrun import DECISIONS, TaskRun
 from magne.timelimits import Slot
-from magne.workflow import asks
+from magne.workflow import asks, on_dead
 
 log = logs.Log("magne.runner")
 
@@ -263,6 +263,8 @@ class Runner:
         logs.release_leaked_locks()  # if it was raised into the task's thread inside logging (nothing otherwise)
         d.outcome = Outcome.ACK
         d.reason = "cancelled"  # what magne.events reports (an ACK with this reason is no success)
+        if asks(d.header):  # its result, its pipeline's, its chord's callback: "cancelled", published before the ack
+            d.follow = on_dead(d, {"type": "Cancelled", "message": wire.safe_text(exc, wire.MESSAGE_CHARS)})
         self.cancelled += 1
         task = logs.clean(d.task, 100) or "?"
         mid = d.message_id()

@@ -13,7 +13,7 @@ import orjson
 from pamqp import commands
 from starlette.testclient import TestClient
 
-from magne import control, controlcli, controlguard, events, formats
+from magne import control, controlcli, controlguard, events, formats, wire, workflow
 from magne.amqp import codec
 from magne.amqp.errors import BrokerTimeout
 from magne.asyncpool import AsyncPool
@@ -296,3 +296,22 @@ def test_a_worker_follows_the_cancels_stream_again_after_the_broker_ended_its_re
         time.sleep(0.01)
     client.publish_confirmed("", "s", orjson.dumps({"cancel": ["after"], "at": time.time()}), None)
     assert "after" in c.cancels
+
+
+# -- a cancelled message that asked for its result ------------------------------------------------------------------
+
+def test_a_cancelled_message_that_asked_for_its_result_gets_a_cancelled_result_record():
+    """Else `result.get()` of a cancelled message waited until its timeout, and a chord with a cancelled member
+    never heard of it."""
+    ran.clear()
+    pool = Pool(1, TASKS, SimpleQueue(), lambda d: None)
+    mid = wire.new_id()
+    body = wire.encode("app.add", [1, 2], {}, mid)
+    d = Delivery(1, 1, "default", body, workflow.header_for(mid, len(body), True, None), False)
+    pool.runner.cancels.add([mid], time.time())
+    out = pool.run_one(d)
+    assert out.outcome is Outcome.ACK and out.reason == "cancelled" and ran == []
+    assert out.follow is not None and len(out.follow) == 1
+    rec = orjson.loads(out.follow[0].body)
+    assert rec["id"] == mid and rec["ok"] is False and rec["reason"] == "cancelled"
+    assert rec["error"]["type"] == "Cancelled"
