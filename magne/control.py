@@ -157,13 +157,15 @@ class Control:
         """Every tick: look for freshly cancelled ids among running tasks; rebind a lost control queue."""
         fresh = self.cancels.fresh
         watch = self._watch
-        while fresh:
-            watch[fresh.popleft()] = now + WATCH
+        while fresh:  # at most MAX_IDS watched: a flood of cancels must not make each tick scan millions of ids
+            mid = fresh.popleft()
+            if len(watch) < cancels.MAX_IDS or mid in watch:
+                watch[mid] = now + WATCH
         if watch:
             for mid in [m for m, until in watch.items() if until < now]:
                 del watch[mid]
             if watch:
-                self.cancel_running(set(watch), now)
+                self.cancel_running(watch, now)  # type: ignore[arg-type] - a dict: `in` is all they use
         follower = self.follower
         if follower is not None and follower.lost and now >= follower.retry_at:  # its reader ended: a new one
             follower.retry_at = now + RETRY_AFTER  # one attempt at a time, then one per RETRY_AFTER while it fails

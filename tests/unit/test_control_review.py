@@ -13,7 +13,7 @@ import orjson
 from pamqp import commands
 from starlette.testclient import TestClient
 
-from magne import control, controlcli, controlguard, events, formats, wire, workflow
+from magne import cancels, control, controlcli, controlguard, events, formats, wire, workflow
 from magne.amqp import codec
 from magne.amqp.errors import BrokerTimeout
 from magne.asyncpool import AsyncPool
@@ -315,3 +315,14 @@ def test_a_cancelled_message_that_asked_for_its_result_gets_a_cancelled_result_r
     rec = orjson.loads(out.follow[0].body)
     assert rec["id"] == mid and rec["ok"] is False and rec["reason"] == "cancelled"
     assert rec["error"]["type"] == "Cancelled"
+
+
+def test_a_flood_of_fresh_cancels_keeps_the_watchdogs_watch_list_bounded():
+    s = CancelSet(keep=1000.0)
+    looked_at: list[int] = []
+    c = control.Control(types.SimpleNamespace(), s, dict, lambda ids, now: looked_at.append(len(ids)))  # type: ignore[arg-type]
+    now = time.monotonic()
+    for tick in range(30):  # 30 ticks of 10,000 new cancels each, within the watch window
+        s.add([f"t{tick}-{i}" for i in range(10_000)], time.time())
+        c.check(now + tick * 0.1)
+    assert max(looked_at) <= cancels.MAX_IDS and len(c._watch) <= cancels.MAX_IDS
