@@ -326,3 +326,17 @@ def test_a_flood_of_fresh_cancels_keeps_the_watchdogs_watch_list_bounded():
         s.add([f"t{tick}-{i}" for i in range(10_000)], time.time())
         c.check(now + tick * 0.1)
     assert max(looked_at) <= cancels.MAX_IDS and len(c._watch) <= cancels.MAX_IDS
+
+
+def test_a_cancelled_celery_message_is_not_run():
+    ran.clear()
+    pool = Pool(1, TASKS, SimpleQueue(), lambda d: None)
+    pool.runner.accept = formats.Accept(frozenset({"celery"}))
+    pool.runner.cancels.add(["c-1"], time.time())
+    headers = {"lang": "py", "task": "app.add", "id": "c-1", "retries": 0, "timelimit": [None, None], "eta": None,
+               "expires": None}
+    body = orjson.dumps([[1, 2], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+    header = codec.header_payload(commands.Basic.Properties(content_type="application/json", content_encoding="utf-8",
+                                                            correlation_id="c-1", headers=headers), len(body))
+    out = pool.run_one(Delivery(1, 1, "default", body, header, False))
+    assert out.outcome is Outcome.ACK and out.reason == "cancelled" and ran == []
