@@ -122,7 +122,7 @@ class Runner:
             if asked:
                 on_success(d, t.name, result)
         except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt, ...: the task's failure
-            self.failed(d, t, args, kwargs, exc)
+            self.failed(d, t, args, kwargs, cancelled_anyway(slot, d, exc))
         return False
 
     def run_hooked(self, slot: Slot, d: Delivery) -> bool:
@@ -162,6 +162,7 @@ class Runner:
             if slot.abandoned:
                 return False
             seconds = time.monotonic() - started if started else 0.0  # the task's own time, before deciding
+            exc = cancelled_anyway(slot, d, exc)
             self.failed(d, t, args, kwargs, exc)
             self.after_failure(d, t, args, kwargs, exc, info, started, seconds, slot.timers)
             return False
@@ -304,3 +305,11 @@ def _binds(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> b
     except ValueError:  # no signature available (some builtins): assume it bound
         return True
     return True
+
+
+def cancelled_anyway(slot: Slot, d: Delivery, exc: BaseException) -> BaseException:
+    """A pool thread's failure: a run the watchdog cancelled (magne.cancel) whose task turned Cancelled into an
+    exception of its own (`except BaseException: raise MyError`) was still cancelled: not retried nor dead-lettered."""
+    if slot.why is Cancelled and slot.delivery is d and not isinstance(exc, Cancelled):
+        return Cancelled("cancelled while running")
+    return exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import types
 from collections import deque
@@ -340,3 +341,38 @@ def test_a_cancelled_celery_message_is_not_run():
                                                             correlation_id="c-1", headers=headers), len(body))
     out = pool.run_one(Delivery(1, 1, "default", body, header, False))
     assert out.outcome is Outcome.ACK and out.reason == "cancelled" and ran == []
+
+
+# -- a task that turns Cancelled into an exception of its own --------------------------------------------------------
+
+started_wrapping = threading.Event()
+
+
+def rv_wrapping() -> None:
+    try:
+        started_wrapping.set()
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            time.sleep(0.005)
+    except BaseException as exc:  # what some libraries do: wrap everything
+        raise RuntimeError("wrapped") from exc
+
+
+def test_a_cancelled_task_that_wraps_cancelled_is_still_cancelled_not_dead_lettered():
+    tasks = {"rv_wrapping": Task(rv_wrapping, "rv_wrapping", "default", retry_options={"max_retries": 0})}
+    reported: SimpleQueue[Delivery] = SimpleQueue()
+    work: SimpleQueue[Delivery | None] = SimpleQueue()
+    pool = Pool(1, tasks, work, reported.put, time_limit=30.0)
+    pool.start()
+    try:
+        mid = wire.new_id()
+        d = Delivery(1, 1, "default", wire.encode("rv_wrapping", [], {}, mid),
+                     codec.header_payload(wire.properties_for(mid), 0), False)
+        work.put(d)
+        assert started_wrapping.wait(5)
+        pool.cancel_running({mid}, time.monotonic())
+        out = reported.get(timeout=5)
+        assert out.outcome is Outcome.ACK and out.reason == "cancelled"  # was DEAD: "task raised" RuntimeError
+    finally:
+        pool.stop()
+        pool.join(2.0)
