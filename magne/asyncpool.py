@@ -38,7 +38,7 @@ from typing import Any
 
 from magne import logs
 from magne.asyncrun import HookThreads, Run, Stepped
-from magne.cancels import message_id_of
+from magne.cancels import is_cancelled
 from magne.chords import on_success
 from magne.delivery import Delivery, Outcome
 from magne.errors import Cancelled, ColdShutdown, ConfigError, Interrupt, TimeLimitExceeded
@@ -297,14 +297,20 @@ class AsyncPool(LoopThread):
         run ends as Cancelled, acked, not retried). One that ignores the cancel is left to its time limit."""
         loop = self.loop
         for run in list(self.running.values()):
-            if run.why is None and not run.finished and message_id_of(run.d.header) in ids and loop is not None:
+            if run.why is None and not run.finished and is_cancelled(run.d, ids) and loop is not None:
                 run.why = Cancelled
                 log.info("message %s (task %s) was cancelled while running; cancelling its coroutine",
                          run.d.message_id(), logs.clean(run.d.task, 100), event="cancel_running", task=run.d.task)
                 try:
-                    loop.call_soon_threadsafe(self._cancel, run)
+                    loop.call_soon_threadsafe(self._cancel_unfinished, run)
                 except RuntimeError:
                     pass
+
+    def _cancel_unfinished(self, run: Run) -> None:
+        """Loop thread, for magne.cancel: `_cancel`, unless the run finished since the watchdog looked (its outcome is
+        decided: a CancelledError now would land in its follow-ups, results or next step, and requeue it)."""
+        if not run.finished:
+            self._cancel(run)
 
     def interrupt_all(self) -> None:
         """Cold shutdown (main thread): start nothing more, cancel every running coroutine; their messages are

@@ -84,6 +84,21 @@ def message_id_of(header: bytes) -> str | None:
         return None
 
 
+def is_cancelled(d: Any, ids: Any) -> bool:
+    """Whether a delivery (magne.delivery.Delivery) is one of `ids` (a set or dict of message ids): by its message_id
+    property, or, for a foreign message (dramatiq keeps its id in the body, celery in a header: magne.formats sets
+    d.meta once it resolved the message), by that id too. Any thread; cold unless a cancel is known."""
+    if message_id_of(d.header) in ids:
+        return True
+    meta_id = getattr(d.meta, "message_id", None)
+    return meta_id is not None and meta_id in ids
+
+
+def id_of(d: Any) -> str | None:
+    """The id a cancel names a delivery by: its message_id property, else a foreign message's own id. Any thread."""
+    return message_id_of(d.header) or getattr(d.meta, "message_id", None)
+
+
 class CancelSet:
     """The ids cancelled within the retention window, with the time each was cancelled.
 
@@ -117,9 +132,12 @@ class CancelSet:
             if len(kept) > MAX_KEPT:  # a flood of cancels: memory stays bounded, the oldest go first
                 log.warning("more than %d cancelled ids within the retention window; forgetting the oldest",
                             MAX_KEPT, event="cancels_overflow")
-                kept = dict(sorted(kept.items(), key=lambda kv: kv[1])[-MAX_KEPT:])
+                # Down to three quarters, so that the next sort (on the client's loop thread) is a quarter of the
+                # bound away, not one record away.
+                kept = dict(sorted(kept.items(), key=lambda kv: kv[1])[-(MAX_KEPT * 3 // 4):])
             self.ids = kept  # one rebinding: readers see the old dict or the new one
-            self._prune_at = max(1024, 2 * len(kept))
+            # Never past MAX_KEPT (doubling alone let a flood grow the set to twice the bound before the next prune).
+            self._prune_at = min(max(1024, 2 * len(kept)), max(1024, MAX_KEPT))
 
 
 def check_ids(ids: Iterable[Any]) -> list[str]:
@@ -165,6 +183,8 @@ class Follower:
         self.marker = f"{os.getpid()}.{uuid.uuid4().hex}"
         self.caught_up = threading.Event()
         self.tag = ""
+        self.lost = False  # the broker cancelled our reader (the stream was deleted): Control.check calls resume
+        self.retry_at = 0.0  # time.monotonic() before which Control.check does not call resume again
 
     def start(self, timeout: float = 15.0) -> bool:
         """Declare the stream, read it from the retention window's start, and wait until every record appended
@@ -172,7 +192,7 @@ class Follower:
         then runs anyway, and honours the cancels as they arrive. Main thread; raises what the broker refused."""
         keep = self.cancels.keep
         streams.declare(self.client, self.name, keep)
-        self.tag = streams.follow(self.client, self.name, time.time() - keep, self._on_body)
+        self.tag = streams.follow(self.client, self.name, time.time() - keep, self._on_body, on_cancel=self._on_lost)
         self.client.publish_confirmed("", self.name, orjson.dumps({"marker": self.marker}), _properties())
         if self.caught_up.wait(timeout):
             return True
@@ -184,6 +204,27 @@ class Follower:
         if self.tag:
             self.client.cancel(self.tag)
 
+    def _on_lost(self) -> None:
+        """Client loop thread: the broker ended our reader (the stream deleted, by an operator re-creating it with
+        other settings, or refused after a reconnect). Without a new one this process would honour no cancel again."""
+        self.lost = True
+
+    def resume(self) -> None:
+        """A magne-control thread (Control.check, once lost): read the stream again from the retention window's start
+        (a re-created stream has new offsets; records read twice change nothing) and follow it. A refusal is logged
+        and leaves it lost (Control.check tries again later)."""
+        self.lost = False
+        try:
+            streams.declare(self.client, self.name, self.cancels.keep)
+            self.tag = streams.follow(self.client, self.name, time.time() - self.cancels.keep, self._on_body,
+                                      on_cancel=self._on_lost)
+        except Exception as exc:
+            self.lost = True
+            log.warning("cannot follow the cancels stream %s again (%s: %s); cancels are not honoured until it is",
+                        self.name, type(exc).__name__, logs.clean(str(exc), 200), event="cancels_unavailable")
+            return
+        log.info("following the cancels stream %s again", self.name, event="cancels_resumed")
+
     def _on_body(self, body: bytes) -> None:
         """Client loop thread: one record. A record that is not ours is skipped (streams.follow logs it)."""
         rec = orjson.loads(body)
@@ -192,8 +233,10 @@ class Follower:
         ids = rec.get("cancel")
         if isinstance(ids, list):
             at = rec.get("at")
-            at = float(at) if isinstance(at, int | float) and not isinstance(at, bool) else time.time()
-            if at >= time.time() - self.cancels.keep:
+            now = time.time()
+            at = float(at) if isinstance(at, int | float) and not isinstance(at, bool) else now
+            at = min(at, now)  # a record dated in the future (forged, or a skewed clock) is not kept past its window
+            if at >= now - self.cancels.keep:
                 good = [m for m in ids[:MAX_IDS] if isinstance(m, str) and 0 < len(m) <= 255]
                 self.cancels.add(good, at)
                 if self.caught_up.is_set() and good:

@@ -21,6 +21,7 @@ Follower's records run on the client's loop thread and must not block; `check` a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -32,9 +33,10 @@ from typing import Any
 import orjson
 from pamqp import commands
 
-from magne import __version__, cancels, events, logs
+from magne import __version__, cancels, controlguard, events, logs
 from magne.amqp import codec, names
 from magne.amqp.confirms import Returned
+from magne.amqp.errors import ChannelClosed
 from magne.amqp.url import Nodes
 from magne.engine.client import Client
 from magne.engine.message import Outgoing
@@ -92,6 +94,7 @@ class Control:
         self._watch: dict[str, float] = {}  # id -> until when it is looked for among running tasks
         self._restarting = False
         self._retry_at = 0.0  # after a failed bind: not before then (a broker that refuses keeps refusing for a while)
+        self.throttle = controlguard.Throttle()  # inspect requests answered a second (magne.controlguard)
 
     def start_in_background(self) -> None:
         if self.events is not None:
@@ -102,17 +105,29 @@ class Control:
             self.ready.set()
 
     def _start(self) -> None:
-        """magne-control thread: follow the cancels stream (waiting for the catch-up), bind the control queue. A
-        broker that refuses or does not answer is logged: the worker runs without its control plane then."""
-        try:
-            client = self.client = self.publisher._running()
-            self.follower = cancels.Follower(client, self.cancels)
-            self.follower.start()
-        except Exception as exc:
-            log.error("cannot read the cancels stream (%s: %s); cancels are not honoured by this process",
-                      type(exc).__name__, logs.clean(str(exc), 200), event="cancels_unavailable")
-        finally:
-            self.ready.set()
+        """magne-control thread: follow the cancels stream (waiting for the catch-up), bind the control queue. A broker
+        that does not answer yet is tried again, the pool waiting (giving up let every cancel go unhonoured for the
+        process's life); one that refuses (ChannelClosed: permissions) lets the pool run, and is tried again too."""
+        delay = 1.0
+        while True:
+            try:
+                client = self.client = self.publisher._running()
+                self.follower = cancels.Follower(client, self.cancels)
+                self.follower.start()
+                break
+            except Exception as exc:
+                if self.follower is not None and self.follower.tag:  # subscribed, then failed: no second reader
+                    with contextlib.suppress(Exception):
+                        self.follower.stop()
+                refused = isinstance(exc, ChannelClosed)
+                log.error("cannot read the cancels stream (%s: %s); %s; trying again in %gs", type(exc).__name__,
+                          logs.clean(str(exc), 200), "running without cancels meanwhile" if refused else
+                          "tasks wait until cancels are known", delay, event="cancels_unavailable")
+                if refused:
+                    self.ready.set()
+                time.sleep(delay)
+                delay = min(RETRY_AFTER, delay * 2)
+        self.ready.set()
         self._listen()
 
     def _listen(self) -> None:
@@ -142,13 +157,19 @@ class Control:
         """Every tick: look for freshly cancelled ids among running tasks; rebind a lost control queue."""
         fresh = self.cancels.fresh
         watch = self._watch
-        while fresh:
-            watch[fresh.popleft()] = now + WATCH
+        while fresh:  # at most MAX_IDS watched: a flood of cancels must not make each tick scan millions of ids
+            mid = fresh.popleft()
+            if len(watch) < cancels.MAX_IDS or mid in watch:
+                watch[mid] = now + WATCH
         if watch:
             for mid in [m for m, until in watch.items() if until < now]:
                 del watch[mid]
             if watch:
-                self.cancel_running(set(watch), now)
+                self.cancel_running(watch, now)  # type: ignore[arg-type] - a dict: `in` is all they use
+        follower = self.follower
+        if follower is not None and follower.lost and now >= follower.retry_at:  # its reader ended: a new one
+            follower.retry_at = now + RETRY_AFTER  # one attempt at a time, then one per RETRY_AFTER while it fails
+            threading.Thread(target=follower.resume, name="magne-control", daemon=True).start()
         if self.lost and not self._restarting and self.ready.is_set() and now >= self._retry_at:
             self._restarting = True
             self.lost = False
@@ -158,8 +179,7 @@ class Control:
         """Main thread, at the end: flush the last events."""
         if self.events is not None:
             self.events.stop()
-        # The consumers end with the connection, and the control queue expires by itself (x-expires) once nobody
-        # consumes it: nothing to cancel (see Replies on cancels) nor to delete here.
+        # Consumers end with the connection; the control queue expires by itself (x-expires): nothing to delete.
         if self.own:
             self.publisher.close()
 
@@ -167,8 +187,9 @@ class Control:
     def _on_request(self, m: Delivered) -> None:
         """An inspect request: answer to its reply_to, unconfirmed (the inspector may be gone already)."""
         try:
-            props = codec.decode_properties(m.header)
-            if not props.reply_to or orjson.loads(m.body).get("op") != "inspect":
+            props = codec.decode_properties(m.header)  # a server-named reply queue only, so many a second
+            if (not controlguard.reply_target_ok(props.reply_to) or not self.throttle.allow()
+                    or orjson.loads(m.body).get("op") != "inspect"):
                 return
             body = orjson.dumps(self.inspect(), default=str)
             reply = commands.Basic.Properties(content_type="application/json", correlation_id=props.correlation_id)
@@ -213,12 +234,12 @@ def snapshot(worker: Any, started: float) -> dict[str, Any]:
         if d is None or s.clock is None:
             continue
         running.append({"kind": "thread", "thread": s.thread.name if s.thread else "?", "queue": d.queue,
-                        "task": d.task, "message_id": cancels.message_id_of(d.header),
+                        "task": d.task, "message_id": cancels.id_of(d),
                         "started": wall - (mono - began) if began else None, "time_limit": s.limit})
     if worker.aio is not None:
         for run in list(worker.aio.running.values()):
             running.append({"kind": "async", "thread": "magne-asyncio", "queue": run.d.queue, "task": run.d.task,
-                            "message_id": cancels.message_id_of(run.d.header),
+                            "message_id": cancels.id_of(run.d),
                             "started": wall - (mono - run.started) if run.started else None, "time_limit": run.limit})
     return {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__, "node": worker.io.node,
             "queues": list(worker.queues), "threads": worker.opts.threads, "started": started,
@@ -254,8 +275,8 @@ class Replies:
         """Client loop thread: an answer, to the gather that waits for it (none: it came too late, dropped)."""
         try:
             got = self.waiting.get(codec.decode_properties(m.header).correlation_id or "")
-            rec = orjson.loads(m.body)
-            if got is not None and isinstance(rec, dict):
+            rec = orjson.loads(m.body) if got is not None else None
+            if got is not None and controlguard.well_formed(rec):
                 got.append(rec)
         except Exception:
             pass  # not an answer of ours

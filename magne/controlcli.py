@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from magne import cancels, control
+from magne import cancels, control, logs
 from magne.errors import EXIT_CONFIG, EXIT_OK, ConfigError
 from magne.publisher import Publisher
 from magne.registry import REGISTRY, queues_of
@@ -92,15 +92,26 @@ def text(replies: list[dict[str, Any]]) -> list[str]:
         return ["no worker process answered"]
     now = time.time()
     lines = [f"{len(replies)} worker process(es)"]
-    for r in replies:
-        lines.append(f"{r.get('host')} pid {r.get('pid')}: magne {r.get('version')}, up {_ago(r.get('uptime'))}, "
-                     f"{r.get('threads')} threads, {r.get('busy')} running, queues {', '.join(r.get('queues') or [])}")
-        for t in r.get("running") or []:
-            started = t.get("started")
+    for r in replies:  # every value as the process sent it, escaped: a message id is the publisher's to choose
+        c = _show
+        queues = r.get("queues") if isinstance(r.get("queues"), list) else []
+        lines.append(f"{c(r.get('host'))} pid {c(r.get('pid'))}: magne {c(r.get('version'))}, up "
+                     f"{_ago(r.get('uptime'))}, {c(r.get('threads'))} threads, {c(r.get('busy'))} running, queues "
+                     f"{', '.join(c(q) for q in queues)}")
+        for t in r.get("running") if isinstance(r.get("running"), list) else []:
+            if not isinstance(t, dict):
+                continue
+            started, limit = t.get("started"), t.get("time_limit")
             took = f"for {_ago(now - started)}" if isinstance(started, int | float) else "not started"
-            lines.append(f"  {t.get('thread')}: {t.get('task')} (message {t.get('message_id')}, queue "
-                         f"{t.get('queue')}) {took}, time limit {t.get('time_limit'):g}s")
+            limit_ = f"{limit:g}s" if isinstance(limit, int | float) else "none"
+            lines.append(f"  {c(t.get('thread'))}: {c(t.get('task'))} (message {c(t.get('message_id'))}, queue "
+                         f"{c(t.get('queue'))}) {took}, time limit {limit_}")
     return lines
+
+
+def _show(value: Any) -> str:
+    """One value of an answer for the terminal: control characters escaped (no escape sequence reaches it), cut."""
+    return logs.clean(value if isinstance(value, str) else str(value), 200)
 
 
 def _ago(seconds: Any) -> str:

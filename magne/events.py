@@ -48,6 +48,7 @@ DEFAULT_STREAM = "magne.events"
 FLUSH_EVERY = 0.1  # seconds between batches
 BATCH = 1000  # records in one stream message at most
 MAX_BUFFER = 100_000  # records held while the broker cannot take them; older ones are dropped
+ROOM = 32  # batches handed to the publisher client while it has fewer messages than this waiting or unconfirmed
 MAX_BYTES = 2_000_000_000  # the stream's x-max-length-bytes, beside its age: disk stays bounded at any rate
 
 NAMES = {Outcome.ACK: "succeeded", Outcome.RETRY: "retried", Outcome.DEAD: "dead-lettered",
@@ -55,7 +56,7 @@ NAMES = {Outcome.ACK: "succeeded", Outcome.RETRY: "retried", Outcome.DEAD: "dead
 NAMES_BY_OUTCOME = [NAMES[o] for o in sorted(Outcome)]  # indexed by the outcome's value: no enum hashing per event
 FIELDS = ("t", "event", "task", "queue", "id", "started", "duration", "reason", "error")  # a row's columns
 
-Entry = tuple[bytes, str, str, Outcome, str, Any, float, float]
+Entry = tuple[bytes, str, str, Outcome, str, Any, float, float, Any]
 
 
 def stream_name() -> str:
@@ -93,7 +94,7 @@ class Events:
         append, now = self.buf.append, time.monotonic
 
         def reporting(d: Delivery) -> None:
-            append((d.header, d.task, d.queue, d.outcome, d.reason, d.error, d.started, now()))
+            append((d.header, d.task, d.queue, d.outcome, d.reason, d.error, d.started, now(), d.meta))
             report(d)
 
         return reporting
@@ -123,7 +124,10 @@ class Events:
                 if not ready:
                     declare(client, self.name)
                     ready = True
-                while self.buf:  # one batch a tick, more only while a backlog of full batches waits
+                # One batch a tick, more only while a backlog of full batches waits, and only while the client has
+                # room: handed over regardless, a blocked or unreachable broker moved every event into the client's
+                # queue (bounded by the 30 s deadline only, not MAX_BUFFER) ahead of the tasks' own sends.
+                while self.buf and client.has_room(ROOM):
                     self._flush(client)
                     if len(self.buf) < BATCH:
                         break
@@ -141,14 +145,16 @@ class Events:
         shift = time.time() - time.monotonic()  # monotonic -> wall clock
         names, popleft, append, mid = NAMES_BY_OUTCOME, buf.popleft, rows.append, message_id_of
         for _ in range(min(len(buf), BATCH)):
-            header, task, queue, outcome, reason, error, started, at = popleft()
+            header, task, queue, outcome, reason, error, started, at, meta = popleft()
+            # A foreign message (dramatiq, celery) has its id in d.meta (magne.formats) when it has no message_id
+            mid_ = mid(header) or (meta.message_id if meta is not None else None)
             if not reason:  # the common case: a success
-                append((at + shift, names[outcome], task, queue, mid(header), started + shift if started else None,
+                append((at + shift, names[outcome], task, queue, mid_, started + shift if started else None,
                         at - started if started else None))
                 continue
             event = "cancelled" if reason == "cancelled" else names[outcome]
             err = {"type": error.get("type"), "message": logs.clean(error.get("message", ""), 300)} if error else None
-            append((at + shift, event, task, queue, mid(header), started + shift if started else None,
+            append((at + shift, event, task, queue, mid_, started + shift if started else None,
                     at - started if started else None, None if event == "cancelled" else reason, err))
         body = orjson.dumps({"host": self.host, "pid": self.pid, "fields": FIELDS, "rows": rows})
         props = commands.Basic.Properties(content_type="application/json", delivery_mode=2)

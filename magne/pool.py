@@ -24,7 +24,7 @@ from typing import Any
 
 from magne import logs
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
-from magne.cancels import message_id_of
+from magne.cancels import is_cancelled
 from magne.delivery import Delivery
 from magne.errors import ColdShutdown, TimeLimitExceeded
 from magne.hooks import HookSet
@@ -142,7 +142,7 @@ class Pool:
         thread does not come back (Runner.abandoned), like a time limit."""
         for s in self.slots:
             d = s.delivery
-            if d is None or s.clock is None or s.interrupted or message_id_of(d.header) not in ids:
+            if d is None or s.clock is None or s.interrupted or not is_cancelled(d, ids):
                 continue
             if s.cancel(d, now):
                 log.info("message %s (task %s) was cancelled while running; interrupting its thread %s",

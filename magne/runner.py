@@ -38,7 +38,7 @@ from magne.policy import Failure, RetryPolicy, dead_letter_plainly, decide
 from magne.registry import Task
 from magne.taskrun import DECISIONS, TaskRun
 from magne.timelimits import Slot
-from magne.workflow import asks
+from magne.workflow import asks, on_dead
 
 log = logs.Log("magne.runner")
 
@@ -83,7 +83,11 @@ class Runner:
         if cancels and message_id_of(d.header) in cancels:
             raise Cancelled("cancelled before it started")
         if self.accept is not None:  # --accept: magne.formats reads magne's format and the others accepted
-            return formats.resolve(d, self.tasks, self.accept, self.time_limit)
+            resolved = formats.resolve(d, self.tasks, self.accept, self.time_limit)
+            # A foreign message's own id (dramatiq's body, celery's header: what its producer knows it by).
+            if cancels and d.meta is not None and d.meta.message_id in cancels:
+                raise Cancelled("cancelled before it started")
+            return resolved
         wire.check_encoding(d.header)
         name, args, kwargs = wire.decode(d.body)
         d.task = name
@@ -118,7 +122,7 @@ class Runner:
             if asked:
                 on_success(d, t.name, result)
         except BaseException as exc:  # noqa: B036 - SystemExit, KeyboardInterrupt, ...: the task's failure
-            self.failed(d, t, args, kwargs, exc)
+            self.failed(d, t, args, kwargs, cancelled_anyway(slot, d, exc))
         return False
 
     def run_hooked(self, slot: Slot, d: Delivery) -> bool:
@@ -158,6 +162,7 @@ class Runner:
             if slot.abandoned:
                 return False
             seconds = time.monotonic() - started if started else 0.0  # the task's own time, before deciding
+            exc = cancelled_anyway(slot, d, exc)
             self.failed(d, t, args, kwargs, exc)
             self.after_failure(d, t, args, kwargs, exc, info, started, seconds, slot.timers)
             return False
@@ -259,6 +264,8 @@ class Runner:
         logs.release_leaked_locks()  # if it was raised into the task's thread inside logging (nothing otherwise)
         d.outcome = Outcome.ACK
         d.reason = "cancelled"  # what magne.events reports (an ACK with this reason is no success)
+        if asks(d.header):  # its result, its pipeline's, its chord's callback: "cancelled", published before the ack
+            d.follow = on_dead(d, {"type": "Cancelled", "message": wire.safe_text(exc, wire.MESSAGE_CHARS)})
         self.cancelled += 1
         task = logs.clean(d.task, 100) or "?"
         mid = d.message_id()
@@ -298,3 +305,11 @@ def _binds(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> b
     except ValueError:  # no signature available (some builtins): assume it bound
         return True
     return True
+
+
+def cancelled_anyway(slot: Slot, d: Delivery, exc: BaseException) -> BaseException:
+    """A pool thread's failure: a run the watchdog cancelled (magne.cancel) whose task turned Cancelled into an
+    exception of its own (`except BaseException: raise MyError`) was still cancelled: not retried nor dead-lettered."""
+    if slot.why is Cancelled and slot.delivery is d and not isinstance(exc, Cancelled):
+        return Cancelled("cancelled while running")
+    return exc

@@ -232,9 +232,10 @@ def on_success(d: Delivery, task: str, value: Any) -> None:
     d.follow = out or None
 
 
-def on_dead(d: Delivery) -> list[Next] | None:
+def on_dead(d: Delivery, error: dict[str, str] | None = None) -> list[Next] | None:
     """I/O thread, cold path: a message that asked was dead-lettered (its failure is final). Its failure record, and
-    its pipeline's (the pipeline's result is its first failure)."""
+    its pipeline's (the pipeline's result is its first failure). Also a run thread's, for a cancelled message
+    (Runner.was_cancelled, with its `error`): its outcome is as final, and whoever waits on it must hear so."""
     headers, mid = _read(d)
     flow = _flow(headers)
     pipe = flow.get("pipe") if isinstance(flow.get("pipe"), str) and len(flow["pipe"]) <= 255 else None
@@ -248,6 +249,6 @@ def on_dead(d: Delivery) -> list[Next] | None:
         ids.append(f"{group}.callback")
     if not ids:
         return None
-    err = d.error or {"type": "BadMessage", "message": d.reason}
+    err = error or d.error or {"type": "BadMessage", "message": d.reason}
     return [record(i, d.task, False, reason=d.reason, error=err, of=mid) for i in ids]
 

@@ -104,9 +104,11 @@ class Dashboard:
             refused = self._refuse(r)
             if refused:
                 return refused
-            body = await _json(r)
+            given = (await _json(r)).get("ids")
+            if not isinstance(given, list):  # a string would be cancelled one character at a time
+                return JSONResponse({"message": "ids must be a JSON array of message ids"}, status_code=400)
             try:
-                ids = await run_in_threadpool(cancels.cancel, *(body.get("ids") or []), publisher=self.pub)
+                ids = await run_in_threadpool(cancels.cancel, *given, publisher=self.pub)
             except ValueError as exc:
                 return JSONResponse({"message": str(exc)}, status_code=400)
             log.info("dashboard: cancelled %d message(s)", len(ids), event="dashboard_cancel")

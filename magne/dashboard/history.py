@@ -9,7 +9,6 @@ server's thread. One lock between them, held for a dictionary update or a copy, 
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -20,6 +19,8 @@ FAILURES = 50  # recent failures kept
 SAMPLES = 500  # durations kept per task for its percentiles
 MAX_NAMES = 2000  # tasks (and queues) tracked at most: anything that can write the stream cannot grow it without end
 FAILED = ("retried", "dead-lettered")
+MAX_EPOCH = 2**33  # seconds since 1970 (year 2242): an event time past it is forged
+MAX_DURATION = 10 * 365 * 86400.0  # seconds: a longer run is not one a worker timed
 
 
 class TaskStats:
@@ -47,9 +48,12 @@ class History:
             for r in records:
                 t, kind = r.get("t"), r.get("event")
                 task = r.get("task")
-                if (not isinstance(t, int | float) or not math.isfinite(t) or not isinstance(kind, str)
+                # A time the page can show (anything that may write the stream can write any number): before 1970
+                # or past MAX_EPOCH is not one a worker wrote.
+                if (not isinstance(t, int | float) or not 0 <= t <= MAX_EPOCH or not isinstance(kind, str)
                         or not isinstance(task, str)):
                     continue
+                kind = kind[:40]
                 task = task[:200] or "?"
                 if task not in self.tasks and len(self.tasks) >= MAX_NAMES:
                     task = "(other tasks)"
@@ -62,7 +66,8 @@ class History:
                     st = self.tasks[task] = TaskStats()
                 st.counts[kind] = st.counts.get(kind, 0) + 1
                 minute = int(t // 60)
-                if minute > horizon:
+                in_window = horizon < minute <= horizon + WINDOW + 1  # never a future minute: they would pile up
+                if in_window:
                     m = st.minutes.get(minute)
                     if m is None:
                         m = st.minutes[minute] = [0, 0, 0.0, 0]
@@ -70,17 +75,18 @@ class History:
                             del st.minutes[old]
                     m[1 if kind in FAILED else 0] += 1
                 d = r.get("duration")
-                if isinstance(d, int | float) and d >= 0:
+                if isinstance(d, int | float) and 0 <= d <= MAX_DURATION:  # finite: sums stay JSON numbers
                     st.durations.append(float(d))
-                    if minute > horizon:
+                    if in_window:
                         m[2] += d
                         m[3] += 1
                 if kind in FAILED:
                     err = r.get("error") if isinstance(r.get("error"), dict) else {}
-                    self.failures.appendleft({"t": t, "task": task, "event": kind, "id": r.get("id"),
-                                              "queue": r.get("queue"), "reason": r.get("reason"),
-                                              "error": f"{err.get('type', '')}: {err.get('message', '')}".strip(": "),
-                                              "host": r.get("host"), "pid": r.get("pid")})
+                    self.failures.appendleft({"t": t, "task": task, "event": kind, "id": _cut(r.get("id"), 255),
+                                              "queue": _cut(r.get("queue"), 255), "reason": _cut(r.get("reason"), 300),
+                                              "error": _cut(f"{err.get('type', '')}: {err.get('message', '')}"
+                                                            .strip(": "), 600),
+                                              "host": _cut(r.get("host"), 255), "pid": _cut(r.get("pid"), 20)})
 
     def snapshot(self) -> dict[str, Any]:
         """Web thread: the per-task table, series of the last WINDOW minutes, and recent failures (plain data)."""
@@ -103,6 +109,14 @@ class History:
                 })
             return {"tasks": tasks, "failures": list(self.failures), "events": self.events, "since": self.first,
                     "queues": sorted(self.queues)}
+
+
+def _cut(value: Any, limit: int) -> Any:
+    """A value from the stream as kept for the page: a number as it is, anything else as a string of at most `limit`
+    characters (a forged record's megabyte of text is not kept fifty times)."""
+    if value is None or isinstance(value, int | float):
+        return value
+    return (value if isinstance(value, str) else str(value))[:limit]
 
 
 def _pct(sorted_values: list[float], q: float) -> float | None:

@@ -28,7 +28,10 @@ def secs(v: Any) -> str:
 def when(t: Any) -> str:
     if not isinstance(t, int | float):
         return "-"
-    return datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S")
+    try:
+        return datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # a time no clock shows: the page still renders
+        return "-"
 
 
 def spark(values: list[Any], colour: str, w: int = 180, h: int = 28) -> str:

@@ -154,4 +154,4 @@ def test_a_flood_of_cancels_keeps_the_newest_within_a_bound(monkeypatch):
     s.add(["newest"], now)
     assert len(s) <= 3001 and "newest" in s
     s.add([f"more{i}" for i in range(3000)], now)
-    assert len(s) == 1500 and not any(k.startswith("id") for k in s.ids)  # the oldest went first
+    assert len(s) <= 1500 and not any(k.startswith("id") for k in s.ids)  # the oldest went first
