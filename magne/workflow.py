@@ -232,6 +232,19 @@ def on_success(d: Delivery, task: str, value: Any) -> None:
     d.follow = out or None
 
 
+def on_cancelled(d: Delivery, why: str) -> list[Next] | None:
+    """The run's thread (or the watchdog), cold path: a message that asked was cancelled (magne.cancels; acked, never
+    run again). Its result, its pipeline's and its chord's say so: a failure record with reason "cancelled" (issue
+    23: "its result, if it asked for one, says so"), published before the ack like any other follow-up."""
+    if not d.task:  # cancelled before it was decoded: name its task in the record if the body says it
+        try:
+            d.task = wire.safe_text(wire.decode(d.body)[0], 200)
+        except Exception:  # noqa: BLE001 - a body we cannot read still gets its record, without a task name
+            pass
+    d.error = {"type": "Cancelled", "message": wire.safe_text(why, wire.MESSAGE_CHARS)}
+    return on_dead(d)
+
+
 def on_dead(d: Delivery) -> list[Next] | None:
     """I/O thread, cold path: a message that asked was dead-lettered (its failure is final). Its failure record, and
     its pipeline's (the pipeline's result is its first failure)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from queue import SimpleQueue
 
 import pytest
 from pamqp import commands
@@ -15,11 +16,14 @@ import magne
 from magne import testing, wire, workflow
 from magne.amqp import codec
 from magne.amqp.errors import PublishError
+from magne.cancels import message_id_of
 from magne.delivery import Delivery, Outcome
 from magne.followers import Follower, Reader, Waiter
 from magne.io.follow import Follow
 from magne.policy import Failure, RetryPolicy, decide
+from magne.pool import Pool
 from magne.results import outcome
+from magne.runner import Runner
 from magne.steps import Step
 
 
@@ -279,3 +283,38 @@ def test_a_delivery_without_properties_still_runs():
     pool = Pool(0, {"res_unit_add": add}, None, lambda d: None)
     d = pool.run_one(Delivery(1, 1, "q", wire.encode("res_unit_add", [1, 2]), b"", False))
     assert d.outcome is Outcome.ACK and d.follow is None
+
+
+# -- a cancelled message that asked: its result says so (issue 23) --------------------------------------------
+@magne.task(name="res_unit_cancelled")
+def never_runs(x):
+    raise AssertionError("a cancelled message must not run")
+
+
+def test_a_cancelled_message_that_asked_gets_a_record_saying_so():
+    pool = Pool(1, {never_runs.name: never_runs}, SimpleQueue(), lambda d: None)
+    mid = workflow.new_id()
+    flow = workflow.dumps({"pipe": "P", "rest": []}).decode()
+    body = wire.encode(never_runs.name, [1], {}, mid)
+    d = Delivery(1, 1, "q", body, header({workflow.RESULTS: True, workflow.FLOW: flow}, mid), False)
+    pool.runner.cancels.add([message_id_of(d.header) or ""], time.time())
+    out = pool.run_one(d)
+    assert out.outcome is Outcome.ACK and out.reason == "cancelled"
+    recs = {r["id"]: r for r in (wire.loads(n.body) for n in out.follow)}
+    assert set(recs) == {mid, "P"}  # its own result and its pipeline's
+    assert all(n.routing_key == workflow.STREAM for n in out.follow)
+    with pytest.raises(magne.TaskFailed, match="cancelled") as info:
+        outcome(recs[mid])
+    assert info.value.reason == "cancelled" and info.value.error_type == "Cancelled"
+    assert info.value.task == never_runs.name
+    plain = Delivery(2, 1, "q", body, header(None, mid), False)  # it did not ask: nothing to publish
+    assert pool.run_one(plain).follow is None
+
+
+def test_a_message_cancelled_while_running_records_the_cancel_not_a_success():
+    d = delivery({workflow.RESULTS: True})
+    workflow.on_success(d, "t", 5)  # a success's record was made, then the cancel landed (the watchdog's copy)
+    Runner({}, lambda d: None).was_cancelled(d, magne.Cancelled("cancelled while running"))
+    [rec] = [wire.loads(n.body) for n in d.follow]
+    assert rec["ok"] is False and rec["reason"] == "cancelled"
+
