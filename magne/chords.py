@@ -23,7 +23,6 @@ default publisher's connection (MAGNE_URL), never the worker's consuming connect
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Any
 
@@ -36,7 +35,7 @@ from magne.publisher import Publisher, default_publisher
 log = logs.Log("magne.chords")
 JOIN_TIMEOUT = 60.0  # a member waits this long to see its own record in the stream; else it runs again later
 MAX_MEMBERS = 1_000_000
-GROUP_ID = re.compile(r"[0-9a-f]{32}\.g[0-9]{1,7}")
+GROUP_ID = workflow.CHORD_GROUP
 
 
 def gate_queue(group: str) -> str:
@@ -51,7 +50,9 @@ def member_flow(d: Delivery) -> dict[str, Any] | None:
     if not (isinstance(group, str) and type(i) is int and type(n) is int and 0 <= i < n <= MAX_MEMBERS):
         return None
     # A publisher controls the header: the gate taken from is always this group's own, never a queue it names.
-    return flow if flow.get("gate") == gate_queue(group) and GROUP_ID.fullmatch(group) else None
+    # The size must be the one its id names: a forged smaller one would fire the chord before its members ran.
+    m = GROUP_ID.fullmatch(group)
+    return flow if flow.get("gate") == gate_queue(group) and m is not None and int(m.group(1)) == n else None
 
 
 def on_success(d: Delivery, task: str, value: Any) -> None:
@@ -121,7 +122,10 @@ def callback_args(d: Delivery, args: list[Any]) -> list[Any]:
         return args
     flow = workflow._flow(workflow._headers(d))
     group, n = flow.get("chord"), flow.get("n")
-    if not isinstance(group, str) or type(n) is not int or not 0 < n <= MAX_MEMBERS:
+    # A publisher controls the header: a chord id as magne makes it, its size the one the id names (a forged size
+    # would hold a pool thread reading a million results that never come).
+    m = GROUP_ID.fullmatch(group) if isinstance(group, str) else None
+    if m is None or type(n) is not int or n != int(m.group(1)) or not 0 < n <= MAX_MEMBERS:
         return args
     deadline = time.monotonic() + JOIN_TIMEOUT
     values = [results.result(f"{group}.{i}", max(0.0, deadline - time.monotonic())) for i in range(n)]

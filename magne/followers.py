@@ -218,8 +218,8 @@ class Reader:
             rec = wire.loads(m.body)
         except (ValueError, RecursionError):
             return  # not a record of ours
-        if not isinstance(rec, dict):
-            return
+        if not isinstance(rec, dict) or type(rec.get("ok")) is not bool:
+            return  # not a record (a message someone else put in the stream): it answers nobody
         group = rec.get("group")
         if isinstance(group, str):
             self._count(group, rec)

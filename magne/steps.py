@@ -16,7 +16,6 @@ step's value, or the first failure (a failing step stops the pipeline and its fa
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -80,7 +79,7 @@ def pipeline(steps: Iterable[Step]) -> Pipeline:
 
 
 GATE_EXPIRES_MS = 7 * 86_400_000  # a chord's gate is deleted after a week unused (a chord that never completed)
-_GROUP_ID = re.compile(r"[0-9a-f]{32}\.g([0-9]{1,7})")  # chords.GROUP_ID, with the size as a group
+_GROUP_ID = workflow.CHORD_GROUP  # with the size as its group 1
 
 
 class Group:

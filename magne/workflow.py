@@ -34,6 +34,9 @@ FLOW = wire.FLOW_HEADER  # JSON text: the rest of its pipeline, its group (see d
 _MARK, _RESULTS_B, _FLOW_B = b"x-magne-", RESULTS.encode(), FLOW.encode()
 
 
+CHORD_GROUP = re.compile(r"[0-9a-f]{32}\.g([0-9]{1,7})")  # a group id as magne.steps makes it (its size in group 1)
+
+
 class Next(NamedTuple):
     """One message to publish (confirmed) before the original is acked."""
 
@@ -192,6 +195,8 @@ def check_step(step: Any) -> None:
     why = topology.queue_name_problem(queue)
     if why is not None:
         raise ValueError(f"a pipeline step's queue {wire.safe_repr(queue)} {why}")
+    if queue == STREAM or queue.startswith(f"{STREAM}."):  # a forged record in the stream, a second chord callback
+        raise ValueError(f"a pipeline step's queue {wire.safe_repr(queue)} is the results stream or a chord's gate")
     if qtype is not None and qtype not in topology.QUEUE_TYPES:
         raise ValueError(f"a pipeline step's queue type {wire.safe_repr(qtype)} is not one of {topology.QUEUE_TYPES}")
     if not isinstance(step.get("args", []), list) or not isinstance(step.get("kwargs") or {}, dict):
@@ -257,8 +262,8 @@ def on_dead(d: Delivery) -> list[Next] | None:
     if isinstance(pipe, str) and pipe and pipe != mid:
         ids.append(pipe)
     group = flow.get("group")
-    if isinstance(flow.get("gate"), str) and isinstance(group, str) and len(group) <= 200:  # a chord's member failed
-        ids.append(f"{group}.callback")
+    if isinstance(group, str) and CHORD_GROUP.fullmatch(group) and flow.get("gate") == f"{STREAM}.chord.{group}":
+        ids.append(f"{group}.callback")  # a chord's member failed (its own group's gate, as magne.chords checks)
     if not ids:
         return None
     err = d.error or {"type": "BadMessage", "message": d.reason}

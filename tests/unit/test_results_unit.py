@@ -255,6 +255,8 @@ def test_groups_and_chords_in_process(kw):
     {"task": "t", "queue": "Q", "id": "x", "qt": "stream"},
     {"task": "t", "queue": "Q", "id": "x", "args": "no"},
     "not a step",
+    {"task": "t", "queue": workflow.STREAM, "id": "victim"},  # a forged "record" for another message's id
+    {"task": "t", "queue": f"{workflow.STREAM}.chord.{'a' * 32}.g2", "id": "x"},  # a second callback in a gate
 ])
 def test_a_pipeline_step_a_publisher_forged_becomes_a_failure_not_a_publish(step):
     d = delivery({workflow.FLOW: workflow.dumps({"pipe": "P", "rest": [step]}).decode(), workflow.RESULTS: True},
@@ -271,8 +273,40 @@ def test_a_chord_member_takes_only_its_own_groups_gate():
     gid = f"{workflow.new_id()}.g3"
     own = {"group": gid, "i": 0, "n": 3, "gate": chords.gate_queue(gid)}
     assert chords.member_flow(delivery({workflow.FLOW: workflow.dumps(own).decode()})) == own
-    for bad in ({**own, "gate": "orders"}, {**own, "i": 3}, {**own, "group": "x", "gate": chords.gate_queue("x")}):
+    for bad in ({**own, "gate": "orders"}, {**own, "i": 3}, {**own, "group": "x", "gate": chords.gate_queue("x")},
+                {**own, "n": 1, "i": 0}):  # a forged smaller size would fire the chord after one member
         assert chords.member_flow(delivery({workflow.FLOW: workflow.dumps(bad).decode()})) is None
+
+
+def test_a_forged_member_cannot_record_another_chords_failure():
+    gid = f"{workflow.new_id()}.g3"
+    for flow in ({"group": gid, "gate": "anything"}, {"group": "x" * 100, "gate": f"{workflow.STREAM}.chord.{'x' * 100}"}):
+        d = delivery({workflow.FLOW: workflow.dumps(flow).decode(), workflow.RESULTS: True}, mid="m")
+        d.reason = "task raised"
+        assert [wire.loads(n.body)["id"] for n in workflow.on_dead(d)] == ["m"]
+    own = {"group": gid, "gate": f"{workflow.STREAM}.chord.{gid}", "i": 0, "n": 3}
+    d = delivery({workflow.FLOW: workflow.dumps(own).decode()}, mid=f"{gid}.0")
+    d.reason = "task raised"
+    assert [wire.loads(n.body)["id"] for n in workflow.on_dead(d)] == [f"{gid}.callback"]
+
+
+def test_a_forged_callback_size_does_not_wait_for_members():
+    from magne import chords
+
+    gid = f"{workflow.new_id()}.g2"
+    for flow in ({"chord": gid, "n": 1_000_000}, {"chord": "x", "n": 2}):
+        d = delivery({workflow.FLOW: workflow.dumps(flow).decode(), workflow.RESULTS: True})
+        assert chords.callback_args(d, [1]) == [1]  # it runs as a plain task (no default publisher is touched)
+
+
+def test_a_message_in_the_stream_that_is_no_record_answers_nobody():
+    r = Reader(FakeClient())
+    f = Follower(0)
+    w = Waiter("victim", 0)
+    r._register(w)
+    r._on_message(f, Msg(1, wire.encode("t", [1], None, "victim")))  # a task body someone put in the stream
+    r._on_message(f, Msg(2, workflow.dumps({"id": "victim", "ok": "yes"})))
+    assert w.record is None and "victim" not in r.cache
 
 
 def test_a_delivery_without_properties_still_runs():
