@@ -84,6 +84,7 @@ class Reader:
         self.evicted_ms = 0.0  # the newest write time (ms, its "at") of a record evicted from the cache
         self.cached_bytes = 0
         self.groups: OrderedDict[str, set[int]] = OrderedDict()  # group id -> members with a success record so far
+        self.groups_full = False  # a group's count was dropped (GROUPS): a count short of its size may be incomplete
         self.rids: dict[str, Waiter] = {}  # a chord member's own record (its nonce) -> who waits to see it
         self.followers: list[Follower] = []
         self.lock = threading.Lock()
@@ -178,14 +179,55 @@ class Reader:
         seen = self.groups.get(group)
         if seen is None:
             seen = self.groups[group] = set()
-            if len(self.groups) > GROUPS:
+            if len(self.groups) > GROUPS:  # the group seen least recently goes; a join then recounts (recount)
                 self.groups.popitem(last=False)
+                self.groups_full = True
+        else:
+            self.groups.move_to_end(group)
         if rec.get("ok") is True and type(rec.get("i")) is int:
             seen.add(rec["i"])
         rid = rec.get("rid")
         w = self.rids.pop(rid, None) if isinstance(rid, str) else None
         if w is not None:
             w.set({**rec, "succeeded": len(seen)})
+
+    def recount(self, group: str, rid: str, start: float, timeout: float) -> int:
+        """How many members of `group` had succeeded by the record with nonce `rid`, counted by a follower of its own
+        from `start` (ms; -inf: the stream's first record). A chord member's join (pool thread) calls it when the
+        shared count fell short and may be incomplete (groups_full: a busy process dropped counts, or a catch-up
+        follower's old records pushed them out): without it the member completing the set would see too few and
+        the callback would never run. TimeoutError if the record does not show within `timeout` seconds."""
+        seen: set[int] = set()
+        w = Waiter(rid, start, rid=True)
+        f = Follower(start)
+
+        def on_message(m: Delivered) -> None:  # the client's loop thread
+            f.unacked += 1
+            if f.unacked >= ACK_EVERY:
+                f.unacked = 0
+                self.client.ack(m.tag, m.gen, multiple=True)
+            try:
+                rec = wire.loads(m.body)
+            except (ValueError, RecursionError):
+                return
+            if isinstance(rec, dict) and rec.get("group") == group:
+                if rec.get("ok") is True and type(rec.get("i")) is int:
+                    seen.add(rec["i"])
+                if rec.get("rid") == rid and w.record is None:
+                    w.set({"succeeded": len(seen)})
+
+        offset: Any = "first" if start == float("-inf") else datetime.datetime.fromtimestamp(start / 1000,
+                                                                                             tz=datetime.UTC)
+        tag = self.client.consume(self.stream, on_message, PREFETCH, {"x-stream-offset": offset})
+        try:
+            deadline = time.monotonic() + timeout
+            while not w.signal.wait(SLICE):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"its own record did not show in a recount within {timeout:g}s")
+        finally:
+            self.client.cancel(tag)
+        assert w.record is not None
+        return int(w.record["succeeded"])
 
     # -- the client's loop thread ------------------------------------------------------------------------------
     def _register(self, w: Waiter) -> None:

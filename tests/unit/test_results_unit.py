@@ -4,6 +4,7 @@ worker (magne.testing)."""
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections import deque
 from queue import SimpleQueue
@@ -156,6 +157,15 @@ class FakeClient:
 
     def ack(self, tag, gen, multiple=False):
         self.acks.append(tag)
+
+    def consume(self, queue, on_message, prefetch, arguments):  # delivers `records` at once (a recount's follower)
+        self.consumed = arguments
+        for k, rec in enumerate(self.records):
+            on_message(Msg(k + 1, workflow.dumps(rec)))
+        return "c9"
+
+    def cancel(self, tag):
+        self.cancelled = tag
 
 
 class Msg:
@@ -352,3 +362,22 @@ def test_a_message_cancelled_while_running_records_the_cancel_not_a_success():
     [rec] = [wire.loads(n.body) for n in d.follow]
     assert rec["ok"] is False and rec["reason"] == "cancelled"
 
+
+
+def test_a_join_recounts_when_the_shared_count_of_its_group_was_dropped(monkeypatch):
+    """More groups in flight than GROUPS (or a catch-up follower replaying old ones) pushed a chord's count out:
+    the member completing the set saw too few, and the callback never ran. It now recounts its group alone."""
+    monkeypatch.setattr("magne.followers.GROUPS", 2)
+    client = FakeClient()
+    r, f = Reader(client), Follower(0)
+    g = f"{workflow.new_id()}.g2"
+    client.records = [{"id": f"{g}.0", "ok": True, "group": g, "i": 0, "rid": "r0"},
+                      {"id": "a.0", "ok": True, "group": "A", "i": 0}, {"id": "b.0", "ok": True, "group": "B", "i": 0},
+                      {"id": f"{g}.1", "ok": True, "group": g, "i": 1, "rid": "r1"}]
+    w = Waiter("r1", 0, rid=True)
+    r._register(w)
+    for k, rec in enumerate(client.records):
+        r._on_message(f, Msg(k + 1, workflow.dumps(rec)))
+    assert w.record["succeeded"] == 1 and r.groups_full  # g's count was pushed out by A and B
+    assert r.recount(g, "r1", workflow.sent_at_ms(g) - 60_000, 5.0) == 2 and client.cancelled == "c9"
+    assert isinstance(client.consumed["x-stream-offset"], datetime.datetime)
