@@ -88,7 +88,12 @@ async def result_async(message_id: str, timeout: float = 30.0, publisher: Publis
     loop = asyncio.get_running_loop()
     r = reader(pub)
     future: asyncio.Future[dict[str, Any]] = loop.create_future()
-    w, f = await loop.run_in_executor(None, r.waiter, message_id, loop, future)
+    registering = loop.run_in_executor(None, r.waiter, message_id, loop, future)
+    try:
+        w, f = await asyncio.shield(registering)
+    except asyncio.CancelledError:  # the caller gave up while a follower started: forget the waiter once it is made
+        registering.add_done_callback(lambda made: _forget_later(loop, r, made))
+        raise
     try:
         rec = await asyncio.wait_for(future, timeout)
     except TimeoutError:
@@ -96,6 +101,16 @@ async def result_async(message_id: str, timeout: float = 30.0, publisher: Publis
     finally:
         await loop.run_in_executor(None, r.done, w, f)
     return outcome(rec)
+
+
+def _forget_later(loop: asyncio.AbstractEventLoop, r: Reader, made: asyncio.Future[tuple[Waiter, Follower]]) -> None:
+    """The event loop's thread: a registration whose caller was cancelled finished; forget it (on an executor
+    thread: done() may wait for the broker), else its waiter, and a catch-up follower, would stay forever."""
+    if not made.cancelled() and made.exception() is None:
+        try:
+            loop.run_in_executor(None, r.done, *made.result())
+        except RuntimeError:  # the loop (or its executor) shut down: done() on this thread then
+            r.done(*made.result())
 
 
 def print_result(message_id: str, url: str | None, timeout: float) -> int:

@@ -4,7 +4,9 @@ worker (magne.testing)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import threading
 import time
 from collections import deque
 from queue import SimpleQueue
@@ -381,3 +383,36 @@ def test_a_join_recounts_when_the_shared_count_of_its_group_was_dropped(monkeypa
     assert w.record["succeeded"] == 1 and r.groups_full  # g's count was pushed out by A and B
     assert r.recount(g, "r1", workflow.sent_at_ms(g) - 60_000, 5.0) == 2 and client.cancelled == "c9"
     assert isinstance(client.consumed["x-stream-offset"], datetime.datetime)
+
+
+def test_a_cancelled_result_async_forgets_its_waiter_once_registered(monkeypatch):
+    """Cancelled while its follower started (a web request gone), result_async left its waiter registered and its
+    catch-up follower consuming the stream for the life of the process."""
+    from magne import publisher, results
+
+    class SlowReader:
+        def __init__(self):
+            self.forgotten = threading.Event()
+
+        def waiter(self, mid, loop, future):
+            time.sleep(0.3)  # a follower starting: the broker's consume-ok
+            return "w", "f"
+
+        def done(self, w, f):
+            assert (w, f) == ("w", "f")
+            self.forgotten.set()
+
+    slow = SlowReader()
+    pub = publisher.Publisher.__new__(publisher.Publisher)
+    monkeypatch.setattr(results, "reader", lambda p: slow)
+
+    async def main():
+        task = asyncio.ensure_future(results.result_async("m", 5.0, publisher=pub))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.get_running_loop().run_in_executor(None, slow.forgotten.wait, 5.0)
+
+    asyncio.run(main())
+    assert slow.forgotten.is_set()
