@@ -416,3 +416,21 @@ def test_a_cancelled_result_async_forgets_its_waiter_once_registered(monkeypatch
 
     asyncio.run(main())
     assert slow.forgotten.is_set()
+
+
+def test_magne_result_of_a_group_id_prints_its_members_values(monkeypatch, capsys):
+    """`magne result <group id>` waited for a record no group has, and said "no outcome yet"."""
+    from magne import results
+
+    class FakePublisher:
+        def __init__(self, url):
+            pass
+
+        def close(self):
+            pass
+
+    gid = f"{workflow.new_id()}.g2"
+    monkeypatch.setattr(results, "Publisher", FakePublisher)
+    monkeypatch.setattr(results, "result", lambda mid, timeout, publisher=None: {f"{gid}.0": 5, f"{gid}.1": 7}[mid])
+    assert results.print_result(gid, None, 1.0) == 0
+    assert wire.loads(capsys.readouterr().out) == {"id": gid, "ok": True, "value": [5, 7]}
