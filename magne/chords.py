@@ -93,7 +93,7 @@ def join(d: Delivery, task: str, value: Any, flow: dict[str, Any]) -> None:
         r.done(w, f)
     assert w.record is not None
     succeeded = w.record.get("succeeded")
-    if succeeded != n and r.groups_full:  # the shared count may have been dropped: count this group alone
+    if succeeded != n and r.may_be_short(group):  # its shared count was dropped once: count this group alone
         succeeded = r.recount(group, rid, w.start, max(1.0, deadline - time.monotonic()))
     if succeeded != n:
         return  # not every member had succeeded before this one: a later one completes the set

@@ -27,6 +27,7 @@ from magne.workflow import sent_at_ms, stream_declaration
 
 CACHE, CACHE_BYTES = 10_000, 64 << 20  # records kept per process, and their bytes at most
 GROUPS = 10_000  # groups whose members' records are counted per process (magne.chords)
+DROPPED = 100_000  # ids of groups whose count was dropped, remembered (a join of theirs recounts)
 PREFETCH, ACK_EVERY = 1000, 200
 SLICE = 0.2
 READY_WAIT = 10.0
@@ -84,7 +85,8 @@ class Reader:
         self.evicted_ms = 0.0  # the newest write time (ms, its "at") of a record evicted from the cache
         self.cached_bytes = 0
         self.groups: OrderedDict[str, set[int]] = OrderedDict()  # group id -> members with a success record so far
-        self.groups_full = False  # a group's count was dropped (GROUPS): a count short of its size may be incomplete
+        self.dropped: OrderedDict[str, None] = OrderedDict()  # groups whose count was dropped (GROUPS), newest last
+        self.dropped_many = False  # more than DROPPED were: any group's count short of its size may be incomplete
         self.rids: dict[str, Waiter] = {}  # a chord member's own record (its nonce) -> who waits to see it
         self.followers: list[Follower] = []
         self.lock = threading.Lock()
@@ -179,9 +181,11 @@ class Reader:
         seen = self.groups.get(group)
         if seen is None:
             seen = self.groups[group] = set()
-            if len(self.groups) > GROUPS:  # the group seen least recently goes; a join then recounts (recount)
-                self.groups.popitem(last=False)
-                self.groups_full = True
+            if len(self.groups) > GROUPS:  # the group seen least recently goes; a join of its then recounts
+                self.dropped[self.groups.popitem(last=False)[0]] = None
+                if len(self.dropped) > DROPPED:
+                    self.dropped.popitem(last=False)
+                    self.dropped_many = True
         else:
             self.groups.move_to_end(group)
         if rec.get("ok") is True and type(rec.get("i")) is int:
@@ -191,11 +195,17 @@ class Reader:
         if w is not None:
             w.set({**rec, "succeeded": len(seen)})
 
+    def may_be_short(self, group: str) -> bool:
+        """Whether `group`'s count may miss records (it was dropped once, and counted again from a later record).
+        Any thread: a join asks after its own record was counted, and every drop before that record was made on the
+        loop thread before it signalled the join."""
+        return self.dropped_many or group in self.dropped
+
     def recount(self, group: str, rid: str, start: float, timeout: float) -> int:
         """How many members of `group` had succeeded by the record with nonce `rid`, counted by a follower of its own
         from `start` (ms; -inf: the stream's first record). A chord member's join (pool thread) calls it when the
-        shared count fell short and may be incomplete (groups_full: a busy process dropped counts, or a catch-up
-        follower's old records pushed them out): without it the member completing the set would see too few and
+        shared count fell short and may be incomplete (may_be_short: a busy process dropped its count, or a
+        catch-up follower's old records pushed it out): without it the member completing the set would see too few and
         the callback would never run. TimeoutError if the record does not show within `timeout` seconds."""
         seen: set[int] = set()
         w = Waiter(rid, start, rid=True)

@@ -241,16 +241,17 @@ def on_cancelled(d: Delivery, why: str) -> list[Next] | None:
     """The run's thread (or the watchdog), cold path: a message that asked was cancelled (magne.cancels; acked, never
     run again). Its result, its pipeline's and its chord's say so: a failure record with reason "cancelled" (issue
     23: "its result, if it asked for one, says so"), published before the ack like any other follow-up."""
-    if not d.task:  # cancelled before it was decoded: name its task in the record if the body says it
-        try:
-            d.task = wire.safe_text(wire.decode(d.body)[0], 200)
+    task = d.task
+    if not task:  # cancelled before it was decoded: the record names the task its body names (d.task stays "": it is
+        try:      # a metrics label, only ever a registered task's name)
+            task = wire.safe_text(wire.decode(d.body)[0], 200)
         except Exception:  # noqa: BLE001 - a body we cannot read still gets its record, without a task name
             pass
     d.error = {"type": "Cancelled", "message": wire.safe_text(why, wire.MESSAGE_CHARS)}
-    return on_dead(d)
+    return on_dead(d, task)
 
 
-def on_dead(d: Delivery) -> list[Next] | None:
+def on_dead(d: Delivery, task: str | None = None) -> list[Next] | None:
     """I/O thread, cold path: a message that asked was dead-lettered (its failure is final). Its failure record, and
     its pipeline's (the pipeline's result is its first failure)."""
     headers, mid = _read(d)
@@ -267,5 +268,5 @@ def on_dead(d: Delivery) -> list[Next] | None:
     if not ids:
         return None
     err = d.error or {"type": "BadMessage", "message": d.reason}
-    return [record(i, d.task, False, reason=d.reason, error=err, of=mid) for i in ids]
+    return [record(i, d.task if task is None else task, False, reason=d.reason, error=err, of=mid) for i in ids]
 
