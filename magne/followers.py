@@ -104,6 +104,8 @@ class Reader:
         at = sent_at_ms(mid)
         w = Waiter(rid or mid, float("-inf") if at is None else at - SLACK_MS, loop, future, rid is not None)
         self.client.submit(lambda: self._register(w))  # before any follower starts: the cache covers what it passed
+        if rid is None and w.mid in self.cache and w.signal.wait(SLICE):  # answered from the cache (a racy hint,
+            return w, Follower(w.start)  # checked by the answer): no follower started to read what is known already
         while not self.lock.acquire(timeout=SLICE):
             pass
         try:
@@ -146,7 +148,7 @@ class Reader:
             pass
         try:
             f.users -= 1
-            if f.users <= 0 and f is not self.followers[0] and f in self.followers:
+            if f.users <= 0 and f in self.followers and f is not self.followers[0]:
                 self.followers.remove(f)
                 self.client.cancel(f.tag)
         finally:

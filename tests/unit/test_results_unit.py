@@ -435,3 +435,15 @@ def test_magne_result_of_a_group_id_prints_its_members_values(monkeypatch, capsy
     monkeypatch.setattr(results, "result", lambda mid, timeout, publisher=None: {f"{gid}.0": 5, f"{gid}.1": 7}[mid])
     assert results.print_result(gid, None, 1.0) == 0
     assert wire.loads(capsys.readouterr().out) == {"id": gid, "ok": True, "value": [5, 7]}
+
+
+def test_a_result_in_the_cache_starts_no_follower():
+    """A second read of an id of one's own started a follower from the stream's first record (24 h of records read
+    again, flooding the cache) although the cache held the answer."""
+    client = FakeClient()
+    client.records = []
+    r = Reader(client)
+    r._on_message(Follower(0), Msg(1, workflow.dumps({"id": "my-own-id", "ok": True, "value": 7})))
+    w, f = r.waiter("my-own-id")
+    assert w.record["value"] == 7 and not hasattr(client, "consumed") and not r.followers
+    r.done(w, f)
