@@ -105,7 +105,8 @@ class Reader:
         w = Waiter(rid or mid, float("-inf") if at is None else at - SLACK_MS, loop, future, rid is not None)
         self.client.submit(lambda: self._register(w))  # before any follower starts: the cache covers what it passed
         if rid is None and w.mid in self.cache and w.signal.wait(SLICE):  # answered from the cache (a racy hint,
-            return w, Follower(w.start)  # checked by the answer): no follower started to read what is known already
+            w.signal.set()  # checked by the answer; a Signal's wait consumes it: set again for the caller's wait)
+            return w, Follower(w.start)  # no follower started to read what is known already
         while not self.lock.acquire(timeout=SLICE):
             pass
         try:

@@ -446,4 +446,5 @@ def test_a_result_in_the_cache_starts_no_follower():
     r._on_message(Follower(0), Msg(1, workflow.dumps({"id": "my-own-id", "ok": True, "value": 7})))
     w, f = r.waiter("my-own-id")
     assert w.record["value"] == 7 and not hasattr(client, "consumed") and not r.followers
+    assert w.signal.wait(0)  # the caller's wait sees the answer
     r.done(w, f)
