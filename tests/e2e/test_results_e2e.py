@@ -19,6 +19,7 @@ from magne.publisher import Target
 from magne.registry import Task
 from magne.steps import Step
 from support import ROOT, URL, queue_counts, wait_for
+from support.control_env import isolate
 from support.proxy import Proxy
 
 
@@ -130,3 +131,20 @@ def test_a_chord_fires_once_through_a_kill_9_and_a_cut_connection(results, start
     c = b.counters()
     assert c["dead"] == 0 and c["redelivered"] > 0 and c["reconnects"] >= 1, c
     proxy.close()
+
+
+def test_a_cancelled_message_that_asked_has_a_result_saying_so(results, start_worker, names, broker, monkeypatch):
+    """Issue 23: a cancelled message's result, if it asked for one, says so (it was acked with no record, and a
+    reader waited until its timeout)."""
+    isolate(names, broker, monkeypatch)
+    t = results["tasks"]
+    w = start_worker("--threads", "1", modules=("results_tasks",), env=results["env"])
+    w.wait_ready()
+    running = t.nap.send_with_options(args=(3,), results=True)  # time.sleep ends before the interrupt lands
+    waiting = t.nap.send_with_options(args=(0,), results=True)  # behind it on the one thread: cancelled unstarted
+    wait_for(lambda: queue_counts(t.nap.queue)[1] == 2, 10, interval=0.05, what="both delivered")
+    magne.cancel(running, waiting)
+    for mid, why in ((running, "cancelled while running"), (waiting, "cancelled before it started")):
+        with pytest.raises(magne.TaskFailed, match=why) as info:
+            magne.result(mid, 15)
+        assert info.value.reason == "cancelled" and info.value.error_type == "Cancelled" and info.value.task == "nap"
