@@ -152,6 +152,8 @@ class Session:
                 sub = self.queued.popleft()
                 if self.subs.get(sub.tag) is sub:
                     self._consume(sub)
+                elif self.unconfirmed.get(sub.tag) is None:  # cancelled while it waited its turn: nobody waits
+                    self.unconfirmed.pop(sub.tag, None)
             self._pump()
 
     def _unblock(self) -> None:

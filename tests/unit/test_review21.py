@@ -50,3 +50,13 @@ def test_a_lost_connection_while_a_consume_is_awaited_does_not_block_the_next_ch
     session.conn.abort = lambda: None
     session.failed(ConnectionLost("cut"), 0.0)
     assert session.consuming is None and not session.queued
+
+
+def test_a_consumer_cancelled_while_it_waits_its_turn_is_not_subscribed():
+    session, calls = _session()
+    session.subs["c1"] = Subscription("c1", "s", lambda m: None, arguments={"x-stream-offset": 1})
+    session.subs["c2"] = Subscription("c2", "q", lambda m: None)
+    session._ready(None)
+    session.unsubscribe("c2")
+    calls.pop()[1](commands.Basic.ConsumeOk(consumer_tag="c1"))
+    assert [type(m).__name__ for m, _ in calls] == ["Qos"] and not session.unconfirmed and session.consuming is None
