@@ -191,8 +191,8 @@ class Reader:
                     self.dropped_many = True
         else:
             self.groups.move_to_end(group)
-        if rec.get("ok") is True and type(rec.get("i")) is int:
-            seen.add(rec["i"])
+        if rec.get("ok") is True and type(rec.get("i")) is int and 0 <= rec["i"] < _size(group):
+            seen.add(rec["i"])  # only an index the group has: a record with another cannot complete it early
         rid = rec.get("rid")
         w = self.rids.pop(rid, None) if isinstance(rid, str) else None
         if w is not None:
@@ -224,7 +224,7 @@ class Reader:
             except (ValueError, RecursionError):
                 return
             if isinstance(rec, dict) and rec.get("group") == group:
-                if rec.get("ok") is True and type(rec.get("i")) is int:
+                if rec.get("ok") is True and type(rec.get("i")) is int and 0 <= rec["i"] < _size(group):
                     seen.add(rec["i"])
                 if rec.get("rid") == rid and w.record is None:
                     w.set({"succeeded": len(seen)})
@@ -292,6 +292,12 @@ class Reader:
                 self.evicted_ms = max(self.evicted_ms, at * 1000)
         for w in self.waiters.pop(mid, ()):
             w.set(rec)
+
+
+def _size(group: str) -> int:
+    """A group's size, as its id names it (0 for an id magne does not make: none of its records counts)."""
+    m = workflow.CHORD_GROUP.fullmatch(group)
+    return int(m.group(1)) if m is not None else 0
 
 
 _readers: dict[int, Reader] = {}

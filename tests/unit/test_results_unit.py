@@ -448,3 +448,14 @@ def test_a_result_in_the_cache_starts_no_follower():
     assert w.record["value"] == 7 and not hasattr(client, "consumed") and not r.followers
     assert w.signal.wait(0)  # the caller's wait sees the answer
     r.done(w, f)
+
+
+def test_records_with_an_index_outside_the_group_do_not_count_towards_it():
+    """A record in the stream with index 7 for a group of 2 counted: the set looked complete after one member."""
+    r, f = Reader(FakeClient()), Follower(0)
+    g = f"{workflow.new_id()}.g2"
+    r._on_message(f, Msg(1, workflow.dumps({"id": "x", "ok": True, "group": g, "i": 7})))
+    w = Waiter("r0", 0, rid=True)
+    r._register(w)
+    r._on_message(f, Msg(2, workflow.dumps({"id": f"{g}.0", "ok": True, "group": g, "i": 0, "rid": "r0"})))
+    assert w.record["succeeded"] == 1
