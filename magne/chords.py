@@ -26,8 +26,11 @@ import os
 import time
 from typing import Any
 
+from pamqp import commands
+
 from magne import followers, logs, results, wire, workflow
-from magne.amqp import codec
+from magne.amqp import codec, names
+from magne.amqp.errors import ChannelClosed
 from magne.delivery import Delivery, Outcome
 from magne.engine.session import CH
 from magne.publisher import Publisher, default_publisher
@@ -105,7 +108,12 @@ def fire(client: Any, gate: str) -> None:
     passive declare after the reject returns only once the channel handled the reject (frames are handled in order):
     the member is acked only after that."""
     for _attempt in range(3):
-        got = client.get(gate)
+        try:
+            got = client.get(gate)
+        except ChannelClosed as exc:
+            if exc.code != 404:
+                raise
+            return  # the callback ran and deleted its gate (drop_gate): taken long ago
         if got is None:
             return  # taken already (or being taken by a member that will finish it, or run again)
         tag, gen = got[0], client.session.gen
@@ -132,7 +140,23 @@ def callback_args(d: Delivery, args: list[Any]) -> list[Any]:
         return args
     deadline = time.monotonic() + JOIN_TIMEOUT
     values = [results.result(f"{group}.{i}", max(0.0, deadline - time.monotonic())) for i in range(n)]
+    drop_gate(group)
     return [*args, values]
+
+
+def drop_gate(group: str) -> None:
+    """The callback is running, so it left its gate: delete the gate now rather than leave a quorum queue (a Raft
+    group on every node) for a week per chord. Not earlier: with at-least-once dead-lettering the gate holds the
+    callback until its task queue confirmed it. A member that runs again later finds no gate (fire: taken).
+    Pool thread, before the callback runs; a failure only leaves the gate to expire."""
+    pub = default_publisher()
+    if not isinstance(pub, Publisher):
+        return
+    try:
+        pub._running().call(names.QueueDelete(queue=gate_queue(group)), commands.Queue.DeleteOk)
+    except Exception as exc:  # noqa: BLE001 - the gate expires by itself (x-expires)
+        log.warning("the gate of chord %s could not be deleted (%s); it expires in a week", logs.clean(group),
+                    type(exc).__name__, event="chord_gate_kept")
 
 
 def local_fire(d: Delivery, records: dict[str, Any], groups: dict[str, set[int]],

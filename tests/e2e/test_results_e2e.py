@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 
 import magne
-from magne import publisher, workflow
+from magne import chords, publisher, workflow
 from magne.publisher import Target
 from magne.registry import Task
 from magne.steps import Step
-from support import ROOT, URL, queue_counts, wait_for
+from support import ROOT, URL, queue_counts, rabbitmqctl, wait_for
 from support.control_env import isolate
 from support.proxy import Proxy
 
@@ -124,6 +124,8 @@ def test_a_chord_fires_once_through_a_kill_9_and_a_cut_connection(results, start
     proxy.cut()  # b's unacked members go back, and b reconnects
     assert magne.result(cid, 30) == sum(i * i for i in range(n)) + 1
     assert magne.group_result(gid, 10) == [i * i for i in range(n)]
+    gate = chords.gate_queue(gid)  # the callback deleted its gate (not left for a week)
+    wait_for(lambda: gate not in rabbitmqctl("list_queues", "name").split(), 10, interval=0.3, what="the gate deleted")
     wait_for(lambda: queue_counts(t.add.queue) == (0, 0), 20, interval=0.3, what="every member settled")
     runs = {k.decode(): int(v) for k, v in redis.hgetall(names["MAGNE_TEST_KEY"]).items()}
     assert runs["square"] > n and runs["total"] == 1  # members ran again; the callback ran exactly once

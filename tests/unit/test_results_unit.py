@@ -10,6 +10,7 @@ import threading
 import time
 from collections import deque
 from queue import SimpleQueue
+from types import SimpleNamespace
 
 import pytest
 from pamqp import commands
@@ -459,3 +460,26 @@ def test_records_with_an_index_outside_the_group_do_not_count_towards_it():
     r._register(w)
     r._on_message(f, Msg(2, workflow.dumps({"id": f"{g}.0", "ok": True, "group": g, "i": 0, "rid": "r0"})))
     assert w.record["succeeded"] == 1
+
+
+def test_a_member_that_runs_after_the_callback_finds_no_gate_and_is_done(monkeypatch):
+    """The callback deletes its gate (a quorum queue per chord stayed a week); a member running again afterwards
+    gets 404 from basic.get: taken long ago, not a failed join run again forever."""
+    from magne import chords, publisher
+    from magne.amqp.errors import ChannelClosed
+
+    class GoneClient:
+        def get(self, queue):
+            raise ChannelClosed(1, 404, "NOT_FOUND - no queue")
+
+    assert chords.fire(GoneClient(), "g") is None
+
+    deleted = []
+    fake = publisher.Publisher.__new__(publisher.Publisher)
+    fake._running = lambda: SimpleNamespace(call=lambda method, reply: deleted.append(method.queue))
+    monkeypatch.setattr(chords, "default_publisher", lambda: fake)
+    gid = f"{workflow.new_id()}.g2"
+    monkeypatch.setattr(chords.results, "result", lambda mid, timeout: int(mid[-1]) * 10)
+    d = delivery({workflow.FLOW: workflow.dumps({"chord": gid, "n": 2, "queue": "q"}).decode(), workflow.RESULTS: True})
+    assert chords.callback_args(d, [1]) == [1, [0, 10]]
+    assert deleted == [chords.gate_queue(gid)]
