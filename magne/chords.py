@@ -119,7 +119,12 @@ def fire(client: Any, gate: str) -> None:
         tag, gen = got[0], client.session.gen
         data = codec.encode_reject(CH, tag, False)
         client.submit(lambda data=data, gen=gen: client.session.write(data, gen))
-        ready, _consumers = client.queue_counts(gate)
+        try:
+            ready, _consumers = client.queue_counts(gate)
+        except ChannelClosed as exc:  # the callback already ran and deleted its gate: our reject was handled
+            if exc.code != 404:
+                raise
+            ready = 0
         if ready == 0:
             log.info("chord %s complete: its callback is on its way", logs.clean(gate), event="chord_fired")
             return

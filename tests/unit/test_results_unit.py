@@ -474,6 +474,20 @@ def test_a_member_that_runs_after_the_callback_finds_no_gate_and_is_done(monkeyp
 
     assert chords.fire(GoneClient(), "g") is None
 
+    class FastCallback:  # took the callback; it ran and deleted the gate before our passive declare
+        session = SimpleNamespace(gen=1, write=lambda data, gen: None)
+
+        def get(self, queue):
+            return (5, b"", b"")
+
+        def submit(self, fn):
+            fn()
+
+        def queue_counts(self, queue):
+            raise ChannelClosed(1, 404, "NOT_FOUND - no queue")
+
+    assert chords.fire(FastCallback(), "g") is None
+
     deleted = []
     fake = publisher.Publisher.__new__(publisher.Publisher)
     fake._running = lambda: SimpleNamespace(call=lambda method, reply: deleted.append(method.queue))
