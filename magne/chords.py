@@ -23,12 +23,14 @@ default publisher's connection (MAGNE_URL), never the worker's consuming connect
 from __future__ import annotations
 
 import os
-import re
 import time
 from typing import Any
 
+from pamqp import commands
+
 from magne import followers, logs, results, wire, workflow
-from magne.amqp import codec
+from magne.amqp import codec, names
+from magne.amqp.errors import ChannelClosed
 from magne.delivery import Delivery, Outcome
 from magne.engine.session import CH
 from magne.publisher import Publisher, default_publisher
@@ -36,7 +38,7 @@ from magne.publisher import Publisher, default_publisher
 log = logs.Log("magne.chords")
 JOIN_TIMEOUT = 60.0  # a member waits this long to see its own record in the stream; else it runs again later
 MAX_MEMBERS = 1_000_000
-GROUP_ID = re.compile(r"[0-9a-f]{32}\.g[0-9]{1,7}")
+GROUP_ID = workflow.CHORD_GROUP
 
 
 def gate_queue(group: str) -> str:
@@ -51,7 +53,9 @@ def member_flow(d: Delivery) -> dict[str, Any] | None:
     if not (isinstance(group, str) and type(i) is int and type(n) is int and 0 <= i < n <= MAX_MEMBERS):
         return None
     # A publisher controls the header: the gate taken from is always this group's own, never a queue it names.
-    return flow if flow.get("gate") == gate_queue(group) and GROUP_ID.fullmatch(group) else None
+    # The size must be the one its id names: a forged smaller one would fire the chord before its members ran.
+    m = GROUP_ID.fullmatch(group)
+    return flow if flow.get("gate") == gate_queue(group) and m is not None and int(m.group(1)) == n else None
 
 
 def on_success(d: Delivery, task: str, value: Any) -> None:
@@ -91,7 +95,10 @@ def join(d: Delivery, task: str, value: Any, flow: dict[str, Any]) -> None:
     finally:
         r.done(w, f)
     assert w.record is not None
-    if w.record.get("succeeded") != n:
+    succeeded = w.record.get("succeeded")
+    if succeeded != n and r.may_be_short(group):  # its shared count was dropped once: count this group alone
+        succeeded = r.recount(group, rid, w.start, max(1.0, deadline - time.monotonic()))
+    if succeeded != n:
         return  # not every member had succeeded before this one: a later one completes the set
     fire(client, gate_queue(group))
 
@@ -101,13 +108,23 @@ def fire(client: Any, gate: str) -> None:
     passive declare after the reject returns only once the channel handled the reject (frames are handled in order):
     the member is acked only after that."""
     for _attempt in range(3):
-        got = client.get(gate)
+        try:
+            got = client.get(gate)
+        except ChannelClosed as exc:
+            if exc.code != 404:
+                raise
+            return  # the callback ran and deleted its gate (drop_gate): taken long ago
         if got is None:
             return  # taken already (or being taken by a member that will finish it, or run again)
         tag, gen = got[0], client.session.gen
         data = codec.encode_reject(CH, tag, False)
         client.submit(lambda data=data, gen=gen: client.session.write(data, gen))
-        ready, _consumers = client.queue_counts(gate)
+        try:
+            ready, _consumers = client.queue_counts(gate)
+        except ChannelClosed as exc:  # the callback already ran and deleted its gate: our reject was handled
+            if exc.code != 404:
+                raise
+            ready = 0
         if ready == 0:
             log.info("chord %s complete: its callback is on its way", logs.clean(gate), event="chord_fired")
             return
@@ -121,11 +138,30 @@ def callback_args(d: Delivery, args: list[Any]) -> list[Any]:
         return args
     flow = workflow._flow(workflow._headers(d))
     group, n = flow.get("chord"), flow.get("n")
-    if not isinstance(group, str) or type(n) is not int or not 0 < n <= MAX_MEMBERS:
+    # A publisher controls the header: a chord id as magne makes it, its size the one the id names (a forged size
+    # would hold a pool thread reading a million results that never come).
+    m = GROUP_ID.fullmatch(group) if isinstance(group, str) else None
+    if m is None or type(n) is not int or n != int(m.group(1)) or not 0 < n <= MAX_MEMBERS:
         return args
     deadline = time.monotonic() + JOIN_TIMEOUT
     values = [results.result(f"{group}.{i}", max(0.0, deadline - time.monotonic())) for i in range(n)]
+    drop_gate(group)
     return [*args, values]
+
+
+def drop_gate(group: str) -> None:
+    """The callback is running, so it left its gate: delete the gate now rather than leave a quorum queue (a Raft
+    group on every node) for a week per chord. Not earlier: with at-least-once dead-lettering the gate holds the
+    callback until its task queue confirmed it. A member that runs again later finds no gate (fire: taken).
+    Pool thread, before the callback runs; a failure only leaves the gate to expire."""
+    pub = default_publisher()
+    if not isinstance(pub, Publisher):
+        return
+    try:
+        pub._running().call(names.QueueDelete(queue=gate_queue(group)), commands.Queue.DeleteOk)
+    except Exception as exc:  # noqa: BLE001 - the gate expires by itself (x-expires)
+        log.warning("the gate of chord %s could not be deleted (%s); it expires in a week", logs.clean(group),
+                    type(exc).__name__, event="chord_gate_kept")
 
 
 def local_fire(d: Delivery, records: dict[str, Any], groups: dict[str, set[int]],

@@ -27,6 +27,7 @@ from magne.workflow import sent_at_ms, stream_declaration
 
 CACHE, CACHE_BYTES = 10_000, 64 << 20  # records kept per process, and their bytes at most
 GROUPS = 10_000  # groups whose members' records are counted per process (magne.chords)
+DROPPED = 100_000  # ids of groups whose count was dropped, remembered (a join of theirs recounts)
 PREFETCH, ACK_EVERY = 1000, 200
 SLICE = 0.2
 READY_WAIT = 10.0
@@ -84,6 +85,8 @@ class Reader:
         self.evicted_ms = 0.0  # the newest write time (ms, its "at") of a record evicted from the cache
         self.cached_bytes = 0
         self.groups: OrderedDict[str, set[int]] = OrderedDict()  # group id -> members with a success record so far
+        self.dropped: OrderedDict[str, None] = OrderedDict()  # groups whose count was dropped (GROUPS), newest last
+        self.dropped_many = False  # more than DROPPED were: any group's count short of its size may be incomplete
         self.rids: dict[str, Waiter] = {}  # a chord member's own record (its nonce) -> who waits to see it
         self.followers: list[Follower] = []
         self.lock = threading.Lock()
@@ -101,6 +104,9 @@ class Reader:
         at = sent_at_ms(mid)
         w = Waiter(rid or mid, float("-inf") if at is None else at - SLACK_MS, loop, future, rid is not None)
         self.client.submit(lambda: self._register(w))  # before any follower starts: the cache covers what it passed
+        if rid is None and w.mid in self.cache and w.signal.wait(SLICE):  # answered from the cache (a racy hint,
+            w.signal.set()  # checked by the answer; a Signal's wait consumes it: set again for the caller's wait)
+            return w, Follower(w.start)  # no follower started to read what is known already
         while not self.lock.acquire(timeout=SLICE):
             pass
         try:
@@ -143,7 +149,7 @@ class Reader:
             pass
         try:
             f.users -= 1
-            if f.users <= 0 and f is not self.followers[0] and f in self.followers:
+            if f.users <= 0 and f in self.followers and f is not self.followers[0]:
                 self.followers.remove(f)
                 self.client.cancel(f.tag)
         finally:
@@ -178,14 +184,63 @@ class Reader:
         seen = self.groups.get(group)
         if seen is None:
             seen = self.groups[group] = set()
-            if len(self.groups) > GROUPS:
-                self.groups.popitem(last=False)
-        if rec.get("ok") is True and type(rec.get("i")) is int:
-            seen.add(rec["i"])
+            if len(self.groups) > GROUPS:  # the group seen least recently goes; a join of its then recounts
+                self.dropped[self.groups.popitem(last=False)[0]] = None
+                if len(self.dropped) > DROPPED:
+                    self.dropped.popitem(last=False)
+                    self.dropped_many = True
+        else:
+            self.groups.move_to_end(group)
+        if rec.get("ok") is True and type(rec.get("i")) is int and 0 <= rec["i"] < _size(group):
+            seen.add(rec["i"])  # only an index the group has: a record with another cannot complete it early
         rid = rec.get("rid")
         w = self.rids.pop(rid, None) if isinstance(rid, str) else None
         if w is not None:
             w.set({**rec, "succeeded": len(seen)})
+
+    def may_be_short(self, group: str) -> bool:
+        """Whether `group`'s count may miss records (it was dropped once, and counted again from a later record).
+        Any thread: a join asks after its own record was counted, and every drop before that record was made on the
+        loop thread before it signalled the join."""
+        return self.dropped_many or group in self.dropped
+
+    def recount(self, group: str, rid: str, start: float, timeout: float) -> int:
+        """How many members of `group` had succeeded by the record with nonce `rid`, counted by a follower of its own
+        from `start` (ms; -inf: the stream's first record). A chord member's join (pool thread) calls it when the
+        shared count fell short and may be incomplete (may_be_short: a busy process dropped its count, or a
+        catch-up follower's old records pushed it out): without it the member completing the set would see too few and
+        the callback would never run. TimeoutError if the record does not show within `timeout` seconds."""
+        seen: set[int] = set()
+        w = Waiter(rid, start, rid=True)
+        f = Follower(start)
+
+        def on_message(m: Delivered) -> None:  # the client's loop thread
+            f.unacked += 1
+            if f.unacked >= ACK_EVERY:
+                f.unacked = 0
+                self.client.ack(m.tag, m.gen, multiple=True)
+            try:
+                rec = wire.loads(m.body)
+            except (ValueError, RecursionError):
+                return
+            if isinstance(rec, dict) and rec.get("group") == group:
+                if rec.get("ok") is True and type(rec.get("i")) is int and 0 <= rec["i"] < _size(group):
+                    seen.add(rec["i"])
+                if rec.get("rid") == rid and w.record is None:
+                    w.set({"succeeded": len(seen)})
+
+        offset: Any = "first" if start == float("-inf") else datetime.datetime.fromtimestamp(start / 1000,
+                                                                                             tz=datetime.UTC)
+        tag = self.client.consume(self.stream, on_message, PREFETCH, {"x-stream-offset": offset})
+        try:
+            deadline = time.monotonic() + timeout
+            while not w.signal.wait(SLICE):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"its own record did not show in a recount within {timeout:g}s")
+        finally:
+            self.client.cancel(tag)
+        assert w.record is not None
+        return int(w.record["succeeded"])
 
     # -- the client's loop thread ------------------------------------------------------------------------------
     def _register(self, w: Waiter) -> None:
@@ -218,8 +273,8 @@ class Reader:
             rec = wire.loads(m.body)
         except (ValueError, RecursionError):
             return  # not a record of ours
-        if not isinstance(rec, dict):
-            return
+        if not isinstance(rec, dict) or type(rec.get("ok")) is not bool:
+            return  # not a record (a message someone else put in the stream): it answers nobody
         group = rec.get("group")
         if isinstance(group, str):
             self._count(group, rec)
@@ -237,6 +292,12 @@ class Reader:
                 self.evicted_ms = max(self.evicted_ms, at * 1000)
         for w in self.waiters.pop(mid, ()):
             w.set(rec)
+
+
+def _size(group: str) -> int:
+    """A group's size, as its id names it (0 for an id magne does not make: none of its records counts)."""
+    m = workflow.CHORD_GROUP.fullmatch(group)
+    return int(m.group(1)) if m is not None else 0
 
 
 _readers: dict[int, Reader] = {}

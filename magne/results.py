@@ -72,7 +72,8 @@ def wait(r: Reader, w: Waiter, f: Follower, deadline: float, timeout: float) -> 
     try:
         while not w.signal.wait(min(SLICE, max(0.0, deadline - time.monotonic()))):
             if time.monotonic() >= deadline:
-                raise ResultTimeout(f"no result for message {w.mid} within {timeout:g}s")
+                raise ResultTimeout(f"no result for message {w.mid} within {timeout:g}s (still queued, running or "
+                                    "retrying, no worker consumes its queue, or it did not ask with results=True)")
     finally:
         r.done(w, f)
     assert w.record is not None
@@ -88,7 +89,12 @@ async def result_async(message_id: str, timeout: float = 30.0, publisher: Publis
     loop = asyncio.get_running_loop()
     r = reader(pub)
     future: asyncio.Future[dict[str, Any]] = loop.create_future()
-    w, f = await loop.run_in_executor(None, r.waiter, message_id, loop, future)
+    registering = loop.run_in_executor(None, r.waiter, message_id, loop, future)
+    try:
+        w, f = await asyncio.shield(registering)
+    except asyncio.CancelledError:  # the caller gave up while a follower started: forget the waiter once it is made
+        registering.add_done_callback(lambda made: _forget_later(loop, r, made))
+        raise
     try:
         rec = await asyncio.wait_for(future, timeout)
     except TimeoutError:
@@ -98,12 +104,33 @@ async def result_async(message_id: str, timeout: float = 30.0, publisher: Publis
     return outcome(rec)
 
 
+def group_result(group_id: str, timeout: float = 30.0, publisher: Publisher | None = None) -> list[Any]:
+    """The members' values in order, once every member's outcome is final. TaskFailed for the first failed member (in
+    member order), ResultTimeout if not every outcome arrived within `timeout` seconds. Any thread."""
+    m = workflow.CHORD_GROUP.fullmatch(group_id)
+    if m is None:
+        raise ValueError(f"{group_id[:60]!r} is not a group id (magne.group(...).send() returns one)")
+    deadline = time.monotonic() + timeout
+    return [result(f"{group_id}.{i}", max(0.0, deadline - time.monotonic()), publisher) for i in range(int(m.group(1)))]
+
+
+def _forget_later(loop: asyncio.AbstractEventLoop, r: Reader, made: asyncio.Future[tuple[Waiter, Follower]]) -> None:
+    """The event loop's thread: a registration whose caller was cancelled finished; forget it (on an executor
+    thread: done() may wait for the broker), else its waiter, and a catch-up follower, would stay forever."""
+    if not made.cancelled() and made.exception() is None:
+        try:
+            loop.run_in_executor(None, r.done, *made.result())
+        except RuntimeError:  # the loop (or its executor) shut down: done() on this thread then
+            r.done(*made.result())
+
+
 def print_result(message_id: str, url: str | None, timeout: float) -> int:
     """`magne result ID`: the outcome as one JSON object on stdout; exit 0 for a value, 1 for a failure or none yet."""
     pub = Publisher(url)
     try:
-        try:
-            value = result(message_id, timeout, publisher=pub)
+        try:  # a group's id (magne.group(...).send()) has no record of its own: its members' values, in order
+            grouped = workflow.CHORD_GROUP.fullmatch(message_id) is not None
+            value = group_result(message_id, timeout, pub) if grouped else result(message_id, timeout, publisher=pub)
         except TaskFailed as exc:
             print(workflow.dumps({"id": message_id, "ok": False, "task": exc.task, "reason": exc.reason,
                                    "error": {"type": exc.error_type, "message": exc.error_message,

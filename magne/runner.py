@@ -38,7 +38,7 @@ from magne.policy import Failure, RetryPolicy, dead_letter_plainly, decide
 from magne.registry import Task
 from magne.taskrun import DECISIONS, TaskRun
 from magne.timelimits import Slot
-from magne.workflow import asks, on_dead
+from magne.workflow import asks, on_cancelled
 
 log = logs.Log("magne.runner")
 
@@ -264,14 +264,19 @@ class Runner:
         logs.release_leaked_locks()  # if it was raised into the task's thread inside logging (nothing otherwise)
         d.outcome = Outcome.ACK
         d.reason = "cancelled"  # what magne.events reports (an ACK with this reason is no success)
-        if asks(d.header):  # its result, its pipeline's, its chord's callback: "cancelled", published before the ack
-            d.follow = on_dead(d, {"type": "Cancelled", "message": wire.safe_text(exc, wire.MESSAGE_CHARS)})
         self.cancelled += 1
+        why = str(exc.args[0]) if exc.args else "cancelled while running"
+        d.follow = None  # whatever a success made is void: the message's outcome is its cancel
+        if asks(d.header):  # it asked for its result (or is a workflow's step): the result says it was cancelled
+            try:
+                d.follow = on_cancelled(d, why)
+            except Exception as err:  # contained: the cancel stands; only its record is missing
+                log.error("the cancel record of message %s could not be made (%s)", d.message_id(),
+                          type(err).__name__, event="cancel_record_failed")
         task = logs.clean(d.task, 100) or "?"
         mid = d.message_id()
-        log.info("message %s (task %s) from queue %s: %s", mid, task, d.queue,
-                 exc.args[0] if exc.args else "cancelled while running", event="cancelled", task=task, queue=d.queue,
-                 message_id=mid)
+        log.info("message %s (task %s) from queue %s: %s", mid, task, d.queue, why, event="cancelled", task=task,
+                 queue=d.queue, message_id=mid)
 
     def abandoned(self, d: Delivery, why: type[Interrupt] | None, what: str) -> Delivery:
         """Watchdog (main thread): the outcome of a run given up on (`what` says how), on a copy of its delivery (its

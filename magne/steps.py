@@ -16,8 +16,6 @@ step's value, or the first failure (a failing step stops the pipeline and its fa
 from __future__ import annotations
 
 import dataclasses
-import re
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -80,7 +78,6 @@ def pipeline(steps: Iterable[Step]) -> Pipeline:
 
 
 GATE_EXPIRES_MS = 7 * 86_400_000  # a chord's gate is deleted after a week unused (a chord that never completed)
-_GROUP_ID = re.compile(r"[0-9a-f]{32}\.g([0-9]{1,7})")  # chords.GROUP_ID, with the size as a group
 
 
 class Group:
@@ -165,12 +162,4 @@ def group(members: Iterable[Step]) -> Group:
     return Group(members)
 
 
-def group_result(group_id: str, timeout: float = 30.0, publisher: Publisher | None = None) -> list[Any]:
-    """The members' values in order, once every member's outcome is final. TaskFailed for the first failed member (in
-    member order), ResultTimeout if not every outcome arrived within `timeout` seconds. Any thread."""
-    m = _GROUP_ID.fullmatch(group_id)
-    if m is None:
-        raise ValueError(f"{group_id[:60]!r} is not a group id (magne.group(...).send() returns one)")
-    deadline = time.monotonic() + timeout
-    return [results.result(f"{group_id}.{i}", max(0.0, deadline - time.monotonic()), publisher)
-            for i in range(int(m.group(1)))]
+group_result = results.group_result  # `magne.group_result(id)`: the members' values in order

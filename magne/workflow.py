@@ -34,6 +34,9 @@ FLOW = wire.FLOW_HEADER  # JSON text: the rest of its pipeline, its group (see d
 _MARK, _RESULTS_B, _FLOW_B = b"x-magne-", RESULTS.encode(), FLOW.encode()
 
 
+CHORD_GROUP = re.compile(r"[0-9a-f]{32}\.g([0-9]{1,7})")  # a group id as magne.steps makes it (its size in group 1)
+
+
 class Next(NamedTuple):
     """One message to publish (confirmed) before the original is acked."""
 
@@ -192,6 +195,8 @@ def check_step(step: Any) -> None:
     why = topology.queue_name_problem(queue)
     if why is not None:
         raise ValueError(f"a pipeline step's queue {wire.safe_repr(queue)} {why}")
+    if queue == STREAM or queue.startswith(f"{STREAM}."):  # a forged record in the stream, a second chord callback
+        raise ValueError(f"a pipeline step's queue {wire.safe_repr(queue)} is the results stream or a chord's gate")
     if qtype is not None and qtype not in topology.QUEUE_TYPES:
         raise ValueError(f"a pipeline step's queue type {wire.safe_repr(qtype)} is not one of {topology.QUEUE_TYPES}")
     if not isinstance(step.get("args", []), list) or not isinstance(step.get("kwargs") or {}, dict):
@@ -232,7 +237,21 @@ def on_success(d: Delivery, task: str, value: Any) -> None:
     d.follow = out or None
 
 
-def on_dead(d: Delivery, error: dict[str, str] | None = None) -> list[Next] | None:
+def on_cancelled(d: Delivery, why: str) -> list[Next] | None:
+    """The run's thread (or the watchdog), cold path: a message that asked was cancelled (magne.cancels; acked, never
+    run again). Its result, its pipeline's and its chord's say so: a failure record with reason "cancelled" (issue
+    23: "its result, if it asked for one, says so"), published before the ack like any other follow-up."""
+    task = d.task
+    if not task:  # cancelled before it was decoded: the record names the task its body names (d.task stays "": it is
+        try:      # a metrics label, only ever a registered task's name)
+            task = wire.safe_text(wire.decode(d.body)[0], 200)
+        except Exception:  # noqa: BLE001 - a body we cannot read still gets its record, without a task name
+            pass
+    d.error = {"type": "Cancelled", "message": wire.safe_text(why, wire.MESSAGE_CHARS)}
+    return on_dead(d, task)
+
+
+def on_dead(d: Delivery, task: str | None = None) -> list[Next] | None:
     """I/O thread, cold path: a message that asked was dead-lettered (its failure is final). Its failure record, and
     its pipeline's (the pipeline's result is its first failure). Also a run thread's, for a cancelled message
     (Runner.was_cancelled, with its `error`): its outcome is as final, and whoever waits on it must hear so."""
@@ -245,10 +264,10 @@ def on_dead(d: Delivery, error: dict[str, str] | None = None) -> list[Next] | No
     if isinstance(pipe, str) and pipe and pipe != mid:
         ids.append(pipe)
     group = flow.get("group")
-    if isinstance(flow.get("gate"), str) and isinstance(group, str) and len(group) <= 200:  # a chord's member failed
-        ids.append(f"{group}.callback")
+    if isinstance(group, str) and CHORD_GROUP.fullmatch(group) and flow.get("gate") == f"{STREAM}.chord.{group}":
+        ids.append(f"{group}.callback")  # a chord's member failed (its own group's gate, as magne.chords checks)
     if not ids:
         return None
-    err = error or d.error or {"type": "BadMessage", "message": d.reason}
-    return [record(i, d.task, False, reason=d.reason, error=err, of=mid) for i in ids]
+    err = d.error or {"type": "BadMessage", "message": d.reason}
+    return [record(i, d.task if task is None else task, False, reason=d.reason, error=err, of=mid) for i in ids]
 

@@ -93,6 +93,11 @@ class Session:
         self.subs: dict[str, Subscription] = {}
         self.unconfirmed: dict[str, Call | None] = {}  # consumer tag -> who waits for its consume-ok
         self.streams_gone: set[str] = set()  # stream consumers we cancelled on this channel (their late messages)
+        # A stream's consume-ok comes asynchronously: the replies to methods written after its basic.consume can
+        # overtake it (RabbitMQ 3.10), which breaks the in-order reply FIFO (a ProtocolError, a reconnect, the same
+        # again: a client with two consumers never came back). So nothing follows a consume until its consume-ok.
+        self.consuming: str | None = None  # the consumer tag whose consume-ok is awaited
+        self.queued: deque[Subscription] = deque()  # consumers to subscribe after it
         self.reconnect_at = 0.0
 
     def busy(self) -> bool:
@@ -128,6 +133,10 @@ class Session:
         conn = self.conn
         assert conn is not None
         self.unconfirmed.setdefault(sub.tag, None)
+        if self.consuming is not None:  # one consume at a time (see __init__)
+            self.queued.append(sub)
+            return
+        self.consuming = sub.tag
         conn.call(CH, commands.Basic.Qos(prefetch_count=sub.prefetch), (commands.Basic.QosOk,))
         conn.call(CH, names.BasicConsume(queue=sub.queue, consumer_tag=sub.tag, no_ack=sub.no_ack,
                                          arguments=sub.arguments), (commands.Basic.ConsumeOk,),
@@ -137,6 +146,20 @@ class Session:
         call = self.unconfirmed.pop(tag, None)
         if call is not None:
             call.finish(frame)
+        if self.consuming == tag:
+            self.consuming = None
+            while self.queued and self.consuming is None:  # the next consumer, then (once all are) the waiting calls
+                sub = self.queued.popleft()
+                if self.subs.get(sub.tag) is sub:
+                    self._consume(sub)
+                elif self.unconfirmed.get(sub.tag) is None:  # cancelled while it waited its turn: nobody waits
+                    self.unconfirmed.pop(sub.tag, None)
+            self._pump()
+
+    def _unblock(self) -> None:
+        """A new channel or none: no consume-ok is awaited any more (_ready subscribes every consumer again)."""
+        self.consuming = None
+        self.queued.clear()
 
     def tick(self, now: float) -> float | None:
         if self.conn is None:
@@ -165,6 +188,7 @@ class Session:
             self.failed(exc, now)
 
     def _ready(self, _f: Any) -> None:
+        self._unblock()
         self.open_ch = True
         self.gen += 1
         self.streams_gone.clear()  # a new channel: the old one's tags are gone
@@ -175,7 +199,7 @@ class Session:
 
     def _pump(self) -> None:
         conn = self.conn
-        if conn is None or not self.open_ch:
+        if conn is None or not self.open_ch or self.consuming is not None:
             return
         while self.waiting:
             call = self.waiting.popleft()
@@ -228,6 +252,7 @@ class Session:
         """The call at the head was refused (a 404 for a queue that does not exist, say): it and those pipelined
         after it fail; the channel opens again for the next call (and its consumers are subscribed again)."""
         self.open_ch = False
+        self._unblock()
         while self.inflight:
             self.inflight.popleft().finish(error=exc)
         for tag, call in self.unconfirmed.items():  # a consume the broker refused (no such queue): not tried again
@@ -244,6 +269,7 @@ class Session:
         if self.conn is not None:
             self.conn.abort()
         self.conn, self.open_ch = None, False
+        self._unblock()
         for call in self.inflight:
             call.finish(error=exc)
         self.inflight.clear()

@@ -14,11 +14,12 @@ from types import SimpleNamespace
 import pytest
 
 import magne
-from magne import publisher, workflow
+from magne import chords, publisher, workflow
 from magne.publisher import Target
 from magne.registry import Task
 from magne.steps import Step
-from support import ROOT, URL, queue_counts, wait_for
+from support import ROOT, URL, queue_counts, rabbitmqctl, wait_for
+from support.control_env import isolate
 from support.proxy import Proxy
 
 
@@ -123,6 +124,8 @@ def test_a_chord_fires_once_through_a_kill_9_and_a_cut_connection(results, start
     proxy.cut()  # b's unacked members go back, and b reconnects
     assert magne.result(cid, 30) == sum(i * i for i in range(n)) + 1
     assert magne.group_result(gid, 10) == [i * i for i in range(n)]
+    gate = chords.gate_queue(gid)  # the callback deleted its gate (not left for a week)
+    wait_for(lambda: gate not in rabbitmqctl("list_queues", "name").split(), 10, interval=0.3, what="the gate deleted")
     wait_for(lambda: queue_counts(t.add.queue) == (0, 0), 20, interval=0.3, what="every member settled")
     runs = {k.decode(): int(v) for k, v in redis.hgetall(names["MAGNE_TEST_KEY"]).items()}
     assert runs["square"] > n and runs["total"] == 1  # members ran again; the callback ran exactly once
@@ -130,3 +133,20 @@ def test_a_chord_fires_once_through_a_kill_9_and_a_cut_connection(results, start
     c = b.counters()
     assert c["dead"] == 0 and c["redelivered"] > 0 and c["reconnects"] >= 1, c
     proxy.close()
+
+
+def test_a_cancelled_message_that_asked_has_a_result_saying_so(results, start_worker, names, broker, monkeypatch):
+    """Issue 23: a cancelled message's result, if it asked for one, says so (it was acked with no record, and a
+    reader waited until its timeout)."""
+    isolate(names, broker, monkeypatch)
+    t = results["tasks"]
+    w = start_worker("--threads", "1", modules=("results_tasks",), env=results["env"])
+    w.wait_ready()
+    running = t.nap.send_with_options(args=(3,), results=True)  # time.sleep ends before the interrupt lands
+    waiting = t.nap.send_with_options(args=(0,), results=True)  # behind it on the one thread: cancelled unstarted
+    wait_for(lambda: queue_counts(t.nap.queue)[1] == 2, 10, interval=0.05, what="both delivered")
+    magne.cancel(running, waiting)
+    for mid, why in ((running, "cancelled while running"), (waiting, "cancelled before it started")):
+        with pytest.raises(magne.TaskFailed, match=why) as info:
+            magne.result(mid, 15)
+        assert info.value.reason == "cancelled" and info.value.error_type == "Cancelled" and info.value.task == "nap"

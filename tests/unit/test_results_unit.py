@@ -4,8 +4,13 @@ worker (magne.testing)."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
+import threading
 import time
 from collections import deque
+from queue import SimpleQueue
+from types import SimpleNamespace
 
 import pytest
 from pamqp import commands
@@ -15,11 +20,14 @@ import magne
 from magne import testing, wire, workflow
 from magne.amqp import codec
 from magne.amqp.errors import PublishError
+from magne.cancels import message_id_of
 from magne.delivery import Delivery, Outcome
 from magne.followers import Follower, Reader, Waiter
 from magne.io.follow import Follow
 from magne.policy import Failure, RetryPolicy, decide
+from magne.pool import Pool
 from magne.results import outcome
+from magne.runner import Runner
 from magne.steps import Step
 
 
@@ -153,6 +161,15 @@ class FakeClient:
     def ack(self, tag, gen, multiple=False):
         self.acks.append(tag)
 
+    def consume(self, queue, on_message, prefetch, arguments):  # delivers `records` at once (a recount's follower)
+        self.consumed = arguments
+        for k, rec in enumerate(self.records):
+            on_message(Msg(k + 1, workflow.dumps(rec)))
+        return "c9"
+
+    def cancel(self, tag):
+        self.cancelled = tag
+
 
 class Msg:
     def __init__(self, tag, body, offset=0):
@@ -251,6 +268,8 @@ def test_groups_and_chords_in_process(kw):
     {"task": "t", "queue": "Q", "id": "x", "qt": "stream"},
     {"task": "t", "queue": "Q", "id": "x", "args": "no"},
     "not a step",
+    {"task": "t", "queue": workflow.STREAM, "id": "victim"},  # a forged "record" for another message's id
+    {"task": "t", "queue": f"{workflow.STREAM}.chord.{'a' * 32}.g2", "id": "x"},  # a second callback in a gate
 ])
 def test_a_pipeline_step_a_publisher_forged_becomes_a_failure_not_a_publish(step):
     d = delivery({workflow.FLOW: workflow.dumps({"pipe": "P", "rest": [step]}).decode(), workflow.RESULTS: True},
@@ -267,8 +286,40 @@ def test_a_chord_member_takes_only_its_own_groups_gate():
     gid = f"{workflow.new_id()}.g3"
     own = {"group": gid, "i": 0, "n": 3, "gate": chords.gate_queue(gid)}
     assert chords.member_flow(delivery({workflow.FLOW: workflow.dumps(own).decode()})) == own
-    for bad in ({**own, "gate": "orders"}, {**own, "i": 3}, {**own, "group": "x", "gate": chords.gate_queue("x")}):
+    for bad in ({**own, "gate": "orders"}, {**own, "i": 3}, {**own, "group": "x", "gate": chords.gate_queue("x")},
+                {**own, "n": 1, "i": 0}):  # a forged smaller size would fire the chord after one member
         assert chords.member_flow(delivery({workflow.FLOW: workflow.dumps(bad).decode()})) is None
+
+
+def test_a_forged_member_cannot_record_another_chords_failure():
+    gid = f"{workflow.new_id()}.g3"
+    for flow in ({"group": gid, "gate": "anything"}, {"group": "x" * 100, "gate": f"{workflow.STREAM}.chord.{'x' * 100}"}):
+        d = delivery({workflow.FLOW: workflow.dumps(flow).decode(), workflow.RESULTS: True}, mid="m")
+        d.reason = "task raised"
+        assert [wire.loads(n.body)["id"] for n in workflow.on_dead(d)] == ["m"]
+    own = {"group": gid, "gate": f"{workflow.STREAM}.chord.{gid}", "i": 0, "n": 3}
+    d = delivery({workflow.FLOW: workflow.dumps(own).decode()}, mid=f"{gid}.0")
+    d.reason = "task raised"
+    assert [wire.loads(n.body)["id"] for n in workflow.on_dead(d)] == [f"{gid}.callback"]
+
+
+def test_a_forged_callback_size_does_not_wait_for_members():
+    from magne import chords
+
+    gid = f"{workflow.new_id()}.g2"
+    for flow in ({"chord": gid, "n": 1_000_000}, {"chord": "x", "n": 2}):
+        d = delivery({workflow.FLOW: workflow.dumps(flow).decode(), workflow.RESULTS: True})
+        assert chords.callback_args(d, [1]) == [1]  # it runs as a plain task (no default publisher is touched)
+
+
+def test_a_message_in_the_stream_that_is_no_record_answers_nobody():
+    r = Reader(FakeClient())
+    f = Follower(0)
+    w = Waiter("victim", 0)
+    r._register(w)
+    r._on_message(f, Msg(1, wire.encode("t", [1], None, "victim")))  # a task body someone put in the stream
+    r._on_message(f, Msg(2, workflow.dumps({"id": "victim", "ok": "yes"})))
+    assert w.record is None and "victim" not in r.cache
 
 
 def test_a_delivery_without_properties_still_runs():
@@ -279,3 +330,170 @@ def test_a_delivery_without_properties_still_runs():
     pool = Pool(0, {"res_unit_add": add}, None, lambda d: None)
     d = pool.run_one(Delivery(1, 1, "q", wire.encode("res_unit_add", [1, 2]), b"", False))
     assert d.outcome is Outcome.ACK and d.follow is None
+
+
+# -- a cancelled message that asked: its result says so (issue 23) --------------------------------------------
+@magne.task(name="res_unit_cancelled")
+def never_runs(x):
+    raise AssertionError("a cancelled message must not run")
+
+
+def test_a_cancelled_message_that_asked_gets_a_record_saying_so():
+    pool = Pool(1, {never_runs.name: never_runs}, SimpleQueue(), lambda d: None)
+    mid = workflow.new_id()
+    flow = workflow.dumps({"pipe": "P", "rest": []}).decode()
+    body = wire.encode(never_runs.name, [1], {}, mid)
+    d = Delivery(1, 1, "q", body, header({workflow.RESULTS: True, workflow.FLOW: flow}, mid), False)
+    pool.runner.cancels.add([message_id_of(d.header) or ""], time.time())
+    out = pool.run_one(d)
+    assert out.outcome is Outcome.ACK and out.reason == "cancelled"
+    recs = {r["id"]: r for r in (wire.loads(n.body) for n in out.follow)}
+    assert set(recs) == {mid, "P"}  # its own result and its pipeline's
+    assert all(n.routing_key == workflow.STREAM for n in out.follow)
+    with pytest.raises(magne.TaskFailed, match="cancelled") as info:
+        outcome(recs[mid])
+    assert info.value.reason == "cancelled" and info.value.error_type == "Cancelled"
+    assert info.value.task == never_runs.name and out.task == ""  # the record names it; no metrics label from a body
+    plain = Delivery(2, 1, "q", body, header(None, mid), False)  # it did not ask: nothing to publish
+    assert pool.run_one(plain).follow is None
+
+
+def test_a_message_cancelled_while_running_records_the_cancel_not_a_success():
+    d = delivery({workflow.RESULTS: True})
+    workflow.on_success(d, "t", 5)  # a success's record was made, then the cancel landed (the watchdog's copy)
+    Runner({}, lambda d: None).was_cancelled(d, magne.Cancelled("cancelled while running"))
+    [rec] = [wire.loads(n.body) for n in d.follow]
+    assert rec["ok"] is False and rec["reason"] == "cancelled"
+
+
+
+def test_a_join_recounts_when_the_shared_count_of_its_group_was_dropped(monkeypatch):
+    """More groups in flight than GROUPS (or a catch-up follower replaying old ones) pushed a chord's count out:
+    the member completing the set saw too few, and the callback never ran. It now recounts its group alone."""
+    monkeypatch.setattr("magne.followers.GROUPS", 2)
+    client = FakeClient()
+    r, f = Reader(client), Follower(0)
+    g = f"{workflow.new_id()}.g2"
+    client.records = [{"id": f"{g}.0", "ok": True, "group": g, "i": 0, "rid": "r0"},
+                      {"id": "a.0", "ok": True, "group": "A", "i": 0}, {"id": "b.0", "ok": True, "group": "B", "i": 0},
+                      {"id": f"{g}.1", "ok": True, "group": g, "i": 1, "rid": "r1"}]
+    w = Waiter("r1", 0, rid=True)
+    r._register(w)
+    for k, rec in enumerate(client.records):
+        r._on_message(f, Msg(k + 1, workflow.dumps(rec)))
+    assert w.record["succeeded"] == 1 and r.may_be_short(g)  # g's count was pushed out by A and B
+    assert not r.may_be_short("B")
+    assert r.recount(g, "r1", workflow.sent_at_ms(g) - 60_000, 5.0) == 2 and client.cancelled == "c9"
+    assert isinstance(client.consumed["x-stream-offset"], datetime.datetime)
+
+
+def test_a_cancelled_result_async_forgets_its_waiter_once_registered(monkeypatch):
+    """Cancelled while its follower started (a web request gone), result_async left its waiter registered and its
+    catch-up follower consuming the stream for the life of the process."""
+    from magne import publisher, results
+
+    class SlowReader:
+        def __init__(self):
+            self.forgotten = threading.Event()
+
+        def waiter(self, mid, loop, future):
+            time.sleep(0.3)  # a follower starting: the broker's consume-ok
+            return "w", "f"
+
+        def done(self, w, f):
+            assert (w, f) == ("w", "f")
+            self.forgotten.set()
+
+    slow = SlowReader()
+    pub = publisher.Publisher.__new__(publisher.Publisher)
+    monkeypatch.setattr(results, "reader", lambda p: slow)
+
+    async def main():
+        task = asyncio.ensure_future(results.result_async("m", 5.0, publisher=pub))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.get_running_loop().run_in_executor(None, slow.forgotten.wait, 5.0)
+
+    asyncio.run(main())
+    assert slow.forgotten.is_set()
+
+
+def test_magne_result_of_a_group_id_prints_its_members_values(monkeypatch, capsys):
+    """`magne result <group id>` waited for a record no group has, and said "no outcome yet"."""
+    from magne import results
+
+    class FakePublisher:
+        def __init__(self, url):
+            pass
+
+        def close(self):
+            pass
+
+    gid = f"{workflow.new_id()}.g2"
+    monkeypatch.setattr(results, "Publisher", FakePublisher)
+    monkeypatch.setattr(results, "result", lambda mid, timeout, publisher=None: {f"{gid}.0": 5, f"{gid}.1": 7}[mid])
+    assert results.print_result(gid, None, 1.0) == 0
+    assert wire.loads(capsys.readouterr().out) == {"id": gid, "ok": True, "value": [5, 7]}
+
+
+def test_a_result_in_the_cache_starts_no_follower():
+    """A second read of an id of one's own started a follower from the stream's first record (24 h of records read
+    again, flooding the cache) although the cache held the answer."""
+    client = FakeClient()
+    client.records = []
+    r = Reader(client)
+    r._on_message(Follower(0), Msg(1, workflow.dumps({"id": "my-own-id", "ok": True, "value": 7})))
+    w, f = r.waiter("my-own-id")
+    assert w.record["value"] == 7 and not hasattr(client, "consumed") and not r.followers
+    assert w.signal.wait(0)  # the caller's wait sees the answer
+    r.done(w, f)
+
+
+def test_records_with_an_index_outside_the_group_do_not_count_towards_it():
+    """A record in the stream with index 7 for a group of 2 counted: the set looked complete after one member."""
+    r, f = Reader(FakeClient()), Follower(0)
+    g = f"{workflow.new_id()}.g2"
+    r._on_message(f, Msg(1, workflow.dumps({"id": "x", "ok": True, "group": g, "i": 7})))
+    w = Waiter("r0", 0, rid=True)
+    r._register(w)
+    r._on_message(f, Msg(2, workflow.dumps({"id": f"{g}.0", "ok": True, "group": g, "i": 0, "rid": "r0"})))
+    assert w.record["succeeded"] == 1
+
+
+def test_a_member_that_runs_after_the_callback_finds_no_gate_and_is_done(monkeypatch):
+    """The callback deletes its gate (a quorum queue per chord stayed a week); a member running again afterwards
+    gets 404 from basic.get: taken long ago, not a failed join run again forever."""
+    from magne import chords, publisher
+    from magne.amqp.errors import ChannelClosed
+
+    class GoneClient:
+        def get(self, queue):
+            raise ChannelClosed(1, 404, "NOT_FOUND - no queue")
+
+    assert chords.fire(GoneClient(), "g") is None
+
+    class FastCallback:  # took the callback; it ran and deleted the gate before our passive declare
+        session = SimpleNamespace(gen=1, write=lambda data, gen: None)
+
+        def get(self, queue):
+            return (5, b"", b"")
+
+        def submit(self, fn):
+            fn()
+
+        def queue_counts(self, queue):
+            raise ChannelClosed(1, 404, "NOT_FOUND - no queue")
+
+    assert chords.fire(FastCallback(), "g") is None
+
+    deleted = []
+    fake = publisher.Publisher.__new__(publisher.Publisher)
+    fake._running = lambda: SimpleNamespace(call=lambda method, reply: deleted.append(method.queue))
+    monkeypatch.setattr(chords, "default_publisher", lambda: fake)
+    gid = f"{workflow.new_id()}.g2"
+    monkeypatch.setattr(chords.results, "result", lambda mid, timeout: int(mid[-1]) * 10)
+    d = delivery({workflow.FLOW: workflow.dumps({"chord": gid, "n": 2, "queue": "q"}).decode(), workflow.RESULTS: True})
+    assert chords.callback_args(d, [1]) == [1, [0, 10]]
+    assert deleted == [chords.gate_queue(gid)]
