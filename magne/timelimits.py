@@ -113,12 +113,16 @@ class Guard:
         with self.lock:
             if self.clock is not clock or (self.interrupted and not again) or (due and now < clock.deadline):
                 return False
-            self.interrupted = True
-            if clock.why is None:
-                clock.why = exc
-            clock.interrupted_at = now
-            raise_in(self.ident, exc)
-            return True
+            return self._raise(clock, exc, now)
+
+    def _raise(self, clock: Clock, exc: type[Interrupt], now: float) -> bool:
+        """Under `lock`, the checks made: mark the step interrupted, say why, raise `exc` in the thread."""
+        self.interrupted = True
+        if clock.why is None:
+            clock.why = exc
+        clock.interrupted_at = now
+        raise_in(self.ident, exc)
+        return True
 
     def abandon(self, clock: Clock, now: float = 0.0, in_step_since_interrupt: float | None = None) -> bool:
         """Watchdog: decide `clock`'s run without it, unless its own thread finished it. A pool thread's run (one
@@ -186,12 +190,7 @@ class Slot(Guard):
         with self.lock:
             if self.delivery is not d or self.clock is not self or self.interrupted:
                 return False
-            self.interrupted = True
-            if self.why is None:
-                self.why = Cancelled
-            self.interrupted_at = now
-            raise_in(self.ident, Cancelled)
-            return True
+            return self._raise(self, Cancelled, now)
 
     @property
     def state(self) -> SlotState:
