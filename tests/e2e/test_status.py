@@ -138,7 +138,7 @@ def test_status_from_the_management_api_with_the_workers_metrics(broker, names, 
     [consumer] = s["consumer_details"]
     assert "magne worker" in consumer["connection"] and f"pid={w.pid}" in consumer["connection"]
     assert consumer["prefetch"] == 2
-    assert s["dead"] == {"exists": True, "ready": 0} and s["delayed"] == {"queues": 0, "ready": 0}
+    assert s["dead"] == {"exists": True, "ready": 0} and s["delayed"] == {"queues": 0, "ready": 0, "due": 0}
     assert set(s["rates"]) == {"publish", "deliver_get", "ack", "redeliver"}
     [worker] = rep["workers"]
     assert (worker["pid"], worker["busy"], worker["live"], worker["lost"]) == (str(w.pid), 2, 2, 0)
