@@ -233,3 +233,90 @@ def test_send_in_a_loop_while_its_node_stops(cluster, cworkers, redis, cnames):
     assert len(confirmed) + len(failed) == n
     print(f"\nCLUSTER task.send from {threads} threads while its node stops: sends={n} confirmed={len(confirmed)} "
           f"raised={len(failed)} confirmed-but-lost=0 all-sends-returned-after={sent_after:.1f}s")
+
+
+def test_a_schedule_fails_over_when_its_leaders_node_stops(cluster, tmp_path, names):
+    """Issue 22 on the cluster: three candidate schedulers, each connected to another node; the node the leader is
+    connected to stops. Ticking goes on (the lock, an exclusive queue, went with the node: the old leader, reconnected
+    to another node, or another candidate takes it again and reads the stream's tail), and every due time reaches the
+    (quorum) task queue exactly once, none skipped, across the node loss."""
+    from magne.schedule import parse_tick_id
+
+    prefix = names["MAGNE_TEST_PREFIX"]
+    stream, ticks = f"{prefix}.schedule", f"{prefix}.ticks"
+    urls = cluster.urls
+    args = ("--threads", "1", "--queues", f"{prefix}.main", "--schedule-stream", stream, "--queue-type", "quorum",
+            "--control", "off", "--events", "off")
+    workers = [WorkerProc(tmp_path, ["schedule_tasks"], *args, env={"MAGNE_TEST_PREFIX": prefix},
+                          url=",".join(urls[i:] + urls[:i])) for i in range(3)]
+    live = next(n for n in cluster.nodes if n.is_running())
+    try:
+        for w in workers:
+            w.wait_ready()
+
+        def leaders(after: float = 0.0) -> list[WorkerProc]:
+            return [w for w in workers if w.proc.poll() is None and any(
+                datetime.datetime.fromisoformat(e["time"]).timestamp() > after for e in w.events("leader_elected"))]
+
+        wait_for(lambda: len(leaders()) == 1, 30, what="one leader")
+        [leader] = leaders()
+        node = node_of(cluster, leader)
+        live = next(n for n in cluster.nodes if n is not node)
+        time.sleep(2.5)  # a few ticks under the first leader
+        node.stop()
+        stopped = time.time()
+
+        def enqueued() -> int:
+            """Ticks in the task queue (-1 while its quorum queue elects a new leader after the node loss)."""
+            try:
+                c = pika.BlockingConnection(pika.URLParameters(live.url))
+            except pika.exceptions.AMQPError:
+                return -1
+            try:
+                return c.channel().queue_declare(ticks, passive=True).method.message_count
+            except pika.exceptions.AMQPError:
+                return -1
+            finally:
+                if c.is_open:
+                    c.close()
+
+        # Ticking goes on: the leader's lock (an exclusive queue) went with the node; the old leader, reconnected to
+        # another node, or another candidate takes it again, and reads the stream's tail to go on where it stopped.
+        after = max(enqueued(), 0)
+        wait_for(lambda: enqueued() >= after + 2, 60, interval=0.3, what="ticks again after the node stopped")
+        resumed = time.time() - stopped
+        who = [w.pid for w in leaders(after=stopped)] or [leader.pid]
+        time.sleep(2.5)  # a few ticks under the new one
+        for w in workers:
+            assert w.stop() == 0, w.log()[-3000:]
+        conn = pika.BlockingConnection(pika.URLParameters(live.url))
+        ch = conn.channel()
+        got = []
+        while True:
+            method, props, _body = ch.basic_get(ticks, auto_ack=True)
+            if method is None:
+                break
+            got.append(parse_tick_id(props.message_id))
+        conn.close()
+        assert got and all(g is not None and g[0] == "tick" for g in got), got
+        dues = sorted(g[1] for g in got)
+        assert len(dues) == len(set(dues)), "a due time was enqueued twice"
+        steps = {(b - a).total_seconds() for a, b in zip(dues, dues[1:], strict=False)}
+        assert steps == {1.0}, f"a due time was skipped: steps {steps}"
+        print(f"\nCLUSTER schedule failover: ticks enqueued again {resumed:.1f}s after the leader's node stopped "
+              f"(leading then: pid {who}, first leader {leader.pid}); {len(dues)} ticks, none twice, none skipped")
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.stop()
+        for n in cluster.nodes:
+            if not n.is_alive():
+                n.start()
+        conn = pika.BlockingConnection(pika.URLParameters(live.url))
+        ch = conn.channel()
+        for q in (ticks, stream, f"{prefix}.main", f"{prefix}.main.dead", f"{prefix}.main.due", f"{ticks}.dead",
+                  f"{ticks}.due"):
+            ch.queue_delete(q)
+        for e in (stream, ticks, f"{prefix}.main"):
+            ch.exchange_delete(e)
+        conn.close()
