@@ -94,6 +94,21 @@ def is_cancelled(d: Any, ids: Any) -> bool:
     return meta_id is not None and meta_id in ids
 
 
+def covered(mid: str | None, ids: Any) -> bool:
+    """Whether message id `mid` is cancelled by `ids`: itself, or as a group's member or a chord's callback (magne.steps
+    names them `<group>.<i>` and `<group>.callback`, a group id ending `.g<n>`) by a cancel of its group or of its
+    chord (`<group>.callback`): cancelling a group or a chord cancels what of it has not run yet. Any run thread, only
+    when a cancel is known (two more dict lookups for an id of that form)."""
+    if mid is None:
+        return False
+    if mid in ids:
+        return True
+    group, _, _last = mid.rpartition(".")
+    if not group or not group.rpartition(".")[2].startswith("g"):
+        return False
+    return group in ids or f"{group}.callback" in ids
+
+
 def id_of(d: Any) -> str | None:
     """The id a cancel names a delivery by: its message_id property, else a foreign message's own id. Any thread."""
     return message_id_of(d.header) or getattr(d.meta, "message_id", None)

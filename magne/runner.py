@@ -28,7 +28,7 @@ from typing import Any
 
 from magne import formats, logs, wire
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
-from magne.cancels import CancelSet, message_id_of
+from magne.cancels import CancelSet, covered, message_id_of
 from magne.chords import callback_args, on_success
 from magne.delivery import Delivery, Outcome
 from magne.errors import BadMessage, Cancelled, ColdShutdown, Interrupt, TimeLimitExceeded
@@ -38,7 +38,7 @@ from magne.policy import Failure, RetryPolicy, dead_letter_plainly, decide
 from magne.registry import Task
 from magne.taskrun import DECISIONS, TaskRun
 from magne.timelimits import Slot
-from magne.workflow import asks, on_cancelled
+from magne.workflow import asks, on_cancelled, pipeline_of
 
 log = logs.Log("magne.runner")
 
@@ -77,11 +77,11 @@ class Runner:
     # -- resolve -----------------------------------------------------------------------------------------
     def resolve(self, d: Delivery) -> Resolved:
         """The registered task a delivery names, with its arguments; BadMessage if there is none, Cancelled if its id
-        was cancelled (magne.cancels: an empty set costs one truth test, a non-empty one a header scan and a dict
-        lookup). Any run thread."""
+        was cancelled, or its group or chord was (magne.cancels: an empty set costs one truth test, a non-empty one a
+        header scan and a dict lookup or three). Any run thread."""
         cancels = self.cancels.ids
-        if cancels and message_id_of(d.header) in cancels:
-            raise Cancelled("cancelled before it started")
+        if cancels and (covered(message_id_of(d.header), cancels) or pipeline_of(d) in cancels):
+            raise Cancelled("cancelled before it started")  # itself, its group, its chord or its pipeline
         if self.accept is not None:  # --accept: magne.formats reads magne's format and the others accepted
             resolved = formats.resolve(d, self.tasks, self.accept, self.time_limit)
             # A foreign message's own id (dramatiq's body, celery's header: what its producer knows it by).

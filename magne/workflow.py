@@ -81,6 +81,16 @@ def asks(header: bytes) -> bool:
     return len(header) > 12 and bool(header[12] & 0x20) and _MARK in header and (_RESULTS_B in header or _FLOW_B in header)
 
 
+def pipeline_of(d: Delivery) -> str | None:
+    """The id of the pipeline a step belongs to (its last step's id, the flow's `pipe`), or None: a cancel of that id
+    stops the steps not run yet. Run threads, only while a cancel is known (a search of the header, and a decode of
+    it for a message that carries a flow)."""
+    if _FLOW_B not in d.header:
+        return None
+    pipe = _flow(_headers(d)).get("pipe")
+    return pipe if isinstance(pipe, str) else None
+
+
 def new_id() -> str:
     """A message id that tells readers when it was made, laid out as a UUIDv7 in hex: 12 hex digits of milliseconds,
     the version digit 7, 19 random (32 hex digits, the shape of wire.new_id's uuid4 hex, whose 13th digit is always

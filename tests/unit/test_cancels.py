@@ -155,3 +155,39 @@ def test_a_flood_of_cancels_keeps_the_newest_within_a_bound(monkeypatch):
     assert len(s) <= 3001 and "newest" in s
     s.add([f"more{i}" for i in range(3000)], now)
     assert len(s) <= 1500 and not any(k.startswith("id") for k in s.ids)  # the oldest went first
+
+
+def test_cancelling_a_group_or_its_chord_cancels_its_members_that_have_not_run():
+    """Issue 23: "cancelling a pipeline, group or chord id cancels what has not run yet". Group members are
+    `<group>.<i>` and the chord's callback `<group>.callback` (magne.steps): a cancel of the group id, or of the
+    chord's, covers them; an id that merely looks alike does not."""
+    ran.clear()
+    pool = Pool(1, TASKS, SimpleQueue(), lambda d: None)
+    group, other = "01abc.g3", "01def.g3"
+    pool.runner.cancels.add([group], time.time())
+    for i in range(3):
+        assert pool.run_one(delivery("cx_note", f"m{i}", mid=f"{group}.{i}")).reason == "cancelled"
+    assert pool.run_one(delivery("cx_note", "cb", mid=f"{group}.callback")).reason == "cancelled"
+    pool.runner.cancels.add([f"{other}.callback"], time.time())  # a chord's id covers its members
+    assert pool.run_one(delivery("cx_note", "member", mid=f"{other}.0")).reason == "cancelled"
+    for mid in ("01abc.g30.1", "01abc.x.1", "plain", "01abc.g3"[:-1] + ".1"):
+        assert pool.run_one(delivery("cx_note", mid, mid=mid)).reason != "cancelled"
+    assert ran == ["01abc.g30.1", "01abc.x.1", "plain", "01abc.g.1"]
+
+
+def test_cancelling_a_pipeline_cancels_its_steps_that_have_not_run():
+    """A pipeline's id is its last step's; every step carries it in its flow (x-magne-flow `pipe`): a cancel of the
+    pipeline id stops a step that has not run yet, and a step of another pipeline runs."""
+    ran.clear()
+    pool = Pool(1, TASKS, SimpleQueue(), lambda d: None)
+
+    def step(pipe: str, arg: str) -> Delivery:
+        mid = wire.new_id()
+        props = wire.properties_for(mid)
+        props.headers = {wire.FLOW_HEADER: orjson.dumps({"pipe": pipe, "rest": []}).decode()}
+        return Delivery(1, 1, "CX", wire.encode("cx_note", [arg], {}, mid), codec.header_payload(props, 0), False)
+
+    pool.runner.cancels.add(["pipe-1"], time.time())
+    assert pool.run_one(step("pipe-1", "first step")).reason == "cancelled"
+    assert pool.run_one(step("pipe-2", "another pipeline's")).reason != "cancelled"
+    assert ran == ["another pipeline's"]
