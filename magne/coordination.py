@@ -62,12 +62,12 @@ _OWN: dict[str, Publisher] = {}
 
 
 def publisher_for(opts: Any) -> Publisher:
-    """The Publisher whose Client a worker's scheduler and gate ride: the process's default one (under a
-    supervisor MAGNE_URL is the worker's URL), or, for a worker given --url of its own, one for that URL."""
-    if opts.url is None:
-        pub = default_publisher()
-        if isinstance(pub, Publisher):
-            return pub
+    """The Publisher whose Client a worker's scheduler and gate ride: the process's default one, which a worker
+    points at its own broker (its --url, else MAGNE_URL: magne.worker); one of its own only where the default is
+    magne.testing's stand-in."""
+    pub = default_publisher()
+    if isinstance(pub, Publisher):
+        return pub
     key = repr(opts.url)
     if key not in _OWN:
         _OWN[key] = Publisher(opts.url, opts.queue_type)

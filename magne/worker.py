@@ -22,7 +22,7 @@ import time
 from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING
 
-from magne import control, formats, limits, logs
+from magne import control, formats, limits, logs, publisher
 from magne.amqp.protocol import DEFAULT_FRAME_MAX
 from magne.amqp.url import Nodes, parse_urls
 from magne.asyncpool import AsyncPool
@@ -143,6 +143,8 @@ class Worker:
         self.aio: AsyncPool | None = None
         if any(t.is_async for t in tasks.values()):
             self._route_async()
+        if opts.url is not None:  # one broker for the process: its tasks' sends, results, chords, cancels and leases
+            publisher.configure(opts.url, opts.queue_type)  # (else MAGNE_URL's, which --url would contradict)
         self.coord = Coordination(opts, tasks, self.queues, self.io.consumer, self.pool)  # schedules, limits
         self.control = control.for_worker(self) if opts.control or opts.events else None
         self.signals: Signals | None = None
