@@ -16,7 +16,7 @@ _PUBLIC = {
     "Publisher": "magne.publisher", "configure": "magne.publisher",
     "MagneError": "magne.errors", "ConfigError": "magne.errors", "BadMessage": "magne.errors",
     "PublishError": "magne.errors", "TimeLimitExceeded": "magne.errors", "Interrupt": "magne.errors",
-    "Cancelled": "magne.errors", "cancel": "magne.cancels",
+    "Cancelled": "magne.errors", "cancel": "magne.outcomes",
     "TaskFailed": "magne.errors", "ResultTimeout": "magne.errors",
     "result": "magne.results", "result_async": "magne.results", "pipeline": "magne.steps",
     "group": "magne.steps", "group_result": "magne.steps",
@@ -29,7 +29,6 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from magne.cancels import cancel
     from magne.errors import (
         BadMessage,
         Cancelled,
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
         TaskFailed,
         TimeLimitExceeded,
     )
+    from magne.outcomes import cancel
     from magne.publisher import Publisher, configure
     from magne.registry import Task, task
     from magne.results import result, result_async

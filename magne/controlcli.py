@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from magne import cancels, control, logs
+from magne import control, logs, outcomes
 from magne.errors import EXIT_CONFIG, EXIT_OK, ConfigError
 from magne.publisher import Publisher
 from magne.registry import REGISTRY, queues_of
@@ -27,6 +27,9 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser], url_help: str)
                             "(kept MAGNE_CANCEL_RETENTION seconds, 24 h by default, across worker restarts)")
     c.add_argument("ids", nargs="+", metavar="ID", help="message id(s), as `magne send` and task.send return them")
     c.add_argument("--url", help=url_help)
+    c.add_argument("--wait", type=float, default=outcomes.LOOKUP, metavar="SECONDS",
+                   help="seconds to look up whether each message already finished (default 2; 0: do not look)")
+    c.add_argument("--format", choices=["text", "json"], default="text")
     i = sub.add_parser("inspect", parents=parents,
                        help="every live worker process: host, pid, queues, threads, uptime, and what each runs now")
     i.add_argument("--url", help=url_help)
@@ -51,12 +54,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "cancel":
             try:
-                ids = cancels.cancel(*args.ids, publisher=pub)
+                done = outcomes.cancel(*args.ids, publisher=pub, check=args.wait > 0, timeout=args.wait)
             except ValueError as exc:
                 print(f"magne cancel: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
-            print(f"cancelled {len(ids)} message(s): a worker runs none of them from now on; running ones are "
-                  "interrupted")
+            if args.format == "json":
+                print(orjson.dumps([r.as_dict() for r in done], option=orjson.OPT_INDENT_2).decode())
+            else:
+                print("\n".join(cancel_line(r) for r in done))
             return EXIT_OK
         replies = control.gather(pub, args.wait)
         if args.format == "json":
@@ -107,6 +112,36 @@ def text(replies: list[dict[str, Any]]) -> list[str]:
             lines.append(f"  {c(t.get('thread'))}: {c(t.get('task'))} (message {c(t.get('message_id'))}, queue "
                          f"{c(t.get('queue'))}) {took}, time limit {limit_}")
     return lines
+
+
+def cancel_line(r: outcomes.CancelResult) -> str:
+    """`magne cancel`'s line for one id, for a person (every value escaped: ids and reasons are publishers')."""
+    c = logs.clean
+    mid = c(r.id, 120)
+    if r.state == "finished":
+        where = f" on {c(str(r.host), 80)} pid {c(str(r.pid), 12)}" if r.host else ""
+        what = c(str(r.outcome), 40)
+        why = f" ({c(r.reason, 120)}" + (f": {c(str(r.error.get('type')), 60)}" if isinstance(r.error, dict) else "") \
+            + ")" if r.reason else ""
+        task = f", task {c(r.task, 80)}" if r.task else ""
+        note = f", {c(r.note, 120)}" if r.note else ""
+        at = f" at {_at(r.at)}" if isinstance(r.at, int | float) else ""
+        return (f"{mid}: already finished: {what}{why}{at}{where}{task}{note}; the cancel is recorded anyway (a "
+                "duplicate or retry of it still in flight will not run)")
+    if r.state == "unknown" and r.note == "not looked up":
+        return f"{mid}: cancelled: it will not run if it has not started; if it is running it is interrupted"
+    tail = "it will not run if it has not started; if it is running it is interrupted"
+    last = f"; last seen {c(str(r.outcome), 20)} at {_at(r.at)}" if r.outcome and isinstance(r.at, int | float) \
+        else ""
+    if r.state == "not-seen":
+        since = f" since {_at(r.since)}" if r.since else " in all the records kept"
+        note = f" ({c(r.note, 120)})" if r.note else ""
+        return f"{mid}: cancelled: not finished as far as the records show{since}{note}{last}: {tail}"
+    return f"{mid}: cancelled: not known whether it already finished ({c(str(r.note), 160)}){last}: {tail}"
+
+
+def _at(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def _show(value: Any) -> str:
