@@ -175,7 +175,8 @@ def cancel(*message_ids: str, publisher: Any = None) -> list[str]:
     """Cancel messages by id: one that has not started never runs (in its queue, prefetched, delayed or waiting for
     a retry); one running is interrupted with magne.Cancelled (its message is not retried). Lasts for the retention
     window (MAGNE_CANCEL_RETENTION, 24 h), across worker restarts. Returns the ids recorded, once the broker confirmed
-    the record. Calling thread; on the given publisher's connection (the default publisher's otherwise)."""
+    the record. Calling thread; on the given publisher's connection (the default publisher's otherwise).
+    `magne.cancel` is magne.outcomes.cancel: this, then a lookup of whether each message already finished."""
     ids = check_ids(message_ids)
     pub = publisher if publisher is not None else default_publisher()
     client: Client = pub._running()
