@@ -6,8 +6,9 @@ reads what magne already records, with a short deadline (LOOKUP, 2 s): the task 
 message's outcome, while workers run with events on) and the results stream (magne.results: messages that asked
 for their result, pipelines, groups, chords). No worker needs to be up.
 
-Where a read starts: magne's result and workflow ids carry their send time (magne.workflow.sent_at_ms), so the read
-starts a minute before it. Other ids (a plain send's uuid4, a foreign id) are read newest first: the last 5 minutes,
+Where a read starts: every id magne makes carries its send time (magne.wire.new_id, magne.workflow.sent_at_ms), so
+the read starts a minute before it. Other ids (a foreign publisher's, or a uuid4 from magne before 2026-12-06) are
+read newest first: the last 5 minutes,
 then the last hour, then what the streams keep, as far as the deadline allows. Where a read ends: a stream has no end
 marker, so a read ends when nothing came for IDLE seconds, when a record written after the lookup started came (a
 busy stream), when every id was found finished, or at the deadline.
@@ -24,11 +25,15 @@ Threads: `cancel`, `look_up` on the caller's (waiting in slices); the readers' c
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Any
 
+from pamqp import commands
+
 from magne import cancels, events, logs, streams, wire, workflow
+from magne.amqp import names
 from magne.amqp.errors import MagneError
 from magne.engine.client import Client
 from magne.engine.session import Delivered
@@ -183,16 +188,19 @@ def _first_time(body: bytes) -> float | None:
         return None
 
 
+@dataclasses.dataclass
 class Read:
     """One stream read from `since` on, until its end (module docstring) or `until` (a record written after it)."""
 
-    def __init__(self, stream: str, since: float, until: float, handle: Any) -> None:
-        self.stream, self.since, self.until, self.handle = stream, since, until, handle
-        self.tag = ""
-        self.last = 0.0  # time.monotonic() of the last delivery (or of the consume-ok)
-        self.ended = False  # read to its end (or past `until`)
-        self.error: str | None = None
-        self.unacked = 0
+    stream: str
+    since: float
+    until: float
+    handle: Any
+    tag: str = ""
+    last: float = 0.0  # time.monotonic() of the last delivery (or of the consume-ok)
+    ended: bool = False  # read to its end (or past `until`)
+    error: str | None = None
+    unacked: int = 0
 
 
 def _run(client: Client, reads: list[Read], found: Found, deadline: float) -> None:
@@ -214,6 +222,11 @@ def _run(client: Client, reads: list[Read], found: Found, deadline: float) -> No
             if t is not None and t >= r.until:
                 r.ended = True
         try:
+            # Passively first, on the session meant for refusals: a consume of a stream that does not exist (workers
+            # with --events off) would close the channel this process's own consumers share (in a worker: its
+            # cancels and control queue), and make the client subscribe all of them again.
+            client.call(names.QueueDeclare(queue=r.stream, passive=True), commands.Queue.DeclareOk,
+                        timeout=max(0.1, deadline - time.monotonic()), session=client.locks)
             r.tag = client.consume(r.stream, on_message, PREFETCH, {"x-stream-offset": streams.offset_at(r.since)},
                                    timeout=max(0.1, deadline - time.monotonic()))
             r.last = time.monotonic()

@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
-import uuid
+import time
 from typing import Any
 
 import orjson
@@ -73,7 +74,11 @@ def safe_text(value: object, limit: int) -> str:
 
 # -- the body --------------------------------------------------------------------------
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """Every message id magne makes: 32 hex digits laid out as a UUIDv7 (12 of the send time in milliseconds, the
+    version digit 7, 19 random), so that a reader of the results, events or cancels streams (magne.results,
+    magne.outcomes) can start at the send time instead of reading back through the whole retention window.
+    Cheaper than uuid.uuid4().hex (no UUID object), and never taken for one (a uuid4's 13th digit is 4)."""
+    return f"{int(time.time() * 1000):012x}7{os.urandom(10).hex()[:19]}"
 
 
 def encode(task_name: str, args: Any = (), kwargs: dict[str, Any] | None = None, message_id: str | None = None) -> bytes:

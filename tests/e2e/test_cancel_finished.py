@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -51,8 +52,8 @@ def test_finished_dead_lettered_queued_and_unknown_ids_each_say_what_is_known(fl
     main = fleet["main"]
     w = start_worker("--threads", "2", modules=MODULES)
     w.wait_ready()
-    done = pub.send(Target("note", main), [1])  # a uuid4 id: read newest first
-    dead = pub.send(Target("boom", main), [2], message_id=workflow.new_id())  # an id with its send time
+    done = pub.send(Target("note", main), [1], message_id=uuid.uuid4().hex)  # a foreign id: read newest first
+    dead = pub.send(Target("boom", main), [2])  # magne's own id: it carries its send time
     asked = pub.send(Target("note", main), [3], message_id=workflow.new_id(), headers={wire.RESULTS_HEADER: True})
     seen_in_events(pub, [done, dead, asked])
     assert w.stop() == 0
