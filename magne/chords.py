@@ -13,7 +13,9 @@ publishes the members. Each member that succeeds does this on its pool thread, b
    callback is published once. A taker that dies before its reject leaves the message in the gate (unacked
    messages go back when a connection dies), and its member, unacked too, runs again and takes it then.
 
-The callback's run gets the members' values (read from the stream, in member order) as its last argument.
+The callback's run gets the members' values (read from the stream, in member order) as its last argument. A group
+that ends a pipeline (magne.steps) has no gate: its members join the same way, and the one that completes the set
+records the list under the group's id (`collect`) instead of taking a gate.
 A member that fails for good records the chord's failure; the callback then never runs and its gate expires.
 
 Pool threads (or an executor thread for an `async def` member): the blocking calls go through the process's
