@@ -11,6 +11,7 @@ import magne
 from magne import publisher, workflow
 from magne.registry import Task
 from support import queue_counts, rabbitmqctl, wait_for
+from support.control_env import isolate
 
 TASKS = ("add", "inc", "dbl", "boom", "total", "square", "piece")
 
@@ -120,3 +121,23 @@ def test_the_step_after_a_group_runs_once_through_a_kill_9(flows, start_worker, 
     c = b.counters()
     assert c["dead"] == 0 and c["redelivered"] > 0, c
     assert runs("piece") > n, "no member ran twice: the kill came too late to test anything"
+
+
+def test_cancelling_a_pipeline_stops_its_nested_groups_members_not_run_yet(flows, start_worker, names, broker,
+                                                                          monkeypatch, redis):
+    isolate(names, broker, monkeypatch)
+    t = flows.t
+    w = start_worker("--threads", "2", modules=("nesting_tasks",), env=flows.env)
+    w.wait_ready()
+    n = 12
+    pid = magne.pipeline([t.add.message(1, 1), magne.group([t.piece.message(i, 0.3) for i in range(n)]),
+                          t.total.message()]).send()
+    runs = lambda name: int(redis.hget(names["MAGNE_TEST_KEY"], name) or 0)  # noqa: E731
+    wait_for(lambda: runs("piece") >= 1, 20, interval=0.02, what="the group started")
+    magne.cancel(pid)
+    with pytest.raises(magne.TaskFailed) as info:
+        magne.result(pid, 20)
+    assert info.value.reason == "cancelled" and info.value.error_type == "Cancelled"
+    wait_for(lambda: queue_counts(flows.queue) == (0, 0), 20, interval=0.2, what="every member settled")
+    assert runs("piece") < n and runs("total") == 0  # members not run yet were cancelled; the step after never ran
+    assert w.stop() == 0
