@@ -13,7 +13,9 @@ publishes the members. Each member that succeeds does this on its pool thread, b
    callback is published once. A taker that dies before its reject leaves the message in the gate (unacked
    messages go back when a connection dies), and its member, unacked too, runs again and takes it then.
 
-The callback's run gets the members' values (read from the stream, in member order) as its last argument.
+The callback's run gets the members' values (read from the stream, in member order) as its last argument. A group
+that ends a pipeline (magne.steps) has no gate: its members join the same way, and the one that completes the set
+records the list under the group's id (`collect`) instead of taking a gate.
 A member that fails for good records the chord's failure; the callback then never runs and its gate expires.
 
 Pool threads (or an executor thread for an `async def` member): the blocking calls go through the process's
@@ -33,6 +35,7 @@ from magne.amqp import codec, names
 from magne.amqp.errors import ChannelClosed
 from magne.delivery import Delivery, Outcome
 from magne.engine.session import CH
+from magne.errors import TaskFailed
 from magne.publisher import Publisher, default_publisher
 
 log = logs.Log("magne.chords")
@@ -54,16 +57,18 @@ def member_flow(d: Delivery) -> dict[str, Any] | None:
         return None
     # A publisher controls the header: the gate taken from is always this group's own, never a queue it names.
     # The size must be the one its id names: a forged smaller one would fire the chord before its members ran.
+    # A group that ends a pipeline has no gate: its list is recorded under its own id (`collect`, magne.steps).
     m = GROUP_ID.fullmatch(group)
-    return flow if flow.get("gate") == gate_queue(group) and m is not None and int(m.group(1)) == n else None
+    joins = flow.get("gate") == gate_queue(group) or flow.get("collect") is True
+    return flow if joins and m is not None and int(m.group(1)) == n else None
 
 
 def on_success(d: Delivery, task: str, value: Any) -> None:
     """Pool thread, after a task that asked succeeded: magne.workflow's follow-ups; and for a chord member, its join
     (blocking: the broker's confirm, the stream, the gate). A join that cannot finish requeues the member."""
     workflow.on_success(d, task, value)
-    if b"gate" not in d.header:  # no chord's member (the common case: decoding the header again costs 10 us)
-        return
+    if b"gate" not in d.header and b"collect" not in d.header:  # no joining member (the common case: decoding the
+        return  # header again costs 10 us)
     flow = member_flow(d)
     if flow is None or not isinstance(default_publisher(), Publisher):  # magne.testing joins in-process (local_fire)
         return
@@ -100,7 +105,24 @@ def join(d: Delivery, task: str, value: Any, flow: dict[str, Any]) -> None:
         succeeded = r.recount(group, rid, w.start, max(1.0, deadline - time.monotonic()))
     if succeeded != n:
         return  # not every member had succeeded before this one: a later one completes the set
-    fire(client, gate_queue(group))
+    if flow.get("collect") is True:
+        collect(client, group, n, deadline)
+    else:
+        fire(client, gate_queue(group))
+
+
+def collect(client: Any, group: str, n: int, deadline: float) -> None:
+    """A group that ends a pipeline is complete: record its members' values (read from the stream, in member order)
+    under the group's id, the pipeline's result, confirmed before this member is acked. A member that runs again
+    records it again (readers take the first record of an id: the same list, made of the members' first records)."""
+    try:
+        values = [results.result(f"{group}.{i}", max(1.0, deadline - time.monotonic())) for i in range(n)]
+        rec = workflow.record(group, "group", True, values)
+    except TaskFailed as exc:  # a member's first record is a failure (it ran twice, and failed once)
+        rec = workflow.record(group, exc.task, False, reason=exc.reason, of=exc.message_id,
+                              error={"type": exc.error_type, "message": exc.error_message})
+    client.publish_confirmed("", workflow.STREAM, rec.body, rec.header)
+    log.info("group %s complete: its values are its pipeline's result", logs.clean(group), event="group_collected")
 
 
 def fire(client: Any, gate: str) -> None:
@@ -166,19 +188,28 @@ def drop_gate(group: str) -> None:
 
 def local_fire(d: Delivery, records: dict[str, Any], groups: dict[str, set[int]],
                gates: dict[str, tuple[bytes, bytes]]) -> tuple[str, bytes, bytes] | None:
-    """magne.testing's join, in-process: after a chord member succeeded (its record kept in `records`), the callback
-    (queue, body, header) with the members' values appended, once every member succeeded; else None."""
+    """magne.testing's join, in-process: after a group's member succeeded (its record kept in `records`), the callback
+    (queue, body, header) with the members' values appended, once every member succeeded; else None. A group that
+    ends a pipeline gets its list recorded under its id instead."""
     flow = member_flow(d) if d.outcome is Outcome.ACK else None
     if flow is None:
         return None
     seen = groups.setdefault(flow["group"], set())
     seen.add(flow["i"])
-    if len(seen) != flow.get("n") or flow["gate"] not in gates:
+    if len(seen) != flow.get("n"):
+        return None
+    values = [results.outcome(records[f"{flow['group']}.{i}"]) for i in range(flow["n"])]
+    if flow.get("collect") is True:
+        records.setdefault(flow["group"], {"id": flow["group"], "task": "group", "ok": True, "value": values})
+        return None
+    if flow["gate"] not in gates:
         return None
     body, header = gates.pop(flow["gate"])
     name, args, kwargs = wire.decode(body)
     mid = wire.read_state(header).message_id or ""
-    cflow = workflow._flow(codec.decode_properties(header).headers or {})
-    values = [results.outcome(records[f"{flow['group']}.{i}"]) for i in range(flow["n"])]
+    headers = codec.decode_properties(header).headers or {}
+    cflow = workflow._flow(headers)
     body = wire.encode(name, [*args, values], kwargs, mid)
-    return str(cflow.get("queue")), body, workflow.header_for(mid, len(body), True, None)
+    rest = {k: v for k, v in cflow.items() if k not in ("chord", "n", "queue")}  # a pipeline's step goes on after it
+    return str(cflow.get("queue")), body, workflow.header_for(mid, len(body), headers.get(workflow.RESULTS) is True,
+                                                              rest or None)

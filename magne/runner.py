@@ -80,7 +80,7 @@ class Runner:
         was cancelled, or its group or chord was (magne.cancels: an empty set costs one truth test, a non-empty one a
         header scan and a dict lookup or three). Any run thread."""
         cancels = self.cancels.ids
-        if cancels and (covered(message_id_of(d.header), cancels) or pipeline_of(d) in cancels):
+        if cancels and (covered(message_id_of(d.header), cancels) or covered(pipeline_of(d), cancels)):
             raise Cancelled("cancelled before it started")  # itself, its group, its chord or its pipeline
         if self.accept is not None:  # --accept: magne.formats reads magne's format and the others accepted
             resolved = formats.resolve(d, self.tasks, self.accept, self.time_limit)

@@ -11,6 +11,12 @@ with the rest of the pipeline in its `x-magne-flow` header; the worker that runs
 (confirmed) before it acks the step, so a crash between the two duplicates a step, never loses the pipeline. The
 id `send()` returns is the last step's message id, and every step knows it: the pipeline's result is the last
 step's value, or the first failure (a failing step stops the pipeline and its failure is recorded under that id).
+
+Nesting (docs/results.md): a pipeline's step may be a group (or a chord), and a group's member a pipeline of task
+steps. `send()` plans the whole flow at once: every id, every header, and one chord gate per group that a step
+follows (the step after a group is that group's chord callback, so it is published once, as a chord's is). A group
+that ends a pipeline has no gate: the member that completes it records the list under the pipeline's id (its
+group id). Deeper nesting is refused here, naming what is wrong, never found out by a worker.
 """
 
 from __future__ import annotations
@@ -46,49 +52,123 @@ class Step:
                                         message_id=message_id or workflow.new_id(), headers=headers)
 
 
-class Pipeline:
-    """Steps to run one after another. `send()` returns the pipeline's id (for magne.result)."""
+Start = tuple[dict[str, Any], dict[str, Any] | None]  # a message to publish: its step spec and its flow (or None)
 
-    def __init__(self, steps: Iterable[Step]) -> None:
-        self.steps = list(steps)
+
+class Pipeline:
+    """Steps to run one after another: task steps, groups and chords (a pipeline given as a step is spliced in).
+    `send()` returns the pipeline's id (for magne.result)."""
+
+    def __init__(self, steps: Iterable[Step | Group | Chord | Pipeline]) -> None:
+        self.steps: list[Step | Group | Chord] = []
+        for s in steps:
+            if isinstance(s, Pipeline):
+                self.steps.extend(s.steps)
+            elif isinstance(s, Step | Group | Chord):
+                self.steps.append(s)
+            else:
+                raise TypeError(f"a pipeline's steps are task.message(...) steps, groups or chords, got {type(s).__name__}")
         if not self.steps:
             raise ValueError("a pipeline needs at least one step")
+        nodes: list[Step | Group] = []  # a chord is its group followed by its callback
         for s in self.steps:
-            if not isinstance(s, Step):
-                raise TypeError(f"a pipeline's steps are task.message(...) steps, got {type(s).__name__}")
+            nodes.extend((s.group, s.callback) if isinstance(s, Chord) else (s,))
+        for k, (a, b) in enumerate(zip(nodes, nodes[1:], strict=False)):
+            if isinstance(a, Group) and isinstance(b, Group):
+                raise ValueError(f"pipeline steps {k + 1} and {k + 2} (counting from 1, a chord as its group and its "
+                                 "callback) are both groups: a group must be followed by a task step (which gets the "
+                                 "list of its values) or end the pipeline")
+            if isinstance(a, Group) and getattr(b.task, "is_async", False):
+                raise TypeError(f"pipeline step {k + 2} ({b.task.name}) follows a group, so it is that group's chord "
+                                "callback and must be a plain `def` task (it reads the members' values before it runs)")
+        self.nodes = nodes
 
     def send(self) -> str:
-        """Publish the first step, carrying the rest; returns the pipeline's id (its last step's message id)."""
-        ids = [workflow.new_id() for _ in self.steps]
-        rest = [s.spec(i, n == len(self.steps) - 1) for n, (s, i) in enumerate(zip(self.steps, ids, strict=True))][1:]
-        headers: dict[str, Any] = {wire.RESULTS_HEADER: True} if not rest else {}
-        if rest:
-            headers[wire.FLOW_HEADER] = workflow.dumps({"pipe": ids[-1], "rest": rest}).decode()
-        self.steps[0].send(ids[0], headers)
-        return ids[-1]
+        """Make the gates of its groups, publish its first step (or its first group's members), carrying the rest;
+        returns the pipeline's id (its last step's message id, or its last group's id)."""
+        plan = _Plan(self.nodes)
+        for gate, step, mid, flow, asked in plan.gates:
+            _make_gate(gate, step, mid, flow, asked)
+        first = self.nodes[0]
+        if isinstance(first, Step):  # as task.send: with the task's own options (its priority)
+            first.send(plan.ids[0], _headers(*plan.starts[0]))
+        else:
+            _publish(plan.starts)
+        return plan.ids[-1]
 
     def call(self, timeout: float = 30.0) -> Any:
         """Send and wait for the pipeline's result (magne.result)."""
         return results.result(self.send(), timeout)
 
 
-def pipeline(steps: Iterable[Step]) -> Pipeline:
-    """`magne.pipeline([a.message(...), b.message(...), ...]).send()`: the pipeline's id."""
+def pipeline(steps: Iterable[Step | Group | Chord | Pipeline]) -> Pipeline:
+    """`magne.pipeline([a.message(...), magne.group([...]), b.message(...)]).send()`: the pipeline's id."""
     return Pipeline(steps)
+
+
+class _Plan:
+    """A pipeline's messages, worked out before anything is sent: `starts` (published now), `gates` (made first: a
+    group's member may complete it at once) and `ids` (per node; the last is the pipeline's)."""
+
+    def __init__(self, nodes: list[Step | Group]) -> None:
+        self.nodes, self.last = nodes, len(nodes) - 1
+        self.ids = [f"{workflow.new_id()}.g{len(n.members)}" if isinstance(n, Group) else workflow.new_id() for n in nodes]
+        for k in range(1, len(nodes)):
+            if isinstance(nodes[k - 1], Group):  # a group's follower is its chord callback: named so (magne.cancels)
+                self.ids[k] = f"{self.ids[k - 1]}.callback"
+        self.gates: list[tuple[str, Step, str, dict[str, Any], bool]] = []
+        first = nodes[0]
+        if isinstance(first, Step):
+            self.starts = [(first.spec(self.ids[0], self.last == 0), self.flow(0, {}))]
+        else:
+            self.starts = [(m["step"], m["flow"]) for m in self.spec(0)["members"]]
+
+    def flow(self, k: int, flow: dict[str, Any]) -> dict[str, Any] | None:
+        """The flow of node k's message (a step): what runs after it, up to and including the next group."""
+        rest = []
+        for j in range(k + 1, len(self.nodes)):
+            rest.append(self.spec(j))
+            if isinstance(self.nodes[j], Group):
+                break
+        if rest:
+            flow = {**flow, "pipe": self.ids[-1], "rest": rest}
+        return flow or None
+
+    def spec(self, k: int) -> dict[str, Any]:
+        node, mid = self.nodes[k], self.ids[k]
+        if isinstance(node, Step):
+            return node.spec(mid, k == self.last)
+        n = len(node.members)
+        base: dict[str, Any] = {"group": mid, "n": n, "pipe": self.ids[-1]}
+        if k == self.last:
+            base["collect"] = True  # its members' list is the pipeline's result, recorded by the member completing it
+        else:  # the next step waits in this group's gate, as a chord's callback
+            cb = self.nodes[k + 1]
+            assert isinstance(cb, Step)
+            base["gate"] = gate = chords.gate_queue(mid)
+            self.gates.append((gate, cb, self.ids[k + 1], self.flow(k + 1, {"chord": mid, "n": n, "queue": cb.task.queue}),
+                               k + 1 == self.last))
+        return {"group": mid, "n": n, "members": [{"step": s, "flow": f} for s, f in node.starts(mid, base)]}
 
 
 GATE_EXPIRES_MS = 7 * 86_400_000  # a chord's gate is deleted after a week unused (a chord that never completed)
 
 
 class Group:
-    """Members that run in parallel. `send()` returns the group's id (for magne.group_result); `then(step)` makes it
-    a chord."""
+    """Members that run in parallel: task steps, or pipelines of task steps. `send()` returns the group's id (for
+    magne.group_result); `then(step)` makes it a chord."""
 
-    def __init__(self, members: Iterable[Step]) -> None:
+    def __init__(self, members: Iterable[Step | Pipeline]) -> None:
         self.members = list(members)
-        for m in self.members:
-            if not isinstance(m, Step):
-                raise TypeError(f"a group's members are task.message(...) steps, got {type(m).__name__}")
+        for i, m in enumerate(self.members):
+            if isinstance(m, Pipeline):
+                if not all(isinstance(s, Step) for s in m.steps):
+                    raise ValueError(f"group member {i} is a pipeline holding a group or chord: a member pipeline may "
+                                     "hold only task steps (nesting deeper than pipeline > group > pipeline > step "
+                                     "is not supported)")
+            elif not isinstance(m, Step):
+                raise TypeError(f"a group's members are task.message(...) steps or pipelines of them, got "
+                                f"{type(m).__name__}")
         if not self.members:
             raise ValueError("a group needs at least one member")
 
@@ -98,27 +178,26 @@ class Group:
 
     def send(self) -> str:
         gid = f"{workflow.new_id()}.g{len(self.members)}"
-        self._publish(gid, None)
+        _publish(self.starts(gid, None))
         return gid
 
-    def _publish(self, gid: str, gate: str | None) -> None:
-        """Every member, pipelined and confirmed; PublishError if any was not taken."""
-        n, pub = len(self.members), default_publisher()
-        headers = [{wire.RESULTS_HEADER: True} for _ in range(n)]
-        if gate is not None:
-            for i, h in enumerate(headers):
-                h[wire.FLOW_HEADER] = workflow.dumps({"group": gid, "i": i, "n": n, "gate": gate}).decode()
-        if not isinstance(pub, Publisher):  # magne.testing's in-process worker
-            for i, (m, h) in enumerate(zip(self.members, headers, strict=True)):
-                m.send(f"{gid}.{i}", h)
-            return
-        msgs = []
-        for i, (m, h) in enumerate(zip(self.members, headers, strict=True)):
-            body = wire.encode(m.task.name, m.args, m.kwargs or None, f"{gid}.{i}")
-            props = wire.properties_for(f"{gid}.{i}")
-            props.headers = h
-            msgs.append(Message(m.task.queue, body, props, queue_type=m.task.queue_type))
-        pub.publish_many(msgs).raise_on_failure()
+    def starts(self, gid: str, base: dict[str, Any] | None) -> list[Start]:
+        """Each member's first message. Member i's value is recorded as `<gid>.<i>` (a pipeline member's last step has
+        that id); `base`: the group's part of a member's flow (its gate, its pipeline), None for a plain group."""
+        out: list[Start] = []
+        for i, m in enumerate(self.members):
+            mine = {**base, "i": i} if base else None
+            steps = m.steps if isinstance(m, Pipeline) else [m]
+            ids = [*(workflow.new_id() for _ in steps[1:]), f"{gid}.{i}"]
+            specs = [s.spec(mid, mid == ids[-1]) for s, mid in zip(steps, ids, strict=True)]
+            if len(specs) == 1:
+                out.append((specs[0], mine))
+                continue
+            flow: dict[str, Any] = {"pipe": (base or {}).get("pipe") or ids[-1], "rest": specs[1:]}
+            if mine:
+                flow["then"] = mine  # the flow its last step carries: the member's place in its group
+            out.append((specs[0], flow))
+        return out
 
 
 class Chord:
@@ -136,20 +215,8 @@ class Chord:
         n = len(self.group.members)
         gid = f"{workflow.new_id()}.g{n}"
         cid, gate, cb = f"{gid}.callback", chords.gate_queue(gid), self.callback
-        body = wire.encode(cb.task.name, cb.args, cb.kwargs or None, cid)
-        flow = {"chord": gid, "n": n, "queue": cb.task.queue}
-        props = wire.properties_for(cid)
-        props.headers = {wire.RESULTS_HEADER: True, wire.FLOW_HEADER: workflow.dumps(flow).decode()}
-        pub = default_publisher()
-        if isinstance(pub, Publisher):
-            client = pub._running()
-            for method, reply in topology.declarations(cb.task.queue, cb.task.queue_type or pub.queue_type):
-                client.call(method, reply)
-            client.call(names.QueueDeclare(queue=gate, durable=True, arguments={
-                "x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": cb.task.queue,
-                **topology.AT_LEAST_ONCE, "x-expires": GATE_EXPIRES_MS}), commands.Queue.DeclareOk)
-        pub.publish(gate, body, props, exchange="")
-        self.group._publish(gid, gate)
+        _make_gate(gate, cb, cid, {"chord": gid, "n": n, "queue": cb.task.queue}, True)
+        _publish(self.group.starts(gid, {"group": gid, "n": n, "gate": gate}))
         return cid
 
     def call(self, timeout: float = 30.0) -> Any:
@@ -157,8 +224,52 @@ class Chord:
         return results.result(self.send(), timeout)
 
 
-def group(members: Iterable[Step]) -> Group:
-    """`magne.group([t.message(...) for ...]).send()`: the group's id; `.then(step).send()`: a chord's id."""
+def _make_gate(gate: str, cb: Step, mid: str, flow: dict[str, Any] | None, asked: bool) -> None:
+    """A chord's gate (magne.chords): a quorum queue holding the callback `cb`, dead-lettering into its task queue."""
+    body = wire.encode(cb.task.name, cb.args, cb.kwargs or None, mid)
+    props = wire.properties_for(mid)
+    props.headers = {wire.FLOW_HEADER: workflow.dumps(flow).decode()} if flow else {}
+    if asked:
+        props.headers[wire.RESULTS_HEADER] = True
+    pub = default_publisher()
+    if isinstance(pub, Publisher):
+        client = pub._running()
+        for method, reply in topology.declarations(cb.task.queue, cb.task.queue_type or pub.queue_type):
+            client.call(method, reply)
+        client.call(names.QueueDeclare(queue=gate, durable=True, arguments={
+            "x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": cb.task.queue,
+            **topology.AT_LEAST_ONCE, "x-expires": GATE_EXPIRES_MS}), commands.Queue.DeclareOk)
+    pub.publish(gate, body, props, exchange="")
+
+
+def _headers(spec: dict[str, Any], flow: dict[str, Any] | None) -> dict[str, Any]:
+    """magne's headers of a flow's message: whether it records its result, what runs after it."""
+    headers: dict[str, Any] = {wire.RESULTS_HEADER: True} if spec["results"] else {}
+    if flow:
+        headers[wire.FLOW_HEADER] = workflow.dumps(flow).decode()
+    return headers
+
+
+def _publish(starts: list[Start]) -> None:
+    """The first messages of a flow, pipelined and confirmed; PublishError if any was not taken."""
+    msgs = []
+    for spec, flow in starts:
+        mid = spec["id"]
+        body = wire.encode(spec["task"], spec["args"], spec["kwargs"] or None, mid)
+        props = wire.properties_for(mid)
+        props.headers = _headers(spec, flow)
+        msgs.append(Message(spec["queue"], body, props, queue_type=spec["qt"]))
+    pub = default_publisher()
+    if not isinstance(pub, Publisher):  # magne.testing's in-process worker
+        for m in msgs:
+            pub.publish(m.queue, m.body, m.properties, queue_type=m.queue_type)
+        return
+    pub.publish_many(msgs).raise_on_failure()
+
+
+def group(members: Iterable[Step | Pipeline]) -> Group:
+    """`magne.group([t.message(...) for ...]).send()`: the group's id; `.then(step).send()`: a chord's id. A member
+    may be a pipeline of task steps: its value is its last step's."""
     return Group(members)
 
 

@@ -213,6 +213,22 @@ def check_step(step: Any) -> None:
         raise ValueError("a pipeline step's args must be a list and its kwargs an object")
 
 
+def group_messages(spec: dict[str, Any], value: Any) -> list[Next]:
+    """A group step's members (made by magne.steps), each with `value` appended, carrying its own flow (its place
+    in the group, or its member pipeline's rest). ValueError for a malformed one: a publisher controls the header."""
+    group, n, members = spec.get("group"), spec.get("n"), spec.get("members")
+    m = CHORD_GROUP.fullmatch(group) if isinstance(group, str) else None
+    if m is None or not isinstance(members, list) or not 0 < len(members) == n == int(m.group(1)):
+        raise ValueError("a group step in x-magne-flow has no group id of its size, or not that many members")
+    out = []
+    for member in members:
+        flow = member.get("flow") if isinstance(member, dict) else None
+        if not isinstance(member, dict) or not isinstance(flow, dict | None):
+            raise ValueError("a group step's member in x-magne-flow is not an object with a step and a flow")
+        out.append(step_message(member.get("step"), [value], flow))
+    return out
+
+
 def header_for(mid: str, size: int, results: bool, flow: dict[str, Any] | None, priority: int | None = None) -> bytes:
     props = wire.properties_for(mid)
     props.priority = priority
@@ -233,17 +249,23 @@ def on_success(d: Delivery, task: str, value: Any) -> None:
     out: list[Next] = []
     try:
         rest = flow.get("rest")
-        if isinstance(rest, list) and rest:  # a pipeline goes on: its next step gets this value
+        if isinstance(rest, list) and rest:  # a pipeline goes on: its next step (or group step) gets this value
             if not isinstance(flow.get("pipe"), str) or len(flow["pipe"]) > 255:
                 raise ValueError("x-magne-flow names no pipeline id")
-            nxt = {"pipe": flow["pipe"], "rest": rest[1:]} if len(rest) > 1 else None
-            out.append(step_message(rest[0], [value], nxt))
+            if isinstance(rest[0], dict) and "members" in rest[0]:  # a group step: ends its rest (steps.py's plan)
+                if len(rest) > 1:
+                    raise ValueError("a group step in x-magne-flow is followed by more steps")
+                out.extend(group_messages(rest[0], value))
+            else:
+                then = flow.get("then") if isinstance(flow.get("then"), dict) else None
+                nxt = {"pipe": flow["pipe"], "rest": rest[1:], **({"then": then} if then else {})} if len(rest) > 1 \
+                    else then  # a member pipeline's last step carries its place in its group
+                out.append(step_message(rest[0], [value], nxt))
         if headers.get(RESULTS) is True:
             out.append(record(mid, task, True, value))
     except Exception as exc:  # a step that cannot be sent (a value that is not JSON): the pipeline's failure
         err = {"type": type(exc).__name__, "message": wire.safe_text(exc, wire.MESSAGE_CHARS)}
-        out = [record(i, task, False, reason="workflow", error=err, of=mid)
-               for i in {mid, str(flow.get("pipe") or mid)}]
+        out = [record(i, task, False, reason="workflow", error=err, of=mid) for i in failed_ids(mid, flow, True)]
     d.follow = out or None
 
 
@@ -261,21 +283,31 @@ def on_cancelled(d: Delivery, why: str) -> list[Next] | None:
     return on_dead(d, task)
 
 
+def failed_ids(mid: str, flow: dict[str, Any], asked: bool) -> list[str]:
+    """The ids whose result is a message's failure: its own (if it `asked`), its pipeline's, and for a group's member
+    (or a member pipeline's step, whose `then` is the member's place) the member's and its chord's."""
+    pipe = flow.get("pipe")
+    ids = [mid] if asked else []
+    if isinstance(pipe, str) and 0 < len(pipe) <= 255:
+        ids.append(pipe)
+    then = flow.get("then") if isinstance(flow.get("then"), dict) else {}
+    for f in (flow, then):
+        group = f.get("group")
+        if isinstance(group, str) and CHORD_GROUP.fullmatch(group):
+            if f is then and type(f.get("i")) is int:
+                ids.append(f"{group}.{f['i']}")
+            if f.get("gate") == f"{STREAM}.chord.{group}":  # its own group's gate, as magne.chords checks
+                ids.append(f"{group}.callback")
+    return list(dict.fromkeys(ids))
+
+
 def on_dead(d: Delivery, task: str | None = None) -> list[Next] | None:
     """I/O thread, cold path: a message that asked was dead-lettered (its failure is final). Its failure record, and
     its pipeline's (the pipeline's result is its first failure). Also a run thread's, for a cancelled message
     (Runner.was_cancelled, with its `error`): its outcome is as final, and whoever waits on it must hear so."""
     headers, mid = _read(d)
     flow = _flow(headers)
-    pipe = flow.get("pipe") if isinstance(flow.get("pipe"), str) and len(flow["pipe"]) <= 255 else None
-    ids = []
-    if headers.get(RESULTS) is True:
-        ids.append(mid)
-    if isinstance(pipe, str) and pipe and pipe != mid:
-        ids.append(pipe)
-    group = flow.get("group")
-    if isinstance(group, str) and CHORD_GROUP.fullmatch(group) and flow.get("gate") == f"{STREAM}.chord.{group}":
-        ids.append(f"{group}.callback")  # a chord's member failed (its own group's gate, as magne.chords checks)
+    ids = failed_ids(mid, flow, headers.get(RESULTS) is True)
     if not ids:
         return None
     err = d.error or {"type": "BadMessage", "message": d.reason}
