@@ -91,11 +91,7 @@ def pipeline_of(d: Delivery) -> str | None:
     return pipe if isinstance(pipe, str) else None
 
 
-def new_id() -> str:
-    """A message id that tells readers when it was made, laid out as a UUIDv7 in hex: 12 hex digits of milliseconds,
-    the version digit 7, 19 random (32 hex digits, the shape of wire.new_id's uuid4 hex, whose 13th digit is always
-    4, so one is never taken for the other). A reader of its result starts the stream there, not at its start."""
-    return f"{int(time.time() * 1000):012x}7{os.urandom(10).hex()[:19]}"
+new_id = wire.new_id  # every magne id carries its send time: a reader of its result starts the stream there
 
 
 def sent_at_ms(message_id: str) -> int | None:
