@@ -119,6 +119,8 @@ class Events:
         ready = False
         while True:
             stopping = self._stop.wait(FLUSH_EVERY)
+            if ready and not self.buf and not stopping:
+                continue  # nothing to write: an idle worker's events thread costs its timed wait and no more
             try:
                 client = self._client = self.client()
                 if not ready:

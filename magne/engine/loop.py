@@ -32,7 +32,12 @@ from magne.engine.connection import Connection
 from magne.engine.transport import READ, WRITE
 from magne.engine.waker import Waker
 
-TIMER_SLACK = 0.1  # the longest the timers go unchecked while the loop is busy with I/O
+TIMER_SLACK = 0.1  # the longest the timers go unchecked after a turn that did something (I/O, a wake-up, a call)
+# ... and after a turn that did nothing. Every state change reaches the loop as I/O or a wake-up, which brings the
+# next check back within TIMER_SLACK, and the endpoints' timers say exactly when they are due: an idle loop need not
+# look ten times a second. Measured 2026-12-06 on the latency workload (1,000 sleeping tasks, 34 s): an idle worker's
+# two loops took 0.09 CPU-s per 30 s at TIMER_SLACK alone.
+IDLE_SLACK = 1.0
 
 
 class Endpoint(Protocol):
@@ -121,6 +126,7 @@ class Loop:
         endpoints, calls, waker_fd = self.endpoints, self._calls, self.waker.fileno()
         busy = [ep.busy for ep in endpoints]  # bound once: asked on every turn
         timers_at = 0.0
+        idle = False  # the last turn read nothing, was woken by nobody and ran no call
         try:
             while True:
                 now = time.monotonic()
@@ -134,10 +140,14 @@ class Loop:
                     if self.on_lag is not None and timers_at and now >= timers_at:
                         self.on_lag(now - timers_at)
                     wake = self._timers(now, timers)
-                    timers_at = min(wake, now + TIMER_SLACK) if wake is not None else now + TIMER_SLACK
+                    cap = now + (IDLE_SLACK if idle else TIMER_SLACK)
+                    timers_at = min(wake, cap) if wake is not None else cap
                 watcher.sync(endpoints)
                 events = watcher.select(max(timers_at, now) - now)
                 now = time.monotonic()
+                idle = not events and not calls
+                if not idle and timers_at > now + TIMER_SLACK:
+                    timers_at = now + TIMER_SLACK  # something happened: its timers are looked at within TIMER_SLACK
                 for key, mask in events:
                     if key.data is None:
                         if key.fd == waker_fd:
