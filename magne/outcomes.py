@@ -15,9 +15,12 @@ busy stream), when every id was found finished, or at the deadline.
 
 What it answers (CancelResult, a str equal to the id: callers comparing or storing the ids keep working):
   finished   a record shows it finished (succeeded, failed, dead-lettered or cancelled): when, and where if known;
+  cancelled  it had not finished: a record shows it cancelled after (or within SKEW before) this cancel was made,
+             this cancel's own effect (a worker skipped or interrupted it), not "already finished";
   not-seen   both streams were read back to its send time (or what they keep) and nothing shows it finished; a
              message that finished in the last ~0.1 s may not be recorded yet (events are batched);
   unknown    the read did not get that far (deadline, no events stream, beyond retention, a broker error).
+Records are anyone's who may write to those streams: every value is checked for its type and range (`_record`).
 A group id (`<id>.g<n>`) is finished once every member is; a chord's and a pipeline's id have records of their own.
 
 Threads: `cancel`, `look_up` on the caller's (waiting in slices); the readers' callbacks on the client's loop thread.
@@ -26,10 +29,12 @@ Threads: `cancel`, `look_up` on the caller's (waiting in slices); the readers' c
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from typing import Any
 
+import orjson
 from pamqp import commands
 
 from magne import cancels, events, logs, streams, wire, workflow
@@ -52,11 +57,11 @@ FEW = 32  # up to this many ids, a batch of events is searched for them as bytes
 
 
 class CancelResult(str):
-    """One cancelled id (equal to it, hashed like it) with what is known of its message. `state`: finished, not-seen
-    or unknown (module docstring); `outcome`: succeeded, failed, dead-lettered or cancelled when finished, else the
-    last event seen that is not final (retried, requeued, returned) or None; `at` (seconds since the epoch), `host`,
-    `pid`, `task`, `queue`, `reason`, `error`, `source` (events or results) when known; `since`: the time the records
-    were read from; `note`: why unknown, or a group's count."""
+    """One cancelled id (equal to it, hashed like it) with what is known of its message. `state`: finished, cancelled
+    (this cancel stopped it), not-seen or unknown (module docstring); `outcome`: succeeded, failed, dead-lettered or
+    cancelled when finished, else the last event seen that is not final (retried, requeued, returned) or None; `at`
+    (seconds since the epoch), `host`, `pid`, `task`, `queue`, `reason`, `error`, `source` (events or results) when
+    known; `since`: the time the records were read from; `note`: why unknown, or a group's count."""
 
     state: str
     outcome: str | None
@@ -100,15 +105,16 @@ def cancel(*message_ids: str, publisher: Any = None, check: bool = True,
     retention window, across worker restarts), then say per id whether it had already finished (`check`: read the
     events and results streams for at most `timeout` seconds). Returns one CancelResult per id, in order, each equal
     to its id (as `cancel` returned the ids before). The cancel is recorded, and confirmed, for every id, finished or
-    not. ValueError for a bad id; what the broker refuses while recording raises; a lookup that fails answers
-    "unknown". Calling thread."""
+    not. ValueError for a bad id; what the broker refuses while recording raises; a lookup that fails, in any way,
+    answers "unknown" (the cancel is recorded by then: raising would say it was not). Calling thread."""
     pub = publisher if publisher is not None else default_publisher()
+    made = time.time()
     ids = cancels.cancel(*message_ids, publisher=pub)
     if not check:
         return [CancelResult(m, note="not looked up") for m in ids]
     try:
-        return look_up(pub._running(), ids, timeout)
-    except (MagneError, OSError) as exc:
+        return look_up(pub._running(), ids, timeout, cancelled_at=made)
+    except Exception as exc:  # a lookup is best-effort, and comes after the cancel was recorded
         why = f"the lookup failed: {type(exc).__name__}: {logs.clean(str(exc), 120)}"
         log.warning("cancelled %d message(s); %s", len(ids), why, event="cancel_lookup_failed")
         return [CancelResult(m, note=why) for m in ids]
@@ -124,7 +130,10 @@ class Found:
         self.final: dict[str, dict[str, Any]] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.members: dict[str, dict[int, dict[str, Any]]] = {g: {} for g in self.groups}
-        self.needles = [m.encode() for m in ids] if len(ids) <= FEW else None
+        # As the ids appear in a batch (orjson, as magne.events writes it: quotes, backslashes, control characters
+        # escaped); a group's members as `"<group>.`.
+        self.needles = [orjson.dumps(m)[:-1] + b"." if m in self.groups else orjson.dumps(m)
+                        for m in ids] if len(ids) <= FEW else None
         self.closed = False
 
     def complete(self) -> bool:
@@ -151,11 +160,12 @@ class Found:
             return _first_time(m.body)
         rows = events.parse(m.body)
         for e in rows:
-            self.add(e.get("id"), {"outcome": e.get("event"), "at": e.get("t"), "host": e.get("host"),
-                                   "pid": e.get("pid"), "task": e.get("task"), "queue": e.get("queue"),
-                                   "reason": e.get("reason"), "error": e.get("error"), "source": "events"})
+            if isinstance(e.get("id"), str):
+                self.add(e["id"], _record(e.get("event"), e.get("t"), "events", host=e.get("host"), pid=e.get("pid"),
+                                          task=e.get("task"), queue=e.get("queue"), reason=e.get("reason"),
+                                          error=e.get("error")))
         t = rows[0].get("t") if rows else None
-        return t if isinstance(t, int | float) else None
+        return t if _plausible(t) else None
 
     def on_results(self, m: Delivered) -> float | None:
         """Loop thread: a result record (its message_id is the record's id: only a match is parsed). Its time."""
@@ -165,15 +175,37 @@ class Found:
         rec = wire.loads(m.body)
         if not isinstance(rec, dict) or type(rec.get("ok")) is not bool:
             return None
-        err = rec.get("error") if isinstance(rec.get("error"), dict) else None
-        reason = rec.get("reason") or None
+        reason = rec.get("reason") if isinstance(rec.get("reason"), str) else None
         outcome = "succeeded" if rec["ok"] else "cancelled" if reason == "cancelled" else "failed"
         if isinstance(rec.get("of"), str) and not rec["ok"]:
-            reason = f"{reason or 'failed'} (step {rec['of']})"
-        self.add(rec.get("id"), {"outcome": outcome, "at": rec.get("at"), "task": rec.get("task"), "reason": reason,
-                                 "error": err, "source": "results"})
-        at = rec.get("at")
-        return at if isinstance(at, int | float) else None
+            reason = f"{reason or 'failed'} (step {logs.clean(rec['of'], 120)})"
+        found = _record(outcome, rec.get("at"), "results", task=rec.get("task"), reason=reason, error=rec.get("error"))
+        if isinstance(rec.get("id"), str):
+            self.add(rec["id"], found)
+        return found["at"]
+
+
+def _record(outcome: Any, at: Any, source: str, **known: Any) -> dict[str, Any]:
+    """A record normalised: each value of the type and range a worker writes, else None (an empty text too), so that
+    what someone else wrote into a stream can neither break the answer's line or JSON nor pass for a time."""
+    out: dict[str, Any] = {"outcome": outcome if isinstance(outcome, str) and len(outcome) <= 40 else None,
+                           "at": at if _plausible(at) else None, "source": source}
+    for k in ("host", "task", "queue", "reason"):
+        v = known.get(k)
+        out[k] = logs.clean(v, 200) if isinstance(v, str) and v else None
+    pid = known.get("pid")
+    out["pid"] = pid if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 1 << 32 else None
+    err = known.get("error")
+    err = {k: logs.clean(err[k], 200) for k in ("type", "message") if isinstance(err.get(k), str)} \
+        if isinstance(err, dict) else {}
+    out["error"] = err or None
+    return out
+
+
+def _plausible(t: Any) -> bool:
+    """Whether `t` can be a time a worker wrote (seconds since the epoch, not in the far future)."""
+    return isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) \
+        and 0 < t < time.time() + 86_400
 
 
 def _first_time(body: bytes) -> float | None:
@@ -183,9 +215,10 @@ def _first_time(body: bytes) -> float | None:
         return None
     j = body.find(b",", i + 9)
     try:
-        return float(body[i + 9:j])
+        t = float(body[i + 9:j])
     except ValueError:
         return None
+    return t if _plausible(t) else None
 
 
 @dataclasses.dataclass
@@ -265,9 +298,11 @@ def plan(ids: list[str], now: float) -> list[tuple[float, float]]:
     return out
 
 
-def look_up(client: Client, ids: list[str], timeout: float = LOOKUP) -> list[CancelResult]:
+def look_up(client: Client, ids: list[str], timeout: float = LOOKUP,
+            cancelled_at: float | None = None) -> list[CancelResult]:
     """What is known of each id's message: the events and results streams read as `plan` says, for at most
-    `timeout` seconds. Calling thread (not the client's loop thread)."""
+    `timeout` seconds. `cancelled_at`: when the cancel was made (a record of `cancelled` from then on is its effect,
+    state cancelled). Calling thread (not the client's loop thread)."""
     now, deadline = time.time(), time.monotonic() + timeout
     found = Found(ids)
     covered: float | None = None  # the events were read completely back to this time (newest first)
@@ -283,7 +318,7 @@ def look_up(client: Client, ids: list[str], timeout: float = LOOKUP) -> list[Can
         covered = since
         if found.complete() or time.monotonic() >= deadline:
             break
-    return [_answer(m, found, covered, events_error, now) for m in ids]
+    return [_answer(m, found, covered, events_error, now, cancelled_at) for m in ids]
 
 
 def _coverage(mid: str, covered: float | None, events_error: str | None, now: float) -> tuple[bool, str | None]:
@@ -301,12 +336,20 @@ def _coverage(mid: str, covered: float | None, events_error: str | None, now: fl
     return True, None
 
 
-def _answer(mid: str, found: Found, covered: float | None, events_error: str | None, now: float) -> CancelResult:
+def _ours(rec: dict[str, Any], cancelled_at: float | None) -> bool:
+    """Whether a final record is this cancel's own effect: cancelled, at or after the cancel was made (less SKEW,
+    for the worker's clock)."""
+    at = rec.get("at")
+    return cancelled_at is not None and rec["outcome"] == "cancelled" and at is not None and at >= cancelled_at - SKEW
+
+
+def _answer(mid: str, found: Found, covered: float | None, events_error: str | None, now: float,
+            cancelled_at: float | None = None) -> CancelResult:
     if mid in found.groups:
-        return _group(mid, found, covered, events_error, now)
+        return _group(mid, found, covered, events_error, now, cancelled_at)
     rec = found.final.get(mid)
     if rec is not None:
-        return CancelResult(mid, "finished", **rec)
+        return CancelResult(mid, "cancelled" if _ours(rec, cancelled_at) else "finished", **rec)
     last = found.last.get(mid, {})
     known = {k: last.get(k) for k in ("outcome", "at", "host", "pid", "task", "queue", "reason", "source")}
     complete, why = _coverage(mid, covered, events_error, now)
@@ -315,13 +358,17 @@ def _answer(mid: str, found: Found, covered: float | None, events_error: str | N
     return CancelResult(mid, note=why, since=covered, **known)
 
 
-def _group(gid: str, found: Found, covered: float | None, events_error: str | None, now: float) -> CancelResult:
-    """A group is finished once every member is (members cancelled included): its last member's time."""
+def _group(gid: str, found: Found, covered: float | None, events_error: str | None, now: float,
+           cancelled_at: float | None = None) -> CancelResult:
+    """A group is finished once every member is (members cancelled included): its last member's time; cancelled
+    (not finished before) if this cancel stopped any of them."""
     n, done = found.groups[gid], found.members[gid]
     failed = [r for r in done.values() if r["outcome"] != "succeeded"]
     note = f"{len(done)} of {n} members finished" + (f", {len(failed)} did not succeed" if failed else "")
     if len(done) == n:
         at = max((r["at"] for r in done.values() if isinstance(r.get("at"), int | float)), default=None)
+        if any(_ours(r, cancelled_at) for r in done.values()):
+            return CancelResult(gid, "cancelled", outcome="cancelled", at=at, note=note)
         return CancelResult(gid, "finished", outcome=failed[0]["outcome"] if failed else "succeeded", at=at, note=note)
     complete, why = _coverage(gid, covered, events_error, now)
     if complete:

@@ -118,3 +118,83 @@ def test_the_cli_line_says_plainly_which_and_escapes_what_publishers_chose():
     assert "not finished" not in unknown.replace("already finished", "")
     assert controlcli.cancel_line(CancelResult("m-5", note="not looked up")) == (
         "m-5: cancelled: it will not run if it has not started; if it is running it is interrupted")
+
+
+def test_a_message_this_cancel_stopped_is_said_stopped_not_already_finished():
+    """A record of `cancelled` dated after the cancel was made is this cancel's own effect (a worker interrupted the
+    message or skipped it): the message had not finished. One dated well before is an earlier cancel's."""
+    t0 = time.time()
+    mid, old, gid = workflow.new_id(), workflow.new_id(), f"{workflow.new_id()}.g2"
+    f = Found([mid, old, gid])
+    f.on_events(batch([t0 + 0.05, "cancelled", "slow", "q", mid, t0 - 3.0, 3.05],
+                      [t0 - 100.0, "cancelled", "slow", "q", old],
+                      [t0 - 50.0, "succeeded", "t", "q", f"{gid}.0"], [t0 + 0.04, "cancelled", "t", "q", f"{gid}.1"]))
+    stopped = outcomes._answer(mid, f, t0 - 60, None, t0, cancelled_at=t0)
+    assert (stopped.state, stopped.outcome, stopped.finished) == ("cancelled", "cancelled", False)
+    line = controlcli.cancel_line(stopped)
+    assert "already finished" not in line and line.startswith(f"{mid}: cancelled: stopped by this cancel at ")
+    earlier = outcomes._answer(old, f, t0 - 60, None, t0, cancelled_at=t0)
+    assert (earlier.state, earlier.outcome) == ("finished", "cancelled")
+    group = outcomes._answer(gid, f, t0 - 60, None, t0, cancelled_at=t0)
+    assert (group.state, group.outcome) == ("cancelled", "cancelled") and "2 of 2" in group.note
+    assert outcomes._answer(mid, f, t0 - 60, None, t0).state == "finished"  # look_up without a cancel: as it was
+
+
+def test_records_with_values_no_worker_writes_neither_break_the_answer_nor_its_line():
+    """Anyone who may write to the events or results stream can put anything there: the CLI's line and JSON of a
+    cancel (already recorded) must not raise on it (a time out of range made time.localtime raise OverflowError)."""
+    a, b = workflow.new_id(), workflow.new_id()
+    f = Found([a, b])
+    f.on_events(Delivered(1, 1, b"", orjson.dumps({"host": {"x": 1}, "pid": True, "fields": [
+        "t", "event", "task", "queue", "id", "started", "duration", "reason", "error"], "rows": [
+        [1e300, "succeeded", 5, ["q"], a, None, None, {"r": 1}, "boom"]]}), False))
+    f.on_results(record(b, ok=False, at=-5.0, task=[1], reason=7, error={"type": ["x"] * 1000}))
+    for mid in (a, b):
+        r = outcomes._answer(mid, f, 0.0, None, time.time())
+        assert r.state == "finished" and r.at is None and r.task is None and r.host is None and r.pid is None
+        assert isinstance(r.reason, str | None) and (r.error is None or all(isinstance(v, str)
+                                                                             for v in r.error.values()))
+        assert controlcli.cancel_line(r).startswith(f"{mid}: already finished: ")
+        orjson.dumps(r.as_dict())
+    empty = Found([a])
+    empty.on_events(batch([time.time(), "cancelled", "", "q", a]))
+    assert empty.final[a]["task"] is None  # a message cancelled before it was parsed: no task, not ""
+
+
+def test_an_id_with_characters_json_escapes_is_still_found_in_a_batch():
+    """Up to FEW ids, a batch is searched as bytes before it is parsed: the needle must be the id as JSON writes it
+    (quotes, backslashes and control characters escaped), else its record is skipped and the id said not seen."""
+    odd = 'order "42"\\a\n\u00e9'
+    f = Found([odd])
+    f.on_events(batch([time.time(), "succeeded", "t", "q", odd]))
+    assert f.final[odd]["outcome"] == "succeeded"
+
+
+def test_an_id_that_is_not_valid_utf8_is_refused_clearly():
+    """`magne cancel` with bytes that are not UTF-8 in argv gets lone surrogates (surrogateescape): a ValueError (the
+    CLI's clear error), not a TypeError from the encoder after the ids were accepted."""
+    import pytest
+
+    from magne import cancels
+
+    with pytest.raises(ValueError, match="not a message id"):
+        cancels.check_ids(["\udcff"])
+
+
+def test_a_lookup_that_fails_in_any_way_answers_unknown_after_the_cancel_was_recorded(monkeypatch):
+    """The cancel is recorded before the lookup: whatever the lookup raises, `magne.cancel` returns (unknown, with
+    why) rather than raising as if the cancel had failed (and `magne cancel` exits 0, as its docs say)."""
+    from magne import cancels
+
+    class Pub:
+        def _running(self):
+            return object()
+
+    monkeypatch.setattr(cancels, "cancel", lambda *ids, publisher: list(ids))
+
+    def broken(*_a, **_k):
+        raise KeyError("x")
+
+    monkeypatch.setattr(outcomes, "look_up", broken)
+    [r] = outcomes.cancel("m-1", publisher=Pub())
+    assert r == "m-1" and r.state == "unknown" and "the lookup failed: KeyError" in r.note
