@@ -156,15 +156,25 @@ class CancelSet:
 
 
 def check_ids(ids: Iterable[Any]) -> list[str]:
-    """The ids as given, validated (a message id is a non-empty string of at most 255 UTF-8 bytes); ValueError."""
+    """The ids as given, validated (a message id is a non-empty string of valid UTF-8, at most 255 bytes); ValueError."""
     out = []
     for mid in ids:
-        if not isinstance(mid, str) or not mid or len(mid.encode("utf-8", "surrogatepass")) > 255:
+        if not isinstance(mid, str) or not mid or len(mid.encode("utf-8", "surrogatepass")) > 255 or not _utf8(mid):
             raise ValueError(f"not a message id: {logs.clean(repr(mid), 80)} (a non-empty string of at most 255 bytes)")
         out.append(mid)
     if not out:
         raise ValueError("no message id given")
     return list(dict.fromkeys(out))
+
+
+def _utf8(mid: str) -> bool:
+    """Whether `mid` is valid UTF-8 text: a lone surrogate (bytes that are not UTF-8 in argv, decoded by Python with
+    surrogateescape) is no message id a broker can carry, and the record's encoder would refuse it with a TypeError."""
+    try:
+        mid.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _properties() -> commands.Basic.Properties:
