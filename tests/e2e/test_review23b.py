@@ -1,0 +1,78 @@
+"""Review of the finished-id lookup (magne.outcomes) on the real broker: a message this very cancel stopped is said
+stopped, never "already finished"; a consume whose consume-ok came too late leaves no consumer behind (the lookup
+gives each read a short timeout, and a leaked stream consumer would stay subscribed for the process's life)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from pamqp import commands
+
+import magne
+from magne import workflow
+from magne.amqp import names as amqp_names
+from magne.amqp.errors import BrokerTimeout
+from magne.outgoing import Target
+from support import ROOT, URL, wait_for
+from support.control_env import isolate
+
+MODULES = ("control_tasks",)
+
+
+@pytest.fixture
+def fleet(names, broker, monkeypatch):
+    return isolate(names, broker, monkeypatch)
+
+
+def started(redis, fleet, n):
+    return redis.hget(f"{fleet['MAGNE_TEST_PREFIX']}:started", str(n)) == b"1"
+
+
+def test_a_running_and_a_prefetched_message_this_cancel_stopped_are_said_stopped_not_already_finished(
+        fleet, pub, redis, start_worker):
+    """The worker records `cancelled` for both a moment after the cancel: the lookup reads those records, and used to
+    answer "already finished: cancelled ... the cancel is recorded anyway" for messages that were running or waiting
+    when the cancel came."""
+    main = fleet["main"]
+    w = start_worker("--threads", "1", modules=MODULES)
+    w.wait_ready()
+    running = pub.send(Target("nap", main), [1, 30], message_id=workflow.new_id())
+    waiting = pub.send(Target("note", main), [2], message_id=workflow.new_id())  # prefetched behind it
+    wait_for(lambda: started(redis, fleet, 1), 15, what="the nap started")
+    got = magne.cancel(running, waiting, publisher=pub)
+    assert [(r.state, r.outcome) for r in got] == [("cancelled", "cancelled")] * 2, [r.as_dict() for r in got]
+    assert not got[0].finished and got[0].pid == w.pid and got[0].task == "nap"
+
+    again = pub.send(Target("nap", main), [3, 30], message_id=workflow.new_id())
+    wait_for(lambda: started(redis, fleet, 3), 15, what="the second nap started")
+    env = {**os.environ, "MAGNE_URL": URL, **{k: v for k, v in fleet.items() if k.startswith("MAGNE_")}}
+    out = subprocess.run([sys.executable, "-m", "magne", "cancel", again], capture_output=True, text=True, timeout=60,
+                         env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{again}: cancelled: stopped by this cancel at "), out.stdout
+    assert "already finished" not in out.stdout
+    assert redis.hget(f"{fleet['MAGNE_TEST_PREFIX']}:runs", "2") is None  # none of them ran to its end
+    assert w.stop() == 0
+
+
+def test_a_consume_given_up_on_for_its_timeout_leaves_no_consumer(broker, pub, names):
+    """Client.consume raised BrokerTimeout and kept the subscription: its caller never learns the tag, so the consumer
+    stayed for the life of the client (and was subscribed again after each reconnect)."""
+    queue = names["main"]
+    broker.ch.queue_declare(queue, durable=True)
+    broker.track(queue)
+    client = pub._running()
+    client.submit(lambda: time.sleep(1.0))  # the loop is busy: the consume-ok cannot come within the timeout
+    with pytest.raises(BrokerTimeout):
+        client.consume(queue, lambda m: None, timeout=0.3)
+    barrier = threading.Event()
+    client.submit(barrier.set)  # runs after the subscribe (and the cancel, if any) the consume submitted
+    assert barrier.wait(5)
+    assert not any(s.queue == queue for s in client.session.subs.values())
+    ok = client.call(amqp_names.QueueDeclare(queue=queue, passive=True), commands.Queue.DeclareOk)
+    assert ok.consumer_count == 0  # the broker took the consume and then its cancel, in order, before this
