@@ -8,10 +8,12 @@ for their result, pipelines, groups, chords). No worker needs to be up.
 
 Where a read starts: every id magne makes carries its send time (magne.wire.new_id, magne.workflow.sent_at_ms), so
 the read starts a minute before it. Other ids (a foreign publisher's, or a uuid4 from magne before 2026-12-06) are
-read newest first: the last 5 minutes,
-then the last hour, then what the streams keep, as far as the deadline allows. Where a read ends: a stream has no end
-marker, so a read ends when nothing came for IDLE seconds, when a record written after the lookup started came (a
-busy stream), when every id was found finished, or at the deadline.
+read newest first: the last 5 minutes, then the last hour, then what the streams keep, as far as the deadline allows.
+Where a read ends: a stream has no end marker, so the newest window's read appends one of its own to each stream (an
+empty batch of events, `{}` in the results: records every reader skips, as magne.cancels' Follower and magne.leader
+do) and ends when it reads it back; it cannot wait for quiet (workers at work write a batch every 100 ms) nor trust a
+record's time (the worker's clock). Older windows end at a record dated past them, or after IDLE seconds of quiet; a
+read also ends when every id was found finished, or at the deadline.
 
 What it answers (CancelResult, a str equal to the id: callers comparing or storing the ids keep working):
   finished   a record shows it finished (succeeded, failed, dead-lettered or cancelled): when, and where if known;
@@ -232,16 +234,22 @@ class Read:
     tag: str = ""
     last: float = 0.0  # time.monotonic() of the last delivery (or of the consume-ok)
     ended: bool = False  # read to its end (or past `until`)
+    empty: bytes = b"{}"  # a record every reader of the stream skips (the body of the marker)
+    marker: str | None = None  # the message id of the marker this lookup appended: the stream's end when it began
     error: str | None = None
     unacked: int = 0
 
 
-def _run(client: Client, reads: list[Read], found: Found, deadline: float) -> None:
-    """Run reads side by side until each ended, every id was found, or the deadline. Calling thread; the readers'
-    callbacks on the loop thread."""
+def _run(client: Client, reads: list[Read], found: Found, deadline: float, mark: bool = False) -> None:
+    """Run reads side by side until each ended, every id was found, or the deadline. `mark`: append a marker to each
+    stream first, and end its read there (a read up to now: a busy stream is never quiet for IDLE, and a worker's
+    clock may differ from ours by more than SKEW). Calling thread; the readers' callbacks on the loop thread."""
     for r in reads:
         def on_message(m: Delivered, r: Read = r) -> None:
             if found.closed:
+                return
+            if r.marker is not None and cancels.message_id_of(m.header) == r.marker:
+                r.ended = True
                 return
             r.last = time.monotonic()
             r.unacked += 1
@@ -252,7 +260,7 @@ def _run(client: Client, reads: list[Read], found: Found, deadline: float) -> No
                 t = r.handle(m)
             except (ValueError, TypeError, RecursionError):
                 return  # not a record of ours
-            if t is not None and t >= r.until:
+            if t is not None and t >= r.until and r.marker is None:
                 r.ended = True
         try:
             # Passively first, on the session meant for refusals: a consume of a stream that does not exist (workers
@@ -260,6 +268,8 @@ def _run(client: Client, reads: list[Read], found: Found, deadline: float) -> No
             # cancels and control queue), and make the client subscribe all of them again.
             client.call(names.QueueDeclare(queue=r.stream, passive=True), commands.Queue.DeclareOk,
                         timeout=max(0.1, deadline - time.monotonic()), session=client.locks)
+            if mark:
+                _mark(client, r, deadline)
             r.tag = client.consume(r.stream, on_message, PREFETCH, {"x-stream-offset": streams.offset_at(r.since)},
                                    timeout=max(0.1, deadline - time.monotonic()))
             r.last = time.monotonic()
@@ -269,7 +279,7 @@ def _run(client: Client, reads: list[Read], found: Found, deadline: float) -> No
         while not found.complete():
             now = time.monotonic()
             for r in reads:
-                if r.tag and not r.ended and now - r.last >= IDLE:
+                if r.tag and not r.ended and r.marker is None and now - r.last >= IDLE:
                     r.ended = True
             if all(r.ended or not r.tag for r in reads) or now >= deadline:
                 break
@@ -282,6 +292,18 @@ def _run(client: Client, reads: list[Read], found: Found, deadline: float) -> No
         client.submit(barrier.set)  # after the cancels: no callback of these reads runs past this point
         barrier.wait(0.5)
         found.closed = True
+
+
+def _mark(client: Client, r: Read, deadline: float) -> None:
+    """Append a marker to the stream (an empty batch of events, or `{}`: what every reader of it skips) and remember
+    its id. A publish refused (no write permission) or late leaves the read to end by IDLE and `until`."""
+    marker = f"magne.lookup.{wire.new_id()}"
+    props = commands.Basic.Properties(content_type="application/json", delivery_mode=2, message_id=marker)
+    try:
+        client.publish_confirmed("", r.stream, r.empty, props, timeout=max(0.1, deadline - time.monotonic()))
+    except MagneError:
+        return
+    r.marker = marker
 
 
 def plan(ids: list[str], now: float) -> list[tuple[float, float]]:
@@ -307,11 +329,11 @@ def look_up(client: Client, ids: list[str], timeout: float = LOOKUP,
     found = Found(ids)
     covered: float | None = None  # the events were read completely back to this time (newest first)
     events_error: str | None = None
-    for since, until in plan(ids, now):
-        reads = [Read(events.stream_name(), since, until, found.on_events),
+    for i, (since, until) in enumerate(plan(ids, now)):
+        reads = [Read(events.stream_name(), since, until, found.on_events, empty=b'{"fields":[],"rows":[]}'),
                  Read(workflow.STREAM, since, until, found.on_results)]
         found.closed = False
-        _run(client, reads, found, deadline)
+        _run(client, reads, found, deadline, mark=i == 0)  # the newest window reads up to now
         events_error = reads[0].error
         if events_error is not None or not reads[0].ended:
             break  # no events stream, or the deadline came first: covered stays where the last full read reached
