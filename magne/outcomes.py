@@ -309,7 +309,7 @@ def _mark(client: Client, r: Read, deadline: float) -> None:
 def plan(ids: list[str], now: float) -> list[tuple[float, float]]:
     """The windows to read, newest first, as (since, until): from the earliest send time when every id has one,
     else the last WINDOWS and then everything kept."""
-    sent = [workflow.sent_at_ms(m) for m in ids]
+    sent = [_sent_ms(m, now) for m in ids]
     if all(s is not None for s in sent):
         return [(min(s for s in sent if s is not None) / 1000 - SLACK, now + SKEW)]
     out, until = [], now + SKEW
@@ -318,6 +318,13 @@ def plan(ids: list[str], now: float) -> list[tuple[float, float]]:
         out.append((since, until))
         until = since + SKEW
     return out
+
+
+def _sent_ms(mid: str, now: float) -> int | None:
+    """`mid`'s send time (workflow.sent_at_ms), unless later than `now` + SLACK: a sender whose clock runs that far
+    ahead put its records before the time its ids show, so such an id is read as one with no send time."""
+    sent = workflow.sent_at_ms(mid)
+    return sent if sent is not None and sent / 1000 <= now + SLACK else None
 
 
 def look_up(client: Client, ids: list[str], timeout: float = LOOKUP,
@@ -345,7 +352,7 @@ def look_up(client: Client, ids: list[str], timeout: float = LOOKUP,
 
 def _coverage(mid: str, covered: float | None, events_error: str | None, now: float) -> tuple[bool, str | None]:
     """Whether the task events were read completely back to where `mid`'s record would be; else why not."""
-    sent = workflow.sent_at_ms(mid)
+    sent = _sent_ms(mid, now)
     start = sent / 1000 - SLACK if sent is not None else 0.0
     if events_error is not None:
         return False, f"no task events to read ({events_error}): workers may run with --events off"

@@ -198,3 +198,16 @@ def test_a_lookup_that_fails_in_any_way_answers_unknown_after_the_cancel_was_rec
     monkeypatch.setattr(outcomes, "look_up", broken)
     [r] = outcomes.cancel("m-1", publisher=Pub())
     assert r == "m-1" and r.state == "unknown" and "the lookup failed: KeyError" in r.note
+
+
+def test_an_id_dated_past_now_is_read_as_one_with_no_send_time():
+    """A sender whose clock runs ahead makes ids dated in the future; read from that date on, the read found nothing
+    and said not-seen for a message that may have finished: such an id is read newest first, through all kept."""
+    now = time.time()
+    ahead = f"{int((now + 3600) * 1000):012x}7{'0' * 19}"  # an hour ahead (workflow.sent_at_ms takes up to a day)
+    assert workflow.sent_at_ms(ahead) is not None
+    assert len(outcomes.plan([ahead], now)) == 3
+    assert outcomes._answer(ahead, Found([ahead]), now + 3540, None, now).state == "unknown"
+    assert outcomes._answer(ahead, Found([ahead]), 0.0, None, now).state == "not-seen"
+    soon = f"{int((now + 30) * 1000):012x}7{'0' * 19}"  # within SLACK of our clock: read from its time less SLACK
+    assert outcomes.plan([soon], now)[0][0] < now
