@@ -135,10 +135,12 @@ class CancelSet:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def add(self, ids: Iterable[str], at: float) -> None:
+    def add(self, ids: Iterable[str], at: float, fresh: bool = True) -> None:
+        """`fresh`: ids new to the set are also handed to the watchdog to look for among running tasks (not for the
+        catch-up at start: nothing runs before it ends, and a window of old ids would crowd out the next cancels)."""
         ids_ = self.ids
         for mid in ids:
-            if mid not in ids_:
+            if fresh and mid not in ids_:
                 self.fresh.append(mid)
             ids_[mid] = at
         if len(ids_) >= self._prune_at:
@@ -208,6 +210,7 @@ class Follower:
         self.name = name or stream_name()
         self.marker = f"{os.getpid()}.{uuid.uuid4().hex}"
         self.caught_up = threading.Event()
+        self.gave_up = False  # start() stopped waiting for the catch-up: the pool runs, every cancel is fresh
         self.tag = ""
         self.lost = False  # the broker cancelled our reader (the stream was deleted): Control.check calls resume
         self.retry_at = 0.0  # time.monotonic() before which Control.check does not call resume again
@@ -222,6 +225,7 @@ class Follower:
         self.client.publish_confirmed("", self.name, orjson.dumps({"marker": self.marker}), _properties())
         if self.caught_up.wait(timeout):
             return True
+        self.gave_up = True
         log.warning("the cancels stream %s was not read to its end within %gs; starting anyway (cancels made before "
                     "now may be honoured late)", self.name, timeout, event="cancels_late")
         return False
@@ -264,7 +268,7 @@ class Follower:
             at = min(at, now)  # a record dated in the future (forged, or a skewed clock) is not kept past its window
             if at >= now - self.cancels.keep:
                 good = [m for m in ids[:MAX_IDS] if isinstance(m, str) and 0 < len(m) <= 255]
-                self.cancels.add(good, at)
+                self.cancels.add(good, at, fresh=self.caught_up.is_set() or self.gave_up)
                 if self.caught_up.is_set() and good:
                     log.info("cancel received for %d message(s): %s", len(good),
                              ", ".join(logs.clean(m, 80) for m in good[:5]) + (" ..." if len(good) > 5 else ""),

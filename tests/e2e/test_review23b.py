@@ -5,6 +5,7 @@ short timeout, and a leaked stream consumer would stay subscribed for the proces
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import pytest
 from pamqp import commands
 
 import magne
-from magne import events, workflow
+from magne import cancels, events, workflow
 from magne.amqp import names as amqp_names
 from magne.amqp.errors import BrokerTimeout
 from magne.outgoing import Target
@@ -123,3 +124,21 @@ def test_a_lookup_under_steady_event_traffic_reads_up_to_now_and_says_not_seen(f
         writer.join(5)
     assert r.state == "not-seen", r.as_dict()
     assert took < 1.5, took
+
+
+def test_a_running_task_cancelled_just_after_a_start_that_read_many_old_cancels_is_interrupted(
+        fleet, pub, redis, start_worker):
+    """The catch-up at start handed every id of the retention window to the watchdog's watch (at most MAX_IDS, kept
+    5 s): after 10,000 old cancels, a cancel of a running task made in the worker's first seconds was dropped, and the
+    task ran to its end."""
+    old = [f"old-{i}" for i in range(cancels.MAX_IDS)]
+    cancels.cancel(*old, publisher=pub)
+    w = start_worker("--threads", "1", modules=MODULES)
+    w.wait_ready()
+    running = pub.send(Target("nap", fleet["main"]), [1, 30], message_id=workflow.new_id())
+    wait_for(lambda: started(redis, fleet, 1), 15, what="the nap started")
+    os.kill(w.pid, signal.SIGUSR1)  # its status line comes after a watchdog tick: the catch-up's ids are watched by then
+    wait_for(lambda: w.events("status"), 10, what="a watchdog tick after the start")
+    cancels.cancel(running, publisher=pub)  # within the 5 s those ids are watched
+    wait_for(lambda: w.events("cancel_running"), 4, what=f"the running task interrupted:\n{w.log()}")
+    assert w.stop() == 0

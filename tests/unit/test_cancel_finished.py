@@ -211,3 +211,35 @@ def test_an_id_dated_past_now_is_read_as_one_with_no_send_time():
     assert outcomes._answer(ahead, Found([ahead]), 0.0, None, now).state == "not-seen"
     soon = f"{int((now + 30) * 1000):012x}7{'0' * 19}"  # within SLACK of our clock: read from its time less SLACK
     assert outcomes.plan([soon], now)[0][0] < now
+
+
+def test_the_catch_up_at_start_hands_no_ids_to_the_watchdog_and_later_cancels_all_do():
+    """The catch-up read a whole window of old ids into `fresh` (the watchdog's list of ids to look for among running
+    tasks): with 10,000 of them the watch was full for 5 s and the cancel of a running task made then was dropped."""
+    from magne import cancels
+
+    got = cancels.CancelSet()
+    f = cancels.Follower(None, got, name="s")  # type: ignore[arg-type] - _on_body uses no client
+    f._on_body(orjson.dumps({"cancel": ["old-1", "old-2"], "at": time.time()}))
+    assert "old-1" in got and list(got.fresh) == []
+    f._on_body(orjson.dumps({"marker": f.marker}))
+    f._on_body(orjson.dumps({"cancel": ["new-1", "old-1"], "at": time.time()}))
+    assert list(got.fresh) == ["new-1"]
+    late = cancels.Follower(None, cancels.CancelSet(), name="s")  # type: ignore[arg-type]
+    late.gave_up = True  # start() stopped waiting: the pool runs, so every cancel may name a running task
+    late._on_body(orjson.dumps({"cancel": ["x"], "at": time.time()}))
+    assert list(late.cancels.fresh) == ["x"]
+
+
+def test_a_full_watch_makes_room_for_the_newest_cancel():
+    """The watchdog looks for at most MAX_IDS fresh ids; past that it dropped the new ones, so after a flood of cancels
+    the next cancel of a running task was never looked for. The oldest watched id goes instead."""
+    from magne import cancels, control
+
+    seen: list[set[str]] = []
+    c = control.Control(object(), cancels.CancelSet(), dict, lambda ids, now: seen.append(set(ids)))  # type: ignore
+    c.cancels.fresh.extend(f"flood-{i}" for i in range(cancels.MAX_IDS))
+    c.check(1.0)
+    c.cancels.fresh.append("running-one")
+    c.check(1.1)
+    assert "running-one" in seen[-1] and len(seen[-1]) == cancels.MAX_IDS and "flood-0" not in seen[-1]
