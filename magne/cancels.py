@@ -162,7 +162,8 @@ def check_ids(ids: Iterable[Any]) -> list[str]:
     out = []
     for mid in ids:
         if not isinstance(mid, str) or not mid or len(mid.encode("utf-8", "surrogatepass")) > 255 or not _utf8(mid):
-            raise ValueError(f"not a message id: {logs.clean(repr(mid), 80)} (a non-empty string of at most 255 bytes)")
+            raise ValueError(f"not a message id: {logs.clean(repr(mid), 80)} (a non-empty string of valid UTF-8, at "
+                             "most 255 bytes)")
         out.append(mid)
     if not out:
         raise ValueError("no message id given")
