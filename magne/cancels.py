@@ -135,10 +135,12 @@ class CancelSet:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def add(self, ids: Iterable[str], at: float) -> None:
+    def add(self, ids: Iterable[str], at: float, fresh: bool = True) -> None:
+        """`fresh`: ids new to the set are also handed to the watchdog to look for among running tasks (not for the
+        catch-up at start: nothing runs before it ends, and a window of old ids would crowd out the next cancels)."""
         ids_ = self.ids
         for mid in ids:
-            if mid not in ids_:
+            if fresh and mid not in ids_:
                 self.fresh.append(mid)
             ids_[mid] = at
         if len(ids_) >= self._prune_at:
@@ -156,15 +158,26 @@ class CancelSet:
 
 
 def check_ids(ids: Iterable[Any]) -> list[str]:
-    """The ids as given, validated (a message id is a non-empty string of at most 255 UTF-8 bytes); ValueError."""
+    """The ids as given, validated (a message id is a non-empty string of valid UTF-8, at most 255 bytes); ValueError."""
     out = []
     for mid in ids:
-        if not isinstance(mid, str) or not mid or len(mid.encode("utf-8", "surrogatepass")) > 255:
-            raise ValueError(f"not a message id: {logs.clean(repr(mid), 80)} (a non-empty string of at most 255 bytes)")
+        if not isinstance(mid, str) or not mid or len(mid.encode("utf-8", "surrogatepass")) > 255 or not _utf8(mid):
+            raise ValueError(f"not a message id: {logs.clean(repr(mid), 80)} (a non-empty string of valid UTF-8, at "
+                             "most 255 bytes)")
         out.append(mid)
     if not out:
         raise ValueError("no message id given")
     return list(dict.fromkeys(out))
+
+
+def _utf8(mid: str) -> bool:
+    """Whether `mid` is valid UTF-8 text: a lone surrogate (bytes that are not UTF-8 in argv, decoded by Python with
+    surrogateescape) is no message id a broker can carry, and the record's encoder would refuse it with a TypeError."""
+    try:
+        mid.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _properties() -> commands.Basic.Properties:
@@ -198,6 +211,7 @@ class Follower:
         self.name = name or stream_name()
         self.marker = f"{os.getpid()}.{uuid.uuid4().hex}"
         self.caught_up = threading.Event()
+        self.gave_up = False  # start() stopped waiting for the catch-up: the pool runs, every cancel is fresh
         self.tag = ""
         self.lost = False  # the broker cancelled our reader (the stream was deleted): Control.check calls resume
         self.retry_at = 0.0  # time.monotonic() before which Control.check does not call resume again
@@ -212,6 +226,7 @@ class Follower:
         self.client.publish_confirmed("", self.name, orjson.dumps({"marker": self.marker}), _properties())
         if self.caught_up.wait(timeout):
             return True
+        self.gave_up = True
         log.warning("the cancels stream %s was not read to its end within %gs; starting anyway (cancels made before "
                     "now may be honoured late)", self.name, timeout, event="cancels_late")
         return False
@@ -254,7 +269,7 @@ class Follower:
             at = min(at, now)  # a record dated in the future (forged, or a skewed clock) is not kept past its window
             if at >= now - self.cancels.keep:
                 good = [m for m in ids[:MAX_IDS] if isinstance(m, str) and 0 < len(m) <= 255]
-                self.cancels.add(good, at)
+                self.cancels.add(good, at, fresh=self.caught_up.is_set() or self.gave_up)
                 if self.caught_up.is_set() and good:
                     log.info("cancel received for %d message(s): %s", len(good),
                              ", ".join(logs.clean(m, 80) for m in good[:5]) + (" ..." if len(good) > 5 else ""),

@@ -159,8 +159,9 @@ class Control:
         watch = self._watch
         while fresh:  # at most MAX_IDS watched: a flood of cancels must not make each tick scan millions of ids
             mid = fresh.popleft()
-            if len(watch) < cancels.MAX_IDS or mid in watch:
-                watch[mid] = now + WATCH
+            if len(watch) >= cancels.MAX_IDS and mid not in watch:
+                del watch[next(iter(watch))]  # the oldest watched makes room: the newest cancel is never the one lost
+            watch[mid] = now + WATCH
         if watch:
             for mid in [m for m, until in watch.items() if until < now]:
                 del watch[mid]

@@ -128,6 +128,12 @@ def cancel_line(r: outcomes.CancelResult) -> str:
         at = f" at {_at(r.at)}" if isinstance(r.at, int | float) else ""
         return (f"{mid}: already finished: {what}{why}{at}{where}{task}{note}; the cancel is recorded anyway (a "
                 "duplicate or retry of it still in flight will not run)")
+    if r.state == "cancelled":  # this cancel stopped it: it had not finished (magne.outcomes)
+        where = f" on {c(str(r.host), 80)} pid {c(str(r.pid), 12)}" if r.host else ""
+        task = f", task {c(r.task, 80)}" if r.task else ""
+        note = f" ({c(r.note, 120)})" if r.note else ""
+        at = f" at {_at(r.at)}" if isinstance(r.at, int | float) else ""
+        return f"{mid}: cancelled: stopped by this cancel{at}{where}{task}{note}; it had not finished"
     if r.state == "unknown" and r.note == "not looked up":
         return f"{mid}: cancelled: it will not run if it has not started; if it is running it is interrupted"
     tail = "it will not run if it has not started; if it is running it is interrupted"

@@ -212,12 +212,17 @@ class Client:
         """Consume `queue` (a stream too: arguments={"x-stream-offset": ...}); returns the consumer tag once the
         broker confirmed it (ChannelClosed if it refused, 404 for a queue that does not exist). `on_message` gets
         each message (Delivered) on the client's loop thread, in order, and must not block; ack with
-        `ack(m.tag, m.gen)`. The consumer is subscribed again after a reconnect. Any thread but the loop's."""
+        `ack(m.tag, m.gen)`. The consumer is subscribed again after a reconnect; one whose consume-ok did not come
+        within `timeout` is cancelled (BrokerTimeout). Any thread but the loop's."""
         tag = f"magne.{os.getpid()}.{next(_TAGS)}"
         sub = Subscription(tag, queue, on_message, prefetch, arguments, no_ack, on_cancel)
         call = Call(None)
         self.loop.submit(lambda: self.session.subscribe(sub, call))
-        self._wait(call, timeout, "consume-ok")
+        try:
+            self._wait(call, timeout, "consume-ok")
+        except BrokerTimeout:  # nobody learns its tag: never leave it consuming, and subscribed again after reconnects
+            self.cancel(tag)
+            raise
         return tag
 
     def cancel(self, tag: str) -> None:

@@ -122,6 +122,7 @@ class Session:
 
     def unsubscribe(self, tag: str) -> None:
         sub = self.subs.pop(tag, None)
+        self.unconfirmed.pop(tag, None)  # a consume given up on before its consume-ok (Client.consume's timeout)
         if sub is not None and self.conn is not None and self.open_ch:
             if sub.arguments and "x-stream-offset" in sub.arguments:
                 self.streams_gone.add(tag)

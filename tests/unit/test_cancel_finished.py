@@ -118,3 +118,128 @@ def test_the_cli_line_says_plainly_which_and_escapes_what_publishers_chose():
     assert "not finished" not in unknown.replace("already finished", "")
     assert controlcli.cancel_line(CancelResult("m-5", note="not looked up")) == (
         "m-5: cancelled: it will not run if it has not started; if it is running it is interrupted")
+
+
+def test_a_message_this_cancel_stopped_is_said_stopped_not_already_finished():
+    """A record of `cancelled` dated after the cancel was made is this cancel's own effect (a worker interrupted the
+    message or skipped it): the message had not finished. One dated well before is an earlier cancel's."""
+    t0 = time.time()
+    mid, old, gid = workflow.new_id(), workflow.new_id(), f"{workflow.new_id()}.g2"
+    f = Found([mid, old, gid])
+    f.on_events(batch([t0 + 0.05, "cancelled", "slow", "q", mid, t0 - 3.0, 3.05],
+                      [t0 - 100.0, "cancelled", "slow", "q", old],
+                      [t0 - 50.0, "succeeded", "t", "q", f"{gid}.0"], [t0 + 0.04, "cancelled", "t", "q", f"{gid}.1"]))
+    stopped = outcomes._answer(mid, f, t0 - 60, None, t0, cancelled_at=t0)
+    assert (stopped.state, stopped.outcome, stopped.finished) == ("cancelled", "cancelled", False)
+    line = controlcli.cancel_line(stopped)
+    assert "already finished" not in line and line.startswith(f"{mid}: cancelled: stopped by this cancel at ")
+    earlier = outcomes._answer(old, f, t0 - 60, None, t0, cancelled_at=t0)
+    assert (earlier.state, earlier.outcome) == ("finished", "cancelled")
+    group = outcomes._answer(gid, f, t0 - 60, None, t0, cancelled_at=t0)
+    assert (group.state, group.outcome) == ("cancelled", "cancelled") and "2 of 2" in group.note
+    assert outcomes._answer(mid, f, t0 - 60, None, t0).state == "finished"  # look_up without a cancel: as it was
+
+
+def test_records_with_values_no_worker_writes_neither_break_the_answer_nor_its_line():
+    """Anyone who may write to the events or results stream can put anything there: the CLI's line and JSON of a
+    cancel (already recorded) must not raise on it (a time out of range made time.localtime raise OverflowError)."""
+    a, b = workflow.new_id(), workflow.new_id()
+    f = Found([a, b])
+    f.on_events(Delivered(1, 1, b"", orjson.dumps({"host": {"x": 1}, "pid": True, "fields": [
+        "t", "event", "task", "queue", "id", "started", "duration", "reason", "error"], "rows": [
+        [1e300, "succeeded", 5, ["q"], a, None, None, {"r": 1}, "boom"]]}), False))
+    f.on_results(record(b, ok=False, at=-5.0, task=[1], reason=7, error={"type": ["x"] * 1000}))
+    for mid in (a, b):
+        r = outcomes._answer(mid, f, 0.0, None, time.time())
+        assert r.state == "finished" and r.at is None and r.task is None and r.host is None and r.pid is None
+        assert isinstance(r.reason, str | None) and (r.error is None or all(isinstance(v, str)
+                                                                             for v in r.error.values()))
+        assert controlcli.cancel_line(r).startswith(f"{mid}: already finished: ")
+        orjson.dumps(r.as_dict())
+    empty = Found([a])
+    empty.on_events(batch([time.time(), "cancelled", "", "q", a]))
+    assert empty.final[a]["task"] is None  # a message cancelled before it was parsed: no task, not ""
+
+
+def test_an_id_with_characters_json_escapes_is_still_found_in_a_batch():
+    """Up to FEW ids, a batch is searched as bytes before it is parsed: the needle must be the id as JSON writes it
+    (quotes, backslashes and control characters escaped), else its record is skipped and the id said not seen."""
+    odd = 'order "42"\\a\n\u00e9'
+    f = Found([odd])
+    f.on_events(batch([time.time(), "succeeded", "t", "q", odd]))
+    assert f.final[odd]["outcome"] == "succeeded"
+
+
+def test_an_id_that_is_not_valid_utf8_is_refused_clearly():
+    """`magne cancel` with bytes that are not UTF-8 in argv gets lone surrogates (surrogateescape): a ValueError (the
+    CLI's clear error), not a TypeError from the encoder after the ids were accepted."""
+    import pytest
+
+    from magne import cancels
+
+    with pytest.raises(ValueError, match="not a message id"):
+        cancels.check_ids(["\udcff"])
+
+
+def test_a_lookup_that_fails_in_any_way_answers_unknown_after_the_cancel_was_recorded(monkeypatch):
+    """The cancel is recorded before the lookup: whatever the lookup raises, `magne.cancel` returns (unknown, with
+    why) rather than raising as if the cancel had failed (and `magne cancel` exits 0, as its docs say)."""
+    from magne import cancels
+
+    class Pub:
+        def _running(self):
+            return object()
+
+    monkeypatch.setattr(cancels, "cancel", lambda *ids, publisher: list(ids))
+
+    def broken(*_a, **_k):
+        raise KeyError("x")
+
+    monkeypatch.setattr(outcomes, "look_up", broken)
+    [r] = outcomes.cancel("m-1", publisher=Pub())
+    assert r == "m-1" and r.state == "unknown" and "the lookup failed: KeyError" in r.note
+
+
+def test_an_id_dated_past_now_is_read_as_one_with_no_send_time():
+    """A sender whose clock runs ahead makes ids dated in the future; read from that date on, the read found nothing
+    and said not-seen for a message that may have finished: such an id is read newest first, through all kept."""
+    now = time.time()
+    ahead = f"{int((now + 3600) * 1000):012x}7{'0' * 19}"  # an hour ahead (workflow.sent_at_ms takes up to a day)
+    assert workflow.sent_at_ms(ahead) is not None
+    assert len(outcomes.plan([ahead], now)) == 3
+    assert outcomes._answer(ahead, Found([ahead]), now + 3540, None, now).state == "unknown"
+    assert outcomes._answer(ahead, Found([ahead]), 0.0, None, now).state == "not-seen"
+    soon = f"{int((now + 30) * 1000):012x}7{'0' * 19}"  # within SLACK of our clock: read from its time less SLACK
+    assert outcomes.plan([soon], now)[0][0] < now
+
+
+def test_the_catch_up_at_start_hands_no_ids_to_the_watchdog_and_later_cancels_all_do():
+    """The catch-up read a whole window of old ids into `fresh` (the watchdog's list of ids to look for among running
+    tasks): with 10,000 of them the watch was full for 5 s and the cancel of a running task made then was dropped."""
+    from magne import cancels
+
+    got = cancels.CancelSet()
+    f = cancels.Follower(None, got, name="s")  # type: ignore[arg-type] - _on_body uses no client
+    f._on_body(orjson.dumps({"cancel": ["old-1", "old-2"], "at": time.time()}))
+    assert "old-1" in got and list(got.fresh) == []
+    f._on_body(orjson.dumps({"marker": f.marker}))
+    f._on_body(orjson.dumps({"cancel": ["new-1", "old-1"], "at": time.time()}))
+    assert list(got.fresh) == ["new-1"]
+    late = cancels.Follower(None, cancels.CancelSet(), name="s")  # type: ignore[arg-type]
+    late.gave_up = True  # start() stopped waiting: the pool runs, so every cancel may name a running task
+    late._on_body(orjson.dumps({"cancel": ["x"], "at": time.time()}))
+    assert list(late.cancels.fresh) == ["x"]
+
+
+def test_a_full_watch_makes_room_for_the_newest_cancel():
+    """The watchdog looks for at most MAX_IDS fresh ids; past that it dropped the new ones, so after a flood of cancels
+    the next cancel of a running task was never looked for. The oldest watched id goes instead."""
+    from magne import cancels, control
+
+    seen: list[set[str]] = []
+    c = control.Control(object(), cancels.CancelSet(), dict, lambda ids, now: seen.append(set(ids)))  # type: ignore
+    c.cancels.fresh.extend(f"flood-{i}" for i in range(cancels.MAX_IDS))
+    c.check(1.0)
+    c.cancels.fresh.append("running-one")
+    c.check(1.1)
+    assert "running-one" in seen[-1] and len(seen[-1]) == cancels.MAX_IDS and "flood-0" not in seen[-1]
