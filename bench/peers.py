@@ -236,6 +236,42 @@ def magne_async() -> Peer:
     )
 
 
+RESULTS_STREAM = "bench-magne.results"
+
+
+def _magne_results_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, pika.BasicProperties]]:
+    """magne's messages that ask for their result (x-magne-results), each with the message id its record names."""
+    from magne import wire, workflow
+
+    out = []
+    for args in arglists:
+        mid = workflow.new_id()
+        props = pika.BasicProperties(delivery_mode=2, content_type="application/json", message_id=mid,
+                                     headers={wire.RESULTS_HEADER: True})
+        out.append((wire.encode(name, args, None, mid), props))
+    return out
+
+
+def _magne_results_declare() -> None:
+    """The task queue, and the results stream (a new one each run: declared before the worker's first record)."""
+    from magne.amqp.url import parse_url
+    from magne.engine.client import Client
+    from magne.workflow import configure, stream_declaration
+
+    _magne_declare()
+    configure(stream=RESULTS_STREAM)
+    with Client(parse_url("amqp://guest:guest@127.0.0.1:5672/%2F"), "bench declare") as c:
+        c.call(*stream_declaration())
+
+
+def magne_results() -> Peer:
+    """magne on the same task, every message with results=True: the cost of recording each outcome in the stream."""
+    return dataclasses.replace(magne(), name="magne-results", messages=_magne_results_messages,
+                               env=lambda prefetch: {"MAGNE_RESULTS_STREAM": RESULTS_STREAM},
+                               declare=_magne_results_declare,
+                               extra_queues=(*magne().extra_queues, RESULTS_STREAM))
+
+
 def bare() -> Peer:
     """The ceiling reference (bench/bare.py), on magne's messages."""
     return dataclasses.replace(magne(), name="bare-loop", command=lambda prefetch: [PY, "-m", "bench.bare", "bench-magne"])
@@ -265,6 +301,7 @@ ALL: dict[str, Callable[[], Peer]] = {
     "magne-p2": lambda: magne(2),
     "magne-metrics": lambda: magne(metrics=True),
     "magne-events-off": lambda: magne(events=False),
+    "magne-results": magne_results,
     "dramatiq": dramatiq,
     "celery": celery,
     "dramatiq-async": dramatiq_async,
