@@ -55,7 +55,7 @@ def workloads(scale: float) -> dict[str, dict[str, Any]]:
         # The cost of results=True (the same task, every message asking for its result: docs/results.md), and
         # task.call's round trip one call at a time against its body's own time (bench/call_latency.py).
         "results": {"task": "incr", "args": [[] for _ in range(max(8, int(20000 * scale)))], "prefetch": [None, 256],
-                    "peers": ["magne", "magne-results", "call-0ms", "call-10ms"], "calls": max(8, int(500 * scale))},
+                    "peers": ["results-off", "results-on", "call-0ms", "call-10ms"], "calls": max(8, int(500 * scale))},
         # Enqueueing only (bench/publish.py): each peer's own API, the same 20,000 throughput messages.
         "publish": {"task": "incr", "args": [[] for _ in range(max(8, int(20000 * scale)))], "prefetch": [None],
                     "peers": ["dramatiq", "celery", "dramatiq-confirm", "magne", "magne-8t", "magne-many",
@@ -83,7 +83,7 @@ def redis_ceiling(n: int, run: int) -> Result:
 
 
 RATIO_WORKLOADS = ("latency", "async-latency")  # reported as wall time / the theoretical minimum
-REFERENCE = {"async-latency": "dramatiq-async", "results": "magne"}  # the peer the ratios are against (else dramatiq)
+REFERENCE = {"async-latency": "dramatiq-async", "results": "results-off"}  # the peer the ratios are against (else dramatiq)
 CALLS = ("call-0ms", "call-10ms")  # the results workload's round trips: latency, not a rate
 
 
@@ -111,7 +111,7 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| workload | prefetch | peer | result (median, min-max) | result / reference (dramatiq; -async; results: magne) "
+    lines = ["| workload | prefetch | peer | result (median, min-max) | result / reference (dramatiq; -async; results: -off) "
              "| CPU s per 1k tasks | CPU / dramatiq's | peak RSS MB | conns / chans | no loss, no dup |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["workload"], r["prefetch"], r["peer"]): r for r in rows}

@@ -17,14 +17,14 @@ import pika
 from bench.measure import URL, Result, queue_state
 from bench.peers import PY, clean_env
 
-STREAM = "bench-magne.results"  # the results stream of the results workload (bench/peers.py: magne-results too)
 BODIES = {"call-0ms": 0.0, "call-10ms": 0.01}
 WARM_UP = 20
 
 
 def run_call(name: str, n: int, run: int) -> Result:
     """One run: a fresh worker, WARM_UP calls untimed, then n calls timed one by one; p50/p99 in milliseconds."""
-    from bench.tasks_results import Q
+    from bench.tasks_results import CALL_Q as Q
+    from bench.tasks_results import STREAM
     from magne import publisher, workflow
     from magne.publisher import Publisher
     from magne.registry import Task
@@ -38,7 +38,7 @@ def run_call(name: str, n: int, run: int) -> Result:
     conn.close()
     env = {**clean_env(), "MAGNE_RESULTS_STREAM": STREAM}
     proc = subprocess.Popen([PY, "-m", "magne", "--log-level", "warning", "worker", "bench.tasks_results",
-                             "--threads", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             "--threads", "8", "--queues", Q], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     workflow.configure(stream=STREAM)
     pub = Publisher(URL)
     old = publisher.set_default(pub)
