@@ -2,7 +2,8 @@
 
 Workloads and peer settings: ../shared/benchmarks.md (publish: bench/publish.py, and the Node.js amqplib ceiling
 and floor in bench/node_peers.py, installed with npm on first use; async-latency: its peers
-in bench/peers.py, timed from the worker's first consumer, see bench/measure.py). Peers alternate (A B C A B C),
+in bench/peers.py, timed from the worker's first consumer, see bench/measure.py; results: magne alone, the same
+task with and without results=True, and task.call's round trip in bench/call_latency.py). Peers alternate (A B C A B C),
 3 runs each by default; medians with min-max. Writes bench/results/results.json and
 bench/results/chart.png, and prints the table the README quotes.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import peers
+from bench.call_latency import run_call
 from bench.measure import Result, run_one, run_publish
 
 OUT = Path(__file__).parent / "results"
@@ -50,6 +52,10 @@ def workloads(scale: float) -> dict[str, dict[str, Any]]:
         "raw": {"task": "noop", "args": [[] for _ in range(max(8, int(50000 * scale)))], "counter": False,
                 "prefetch": [None, 256], "peers": ["magne", *base, "magne-events-off", "magne-metrics", "dramatiq", "celery",
                                                    "bare-loop"]},
+        # The cost of results=True (the same task, every message asking for its result: docs/results.md), and
+        # task.call's round trip one call at a time against its body's own time (bench/call_latency.py).
+        "results": {"task": "incr", "args": [[] for _ in range(max(8, int(20000 * scale)))], "prefetch": [None, 256],
+                    "peers": ["results-off", "results-on", "call-0ms", "call-10ms"], "calls": max(8, int(500 * scale))},
         # Enqueueing only (bench/publish.py): each peer's own API, the same 20,000 throughput messages.
         "publish": {"task": "incr", "args": [[] for _ in range(max(8, int(20000 * scale)))], "prefetch": [None],
                     "peers": ["dramatiq", "celery", "dramatiq-confirm", "magne", "magne-8t", "magne-many",
@@ -77,7 +83,8 @@ def redis_ceiling(n: int, run: int) -> Result:
 
 
 RATIO_WORKLOADS = ("latency", "async-latency")  # reported as wall time / the theoretical minimum
-REFERENCE = {"async-latency": "dramatiq-async"}  # the peer the ratios are against (else dramatiq)
+REFERENCE = {"async-latency": "dramatiq-async", "results": "results-off"}  # the peer the ratios are against (else dramatiq)
+CALLS = ("call-0ms", "call-10ms")  # the results workload's round trips: latency, not a rate
 
 
 def summarize(results: list[Result]) -> list[dict[str, Any]]:
@@ -86,7 +93,8 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
         groups.setdefault((res.workload, res.prefetch, res.peer), []).append(res)
     rows = []
     for (wl, pf, peer), rs in groups.items():
-        metric = [x.ratio_to_min for x in rs] if wl in RATIO_WORKLOADS else [x.rate for x in rs]
+        metric = ([x.ratio_to_min for x in rs] if wl in RATIO_WORKLOADS else [x.p50_ms for x in rs] if peer in CALLS
+                  else [x.rate for x in rs])
         rows.append({
             "workload": wl, "prefetch": pf, "peer": peer, "runs": len(rs),
             "median": statistics.median(metric), "min": min(metric), "max": max(metric),
@@ -97,12 +105,13 @@ def summarize(results: list[Result]) -> list[dict[str, Any]]:
             "all_ok": all(x.ok for x in rs),
             "consumer_after": statistics.median(x.consumer_after for x in rs),
             "startup_cpu_s": statistics.median(x.startup_cpu_s for x in rs),
+            "p99_ms": statistics.median(x.p99_ms for x in rs), "body_ms": rs[0].body_ms,
         })
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| workload | prefetch | peer | result (median, min-max) | result / dramatiq's (-async's) "
+    lines = ["| workload | prefetch | peer | result (median, min-max) | result / reference (dramatiq; -async; results: -off) "
              "| CPU s per 1k tasks | CPU / dramatiq's | peak RSS MB | conns / chans | no loss, no dup |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["workload"], r["prefetch"], r["peer"]): r for r in rows}
@@ -112,6 +121,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r["workload"] == "async-latency":  # timed from the first consumer: its start-up, said apart
             res = (f"{r['median']:.3f}x the minimum ({r['min']:.3f}-{r['max']:.3f}); start-up "
                    f"{r.get('consumer_after', 0):.2f} s, {r.get('startup_cpu_s', 0):.2f} CPU-s")
+        elif r["peer"] in CALLS:
+            res = (f"task.call median {r['median']:.2f} ms ({r['min']:.2f}-{r['max']:.2f}), p99 {r['p99_ms']:.2f} ms; "
+                   f"minus the body's {r['body_ms']:g} ms: {r['median'] - r['body_ms']:.2f} ms")
+            d = None
         elif r["workload"] in RATIO_WORKLOADS:
             res = f"{r['median']:.3f}x the minimum ({r['min']:.3f}-{r['max']:.3f})"
         else:
@@ -163,7 +176,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
               "bare-publish": "#999", "bare-w8": "#bbb", "magne-async": "#2a7", "dramatiq-async": "#c63",
               "taskiq": "#a5c", "amqplib-w1000": "#777", "amqplib-w1": "#aaa"}
     for ax, (wl, pf) in zip(axes[0], panels, strict=True):
-        rs = [r for r in rows if r["workload"] == wl and r["prefetch"] in (pf, "n/a")]
+        rs = [r for r in rows if r["workload"] == wl and r["prefetch"] in (pf, "n/a") and r["peer"] not in CALLS]
         names = [r["peer"] for r in rs]
         med = [r["median"] for r in rs]
         err = [[r["median"] - r["min"] for r in rs], [r["max"] - r["median"] for r in rs]]
@@ -216,7 +229,11 @@ def main() -> None:
                     results.append(res)
                     print(f"{wl:10} redis-only (8 threads, no broker) run {run}: {res.rate:8,.0f}/s", flush=True)
                 for name in names:  # alternating: A B C A B C ...
-                    if wl == "publish":
+                    if name in CALLS:
+                        if prefetch is not None:
+                            continue  # one worker, one call at a time: the prefetch does not matter
+                        res = run_call(name, spec["calls"], run)
+                    elif wl == "publish":
                         res = run_publish(name, len(spec["args"]), run)
                     else:
                         res = run_one(peers.ALL[name](), wl, spec["task"], spec["args"], prefetch, run,
@@ -225,6 +242,8 @@ def main() -> None:
                                       timeout=spec.get("timeout", 900))
                     results.append(res)
                     extra = f" {res.ratio_to_min:.3f}x min" if wl in RATIO_WORKLOADS else ""
+                    if name in CALLS:
+                        extra += f" task.call median {res.p50_ms:.2f} ms p99 {res.p99_ms:.2f} ms"
                     if res.setup_s:
                         extra += f" (its connection took {res.setup_s * 1000:.0f} ms more, untimed)"
                     if spec.get("from_consumer"):

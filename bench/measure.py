@@ -48,6 +48,10 @@ class Result:
     startup_cpu_s: float = 0.0
     # publish, the Node peers: the seconds their connection took to open, outside the timed span.
     setup_s: float = 0.0
+    # results, the task.call peers (bench/call_latency.py): round-trip latency, and the body's own time.
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    body_ms: float = 0.0
 
 
 def rabbitmqctl(*args: str) -> str:

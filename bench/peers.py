@@ -236,6 +236,48 @@ def magne_async() -> Peer:
     )
 
 
+def _magne_results_messages(name: str, arglists: list[list[Any]]) -> list[tuple[bytes, pika.BasicProperties]]:
+    """magne's messages that ask for their result (x-magne-results), each with the message id its record names."""
+    from magne import wire, workflow
+
+    out = []
+    for args in arglists:
+        mid = workflow.new_id()
+        props = pika.BasicProperties(delivery_mode=2, content_type="application/json", message_id=mid,
+                                     headers={wire.RESULTS_HEADER: True})
+        out.append((wire.encode(name, args, None, mid), props))
+    return out
+
+
+def _magne_results_declare() -> None:
+    """The task queue, and the results stream (a new one each run: declared before the worker's first record)."""
+    from bench.tasks_results import STREAM, Q
+    from magne.amqp.url import parse_url
+    from magne.engine.client import Client
+    from magne.workflow import configure, stream_declaration
+
+    _magne_declare(Q)
+    configure(stream=STREAM)
+    with Client(parse_url("amqp://guest:guest@127.0.0.1:5672/%2F"), "bench declare") as c:
+        c.call(*stream_declaration())
+
+
+def magne_results(results: bool) -> Peer:
+    """The results workload: magne on the throughput workload's task (its own queue, bench/tasks_results.py), every
+    message with results=True (results-on) or none (results-off): the cost of recording each outcome in the stream."""
+    from bench.tasks_results import STREAM, Q
+
+    def command(prefetch: int | None) -> list[str]:
+        cmd = [PY, "-m", "magne", "--log-level", "warning", "worker", "bench.tasks_results", "--threads", "8",
+               "--queues", Q]
+        return cmd + ["--prefetch", str(prefetch)] if prefetch else cmd
+
+    return Peer(name="results-on" if results else "results-off", queue=Q, command=command,
+                env=lambda prefetch: {"MAGNE_RESULTS_STREAM": STREAM},
+                messages=_magne_results_messages if results else _magne_messages, declare=_magne_results_declare,
+                extra_queues=(f"{Q}.dead", f"{Q}.due", STREAM))
+
+
 def bare() -> Peer:
     """The ceiling reference (bench/bare.py), on magne's messages."""
     return dataclasses.replace(magne(), name="bare-loop", command=lambda prefetch: [PY, "-m", "bench.bare", "bench-magne"])
@@ -265,6 +307,8 @@ ALL: dict[str, Callable[[], Peer]] = {
     "magne-p2": lambda: magne(2),
     "magne-metrics": lambda: magne(metrics=True),
     "magne-events-off": lambda: magne(events=False),
+    "results-off": lambda: magne_results(False),
+    "results-on": lambda: magne_results(True),
     "dramatiq": dramatiq,
     "celery": celery,
     "dramatiq-async": dramatiq_async,

@@ -97,6 +97,8 @@ def join(d: Delivery, task: str, value: Any, flow: dict[str, Any]) -> None:
         while not w.signal.wait(followers.SLICE):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"its own record did not show in the stream within {JOIN_TIMEOUT:g}s")
+            if f.lost:  # the follower's consumer is gone (refused after a reconnect): read on through another
+                f = r.refollow(w, f)
     finally:
         r.done(w, f)
     assert w.record is not None

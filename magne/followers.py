@@ -18,7 +18,7 @@ from typing import Any
 
 from magne import wire, workflow
 from magne.amqp import codec
-from magne.amqp.errors import ChannelClosed
+from magne.amqp.errors import AMQPError, ChannelClosed
 from magne.engine.client import Client
 from magne.engine.session import Delivered
 from magne.engine.waker import Signal
@@ -68,10 +68,11 @@ def _complete(future: asyncio.Future[dict[str, Any]], record: dict[str, Any]) ->
 class Follower:
     """A consumer of the stream from `start` (ms since the epoch; -inf: its first record)."""
 
-    __slots__ = ("start", "tag", "users", "unacked")
+    __slots__ = ("start", "tag", "users", "unacked", "lost")
 
     def __init__(self, start: float) -> None:
         self.start, self.tag, self.users, self.unacked = start, "", 0, 0
+        self.lost = False  # its consumer is gone (refused after a reconnect, cancelled): no waiter picks it again
 
 
 class Reader:
@@ -111,23 +112,54 @@ class Reader:
             pass
         try:
             self._declare()
-            usable = [f for f in self.followers if f.start <= w.start]
+            self.followers = [f for f in self.followers if not f.lost or f.users > 0]
+            usable = [f for f in self.followers if f.start <= w.start and not f.lost]
             if usable and (fresh or w.start + SLACK_MS > self.evicted_ms + EVICTED_MARGIN_MS):
                 f = max(usable, key=lambda f: f.start)
             else:  # none reads from early enough, or what it read may have left the cache: a follower from there
-                f = Follower(w.start)
-                offset: Any = "first" if w.start == float("-inf") else datetime.datetime.fromtimestamp(
-                    w.start / 1000, tz=datetime.UTC)
                 try:
-                    f.tag = self._consume(f, offset)
+                    f = self._start(w.start)
                 except BaseException:
                     self.client.submit(lambda: self._forget(w))
                     raise
-                self.followers.append(f)
             f.users += 1
         finally:
             self.lock.release()
         return w, f
+
+    def refollow(self, w: Waiter, f: Follower) -> Follower:
+        """`w`'s follower `f` was lost: another from early enough (records read again count and cache once). Caller
+        threads, in their waiting loop; `f` again if none can start now (no replica here yet): tried at the next slice."""
+        while not self.lock.acquire(timeout=SLICE):
+            pass
+        try:
+            usable = [g for g in self.followers if g.start <= w.start and not g.lost]
+            try:
+                g = max(usable, key=lambda g: g.start) if usable else self._start(w.start)
+            except AMQPError:
+                return f
+            g.users, f.users = g.users + 1, f.users - 1
+            if f.users <= 0 and f in self.followers:
+                self.followers.remove(f)
+            return g
+        finally:
+            self.lock.release()
+
+    def abandon(self, f: Follower) -> None:
+        """Give up a follower whose consumer is gone (refused after a reconnect, or cancelled by the broker: the loop's
+        thread, its on_cancel): its waiters refollow. Any thread; never takes `lock` (a caller may hold it while it
+        waits for the loop's thread)."""
+        f.lost = True
+        if f.tag:
+            self.client.cancel(f.tag)
+
+    def _start(self, start: float) -> Follower:
+        """A new follower from `start` (ms; -inf: the stream's first record), consuming once this returns. Under `lock`."""
+        f = Follower(start)
+        offset: Any = "first" if start == float("-inf") else datetime.datetime.fromtimestamp(start / 1000, tz=datetime.UTC)
+        f.tag = self._consume(f, offset)
+        self.followers.append(f)
+        return f
 
     def _consume(self, f: Follower, offset: Any) -> str:
         """Start a follower's consumer. A stream declared a moment ago may not have its replica yet (406 "does not
@@ -136,7 +168,7 @@ class Reader:
         while True:
             try:
                 return self.client.consume(self.stream, lambda m: self._on_message(f, m), PREFETCH,
-                                           {"x-stream-offset": offset})
+                                           {"x-stream-offset": offset}, on_cancel=lambda: self.abandon(f))
             except ChannelClosed as exc:
                 if exc.code != 406 or "replica" not in str(exc) or time.monotonic() > deadline:
                     raise
@@ -149,7 +181,7 @@ class Reader:
             pass
         try:
             f.users -= 1
-            if f.users <= 0 and f in self.followers and f is not self.followers[0]:
+            if f.users <= 0 and f in self.followers and (f.lost or f is not self.followers[0]):
                 self.followers.remove(f)
                 self.client.cancel(f.tag)
         finally:

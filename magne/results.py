@@ -74,6 +74,8 @@ def wait(r: Reader, w: Waiter, f: Follower, deadline: float, timeout: float) -> 
             if time.monotonic() >= deadline:
                 raise ResultTimeout(f"no result for message {w.mid} within {timeout:g}s (still queued, running or "
                                     "retrying, no worker consumes its queue, or it did not ask with results=True)")
+            if f.lost:  # its consumer is gone (refused after a reconnect): read on through another
+                f = r.refollow(w, f)
     finally:
         r.done(w, f)
     assert w.record is not None

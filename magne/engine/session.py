@@ -253,16 +253,23 @@ class Session:
         """The call at the head was refused (a 404 for a queue that does not exist, say): it and those pipelined
         after it fail; the channel opens again for the next call (and its consumers are subscribed again)."""
         self.open_ch = False
+        refused = self.consuming  # with a consume-ok awaited, nothing else was sent: it is the one refused
         self._unblock()
         while self.inflight:
             self.inflight.popleft().finish(error=exc)
+        kept = {t: c for t, c in self.unconfirmed.items() if refused is not None and t != refused and t in self.subs}
         for tag, call in self.unconfirmed.items():  # a consume the broker refused (no such queue): not tried again
+            if tag in kept:  # queued behind the refused one, never sent: subscribed when the channel is open again
+                continue
             sub = self.subs.pop(tag, None)
             if call is not None:
                 call.finish(error=exc)
-            elif sub is not None and sub.on_cancel is not None:
-                sub.on_cancel()
-        self.unconfirmed.clear()
+            elif sub is not None:  # subscribed again after a reconnect, and refused this time: its owner is told
+                log.warning("the broker refused to consume %s again (%s); that consumer is gone",
+                            logs.clean(sub.queue), exc, event="client_consumer_refused")
+                if sub.on_cancel is not None:
+                    sub.on_cancel()
+        self.unconfirmed = kept
         assert self.conn is not None
         self.conn.call(CH, commands.Channel.Open(), (commands.Channel.OpenOk,), self._ready)
 

@@ -11,14 +11,20 @@ every message ran, that a message ran twice only if the broker redelivered it, a
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import subprocess
+import sys
 import time
 
 import pika
 import pytest
 
-from magne import wire
-from support import WorkerProc, wait_for
+import magne
+from magne import publisher, wire, workflow
+from magne.publisher import Publisher
+from magne.registry import Task
+from support import ROOT, WorkerProc, wait_for
 
 N = 3000
 THREADS, PREFETCH = 8, 16
@@ -33,8 +39,8 @@ def cnames(names, redis):
 def cworkers(tmp_path, cnames, cluster):
     started: list[WorkerProc] = []
 
-    def start(*args: str, urls: list[str] | None = None) -> WorkerProc:
-        env = {k: v for k, v in cnames.items() if k.startswith("MAGNE_")}
+    def start(*args: str, urls: list[str] | None = None, env: dict[str, str] | None = None) -> WorkerProc:
+        env = {**{k: v for k, v in cnames.items() if k.startswith("MAGNE_")}, **(env or {})}
         w = WorkerProc(tmp_path, ["cluster_tasks"], "--threads", str(THREADS), "--prefetch", str(PREFETCH), *args,
                        env=env, url=",".join(urls or cluster.urls))
         started.append(w)
@@ -319,4 +325,85 @@ def test_a_schedule_fails_over_when_its_leaders_node_stops(cluster, tmp_path, na
             ch.queue_delete(q)
         for e in (stream, ticks, f"{prefix}.main"):
             ch.exchange_delete(e)
+        conn.close()
+
+
+READ_ALL = """
+import json, sys
+import magne
+ids, gid, cid = json.loads(sys.argv[1])
+out = {"results": [magne.result(i, 30) for i in ids], "group": magne.group_result(gid, 30), "chord": magne.result(cid, 30)}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.xfail(strict=False, reason="about half the runs: after the results stream's leader node stops, the stream "
+                   "takes no confirms for 30 s and followers on the other nodes show no new record for minutes, so "
+                   "chord members time out joining, again and again (RabbitMQ 3.10; not yet understood)")
+def test_results_and_a_chord_survive_the_loss_of_the_node_leading_them(cluster, cworkers, redis, cnames):
+    """Durability of results on the cluster: three worker processes (one per node) run tasks that record results and
+    a chord's members; the node leading the results stream and the chord's gate (and holding one worker's
+    connection) stops in the middle. Every result is read afterwards by another process (through the surviving
+    nodes), and the chord's callback ran once."""
+    prefix = cnames["MAGNE_TEST_PREFIX"]
+    stream = f"{prefix}.results"
+    w = cworkers("--processes", "3", env={"MAGNE_RESULTS_STREAM": stream})
+    wait_for(lambda: len(w.events("ready")) == 3, 60, what="three ready workers")
+    pub = Publisher(",".join(cluster.urls), queue_type="quorum")
+    old_pub, old_stream = publisher.set_default(pub), workflow.STREAM
+    workflow.configure(stream=stream)
+    gate = ""
+    try:
+        with pytest.raises(magne.ResultTimeout):  # declares the stream, its leader on this publisher's node
+            magne.result(workflow.new_id(), 0.1)
+        victim = cluster.leader_of(stream)
+        recorded = Task(print, "recorded", cnames["q"], queue_type="quorum", results=True)
+        member, callback = (Task(print, n, cnames["q"], queue_type="quorum") for n in ("member", "callback"))
+        n_results, n_members = 400, 600
+        ids = [recorded.send(i, 0.2) for i in range(n_results)]
+        cid = magne.group([member.message(i, 0.2) for i in range(n_members)]).then(callback.message(extra=1)).send()
+        gid = cid.removesuffix(".callback")
+        gate = f"{stream}.chord.{gid}"
+        leaders = {"stream": victim.name, "gate": cluster.leader_of(gate).name,
+                   "queue": cluster.leader_of(cnames["q"]).name}
+        ports = {int(e["url"].rsplit(":", 1)[1].split("/")[0]) for e in w.events("ready")}
+        assert victim.port in ports, f"one worker process on each node: {ports}"
+        wait_for(lambda: len(runs(redis, cnames)) >= (n_results + n_members) // 4, 60, what="progress before the fault")
+        t = time.monotonic()
+        victim.stop(wait=False)
+        expected = sum(i * i for i in range(n_members)) + 1
+        assert magne.result(cid, 180) == expected  # this process, through the node its publisher moved to
+        took = time.monotonic() - t
+        victim.stop()
+        assert w.proc.poll() is None, w.log()[-3000:]  # the workers rode through without a restart
+        survivors = [n.url for n in cluster.nodes if n is not victim]
+        env = {**os.environ, "MAGNE_URL": ",".join(survivors), "MAGNE_RESULTS_STREAM": stream}
+        got = subprocess.run([sys.executable, "-c", READ_ALL, json.dumps([ids, gid, cid])], capture_output=True,
+                             text=True, timeout=180, env=env, cwd=ROOT)
+        assert got.returncode == 0, got.stderr[-3000:]
+        read = json.loads(got.stdout)
+        assert read["results"] == [i * 10 for i in range(n_results)]
+        assert read["group"] == [i * i for i in range(n_members)] and read["chord"] == expected
+        done = runs(redis, cnames)
+        assert done["callback"] == 1, done  # the callback ran exactly once
+        assert w.stop() == 0, w.log()[-3000:]
+        again = sum(v - 1 for k, v in done.items() if k != "callback")
+        redelivered = sum(e["counters"]["redelivered"] for e in w.events("stopped") if "counters" in e)
+        reconnects = sum(e["counters"]["reconnects"] for e in w.events("stopped") if "counters" in e)
+        print(f"\nCLUSTER results and a chord, the node leading them stopped ({leaders}): results={n_results} "
+              f"members={n_members} read-by-another-process=all callback-runs=1 ran-again={again} "
+              f"redelivered={redelivered} reconnects={reconnects} chord-done-after={took:.1f}s")
+    finally:
+        publisher.set_default(old_pub)
+        workflow.configure(stream=old_stream)
+        pub.close()
+        for node in cluster.nodes:
+            if not node.is_alive():
+                node.start()
+        live = next(n for n in cluster.nodes if n.is_running())
+        conn = pika.BlockingConnection(pika.URLParameters(live.url))
+        ch = conn.channel()
+        for q in (stream, gate):
+            if q:
+                ch.queue_delete(q)
         conn.close()

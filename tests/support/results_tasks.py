@@ -50,3 +50,10 @@ def square(x, sleep=0.0):
     if sleep:
         time.sleep(sleep)
     return x * x
+
+
+@task(queue=f"{PREFIX}.later")
+def later_total(values, extra=0):
+    """A chord's callback on a queue of its own: a test counts the callbacks waiting in it before any runs."""
+    r.hincrby(KEY, "total", 1)
+    return sum(values) + extra

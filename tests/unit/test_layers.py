@@ -24,7 +24,7 @@ INNER_ALLOWED = {
 LARGE = {
     "magne.engine.sender": 450, "magne.publisher": 420, "magne.worker": 390,
     "magne.status": 400, "magne.amqp.protocol": 400, "magne.io.consumer": 370, "magne.testing": 390,
-    "magne.supervisor": 340, "magne.io.loop": 320, "magne.asyncpool": 335,
+    "magne.supervisor": 340, "magne.io.loop": 320, "magne.asyncpool": 335, "magne.followers": 350,
     "magne.outcomes": 415,  # one lookup: its answer type, two stream readers side by side, the windows, the answers,
     # and the checks of every value read (anyone who may write to those streams chose it)
 }
