@@ -337,9 +337,11 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.xfail(strict=False, reason="about half the runs: after the results stream's leader node stops, the stream "
-                   "takes no confirms for 30 s and followers on the other nodes show no new record for minutes, so "
-                   "chord members time out joining, again and again (RabbitMQ 3.10; not yet understood)")
+STALL = ("known, about half the runs on RabbitMQ 3.10, not yet understood: after the results stream's leader node "
+         "stops, the stream takes no confirms for 30 s and followers on the other nodes show no new record for minutes, "
+         "so chord members time out joining, again and again")
+
+
 def test_results_and_a_chord_survive_the_loss_of_the_node_leading_them(cluster, cworkers, redis, cnames):
     """Durability of results on the cluster: three worker processes (one per node) run tasks that record results and
     a chord's members; the node leading the results stream and the chord's gate (and holding one worker's
@@ -372,7 +374,13 @@ def test_results_and_a_chord_survive_the_loss_of_the_node_leading_them(cluster, 
         t = time.monotonic()
         victim.stop(wait=False)
         expected = sum(i * i for i in range(n_members)) + 1
-        assert magne.result(cid, 180) == expected  # this process, through the node its publisher moved to
+        try:
+            value = magne.result(cid, 75)  # this process, through the node its publisher moved to
+        except magne.ResultTimeout:
+            done = runs(redis, cnames)
+            assert done.get("callback", 0) <= 1, done  # stalled or not, the callback never runs twice
+            pytest.xfail(f"{STALL} (callback runs so far: {done.get('callback', 0)})")
+        assert value == expected
         took = time.monotonic() - t
         victim.stop()
         assert w.proc.poll() is None, w.log()[-3000:]  # the workers rode through without a restart
