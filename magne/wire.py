@@ -78,7 +78,8 @@ def new_id() -> str:
     version digit 7, 19 random), so that a reader of the results, events or cancels streams (magne.results,
     magne.outcomes) can start at the send time instead of reading back through the whole retention window.
     Cheaper than uuid.uuid4().hex (no UUID object), and never taken for one (a uuid4's 13th digit is 4)."""
-    return f"{int(time.time() * 1000):012x}7{os.urandom(10).hex()[:19]}"
+    r = os.urandom(10).hex()
+    return f"{int(time.time() * 1000):012x}7{r[:3]}{'89ab'[int(r[3], 16) & 3]}{r[4:19]}"  # RFC 9562's variant bits
 
 
 def encode(task_name: str, args: Any = (), kwargs: dict[str, Any] | None = None, message_id: str | None = None) -> bytes:

@@ -58,6 +58,7 @@ def test_ids_tell_when_they_were_made_and_others_do_not():
     assert workflow.sent_at_ms(mid[:12] + uuid4[12:]) is None  # a uuid4's version digit: never taken for a time
     plain = wire.new_id()  # a plain send's id carries its time too (a cancel's lookup starts there)
     assert len(plain) == 32 and abs(workflow.sent_at_ms(plain) - time.time() * 1000) < 5000
+    assert all((u := uuid.UUID(wire.new_id())).version == 7 and u.variant == uuid.RFC_4122 for _ in range(200))
     assert workflow.sent_at_ms(f"{mid}.g3.1") == workflow.sent_at_ms(mid)
 
 
