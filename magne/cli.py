@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     except MagneError as exc:
         log.error("%s", exc, event="failed")
         return EXIT_CONFIG if exc.permanent else EXIT_FAILED
+    except BrokenPipeError:  # `magne inspect | head`: the reader left; no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     finally:
         logs.flush()
     return EXIT_CONFIG
