@@ -39,7 +39,7 @@ def workloads(scale: float) -> dict[str, dict[str, Any]]:
         "throughput": {"task": "incr", "args": [[] for _ in range(max(8, int(20000 * scale)))],
                        "prefetch": [None, 256], "peers": ["magne", *base, "dramatiq", "celery", "magne-p2"]},
         "latency": {"task": "sleep_incr", "args": [[s] for s in sleeps], "minimum": sum(sleeps) / 8,
-                    "prefetch": [None], "peers": ["magne", "dramatiq", "celery"]},
+                    "prefetch": [None], "peers": ["magne", *base, "magne-events-off", "dramatiq", "celery"]},
         # The same sleeps awaited in an `async def` task, 1,000 in flight in one worker process: the minimum
         # is the longest sleep, timed from the worker's first consumer (the messages are all in the queue
         # by then), polled every 5 ms since it is half a second. Prefetch 1,000 for every peer. A run takes a
