@@ -194,6 +194,8 @@ def local_fire(d: Delivery, records: dict[str, Any], groups: dict[str, set[int]]
     flow = member_flow(d) if d.outcome is Outcome.ACK else None
     if flow is None:
         return None
+    if records.get(f"{flow['group']}.{flow['i']}", {}).get("ok") is not True:
+        return None  # its value was not JSON: it failed (its group's failure is recorded), its group never completes
     seen = groups.setdefault(flow["group"], set())
     seen.add(flow["i"])
     if len(seen) != flow.get("n"):

@@ -258,6 +258,8 @@ def on_success(d: Delivery, task: str, value: Any) -> None:
                     else then  # a member pipeline's last step carries its place in its group
                 out.append(step_message(rest[0], [value], nxt))
         if headers.get(RESULTS) is True:
+            if flow and not out:  # a member's value that is not JSON fails its group and pipeline, not only itself
+                dumps(value)
             out.append(record(mid, task, True, value))
     except Exception as exc:  # a step that cannot be sent (a value that is not JSON): the pipeline's failure
         err = {"type": type(exc).__name__, "message": wire.safe_text(exc, wire.MESSAGE_CHARS)}
