@@ -306,7 +306,7 @@ def test_a_member_whose_value_is_not_json_fails_its_group_and_pipeline(capture):
     workflow.on_success(m0, "nest_obj", object())
     recs = [wire.loads(n.body) for n in m0.follow]
     assert [r["id"] for r in recs] == [f"{gid}.0", pid] and not any(r["ok"] for r in recs)
-    assert "not JSON serializable" in recs[1]["error"]["message"]
+    assert "not JSON serializable" in recs[1]["error"]["message"] and {r["reason"] for r in recs} == {"result not JSON"}
     with testing.worker():
         for flow in (magne.pipeline([add.message(1, 2), magne.group([obj.message(), inc.message()]), total.message()]),
                      magne.pipeline([add.message(1, 2), magne.group([inc.message(), obj.message()])]),
