@@ -41,6 +41,7 @@ from magne.publisher import Publisher, default_publisher
 log = logs.Log("magne.chords")
 JOIN_TIMEOUT = 60.0  # a member waits this long to see its own record in the stream; else it runs again later
 MAX_MEMBERS = 1_000_000
+HELD_WAIT, HELD_POLL = 5.0, 0.25  # a redelivered member's look for a callback held by a taker that died (fire)
 GROUP_ID = workflow.CHORD_GROUP
 
 
@@ -110,7 +111,7 @@ def join(d: Delivery, task: str, value: Any, flow: dict[str, Any]) -> None:
     if flow.get("collect") is True:
         collect(client, group, n, deadline)
     else:
-        fire(client, gate_queue(group))
+        fire(client, gate_queue(group), d.redelivered)
 
 
 def collect(client: Any, group: str, n: int, deadline: float) -> None:
@@ -127,11 +128,24 @@ def collect(client: Any, group: str, n: int, deadline: float) -> None:
     log.info("group %s complete: its values are its pipeline's result", logs.clean(group), event="group_collected")
 
 
-def fire(client: Any, gate: str) -> None:
+def fire(client: Any, gate: str, redelivered: bool = False) -> None:
     """Move the callback out of its gate (to its task queue, by dead-lettering), unless someone did already. The
     passive declare after the reject returns only once the channel handled the reject (frames are handled in order):
-    the member is acked only after that."""
-    for _attempt in range(3):
+    the member is acked only after that.
+
+    An empty gate usually means taken. But a member run again because its worker died (`redelivered`) may be the
+    re-run of the taker itself, killed while it held the callback: the broker gives the callback back to the gate when
+    it handles that connection's end, which can come after the member's own redelivery (another connection, another
+    queue). Taking "empty" for "taken" then would ack the only member that could still take it, and the callback
+    would wait in its gate forever. So such a member looks again, until the callback shows (it takes it), the gate
+    is gone (the callback runs), or HELD_WAIT passed. A killed process's connections end together, and the broker
+    gives back within milliseconds; a taker cut off by the network is noticed per connection, after a heartbeat
+    timeout, and may still come back too late (HELD_WAIT is short: a redelivered member that ran twice waits that
+    long on a pool thread, and the callback may need that thread).
+    """
+    patient_until = time.monotonic() + (HELD_WAIT if redelivered else 0.0)
+    refused = 0
+    while True:
         try:
             got = client.get(gate)
         except ChannelClosed as exc:
@@ -139,7 +153,13 @@ def fire(client: Any, gate: str) -> None:
                 raise
             return  # the callback ran and deleted its gate (drop_gate): taken long ago
         if got is None:
-            return  # taken already (or being taken by a member that will finish it, or run again)
+            if time.monotonic() >= patient_until:
+                return  # taken already (or being taken by a live member that will finish it, or run again)
+            if patient_until - time.monotonic() > HELD_WAIT - HELD_POLL:
+                log.info("the gate %s is empty for a member run again: looking again for up to %gs, in case a taker "
+                         "that died still holds the callback", logs.clean(gate), HELD_WAIT, event="chord_gate_empty")
+            time.sleep(HELD_POLL)
+            continue
         tag, gen = got[0], client.session.gen
         data = codec.encode_reject(CH, tag, False)
         client.submit(lambda data=data, gen=gen: client.session.write(data, gen))
@@ -152,7 +172,9 @@ def fire(client: Any, gate: str) -> None:
         if ready == 0:
             log.info("chord %s complete: its callback is on its way", logs.clean(gate), event="chord_fired")
             return
-    raise RuntimeError(f"the callback in {gate} could not be taken out (the channel was reopened meanwhile)")
+        refused += 1
+        if refused >= 3:
+            raise RuntimeError(f"the callback in {gate} could not be taken out (the channel was reopened meanwhile)")
 
 
 def callback_args(d: Delivery, args: list[Any]) -> list[Any]:
@@ -196,6 +218,8 @@ def local_fire(d: Delivery, records: dict[str, Any], groups: dict[str, set[int]]
     flow = member_flow(d) if d.outcome is Outcome.ACK else None
     if flow is None:
         return None
+    if records.get(f"{flow['group']}.{flow['i']}", {}).get("ok") is not True:
+        return None  # its value was not JSON: it failed (its group's failure is recorded), its group never completes
     seen = groups.setdefault(flow["group"], set())
     seen.add(flow["i"])
     if len(seen) != flow.get("n"):

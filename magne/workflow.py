@@ -243,6 +243,7 @@ def on_success(d: Delivery, task: str, value: Any) -> None:
     headers, mid = _read(d)
     flow = _flow(headers)
     out: list[Next] = []
+    why = "workflow"
     try:
         rest = flow.get("rest")
         if isinstance(rest, list) and rest:  # a pipeline goes on: its next step (or group step) gets this value
@@ -258,10 +259,13 @@ def on_success(d: Delivery, task: str, value: Any) -> None:
                     else then  # a member pipeline's last step carries its place in its group
                 out.append(step_message(rest[0], [value], nxt))
         if headers.get(RESULTS) is True:
+            if flow and not out:  # a member's value that is not JSON fails its group and pipeline, not only itself
+                why = "result not JSON"
+                dumps(value)
             out.append(record(mid, task, True, value))
     except Exception as exc:  # a step that cannot be sent (a value that is not JSON): the pipeline's failure
         err = {"type": type(exc).__name__, "message": wire.safe_text(exc, wire.MESSAGE_CHARS)}
-        out = [record(i, task, False, reason="workflow", error=err, of=mid) for i in failed_ids(mid, flow, True)]
+        out = [record(i, task, False, reason=why, error=err, of=mid) for i in failed_ids(mid, flow, True)]
     d.follow = out or None
 
 

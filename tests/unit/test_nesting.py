@@ -38,6 +38,11 @@ def boom(*args):
     raise ValueError(f"boom {list(args)}")
 
 
+@magne.task(name="nest_obj")
+def obj(*args):
+    return object()  # not JSON
+
+
 @magne.task(name="nest_total")
 def total(values, extra=0):
     return sum(values) + extra
@@ -288,3 +293,38 @@ def test_a_member_settled_twice_in_process_fires_once():
     assert queue == "Q" and wire.decode(body) == ("nest_total", [[5]], {})
     headers = codec.decode_properties(header).headers
     assert workflow.RESULTS not in headers and flow_of(headers) == {"pipe": "P", "rest": cflow["rest"]}
+
+
+def test_a_member_whose_value_is_not_json_fails_its_group_and_pipeline(capture):
+    """A member's value that is not JSON is its failure, and so the failure of every id that waits on it (its
+    pipeline's, the step after its group): before, only the member's own record said so and the pipeline waited."""
+    pid = magne.pipeline([add.message(1, 2), magne.group([obj.message(), inc.message()]), total.message()]).send()
+    gid = pid.removesuffix(".callback")
+    d = delivery(capture.out[-1][3], capture.out[-1][1])
+    workflow.on_success(d, "nest_add", 3)
+    m0 = as_delivery(d.follow[0])
+    workflow.on_success(m0, "nest_obj", object())
+    recs = [wire.loads(n.body) for n in m0.follow]
+    assert [r["id"] for r in recs] == [f"{gid}.0", pid] and not any(r["ok"] for r in recs)
+    assert "not JSON serializable" in recs[1]["error"]["message"] and {r["reason"] for r in recs} == {"result not JSON"}
+    with testing.worker():
+        for flow in (magne.pipeline([add.message(1, 2), magne.group([obj.message(), inc.message()]), total.message()]),
+                     magne.pipeline([add.message(1, 2), magne.group([inc.message(), obj.message()])]),
+                     magne.group([magne.pipeline([add.message(1, 2), obj.message()])]).then(total.message())):
+            with pytest.raises(magne.TaskFailed, match="nest_obj"):
+                flow.call(timeout=2)
+
+
+def test_a_member_whose_value_is_not_json_never_fires_its_chord_in_process():
+    flow = LocalFlow()
+    gid = f"{workflow.new_id()}.g1"
+    gate = chords.gate_queue(gid)
+    body = wire.encode("nest_total", [], None, f"{gid}.callback")
+    assert flow.holds("", gate, body, workflow.header_for(f"{gid}.callback", len(body), True, {"chord": gid, "n": 1,
+                                                                                               "queue": "Q"}))
+    member = {"group": gid, "i": 0, "n": 1, "gate": gate}
+    d = delivery({workflow.RESULTS: True, workflow.FLOW: workflow.dumps(member).decode()}, f"{gid}.0")
+    workflow.on_success(d, "nest_obj", object())
+    published: list[Any] = []
+    flow.settled(d, lambda *a: published.append(a))  # raised TaskFailed here (reading the failed member's value)
+    assert not published and flow.records[f"{gid}.callback"]["ok"] is False and gate in flow.gates
