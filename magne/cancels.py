@@ -222,8 +222,10 @@ class Follower:
         then runs anyway, and honours the cancels as they arrive. Main thread; raises what the broker refused."""
         keep = self.cancels.keep
         streams.declare(self.client, self.name, keep)
-        self.tag = streams.follow(self.client, self.name, time.time() - keep, self._on_body, on_cancel=self._on_lost)
+        # The marker goes in first: read from the retention window's start, it still comes back after every record
+        # appended before it, and a stream that held nothing yet is not read from its end (streams.mark says why).
         self.client.publish_confirmed("", self.name, orjson.dumps({"marker": self.marker}), _properties())
+        self.tag = streams.follow(self.client, self.name, time.time() - keep, self._on_body, on_cancel=self._on_lost)
         if self.caught_up.wait(timeout):
             return True
         self.gave_up = True

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from magne import wire, workflow
+from magne import streams, wire, workflow
 from magne.amqp import codec
 from magne.amqp.errors import AMQPError, ChannelClosed
 from magne.engine.client import Client
@@ -197,6 +197,7 @@ class Reader:
         except ChannelClosed as exc:  # it exists with other arguments (another retention): read it as it is
             if exc.code != 406:
                 raise
+        streams.mark(self.client, self.stream)  # `{}` before any follower attaches by time (streams.mark says why)
         self.declared = True
 
     def _advance(self, f: Follower, m: Delivered) -> None:

@@ -171,3 +171,17 @@ def test_a_cancelled_message_that_asked_has_a_result_saying_so(results, start_wo
         with pytest.raises(magne.TaskFailed, match=why) as info:
             magne.result(mid, 15)
         assert info.value.reason == "cancelled" and info.value.error_type == "Cancelled" and info.value.task == "nap"
+
+
+def test_a_new_results_stream_holds_a_marker_before_any_follower_attaches(results, pub):
+    """A stream that never held a message resolves a follower's timestamp offset to its end as it attaches (seen on
+    RabbitMQ 3.10: a chord whose first members' records another worker's follower never saw): the first reader of a
+    stream puts `{}` in it (not a record: readers skip it) before it follows."""
+    bodies: list[bytes] = []
+    client = pub._running()
+    tag = client.consume(results["stream"], lambda m: bodies.append(m.body), 10, {"x-stream-offset": "first"})
+    try:
+        wait_for(lambda: bodies, 10, what="the stream's first message")
+    finally:
+        client.cancel(tag)
+    assert bodies[0] == b"{}"

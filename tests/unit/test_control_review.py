@@ -141,7 +141,7 @@ def test_the_dashboard_cancels_a_list_of_ids_never_a_string_one_character_at_a_t
 
 class SlowBroker:
     """A Client whose first calls time out (the broker was not up yet), then answers, and hands a published record
-    back to the stream's consumer, as a stream would."""
+    back to the stream's consumers, as a stream would: those attached, and those attaching later (from its start)."""
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
@@ -149,6 +149,8 @@ class SlowBroker:
         self.on_cancel: dict[str, Any] = {}
         self.ended: list[str] = []
         self.cancelled: list[str] = []
+        self.log: list[bytes] = []  # the stream
+        self.order: list[str] = []  # "publish" and "consume", as they came
 
     def call(self, method: Any, *replies: Any, **kw: Any) -> Any:
         if self.failures:
@@ -158,9 +160,16 @@ class SlowBroker:
 
     def consume(self, queue: str, on_message: Any, **kw: Any) -> str:
         tag = f"tag{len(self.consumers) + len(self.ended)}"
+        self.order.append("consume")
         self.consumers[tag] = on_message
         self.on_cancel[tag] = kw.get("on_cancel")
+        for body in self.log:
+            on_message(Delivered(1, 1, self._header(body), body, False))
         return tag
+
+    @staticmethod
+    def _header(body: bytes) -> bytes:
+        return codec.header_payload(commands.Basic.Properties(headers={"x-stream-offset": 1}), len(body))
 
     def delete_stream(self) -> None:
         """An operator deletes the stream (to re-create it with other settings): the broker cancels its readers."""
@@ -178,9 +187,10 @@ class SlowBroker:
         pass
 
     def publish_confirmed(self, exchange: str, rk: str, body: bytes, props: Any) -> None:
-        header = codec.header_payload(commands.Basic.Properties(headers={"x-stream-offset": 1}), len(body))
+        self.log.append(body)
+        self.order.append("publish")
         for on_message in list(self.consumers.values()):
-            on_message(Delivered(1, 1, header, body, False))
+            on_message(Delivered(1, 1, self._header(body), body, False))
 
 
 def test_cancels_are_read_once_the_broker_answers_and_the_pool_waits_for_them(monkeypatch):
@@ -376,3 +386,15 @@ def test_a_cancelled_task_that_wraps_cancelled_is_still_cancelled_not_dead_lette
     finally:
         pool.stop()
         pool.join(2.0)
+
+
+def test_the_cancels_marker_is_in_the_stream_before_the_follower_attaches():
+    """A stream that never held a message resolves a reader's timestamp offset to its end as it attaches (RabbitMQ
+    3.10): a cancel written in that moment would be skipped. The worker's marker goes in first (streams.mark)."""
+    client = SlowBroker(failures=0)
+    pub = types.SimpleNamespace(_running=lambda: client)
+    c = control.Control(pub, CancelSet(), dict, lambda ids, now: None)  # type: ignore[arg-type]
+    c._listen = lambda: None  # type: ignore[method-assign]
+    c._start()
+    assert c.follower is not None and c.follower.caught_up.is_set()
+    assert client.order[:2] == ["publish", "consume"], client.order
