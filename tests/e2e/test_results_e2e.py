@@ -19,30 +19,27 @@ from magne.publisher import Target
 from magne.registry import Task
 from magne.steps import Step
 from support import ROOT, URL, queue_counts, rabbitmqctl, wait_for
-from support.control_env import isolate
+from support.control_env import isolate, own_results_stream
 from support.proxy import Proxy
 
 
 @pytest.fixture
 def results(names, broker, pub):
     """This test's own results stream, and `pub` as the default publisher (what task.send and pipelines use)."""
-    stream = f"{names['MAGNE_TEST_PREFIX']}.results"
-    old_stream, old_age = workflow.STREAM, workflow.MAX_AGE
-    workflow.configure(stream=stream)
-    broker.track(stream, f"{names['MAGNE_TEST_PREFIX']}.idle")
-    old = publisher.set_default(pub)
-    prefix = names["MAGNE_TEST_PREFIX"]
-    # The tasks of tests/support/results_tasks.py as a sender sees them (its module reads this test's prefix)
-    tasks = SimpleNamespace(**{n: Task(print, n, f"{prefix}.main", results=n == "add")
-                               for n in ("add", "mul", "boom", "aadd", "nap")})
-    tasks.never = Task(print, "never", f"{prefix}.idle")  # no worker consumes its queue
-    # The stream exists and can be read before a worker writes to it: on RabbitMQ 3.10 a publish racing a stream's
-    # creation closes the publishing connection (541), which the link survives by publishing again (a duplicate).
-    with pytest.raises(magne.ResultTimeout):
-        magne.result(workflow.new_id(), 0.1)
-    yield {"stream": stream, "env": {"MAGNE_RESULTS_STREAM": stream}, "tasks": tasks}
-    publisher.set_default(old)
-    workflow.configure(stream=old_stream, max_age=old_age)
+    with own_results_stream(names, broker) as stream:
+        broker.track(f"{names['MAGNE_TEST_PREFIX']}.idle")
+        old = publisher.set_default(pub)
+        prefix = names["MAGNE_TEST_PREFIX"]
+        # The tasks of tests/support/results_tasks.py as a sender sees them (its module reads this test's prefix)
+        tasks = SimpleNamespace(**{n: Task(print, n, f"{prefix}.main", results=n == "add")
+                                   for n in ("add", "mul", "boom", "aadd", "nap")})
+        tasks.never = Task(print, "never", f"{prefix}.idle")  # no worker consumes its queue
+        # The stream exists and can be read before a worker writes to it: on RabbitMQ 3.10 a publish racing a stream's
+        # creation closes the publishing connection (541), which the link survives by publishing again (a duplicate).
+        with pytest.raises(magne.ResultTimeout):
+            magne.result(workflow.new_id(), 0.1)
+        yield {"stream": stream, "env": {"MAGNE_RESULTS_STREAM": stream}, "tasks": tasks}
+        publisher.set_default(old)
 
 
 def read_in_another_process(mid: str, stream: str) -> subprocess.CompletedProcess:

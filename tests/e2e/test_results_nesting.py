@@ -9,10 +9,9 @@ import pytest
 
 import magne
 from magne import publisher, workflow
-from magne.outgoing import json_header
 from magne.registry import Task
 from support import queue_counts, rabbitmqctl, wait_for
-from support.control_env import isolate
+from support.control_env import isolate, own_results_stream
 
 TASKS = ("add", "inc", "dbl", "boom", "total", "square", "piece")
 
@@ -22,24 +21,16 @@ def flows(names, broker, pub):
     """This test's own results stream, `pub` as the default publisher, and tests/support/nesting_tasks.py's tasks as
     a sender sees them (that module reads this test's prefix)."""
     prefix = names["MAGNE_TEST_PREFIX"]
-    stream = f"{prefix}.results"
-    old_stream, old_age = workflow.STREAM, workflow.MAX_AGE
-    workflow.configure(stream=stream)
-    broker.track(stream)
-    old = publisher.set_default(pub)
-    tasks = SimpleNamespace(**{n: Task(print, n, f"{prefix}.main") for n in TASKS})
-    with pytest.raises(magne.ResultTimeout):  # the stream exists before a worker writes to it (RabbitMQ 3.10, 541)
-        magne.result(workflow.new_id(), 0.1)
-    # ... and holds a message (not a record: readers skip it) before workers write. On an empty stream (RabbitMQ
-    # 3.10) a worker's follower, attached by timestamp while the other worker's first records were being written, was
-    # seen to start right after them: its count of the group stayed short and nobody took the gate (about once in 50
-    # runs of the kill -9 test, the step after the group never ran). On a stream that holds a chunk a timestamp
-    # finds that chunk.
-    body = b'{"opened":"test"}'
-    pub._running().publish_confirmed("", stream, body, json_header(workflow.new_id(), len(body)))
-    yield SimpleNamespace(t=tasks, env={"MAGNE_RESULTS_STREAM": stream}, queue=f"{prefix}.main")
-    publisher.set_default(old)
-    workflow.configure(stream=old_stream, max_age=old_age)
+    with own_results_stream(names, broker) as stream:
+        old = publisher.set_default(pub)
+        tasks = SimpleNamespace(**{n: Task(print, n, f"{prefix}.main") for n in TASKS})
+        # The stream exists before a worker writes to it (RabbitMQ 3.10, 541), and holds a marker (streams.mark) before
+        # any follower attaches: about once in 50 runs of the kill -9 test under load, the step after the group never
+        # ran before the marker was the product's (a follower attached to the empty stream skipped the first records).
+        with pytest.raises(magne.ResultTimeout):
+            magne.result(workflow.new_id(), 0.1)
+        yield SimpleNamespace(t=tasks, env={"MAGNE_RESULTS_STREAM": stream}, queue=f"{prefix}.main")
+        publisher.set_default(old)
 
 
 def gates_left(prefix: str) -> list[str]:

@@ -14,22 +14,19 @@ from magne import chords, publisher, workflow
 from magne.publisher import Publisher
 from magne.registry import Task
 from support import URL, queue_counts, wait_for
+from support.control_env import own_results_stream
 
 
 @pytest.fixture
 def flows(names, broker, pub):
     prefix = names["MAGNE_TEST_PREFIX"]
-    stream = f"{prefix}.results"
-    old_stream, old_age = workflow.STREAM, workflow.MAX_AGE
-    workflow.configure(stream=stream)
-    broker.track(stream)
-    old = publisher.set_default(pub)
-    tasks = SimpleNamespace(**{n: Task(print, n, f"{prefix}.main") for n in ("add", "total")})
-    with pytest.raises(magne.ResultTimeout):  # the stream exists before a worker writes to it (RabbitMQ 3.10, 541)
-        magne.result(workflow.new_id(), 0.1)
-    yield SimpleNamespace(t=tasks, env={"MAGNE_RESULTS_STREAM": stream}, queue=f"{prefix}.main")
-    publisher.set_default(old)
-    workflow.configure(stream=old_stream, max_age=old_age)
+    with own_results_stream(names, broker) as stream:
+        old = publisher.set_default(pub)
+        tasks = SimpleNamespace(**{n: Task(print, n, f"{prefix}.main") for n in ("add", "total")})
+        with pytest.raises(magne.ResultTimeout):  # the stream exists before a worker writes to it (RabbitMQ 3.10, 541)
+            magne.result(workflow.new_id(), 0.1)
+        yield SimpleNamespace(t=tasks, env={"MAGNE_RESULTS_STREAM": stream}, queue=f"{prefix}.main")
+        publisher.set_default(old)
 
 
 def test_a_member_run_again_takes_the_callback_its_dead_taker_held(flows, start_worker, names):

@@ -22,7 +22,7 @@ from magne.amqp import names as amqp_names
 from magne.amqp.errors import BrokerTimeout
 from magne.outgoing import Target
 from support import ROOT, URL, wait_for
-from support.control_env import isolate
+from support.control_env import isolate, own_results_stream
 
 MODULES = ("control_tasks",)
 
@@ -31,13 +31,8 @@ MODULES = ("control_tasks",)
 def fleet(names, broker, monkeypatch):
     """Per-test cancels, events and results streams and control exchange (the lookup appends markers to both)."""
     isolate(names, broker, monkeypatch)
-    stream = f"{names['MAGNE_TEST_PREFIX']}.results"
-    old_stream, old_age = workflow.STREAM, workflow.MAX_AGE
-    workflow.configure(stream=stream)
-    names["MAGNE_RESULTS_STREAM"] = stream
-    broker.track(stream)
-    yield names
-    workflow.configure(stream=old_stream, max_age=old_age)
+    with own_results_stream(names, broker):
+        yield names
 
 
 def started(redis, fleet, n):
