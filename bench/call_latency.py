@@ -7,14 +7,13 @@ is magne's overhead: the send (confirmed), the delivery, the result record (conf
 
 from __future__ import annotations
 
-import signal
 import statistics
 import subprocess
 import time
 
 import pika
 
-from bench.measure import URL, Result, queue_state
+from bench.measure import URL, Result, queue_state, stop
 from bench.peers import PY, clean_env
 
 BODIES = {"call-0ms": 0.0, "call-10ms": 0.01}
@@ -68,12 +67,7 @@ def run_call(name: str, n: int, run: int) -> Result:
     finally:
         publisher.set_default(old)
         pub.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     res.connections = res.channels = 0
     res.left_ready, res.left_unacked = queue_state(Q)
     return res

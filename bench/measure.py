@@ -58,6 +58,16 @@ def rabbitmqctl(*args: str) -> str:
     return subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60).stdout
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """A worker's warm stop (SIGTERM), and a kill if it takes over a minute."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def queue_state(name: str) -> tuple[int, int]:
     for line in rabbitmqctl("list_queues", "name", "messages_ready", "messages_unacknowledged").splitlines():
         parts = line.split("\t")
@@ -209,12 +219,7 @@ def run_one(peer: Peer, workload: str, task: str, arglists: list[list[Any]], pre
     finally:
         sampler.stop.set()
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
         probe.close()
     res.rate = n / res.elapsed if res.elapsed else 0.0
     res.counter = int(r.get(key) or 0) if use_counter else -1
