@@ -10,7 +10,6 @@ the first record of an id winning; a group's members are counted as their record
 from __future__ import annotations
 
 import asyncio
-import datetime
 import threading
 import time
 from collections import OrderedDict
@@ -113,9 +112,9 @@ class Reader:
         try:
             self._declare()
             self.followers = [f for f in self.followers if not f.lost or f.users > 0]
-            usable = [f for f in self.followers if f.start <= w.start and not f.lost]
-            if usable and (fresh or w.start + SLACK_MS > self.evicted_ms + EVICTED_MARGIN_MS):
-                f = max(usable, key=lambda f: f.start)
+            found = self._reading_from(w.start)
+            if found is not None and (fresh or w.start + SLACK_MS > self.evicted_ms + EVICTED_MARGIN_MS):
+                f = found
             else:  # none reads from early enough, or what it read may have left the cache: a follower from there
                 try:
                     f = self._start(w.start)
@@ -133,9 +132,8 @@ class Reader:
         while not self.lock.acquire(timeout=SLICE):
             pass
         try:
-            usable = [g for g in self.followers if g.start <= w.start and not g.lost]
             try:
-                g = max(usable, key=lambda g: g.start) if usable else self._start(w.start)
+                g = self._reading_from(w.start) or self._start(w.start)
             except AMQPError:
                 return f
             g.users, f.users = g.users + 1, f.users - 1
@@ -153,11 +151,15 @@ class Reader:
         if f.tag:
             self.client.cancel(f.tag)
 
+    def _reading_from(self, start: float) -> Follower | None:
+        """The live follower that started latest but no later than `start` (ms), if any. Under `lock`."""
+        usable = [f for f in self.followers if f.start <= start and not f.lost]
+        return max(usable, key=lambda f: f.start) if usable else None
+
     def _start(self, start: float) -> Follower:
         """A new follower from `start` (ms; -inf: the stream's first record), consuming once this returns. Under `lock`."""
         f = Follower(start)
-        offset: Any = "first" if start == float("-inf") else datetime.datetime.fromtimestamp(start / 1000, tz=datetime.UTC)
-        f.tag = self._consume(f, offset)
+        f.tag = self._consume(f, streams.offset_at(start / 1000))
         self.followers.append(f)
         return f
 
@@ -262,9 +264,7 @@ class Reader:
                 if rec.get("rid") == rid and w.record is None:
                     w.set({"succeeded": len(seen)})
 
-        offset: Any = "first" if start == float("-inf") else datetime.datetime.fromtimestamp(start / 1000,
-                                                                                             tz=datetime.UTC)
-        tag = self.client.consume(self.stream, on_message, PREFETCH, {"x-stream-offset": offset})
+        tag = self.client.consume(self.stream, on_message, PREFETCH, {"x-stream-offset": streams.offset_at(start / 1000)})
         try:
             deadline = time.monotonic() + timeout
             while not w.signal.wait(SLICE):

@@ -298,12 +298,8 @@ def _mark(client: Client, r: Read, deadline: float) -> None:
     """Append a marker to the stream (an empty batch of events, or `{}`: what every reader of it skips) and remember
     its id. A publish refused (no write permission) or late leaves the read to end by IDLE and `until`."""
     marker = f"magne.lookup.{wire.new_id()}"
-    props = commands.Basic.Properties(content_type="application/json", delivery_mode=2, message_id=marker)
-    try:
-        client.publish_confirmed("", r.stream, r.empty, props, timeout=max(0.1, deadline - time.monotonic()))
-    except MagneError:
-        return
-    r.marker = marker
+    if streams.mark(client, r.stream, r.empty, max(0.1, deadline - time.monotonic()), marker):
+        r.marker = marker
 
 
 def plan(ids: list[str], now: float) -> list[tuple[float, float]]:

@@ -61,14 +61,15 @@ def declare(client: Client, name: str, max_age: float, max_bytes: int | None = N
         log.info("stream %s exists with other settings than %s; using it as it is", name, args, event="stream_kept")
 
 
-def mark(client: Client, name: str, body: bytes = b"{}", timeout: float = 5.0) -> bool:
+def mark(client: Client, name: str, body: bytes = b"{}", timeout: float = 5.0, message_id: str | None = None) -> bool:
     """Append one message that is not a record (`body`: what every reader of that stream skips) and wait for its
     confirm, before anyone attaches to the stream by time. A stream that has never held a message resolves a timestamp
     offset to its end as the reader attaches, so a record written during the attach is skipped (seen on RabbitMQ 3.10:
     about one chord in 50 under load never fired, another worker's follower having missed its first members'
-    records); one message in the stream first closes that gap. False, logged, if refused or late: the reader attaches
-    anyway. Any thread but the client's loop thread."""
-    props = commands.Basic.Properties(content_type="application/json", delivery_mode=2)
+    records); one message in the stream first closes that gap. `message_id`: for a reader that looks for this very
+    marker (magne.outcomes: where its read ends). False, logged, if refused or late: the reader attaches anyway. Any
+    thread but the client's loop thread."""
+    props = commands.Basic.Properties(content_type="application/json", delivery_mode=2, message_id=message_id)
     try:
         client.publish_confirmed("", name, body, props, timeout=timeout)
     except MagneError as exc:
@@ -78,8 +79,11 @@ def mark(client: Client, name: str, body: bytes = b"{}", timeout: float = 5.0) -
     return True
 
 
-def offset_at(when: float) -> datetime.datetime:
-    """The `x-stream-offset` that reads a stream from the wall-clock time `when` (an AMQP timestamp)."""
+def offset_at(when: float) -> datetime.datetime | str:
+    """The `x-stream-offset` that reads a stream from the wall-clock time `when` (an AMQP timestamp; -inf: its first
+    record)."""
+    if when == float("-inf"):
+        return "first"
     return datetime.datetime.fromtimestamp(max(0.0, when), tz=datetime.UTC)
 
 

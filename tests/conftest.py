@@ -12,6 +12,7 @@ import redis as redis_lib
 
 from magne.publisher import Publisher
 from support import URL, Broker, WorkerProc, unique
+from support.control_env import isolate, own_results_stream
 
 # Tests are grouped by what they need: tests/unit runs in seconds with no broker;
 # tests/e2e and tests/faults talk to the real RabbitMQ (and Redis) on this machine.
@@ -148,3 +149,12 @@ def aq(broker: Broker, redis: redis_lib.Redis, names: dict[str, str]) -> Iterato
     keys = list(redis.scan_iter(match=f"{p}:*"))
     if keys:
         redis.delete(*keys)
+
+
+@pytest.fixture
+def fleet(names: dict[str, str], broker: Broker, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Per-test cancels, events and results streams and control exchange, for this process and the workers it starts
+    (tests/support/control_env.py); a test module may define a narrower one of its own."""
+    isolate(names, broker, monkeypatch)
+    with own_results_stream(names, broker):
+        yield names

@@ -11,23 +11,12 @@ import sys
 import time
 import uuid
 
-import pytest
-
 import magne
 from magne import events, wire, workflow
 from magne.outgoing import Target
 from support import ROOT, URL, wait_for
-from support.control_env import isolate, own_results_stream
 
 MODULES = ("control_tasks",)
-
-
-@pytest.fixture
-def fleet(names, broker, monkeypatch):
-    """Per-test cancels, events and results streams and control exchange, for this process and the workers."""
-    isolate(names, broker, monkeypatch)
-    with own_results_stream(names, broker):
-        yield names
 
 
 def seen_in_events(pub, ids):

@@ -22,17 +22,8 @@ from magne.amqp import names as amqp_names
 from magne.amqp.errors import BrokerTimeout
 from magne.outgoing import Target
 from support import ROOT, URL, wait_for
-from support.control_env import isolate, own_results_stream
 
 MODULES = ("control_tasks",)
-
-
-@pytest.fixture
-def fleet(names, broker, monkeypatch):
-    """Per-test cancels, events and results streams and control exchange (the lookup appends markers to both)."""
-    isolate(names, broker, monkeypatch)
-    with own_results_stream(names, broker):
-        yield names
 
 
 def started(redis, fleet, n):
