@@ -215,6 +215,7 @@ def main() -> None:
         chart(rows, args.out / "chart.png")
         print(report(rows))
         return
+    peers.compile_sources()
     wls = workloads(args.scale)
     results: list[Result] = []
     for wl in args.workloads:
