@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from magne.amqp.version import VERSION as __version__  # a constant, no imports
 
 _PUBLIC = {
     "task": "magne.registry", "Task": "magne.registry",

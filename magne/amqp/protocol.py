@@ -30,7 +30,6 @@ import os
 import platform
 from collections import deque
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any
 
 from pamqp import commands
@@ -39,17 +38,12 @@ from magne.amqp import codec
 from magne.amqp.errors import AMQPError, BrokerTimeout, ChannelClosed, ConnectionClosed, ConnectionLost, FrameError
 from magne.amqp.outbox import Outbox
 from magne.amqp.url import Params
+from magne.amqp.version import VERSION
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 DEFAULT_FRAME_MAX = 131072
 MIN_FRAME_MAX = 8192  # we never ask for less (RabbitMQ 4.x refuses smaller; 3.x allows 4096)
 CLOSE_TIMEOUT = 5.0
-
-try:
-    _VERSION = metadata.version("magne")
-except metadata.PackageNotFoundError:  # running from a source tree
-    _VERSION = "unknown"
-
 
 class ProtocolError(FrameError):
     """A well-formed frame that the protocol does not allow here (a reply nobody asked for, a delivery on a
@@ -89,7 +83,7 @@ _UNASKED = (commands.Basic.Ack, commands.Basic.Nack, commands.Basic.Cancel, comm
 def client_properties(name: str) -> dict[str, Any]:
     return {
         "product": "magne",
-        "version": _VERSION,
+        "version": VERSION,
         "platform": f"Python {platform.python_version()}",
         "connection_name": name,
         "capabilities": {
