@@ -16,8 +16,8 @@ that reads a RabbitMQ stream can (the records are plain JSON).
 
 Cost on the hot path (magne/worker.py wires `wrap` around the I/O thread's `report`): the reporting thread builds a
 tuple of fields it already has and appends it to a deque, nothing else: no JSON, no lock, no I/O. The `magne-events`
-thread wakes every FLUSH_EVERY seconds (or sooner when BATCH records wait), turns them into one JSON array and hands
-it to the publisher Client (unconfirmed: events are telemetry; losing a batch to a broken connection loses no task).
+thread wakes every FLUSH_EVERY seconds, turns what waits into JSON arrays of up to BATCH records and hands them
+to the publisher Client (unconfirmed: events are telemetry; losing a batch to a broken connection loses no task).
 The buffer is bounded (MAX_BUFFER): while the broker cannot take events the oldest are dropped, so a worker's memory
 never grows with time. bench: docs/control.md has the figures with events on and off.
 """
@@ -45,7 +45,12 @@ from magne.engine.message import Outgoing
 log = logs.Log("magne.events")
 
 DEFAULT_STREAM = "magne.events"
-FLUSH_EVERY = 0.1  # seconds between batches
+# Seconds between batches. Each batch wakes two threads (this one, the client's) and is a stream write on the broker
+# whatever it holds, so at a low rate the interval is the cost: 0.5 s rather than 0.1 s took the latency workload
+# (1,000 sleeping tasks in 33 s) from 1.23 to 1.11 CPU-s against 0.97 with events off (medians of 3, 2026-12-06;
+# `python -m bench --workloads latency --peers magne magne-events-off`). A record is in the stream within about
+# FLUSH_EVERY of its outcome.
+FLUSH_EVERY = 0.5
 BATCH = 1000  # records in one stream message at most
 MAX_BUFFER = 100_000  # records held while the broker cannot take them; older ones are dropped
 ROOM = 32  # batches handed to the publisher client while it has fewer messages than this waiting or unconfirmed
@@ -118,7 +123,8 @@ class Events:
         """magne-events thread: declare the stream, then flush every FLUSH_EVERY seconds until stopped."""
         ready = False
         while True:
-            stopping = self._stop.wait(FLUSH_EVERY)
+            # The stream is declared at once, not a FLUSH_EVERY later: a cancel lookup reads it from a worker's start
+            stopping = self._stop.wait(FLUSH_EVERY) if ready else self._stop.is_set()
             if ready and not self.buf and not stopping:
                 continue  # nothing to write: an idle worker's events thread costs its timed wait and no more
             try:

@@ -20,7 +20,7 @@ What it answers (CancelResult, a str equal to the id: callers comparing or stori
   cancelled  it had not finished: a record shows it cancelled after (or within SKEW before) this cancel was made,
              this cancel's own effect (a worker skipped or interrupted it), not "already finished";
   not-seen   both streams were read back to its send time (or what they keep) and nothing shows it finished; a
-             message that finished in the last ~0.1 s may not be recorded yet (events are batched);
+             message that finished in the last ~0.5 s may not be recorded yet (events are batched);
   unknown    the read did not get that far (deadline, no events stream, beyond retention, a broker error).
 Records are anyone's who may write to those streams: every value is checked for its type and range (`_record`).
 A group id (`<id>.g<n>`) is finished once every member is; a chord's and a pipeline's id have records of their own.
