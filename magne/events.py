@@ -47,7 +47,7 @@ log = logs.Log("magne.events")
 DEFAULT_STREAM = "magne.events"
 # Seconds between batches. Each batch wakes two threads (this one, the client's) and is a stream write on the broker
 # whatever it holds, so at a low rate the interval is the cost: 0.5 s rather than 0.1 s took the latency workload
-# (1,000 sleeping tasks in 33 s) from 1.23 to 1.11 CPU-s against 0.97 with events off (medians of 3, 2026-12-06;
+# (1,000 sleeping tasks in 33 s) from 1.23 to 1.11 CPU-s against 0.97 with events off (medians of 3 in one session, 2026-12-06;
 # `python -m bench --workloads latency --peers magne magne-events-off`). A record is in the stream within about
 # FLUSH_EVERY of its outcome.
 FLUSH_EVERY = 0.5
@@ -132,13 +132,12 @@ class Events:
                 if not ready:
                     declare(client, self.name)
                     ready = True
-                # One batch a tick, more only while a backlog of full batches waits, and only while the client has
-                # room: handed over regardless, a blocked or unreachable broker moved every event into the client's
-                # queue (bounded by the 30 s deadline only, not MAX_BUFFER) ahead of the tasks' own sends.
+                # Everything that waits, in batches of BATCH, but only while the client has room: handed over
+                # regardless, a blocked or unreachable broker moved every event into the client's queue (bounded by
+                # the 30 s deadline only, not MAX_BUFFER) ahead of the tasks' own sends. (It used to stop at the
+                # last partial batch: that one waited a tick, and at a stop it was dropped.)
                 while self.buf and client.has_room(ROOM):
                     self._flush(client)
-                    if len(self.buf) < BATCH:
-                        break
             except Exception as exc:
                 log.warning("task events could not be published (%s: %s); %d waiting", type(exc).__name__,
                             logs.clean(str(exc), 200), len(self.buf), event="events_unavailable")
