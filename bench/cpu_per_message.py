@@ -39,6 +39,13 @@ def main() -> None:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args, extra = ap.parse_args(argv[:cut]), argv[cut + 1:]
+    if args.bare and (args.base or extra):
+        ap.error("--bare runs the bare loop alone: no --base, no worker arguments")
+    spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if args.profile and not os.access(spy, os.X_OK):
+        ap.error(f"--profile needs py-spy beside this Python ({spy}): pip install py-spy")
+    if args.base:
+        os.environ["BENCH_MAGNE_BASE"] = args.base  # for compile_sources, and the worker's environment below
     peers.compile_sources()
     peer = peers.magne()
     measure.reset_queues(peer)
@@ -48,11 +55,10 @@ def main() -> None:
     env = dict(os.environ)
     if args.base:
         cmd = [cmd[0], "-m", "bench.base", *cmd[2:]]
-        env["BENCH_MAGNE_BASE"] = args.base
     if args.bare:
         cmd = peers.bare().command(args.prefetch)
     if args.profile:
-        cmd = [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record", "--format", "raw", "--threads",
+        cmd = [spy, "record", "--format", "raw", "--threads",
                "--gil", "--rate", "400", "--output", args.profile, "--", *cmd]
     conn = pika.BlockingConnection(pika.URLParameters(measure.URL))
     ch = conn.channel()
@@ -85,12 +91,16 @@ def main() -> None:
             worker.terminate()
             proc.wait(60)
     finally:
+        if args.profile and proc.poll() is None:  # py-spy may exit on SIGTERM without its child: stop the worker first
+            for child in psutil.Process(proc.pid).children():
+                child.terminate()
         measure.stop(proc)
         conn.close()
     label = "bare-loop" if args.bare else (" ".join(extra) or "default") + (" (base)" if args.base else "")
     print(f"{label}: {args.n / elapsed:,.0f}/s, "
           f"{used:.2f} CPU-s, {used / args.n * 1e6:.1f} us per message; from its first consumer until every message "
-          f"was delivered {args.n / (delivered - first):,.0f}/s (start-up {first - t0:.2f} s); "
+          f"was delivered {args.n / max(delivered - first, 1e-3):,.0f}/s (start-up {first - t0:.2f} s; too few "
+          f"messages if that rate is absurd); "
           f"the broker (every beam.smp on this machine) "
           f"{brokers / args.n * 1e6:.1f} us per message")
 
