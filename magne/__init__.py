@@ -1,7 +1,8 @@
 """magne: a RabbitMQ task worker with one connection, one channel and one I/O thread per process.
 
 The public names are loaded on first use (PEP 562), so that importing a lower
-layer (`magne.amqp`) never runs the upper ones: the package imports nothing eagerly.
+layer (`magne.amqp`) never runs the upper ones: the package imports nothing eagerly
+but its version, a constant (magne/amqp/version.py).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ the read starts a minute before it. Other ids (a foreign publisher's, or a uuid4
 read newest first: the last 5 minutes, then the last hour, then what the streams keep, as far as the deadline allows.
 Where a read ends: a stream has no end marker, so the newest window's read appends one of its own to each stream (an
 empty batch of events, `{}` in the results: records every reader skips, as magne.cancels' Follower and magne.leader
-do) and ends when it reads it back; it cannot wait for quiet (workers at work write a batch every 100 ms) nor trust a
+do) and ends when it reads it back; it cannot wait for quiet (a fleet at work writes batches more often than IDLE) nor trust a
 record's time (the worker's clock). Older windows end at a record dated past them, or after IDLE seconds of quiet; a
 read also ends when every id was found finished, or at the deadline.
 

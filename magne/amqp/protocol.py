@@ -45,6 +45,7 @@ DEFAULT_FRAME_MAX = 131072
 MIN_FRAME_MAX = 8192  # we never ask for less (RabbitMQ 4.x refuses smaller; 3.x allows 4096)
 CLOSE_TIMEOUT = 5.0
 
+
 class ProtocolError(FrameError):
     """A well-formed frame that the protocol does not allow here (a reply nobody asked for, a delivery on a
     channel that is not open, a handshake step out of order): the connection cannot go on."""

@@ -77,7 +77,7 @@ def test_a_consume_given_up_on_for_its_timeout_leaves_no_consumer(broker, pub, n
 
 
 def test_a_lookup_under_steady_event_traffic_reads_up_to_now_and_says_not_seen(fleet, pub):
-    """Workers at work write a batch of events every 100 ms: the read never saw IDLE seconds of quiet, and a record
+    """Traffic of a batch of events every 100 ms (a fleet at work): the read never saw IDLE seconds of quiet, and a record
     dated `until` (now + SKEW) came only at the deadline, so every id not found came back "unknown: no task events
     read within the deadline", after the whole deadline. The lookup appends a marker and ends its read there."""
     stream = fleet["MAGNE_EVENTS_STREAM"]
