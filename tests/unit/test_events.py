@@ -3,6 +3,7 @@ what a reader gets back; and the dashboard's history built from them (magne.dash
 
 from __future__ import annotations
 
+import gc
 import time
 
 import orjson
@@ -107,3 +108,16 @@ def test_the_history_counts_each_event_once_and_keeps_failures_and_series_bounde
 
 def test_events_json_is_what_orjson_writes():
     assert parse(orjson.dumps({"host": "h", "pid": 1, "fields": ["t", "event"], "rows": [[1.0, "succeeded", "extra"]]}))
+
+
+def test_a_recorded_success_holds_no_object_the_garbage_collector_must_keep_tracking():
+    """The buffer holds half a second of records (25,000 at 50,000 tasks/s). A record holding the Outcome member (an
+    object the collector tracks) stayed tracked and was walked by every older collection: 83-99 ms of GC per 200,000
+    raw messages against 7 ms with events off. A record of strings, bytes and floats is dropped from the collector's
+    lists at its first pass."""
+    ev = Events(lambda: Client())
+    report = ev.wrap(lambda d: None)
+    d, _mid = delivery("t", Outcome.ACK, started=time.monotonic())
+    report(d)
+    gc.collect()
+    assert not gc.is_tracked(ev.buf[0])
