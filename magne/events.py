@@ -108,7 +108,10 @@ class Events:
         append, now, names = self.buf.append, time.monotonic, NAMES_BY_OUTCOME
 
         def reporting(d: Delivery) -> None:
-            append((d.header, d.task, d.queue, names[d.outcome], d.reason, d.error, d.started, now(), d.meta))
+            try:
+                append((d.header, d.task, d.queue, names[d.outcome], d.reason, d.error, d.started, now(), d.meta))
+            except (IndexError, TypeError):  # an outcome that is no Outcome (none is made): it loses its record only
+                pass
             report(d)
 
         return reporting
