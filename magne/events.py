@@ -99,8 +99,9 @@ class Events:
 
         The tuple holds the outcome's name, not the Outcome member: an enum member is an object the garbage collector
         tracks, and a tuple holding one stays tracked, so the 25,000 records of half a second at 50,000 tasks/s were
-        promoted and walked by every older collection. Holding only strings, bytes, floats and None, the collector
-        drops a record from its lists at its first pass: GC went from 83-99 ms to 53-56 ms per 200,000 raw messages
+        promoted and walked by every older collection. The record of a success of a magne message holds only strings,
+        bytes, floats and None (a failure's holds its error, a foreign message's its fields), and the collector drops
+        it from its lists at its first pass: GC went from 83-99 ms to 53-56 ms per 200,000 raw messages
         (7 ms with events off), and raw at prefetch 256 from 48,850 to 55,443 messages/s once started (medians of 8
         alternating rounds, `python -m bench.cpu_per_message 100000 256 --base DIR`, 2026-12-06). Writing each row's
         JSON here instead (no tracked object at all) cost more than it saved: it moves the events thread's work onto
